@@ -56,3 +56,6 @@ if TYPE_CHECKING:  # pragma: no cover
         load_multitask_benchmark,
     )
     from .models import DualEncoderBundle, build_dual_encoder  # noqa: F401
+
+# Eager: registers the MOLA tuner with peft (peft_type "MOLA", prefix "mola_") so saved MoLA adapters load.
+from . import mola as _mola  # noqa: E402,F401

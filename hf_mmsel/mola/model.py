@@ -1,0 +1,432 @@
+"""`MolaModel(BaseTuner)`: injects MoLA layers, routes each sample to its experts, holds the router and TwD head.
+
+Per-sample ``task_ids`` cannot reach a third-party tuner through ``PeftModel`` (mola.md §6.3), so a forward pre-hook
+on the wrapped model POPS ``task_ids`` (alias ``mola_task_ids`` for PeftModelFor* task classes) from the kwargs,
+validates them, runs the router (``routing="router"``, keeping its logits for TwD) and writes the per-sample gates
+onto every MoLA layer. Usage::
+
+    import hf_mmsel  # registers peft_type "MOLA"
+    from peft import get_peft_model
+    model = get_peft_model(base, hf_mmsel.MolaConfig(num_experts=3, target_modules=["fc1", "fc2"]))
+    out = model(x, task_ids=torch.tensor([0, 2, 1]))        # MoLA-Grad, one pass for a mixed batch
+    loss = task_loss + model.base_model.mola_aux_loss(task_ids)   # TwD, routing="router" (0 in task mode)
+    with model.base_model.routing(task_ids=1):              # generate() and other non-forward paths
+        model.generate(...)
+
+The router and TwD projection live in tuner-level ``ModuleDict``s (``mola_router``, ``mola_twd_proj``) keyed by
+adapter; their ``requires_grad`` follows the active adapter / inference mode by hand (peft does not manage them).
+``nn.DataParallel`` is not supported (as for LoRA's ``adapter_names``); DDP/FSDP are.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils.other import get_pattern_key
+from torch import nn
+
+from .config import MolaConfig
+from .layer import Conv2d, Linear, MolaLayer
+from .router import MolaRouter, pool_features
+from .twd import task_wise_decorrelation_loss
+
+TASK_IDS_KWARGS = ("task_ids", "mola_task_ids")
+_ROUTER_INPUT_KWARGS = ("pixel_values", "input_values", "inputs_embeds", "input_features", "x", "input", "inputs")
+_TUNER_DICTS = ("mola_router", "mola_twd_proj")
+
+
+class MolaModel(BaseTuner):
+    """MoLA tuner (Zhou et al., ICML 2024): MoLA-Grad (``routing="task"``) and MoLA-Router (``routing="router"``)."""
+
+    prefix: str = "mola_"
+    tuner_layer_cls = MolaLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    # --- injection --------------------------------------------------------------------------------------------------
+    def _create_and_replace(
+        self,
+        mola_config: MolaConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        r_key = get_pattern_key(mola_config.rank_pattern.keys(), current_key)
+        a_key = get_pattern_key(mola_config.alpha_pattern.keys(), current_key)
+        r = mola_config.rank_pattern.get(r_key, mola_config.r)
+        alpha = mola_config.alpha_pattern.get(a_key, mola_config.lora_alpha)
+        if isinstance(target, MolaLayer):
+            target.update_layer(adapter_name, mola_config, r, alpha)
+            return
+        new_module = self._create_new_module(mola_config, adapter_name, target, r, alpha)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _create_new_module(config: MolaConfig, adapter_name: str, target: nn.Module, r: int, alpha: float):
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if isinstance(base, nn.Linear):
+            return Linear(target, adapter_name, config, r, alpha)
+        if isinstance(base, nn.Conv2d):
+            return Conv2d(target, adapter_name, config, r, alpha)
+        raise TypeError(
+            f"MoLA cannot adapt a {type(base).__name__}; supported modules: nn.Linear, nn.Conv2d. "
+            "Check `target_modules`."
+        )
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
+    ) -> None:
+        """peft injection, then this adapter's tuner-level modules (router, TwD projection) and the routing hook.
+
+        Done here rather than in ``_pre/_post_injection_hook`` so that ``add_adapter``/``load_adapter`` also get them.
+        """
+        super().inject_adapter(
+            model,
+            adapter_name,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            state_dict=state_dict,
+        )
+        self._init_mola_state()
+        config = self.peft_config[adapter_name]
+        if config.routing == "router":
+            kind, in_features = self._router_input_spec(config, adapter_name)
+            device = next(iter(self._mola_layers(adapter_name))).mola_A[adapter_name].device
+            self.mola_router[adapter_name] = MolaRouter(
+                in_features,
+                config.num_experts,
+                hidden=config.router_hidden,
+                kind=kind,
+                temperature=config.router_temperature,
+                top_k=config.router_top_k,
+            ).to(device)
+            self.mola_twd_proj[adapter_name] = nn.Linear(config.num_experts, config.twd_proj_dim).to(device)
+            if config.router_input.startswith("module:"):
+                module = self._router_module(config)
+                self._module_hooks[adapter_name] = module.register_forward_hook(
+                    self._make_router_module_hook(adapter_name)
+                )
+        if self._pre_hook_handle is None:
+            self._pre_hook_handle = model.register_forward_pre_hook(self._routing_pre_hook, with_kwargs=True)
+        self._sync_tuner_requires_grad()
+
+    def _init_mola_state(self) -> None:
+        if "mola_router" in self._modules:
+            return
+        self.mola_router = nn.ModuleDict()
+        self.mola_twd_proj = nn.ModuleDict()
+        self._pre_hook_handle = None
+        self._module_hooks: dict[str, Any] = {}
+        self._last_router_logits: dict[str, torch.Tensor] = {}
+        self._last_task_ids: Optional[torch.Tensor] = None
+        self._context_task_ids: Optional[torch.Tensor] = None
+        self._adapters_enabled = True
+
+    def _mola_layers(self, adapter_name: Optional[str] = None) -> Iterator[MolaLayer]:
+        for module in self.model.modules():
+            if isinstance(module, MolaLayer) and (adapter_name is None or adapter_name in module.mola_A):
+                yield module
+
+    def _router_module(self, config: MolaConfig) -> nn.Module:
+        name = config.router_input.removeprefix("module:")
+        try:
+            return self.model.get_submodule(name)
+        except AttributeError as err:
+            raise ValueError(
+                f"MolaConfig.router_input={config.router_input!r}: the model has no module {name!r}."
+            ) from err
+
+    def _router_input_spec(self, config: MolaConfig, adapter_name: str) -> tuple[str, int]:
+        """(router kind, input width): conv on images / MLP on vectors and pooled module features."""
+        if config.router_input.startswith("module:"):
+            if config.router_in_features is not None:
+                return "mlp", config.router_in_features
+            module = self._router_module(config)
+            for sub in reversed(list(module.modules())):
+                for attr in ("out_features", "out_channels", "num_features", "embedding_dim"):
+                    if isinstance(getattr(sub, attr, None), int):
+                        return "mlp", getattr(sub, attr)
+                if isinstance(sub, nn.LayerNorm):
+                    return "mlp", int(sub.normalized_shape[-1])
+            raise ValueError(
+                f"Cannot infer the feature width of router module {config.router_input!r}; set "
+                "MolaConfig.router_in_features."
+            )
+        num_channels = getattr(getattr(self.model, "config", None), "num_channels", None)
+        first = next(iter(self._mola_layers(adapter_name))).get_base_layer()
+        if isinstance(num_channels, int):
+            return "conv", config.router_in_features or num_channels
+        if isinstance(first, nn.Conv2d):
+            return "conv", config.router_in_features or first.in_channels
+        return "mlp", config.router_in_features or first.in_features
+
+    # --- requires_grad of tuner-level modules (peft does not manage them) -------------------------------------------
+    def _sync_tuner_requires_grad(self) -> None:
+        if "mola_router" not in self._modules:
+            return
+        for attr in _TUNER_DICTS:
+            for name, module in getattr(self, attr).items():
+                trainable = (
+                    self._adapters_enabled
+                    and name in self.active_adapters
+                    and not self.peft_config[name].inference_mode
+                )
+                module.requires_grad_(trainable)
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        if "mola_router" in self._modules:
+            for attr in _TUNER_DICTS:
+                for name, module in getattr(self, attr).items():
+                    module.requires_grad_(name in self.active_adapters and not inference_mode)
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        super()._enable_adapter_layers(enabled)
+        self._adapters_enabled = enabled
+        self._sync_tuner_requires_grad()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        for attr in _TUNER_DICTS:
+            container = getattr(self, attr)
+            if adapter_name in container:
+                del container[adapter_name]
+        handle = self._module_hooks.pop(adapter_name, None)
+        if handle is not None:
+            handle.remove()
+        self._last_router_logits.pop(adapter_name, None)
+        for layer in self._mola_layers():
+            layer._routing.pop(adapter_name, None)
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        """Also strip the adapter name after ``mola_router`` / ``mola_twd_proj`` (``mola_router.<adapter>.net...``)."""
+        for attr in _TUNER_DICTS:
+            marker = f"{attr}.{adapter_name}."
+            if key.startswith(marker) or f".{marker}" in key:
+                return re.sub(rf"(^|\.){attr}\.{re.escape(adapter_name)}\.", rf"\g<1>{attr}.", key, count=1)
+        return super()._remove_adapter_name_from_key(key, adapter_name)
+
+    # --- routing ----------------------------------------------------------------------------------------------------
+    def _active_configs(self) -> list[tuple[str, MolaConfig]]:
+        return [(n, self.peft_config[n]) for n in self.active_adapters if n in self.peft_config]
+
+    @staticmethod
+    def _batch_size(args: tuple, kwargs: dict) -> Optional[int]:
+        for value in list(args) + list(kwargs.values()):
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                return value.shape[0]
+        return None
+
+    def _validate_task_ids(self, task_ids: Any, batch_size: Optional[int]) -> torch.Tensor:
+        if not isinstance(task_ids, torch.Tensor):
+            try:
+                task_ids = torch.as_tensor(task_ids)
+            except (TypeError, ValueError) as err:
+                raise TypeError(f"`task_ids` must be a LongTensor of task indices, got {type(task_ids).__name__}.") from err
+        if task_ids.dtype == torch.bool or task_ids.is_floating_point() or task_ids.is_complex():
+            raise TypeError(f"`task_ids` must be an integer tensor (torch.long), got dtype {task_ids.dtype}.")
+        if task_ids.dim() > 1:
+            raise ValueError(f"`task_ids` must be a scalar or 1-D [batch], got shape {tuple(task_ids.shape)}.")
+        task_ids = task_ids.reshape(-1).long()
+        if batch_size is not None and task_ids.numel() not in (1, batch_size):
+            raise ValueError(
+                f"`task_ids` has {task_ids.numel()} entries but the batch has {batch_size} samples "
+                "(give one task id per sample, or a single id for the whole batch)."
+            )
+        for name, config in self._active_configs():
+            if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= config.num_experts):
+                raise ValueError(
+                    f"`task_ids` out of range: got values in [{int(task_ids.min())}, {int(task_ids.max())}] but "
+                    f"adapter {name!r} has num_experts={config.num_experts} (valid ids: 0..{config.num_experts - 1})."
+                )
+        return task_ids
+
+    def _write_task_gates(self, task_ids: torch.Tensor) -> None:
+        for name, config in self._active_configs():
+            if config.routing != "task":
+                continue
+            gates = None
+            for layer in self._mola_layers(name):
+                if gates is None or gates.device != layer.mola_A[name].device:
+                    ids = task_ids.to(layer.mola_A[name].device)
+                    gates = nn.functional.one_hot(ids, config.num_experts).to(layer.mola_A[name].dtype)
+                layer.set_routing(name, gates, ids)
+
+    def _write_router_gates(self, adapter_name: str, router_input: Any) -> None:
+        logits, gates = self.mola_router[adapter_name](router_input)
+        self._last_router_logits[adapter_name] = logits
+        for layer in self._mola_layers(adapter_name):
+            layer.set_routing(adapter_name, gates.to(layer.mola_A[adapter_name].device), None)
+
+    @staticmethod
+    def _router_input_from(args: tuple, kwargs: dict) -> torch.Tensor:
+        if args and isinstance(args[0], torch.Tensor):
+            return args[0]
+        for key in _ROUTER_INPUT_KWARGS:
+            if isinstance(kwargs.get(key), torch.Tensor):
+                return kwargs[key]
+        for value in kwargs.values():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                return value
+        raise ValueError(
+            "MoLA router (router_input='input') found no input tensor in the forward call; pass the input as the "
+            f"first positional argument or one of {list(_ROUTER_INPUT_KWARGS)}."
+        )
+
+    def _routing_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        given = {k: kwargs.pop(k) for k in TASK_IDS_KWARGS if k in kwargs}
+        given = {k: v for k, v in given.items() if v is not None}
+        if len(given) > 1:
+            raise ValueError("Pass either `task_ids` or `mola_task_ids`, not both.")
+        task_ids = next(iter(given.values()), None)
+        if task_ids is None:
+            task_ids = self._context_task_ids
+        configs = self._active_configs()
+        if not self._adapters_enabled or not configs:
+            return args, kwargs
+        batch_size = self._batch_size(args, kwargs)
+        if task_ids is not None:
+            task_ids = self._validate_task_ids(task_ids, batch_size)
+            self._write_task_gates(task_ids)
+        elif any(c.routing == "task" for _, c in configs):
+            names = [n for n, c in configs if c.routing == "task"]
+            raise ValueError(
+                f"MoLA adapter(s) {names} use routing='task' and need `task_ids`: call the model with "
+                "`task_ids=<LongTensor [batch]>` (alias `mola_task_ids`), or use "
+                "`with model.base_model.routing(task_ids=...)`."
+            )
+        self._last_task_ids = task_ids
+        for name, config in configs:
+            if config.routing != "router":
+                continue
+            if config.router_input == "input":
+                self._write_router_gates(name, self._router_input_from(args, kwargs))
+            else:  # gates come from the router module's forward hook; stale gates must not be used
+                for layer in self._mola_layers(name):
+                    layer._routing.pop(name, None)
+        return args, kwargs
+
+    def _make_router_module_hook(self, adapter_name: str):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if adapter_name in self.active_adapters and self._adapters_enabled:
+                self._write_router_gates(adapter_name, pool_features(output))
+
+        return hook
+
+    @contextmanager
+    def routing(self, task_ids: Any = None) -> Iterator[None]:
+        """Route every forward inside the block with ``task_ids`` (a scalar id routes the whole batch): for
+        ``generate()`` or calls that bypass the model's ``forward`` (e.g. ``get_image_features``)."""
+        previous = self._context_task_ids
+        self._context_task_ids = None if task_ids is None else self._validate_task_ids(task_ids, None)
+        if self._context_task_ids is not None:
+            self._write_task_gates(self._context_task_ids)
+        try:
+            yield
+        finally:
+            self._context_task_ids = previous
+
+    @property
+    def last_router_logits(self) -> dict[str, torch.Tensor]:
+        """Router logits of the latest forward, per router adapter."""
+        return dict(self._last_router_logits)
+
+    def mola_aux_loss(self, task_ids: Any = None) -> torch.Tensor:
+        """``sum over active router adapters of twd_weight * TwD(proj(latest logits), task_ids)``; 0 in task mode."""
+        total = None
+        for name, config in self._active_configs():
+            if config.routing != "router" or config.twd_weight == 0:
+                continue
+            logits = self._last_router_logits.get(name)
+            if logits is None:
+                raise RuntimeError(f"No router logits for adapter {name!r}: run a forward pass before mola_aux_loss.")
+            ids = task_ids if task_ids is not None else self._last_task_ids
+            if ids is None:
+                raise ValueError("mola_aux_loss needs `task_ids` (the task of each sample of the latest batch).")
+            ids = self._validate_task_ids(ids, logits.shape[0]).to(logits.device)
+            if ids.numel() == 1:
+                ids = ids.expand(logits.shape[0])
+            loss = config.twd_weight * task_wise_decorrelation_loss(
+                logits, ids, self.mola_twd_proj[name], config.twd_temperature, config.twd_average
+            )
+            total = loss if total is None else total + loss
+        if total is None:
+            device = next(self.model.parameters()).device
+            return torch.zeros((), device=device)
+        return total
+
+    # --- merge / unload -------------------------------------------------------------------------------------------
+    def _check_mergeable(self, adapter_names: Optional[list[str]]) -> list[str]:
+        names = adapter_names or self.active_adapters
+        for name in names:
+            config = self.peft_config[name]
+            if config.routing == "router" and config.num_experts > 1:
+                raise ValueError(
+                    f"MoLA adapter {name!r} uses routing='router': its gates depend on the input, so it cannot be "
+                    "merged into the base weights."
+                )
+        return list(names)
+
+    def merge_task(self, task_id: int, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        """Merge expert ``task_id`` into the base weights (the model then serves task ``task_id`` only)."""
+        names = self._check_mergeable(adapter_names)
+        self._check_merge_allowed()
+        for layer in self._mola_layers():
+            layer.merge(safe_merge=safe_merge, adapter_names=names, task_id=task_id)
+
+    def merge_and_unload(
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: Optional[list[str]] = None,
+        task_id: Optional[int] = None,
+    ) -> nn.Module:
+        """Merge expert ``task_id`` and return the plain base model (``task_id`` may be omitted when E == 1)."""
+        names = self._check_mergeable(adapter_names)
+        if task_id is None and any(self.peft_config[n].num_experts > 1 for n in names):
+            raise ValueError("MoLA merges one task's expert: pass `merge_and_unload(task_id=...)`.")
+        self.merge_task(0 if task_id is None else task_id, adapter_names=names, safe_merge=safe_merge)
+        return self._unload_and_optionally_merge(merge=False, progressbar=progressbar)
+
+    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
+                                     adapter_names: Optional[list[str]] = None):
+        if merge:
+            names = self._check_mergeable(adapter_names)
+            if any(self.peft_config[n].num_experts > 1 for n in names):
+                raise ValueError("MoLA merges one task's expert: use `merge_and_unload(task_id=...)`.")
+        model = super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+        self._remove_hooks()
+        return model
+
+    def _remove_hooks(self) -> None:
+        if "mola_router" not in self._modules:
+            return
+        if self._pre_hook_handle is not None:
+            self._pre_hook_handle.remove()
+            self._pre_hook_handle = None
+        for handle in self._module_hooks.values():
+            handle.remove()
+        self._module_hooks.clear()
+
+    # --- export -----------------------------------------------------------------------------------------------------
+    def export_expert_as_lora(self, task_id: int, save_directory: str, adapter_name: str = "default", **kwargs):
+        """Write expert ``task_id`` as a plain peft LoRA adapter (see ``hf_mmsel.mola.export``)."""
+        from .export import export_expert_as_lora
+
+        return export_expert_as_lora(self, task_id, save_directory, adapter_name=adapter_name, **kwargs)
