@@ -1,0 +1,102 @@
+"""Image <-> text retrieval Recall@K (percent) and zero-shot classification accuracy (plain numpy).
+
+Relevance of text j to image i (first that applies): same label (``image_labels[i] == text_labels[j]``);
+``text_to_image[j] == i`` (several captions per image); else the pair index (diagonal, square matrix).
+A query counts as a hit at K when its best-scored relevant item has rank < K, where rank = number of
+*irrelevant* items scoring >= it: ties with irrelevant items count against the query (a collapsed model
+with constant similarities scores ~0, not 100).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def _to_numpy(x, dtype=None) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().float().cpu().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
+    return np.asarray(x, dtype=dtype)
+
+
+def relevance_matrix(
+    n_images: int, n_texts: int, image_labels=None, text_labels=None, text_to_image=None
+) -> np.ndarray:
+    """Boolean ``[n_images, n_texts]`` relevance (see module docstring for the rule)."""
+    if (image_labels is None) != (text_labels is None):
+        raise ValueError("give both image_labels and text_labels (relevance by label) or neither")
+    if image_labels is not None:
+        image_labels, text_labels = _to_numpy(image_labels), _to_numpy(text_labels)
+        if image_labels.shape != (n_images,) or text_labels.shape != (n_texts,):
+            raise ValueError(
+                f"label shapes {image_labels.shape} / {text_labels.shape} do not match the similarity matrix "
+                f"[{n_images}, {n_texts}]"
+            )
+        return image_labels[:, None] == text_labels[None, :]
+    if text_to_image is not None:
+        text_to_image = _to_numpy(text_to_image, np.int64)
+        if text_to_image.shape != (n_texts,):
+            raise ValueError(f"text_to_image has shape {text_to_image.shape}, expected ({n_texts},)")
+        if text_to_image.size and (text_to_image.min() < 0 or text_to_image.max() >= n_images):
+            raise ValueError(f"text_to_image values must lie in [0, {n_images}), got {text_to_image.min()}..{text_to_image.max()}")
+        return np.arange(n_images)[:, None] == text_to_image[None, :]
+    if n_images != n_texts:
+        raise ValueError(
+            f"similarity is [{n_images}, {n_texts}]: without labels or text_to_image, relevance is by pair "
+            "index and needs a square matrix"
+        )
+    return np.eye(n_images, dtype=bool)
+
+
+def _hit_ranks(similarity: np.ndarray, relevant: np.ndarray) -> np.ndarray:
+    """Per query (row): number of irrelevant items scoring >= the best relevant item; -1 if none relevant."""
+    best = np.where(relevant, similarity, -np.inf).max(axis=1)
+    ranks = ((similarity >= best[:, None]) & ~relevant).sum(axis=1)
+    return np.where(relevant.any(axis=1), ranks, -1)
+
+
+def retrieval_scores(
+    similarity,
+    image_labels=None,
+    text_labels=None,
+    ks: Sequence[int] = (1, 5, 10),
+    text_to_image=None,
+) -> dict[str, float]:
+    """i2t_r{k} / t2i_r{k} (percent) and ``rsum`` from ``similarity[n_images, n_texts]``.
+
+    Queries without any relevant item are left out of the average for their direction.
+    """
+    sim = _to_numpy(similarity, np.float64)
+    if sim.ndim != 2 or 0 in sim.shape:
+        raise ValueError(f"similarity must be a non-empty 2-D [n_images, n_texts] matrix, got shape {sim.shape}")
+    if not ks or any(int(k) < 1 for k in ks):
+        raise ValueError(f"ks must be positive integers, got {tuple(ks)}")
+    rel = relevance_matrix(*sim.shape, image_labels=image_labels, text_labels=text_labels, text_to_image=text_to_image)
+    results: dict[str, float] = {}
+    for direction, s, r in (("i2t", sim, rel), ("t2i", sim.T, rel.T)):
+        ranks = _hit_ranks(s, r)
+        ranks = ranks[ranks >= 0]
+        if ranks.size == 0:
+            raise ValueError(f"no {direction} query has a relevant item; check labels / text_to_image")
+        for k in ks:
+            results[f"{direction}_r{int(k)}"] = float(100.0 * np.mean(ranks < int(k)))
+    results["rsum"] = float(sum(results.values()))
+    return results
+
+
+def zero_shot_accuracy(image_embeds, class_text_embeds, labels) -> float:
+    """Fraction of images whose most cosine-similar class text (``argmax_c <x_i, t_c>``) is their label."""
+    image = _to_numpy(image_embeds, np.float64)
+    classes = _to_numpy(class_text_embeds, np.float64)
+    labels = _to_numpy(labels, np.int64)
+    if image.ndim != 2 or classes.ndim != 2 or image.shape[1] != classes.shape[1]:
+        raise ValueError(f"embedding shapes do not match: images {image.shape}, class texts {classes.shape}")
+    if labels.shape != (image.shape[0],):
+        raise ValueError(f"labels has shape {labels.shape}, expected ({image.shape[0]},)")
+    if labels.size and (labels.min() < 0 or labels.max() >= classes.shape[0]):
+        raise ValueError(f"labels must lie in [0, {classes.shape[0]}) (one class text per label)")
+    image = image / np.maximum(np.linalg.norm(image, axis=1, keepdims=True), 1e-12)
+    classes = classes / np.maximum(np.linalg.norm(classes, axis=1, keepdims=True), 1e-12)
+    predictions = (image @ classes.T).argmax(axis=1)
+    return float(np.mean(predictions == labels)) if labels.size else float("nan")

@@ -1,0 +1,134 @@
+"""``build_dual_encoder``: a tiny random-init CLIP, or a ``VisionTextDualEncoderModel`` from pretrained towers."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
+
+import torch
+
+from .image_transform import ImageTransform, default_image_transform
+from .tokenizer import train_caption_tokenizer
+
+
+class DualEncoderBundle(NamedTuple):
+    """What a contrastive recipe needs: the model, its tokenizer and a PIL -> ``[3, H, W]`` image transform."""
+
+    model: Any
+    tokenizer: Any
+    image_transform: Callable
+
+
+def _default_captions() -> list[str]:
+    try:
+        from hf_mmsel.data import EASY_VQA_CLASS_CAPTIONS
+    except ImportError as err:  # pragma: no cover - data layer always present in a full install
+        raise ValueError("build_dual_encoder needs `captions` to train its tokenizer") from err
+    return list(EASY_VQA_CLASS_CAPTIONS)
+
+
+def build_dual_encoder(
+    *,
+    vision_model: str | os.PathLike | None = None,
+    text_model: str | os.PathLike | None = None,
+    captions: Iterable[str] | None = None,
+    image_size: int = 32,
+    patch_size: int = 8,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    projection_dim: int = 32,
+    vocab_size: int = 1000,
+    max_length: int = 32,
+    seed: int = 0,
+    freeze_towers: bool = False,
+) -> DualEncoderBundle:
+    """Build a dual encoder and its preprocessing.
+
+    (a) ``vision_model`` and ``text_model`` both None: a small random-init ``CLIPModel`` (seeded) with a
+        word-level tokenizer trained on ``captions`` (default: the embedded easy-vqa class captions). Special
+        ids: bos 0, pad 1, eos = last id, so CLIP pools the hidden state at ``</s>``.
+    (b) both given (Hub ids or local folders): ``VisionTextDualEncoderModel.from_vision_text_pretrained`` with
+        new projections of size ``projection_dim``, ``AutoTokenizer`` of the text tower and an
+        ``ImageTransform`` from the vision tower's image-processor config.
+    ``freeze_towers=True`` freezes both towers (LiT-style), leaving projections and ``logit_scale`` trainable.
+    """
+    if (vision_model is None) != (text_model is None):
+        raise ValueError(
+            "give both vision_model and text_model (pretrained towers) or neither (tiny random-init CLIP); "
+            f"got vision_model={vision_model!r}, text_model={text_model!r}"
+        )
+    if vision_model is None:
+        bundle = _build_tiny_clip(
+            captions=_default_captions() if captions is None else list(captions),
+            image_size=image_size,
+            patch_size=patch_size,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            projection_dim=projection_dim,
+            vocab_size=vocab_size,
+            max_length=max_length,
+            seed=seed,
+        )
+    else:
+        bundle = _build_from_towers(str(vision_model), str(text_model), projection_dim=projection_dim, seed=seed)
+    if freeze_towers:
+        freeze_dual_encoder_towers(bundle.model)
+    return bundle
+
+
+def freeze_dual_encoder_towers(model) -> None:
+    """Set ``requires_grad=False`` on ``model.vision_model`` and ``model.text_model`` parameters."""
+    for name in ("vision_model", "text_model"):
+        tower = getattr(model, name, None)
+        if tower is None:
+            raise TypeError(f"{type(model).__name__} has no attribute {name!r}; cannot freeze its towers")
+        tower.requires_grad_(False)
+
+
+def _build_tiny_clip(*, captions, image_size, patch_size, hidden_size, num_layers, num_heads, projection_dim,
+                     vocab_size, max_length, seed) -> DualEncoderBundle:
+    from transformers import CLIPConfig, CLIPModel
+
+    if image_size % patch_size:
+        raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+    tokenizer = train_caption_tokenizer(captions, vocab_size=vocab_size, max_length=max_length)
+    tower = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+                 num_attention_heads=num_heads)
+    config = CLIPConfig(
+        text_config=dict(
+            tower,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=max_length,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        ),
+        vision_config=dict(tower, image_size=image_size, patch_size=patch_size),
+        projection_dim=projection_dim,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(config)
+    return DualEncoderBundle(model, tokenizer, default_image_transform(image_size))
+
+
+def _build_from_towers(vision_model: str, text_model: str, *, projection_dim: int, seed: int) -> DualEncoderBundle:
+    from transformers import AutoTokenizer, VisionTextDualEncoderModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the new projection layers are random
+        model = VisionTextDualEncoderModel.from_vision_text_pretrained(
+            vision_model, text_model, projection_dim=projection_dim
+        )
+    tokenizer = AutoTokenizer.from_pretrained(text_model)
+    try:
+        transform = ImageTransform.from_image_processor(vision_model)
+    except (OSError, ValueError):
+        vision_config = model.config.vision_config
+        transform = default_image_transform(int(getattr(vision_config, "image_size", 224)))
+    return DualEncoderBundle(model, tokenizer, transform)

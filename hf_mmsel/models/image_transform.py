@@ -1,0 +1,92 @@
+"""Picklable image preprocessing (PIL -> float tensor [3, H, W]) without torchvision.
+
+``ImageTransform`` resizes (optionally shortest-edge + centre crop, as CLIP processors do), rescales to
+[0, 1] and normalises with per-channel mean/std. ``ImageTransform.from_image_processor`` reads these settings
+from a Hugging Face image processor (object, local folder or Hub id).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """Resize (+ optional centre crop) and normalise an image to a float32 tensor ``[3, H, W]``.
+
+    size: output (height, width). shortest_edge: if set, resize so the shorter side equals it (aspect kept),
+    then centre-crop to ``size``; else resize straight to ``size``.
+    """
+
+    size: tuple[int, int] = (32, 32)
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    resample: str = "bicubic"
+    shortest_edge: int | None = None
+
+    def __post_init__(self):
+        if self.resample not in _RESAMPLE:
+            raise ValueError(f"unknown resample {self.resample!r}; choose one of {sorted(_RESAMPLE)}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"mean and std need 3 channel values, got mean={self.mean} std={self.std}")
+
+    def __call__(self, image) -> torch.Tensor:
+        from PIL import Image
+
+        if isinstance(image, np.ndarray):
+            image = Image.fromarray(image)
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"ImageTransform expects a PIL image or a uint8 numpy array, got {type(image).__name__}")
+        image = image.convert("RGB")
+        height, width = self.size
+        resample = _RESAMPLE[self.resample]
+        if self.shortest_edge is not None:
+            w, h = image.size
+            scale = self.shortest_edge / min(w, h)
+            image = image.resize((max(width, round(w * scale)), max(height, round(h * scale))), resample)
+            w, h = image.size
+            left, top = (w - width) // 2, (h - height) // 2
+            image = image.crop((left, top, left + width, top + height))
+        elif image.size != (width, height):
+            image = image.resize((width, height), resample)
+        array = np.asarray(image, dtype=np.float32) / 255.0
+        array = (array - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+    @classmethod
+    def from_image_processor(cls, processor) -> ImageTransform:
+        """Build from an image processor object, or a local folder / Hub id holding ``preprocessor_config.json``."""
+        if isinstance(processor, str) or hasattr(processor, "__fspath__"):
+            from transformers import AutoImageProcessor
+
+            processor = AutoImageProcessor.from_pretrained(str(processor))
+        size = dict(getattr(processor, "size", None) or {})
+        crop = dict(getattr(processor, "crop_size", None) or {})
+        do_crop = bool(getattr(processor, "do_center_crop", False)) and crop
+        mean = tuple(getattr(processor, "image_mean", None) or CLIP_MEAN)
+        std = tuple(getattr(processor, "image_std", None) or CLIP_STD)
+        resample = getattr(processor, "resample", 3)
+        resample_name = {v: k for k, v in _RESAMPLE.items()}.get(int(getattr(resample, "value", resample)), "bicubic")
+        if "height" in size and "width" in size and not do_crop:
+            return cls((int(size["height"]), int(size["width"])), mean, std, resample_name)
+        if "shortest_edge" in size:
+            target = crop if do_crop else {"height": size["shortest_edge"], "width": size["shortest_edge"]}
+            return cls((int(target["height"]), int(target["width"])), mean, std, resample_name, int(size["shortest_edge"]))
+        if "height" in size and "width" in size:
+            return cls((int(size["height"]), int(size["width"])), mean, std, resample_name)
+        raise ValueError(f"cannot read an output size from image processor size={size} crop_size={crop}")
+
+
+def default_image_transform(image_size: int | Sequence[int] = 32) -> ImageTransform:
+    """CLIP-normalised resize to ``image_size`` (int or (height, width))."""
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
+    return ImageTransform(size=size)
