@@ -12,53 +12,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from datasets import Dataset, DatasetDict
     from PIL.Image import Image as PILImage
 
-CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
-
-
-class ImageTransform:
-    """PIL image -> float32 tensor [3, size, size]: RGB, shortest side resized to ``size`` (bicubic), centre
-    crop, scaled to [0, 1] and normalised by ``mean``/``std`` (CLIP's preprocessing, no torchvision needed).
-    A plain class, so it pickles into DataLoader workers and ``Dataset.map`` processes."""
-
-    def __init__(self, size: int = 224, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD):
-        if size < 1:
-            raise ValueError(f"image size must be positive, got {size}")
-        if len(mean) != 3 or len(std) != 3:
-            raise ValueError(f"mean and std need 3 channel values, got mean={mean} std={std}")
-        self.size = int(size)
-        self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
-        self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
-
-    def to_array(self, image: PILImage) -> np.ndarray:
-        """The transformed image as a float32 numpy array [3, size, size]."""
-        from PIL import Image
-
-        image = image.convert("RGB")
-        w, h = image.size
-        scale = self.size / min(w, h)
-        new_w, new_h = max(self.size, round(w * scale)), max(self.size, round(h * scale))
-        if (new_w, new_h) != (w, h):
-            image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-        left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
-        image = image.crop((left, top, left + self.size, top + self.size))
-        array = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
-        return (array - self.mean) / self.std
-
-    def __call__(self, image: PILImage) -> torch.Tensor:
-        import torch
-
-        return torch.from_numpy(self.to_array(image))
-
-    def __repr__(self) -> str:
-        return f"ImageTransform(size={self.size}, mean={self.mean.ravel().tolist()}, std={self.std.ravel().tolist()})"
-
-
-def default_image_transform(
-    size: int = 224, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD
-) -> ImageTransform:
-    """CLIP-style resize + centre crop + normalise transform (see :class:`ImageTransform`)."""
-    return ImageTransform(size=size, mean=mean, std=std)
+from .image_transform import CLIP_MEAN, CLIP_STD, ImageTransform, default_image_transform  # noqa: F401
 
 
 def _pad(sequences: list[Any], pad_value: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ from .features import (
     text_features,
     unwrap_model,
 )
-from .image_transform import ImageTransform, default_image_transform
+from ..data.image_transform import ImageTransform, default_image_transform
 from .tokenizer import train_caption_tokenizer
 
 __all__ = [

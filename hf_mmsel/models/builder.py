@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .image_transform import ImageTransform, default_image_transform
+from ..data.image_transform import ImageTransform, default_image_transform
 from .tokenizer import train_caption_tokenizer
 
 

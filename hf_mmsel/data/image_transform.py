@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -40,6 +43,12 @@ class ImageTransform:
             raise ValueError(f"mean and std need 3 channel values, got mean={self.mean} std={self.std}")
 
     def __call__(self, image) -> torch.Tensor:
+        import torch
+
+        return torch.from_numpy(self.to_array(image))
+
+    def to_array(self, image) -> np.ndarray:
+        """The transformed image as a float32 numpy array ``[3, H, W]`` (used by cached preprocessing)."""
         from PIL import Image
 
         if isinstance(image, np.ndarray):
@@ -60,7 +69,7 @@ class ImageTransform:
             image = image.resize((width, height), resample)
         array = np.asarray(image, dtype=np.float32) / 255.0
         array = (array - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+        return np.ascontiguousarray(array.transpose(2, 0, 1))
 
     @classmethod
     def from_image_processor(cls, processor) -> ImageTransform:
@@ -86,7 +95,12 @@ class ImageTransform:
         raise ValueError(f"cannot read an output size from image processor size={size} crop_size={crop}")
 
 
-def default_image_transform(image_size: int | Sequence[int] = 32) -> ImageTransform:
-    """CLIP-normalised resize to ``image_size`` (int or (height, width))."""
-    size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
-    return ImageTransform(size=size)
+def default_image_transform(
+    size: int = 224, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD
+) -> ImageTransform:
+    """CLIP preprocessing: shortest side resized to ``size`` (bicubic), centre crop to ``size`` x ``size``,
+    normalised by ``mean``/``std``."""
+    if int(size) < 1:
+        raise ValueError(f"image size must be positive, got {size}")
+    size = int(size)
+    return ImageTransform(size=(size, size), mean=tuple(mean), std=tuple(std), shortest_edge=size)
