@@ -1,0 +1,2 @@
+from .contrastive import ContrastiveTrainer, ContrastiveTrainingArguments  # noqa: F401
+from .mola import MolaTrainer, MolaTrainingArguments  # noqa: F401

@@ -1,0 +1,20 @@
+"""Online sample selection for contrastive training (DISSect and baselines); plain torch, no Trainer import."""
+
+from __future__ import annotations
+
+from .bank import ScoreBank
+from .hook import SelectionHook, clip_score, num_to_keep, selection_generator
+from .strategies import SELECTION_STRATEGIES, Candidates, SelectionStrategy, build_strategy, top_k
+
+__all__ = [
+    "SELECTION_STRATEGIES",
+    "Candidates",
+    "ScoreBank",
+    "SelectionHook",
+    "SelectionStrategy",
+    "build_strategy",
+    "clip_score",
+    "num_to_keep",
+    "selection_generator",
+    "top_k",
+]

@@ -1,0 +1,218 @@
+"""The data-boundary hook protocol of contrastive training (the architecture's "collator/sampler hook").
+
+A :class:`BatchHook` sees every per-device *candidate* batch of a contrastive step before and after the loss,
+so that online sample selection (DISSect and its baselines, ``hf_mmsel.selection``) and per-sample
+noisy-correspondence weighting (GSC, ``hf_mmsel.gsc``) plug into the trainer without forking its loop. One step
+of ``ContrastiveTrainer`` calls, in order::
+
+    keep = hook.prepare(batch, ctx)            # -> local indices to train on (None: keep all). ctx.score()
+                                               #    runs (once, cached) the no-grad scoring forward on demand
+    v, u = model(batch[keep]) ; s = logit scale
+    l = clip_loss_per_sample(v, u, s, ...)     # [k] per-pair InfoNCE, negatives gathered across ranks
+    terms = hook.loss_terms(v, u, s, batch["sample_idx"][keep], l, ctx)
+    loss = mean(terms.weights * l) + terms.extra_loss
+    ...
+    hook.on_epoch_end(epoch, dist)             # end of every epoch (e.g. GSC's GMM fit + broadcast)
+
+and saves ``hook.state_dict()`` (a flat ``{name: Tensor}`` dict, written as safetensors) with every checkpoint,
+restoring it with ``load_state_dict`` on resume. Rules every hook follows:
+
+* **Same k on every rank.** ``prepare`` returns the same number of indices on every rank (the all-gathered
+  negatives need equal shapes).
+* **Replicated state.** Anything keyed by ``sample_idx`` is updated from values gathered with ``ctx.dist`` so
+  every rank holds identical state (checkpoints are written by the main process only).
+* **No host syncs per sample.** Vectorised tensor code; logs are tensors (``ctx.log``), read at logging steps.
+
+:class:`HookList` composes hooks: selection first (each ``prepare`` sees the previous one's subset), then
+weights multiply and extra losses add.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from .losses import gather_no_grad, gather_with_grad
+
+__all__ = ["BatchHook", "Dist", "HookList", "LossTerms", "PairEmbeddings", "StepContext", "subset_batch"]
+
+
+class Dist:
+    """Collective operations a hook may use; single-process no-ops when ``torch.distributed`` is not initialised."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        on = dist.is_available() and dist.is_initialized()
+        self.world_size = dist.get_world_size() if on else 1
+        self.rank = dist.get_rank() if on else 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate equal-shaped tensors of all ranks along dim 0 (rank order), without gradient."""
+        return gather_no_grad(tensor)
+
+    def gather_with_grad(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Like :meth:`gather`, with gradients flowing back to every rank's shard."""
+        return gather_with_grad(tensor)
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Overwrite ``tensor`` in place with rank ``src``'s value; returns it."""
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.broadcast(tensor, src=src)
+        return tensor
+
+
+@dataclass
+class PairEmbeddings:
+    """L2-normalised embeddings of a batch and the multiplicative logit scale used for them."""
+
+    image_embeds: torch.Tensor
+    text_embeds: torch.Tensor
+    logit_scale: torch.Tensor
+
+    def __getitem__(self, keep: torch.Tensor) -> "PairEmbeddings":
+        return PairEmbeddings(self.image_embeds[keep], self.text_embeds[keep], self.logit_scale)
+
+
+@dataclass
+class StepContext:
+    """What a hook knows about the current step.
+
+    ``epoch``: 0-based epoch; ``step``: number of candidate batches seen before this one (identical on all ranks,
+    restored on resume: use it to seed per-step randomness); ``dist``: collectives; ``score()``: embeddings of
+    the current candidate batch from a no-grad forward of the current model (computed at most once).
+    """
+
+    epoch: int
+    step: int
+    dist: Dist
+    scorer: Callable[[], PairEmbeddings]
+    logs: dict[str, torch.Tensor] = field(default_factory=dict)
+    _cache: PairEmbeddings | None = None
+
+    def score(self) -> PairEmbeddings:
+        if self._cache is None:
+            self._cache = self.scorer()
+        return self._cache
+
+    @property
+    def scored(self) -> bool:
+        """Whether the scoring forward ran for this batch."""
+        return self._cache is not None
+
+    def log(self, name: str, value: torch.Tensor | float) -> None:
+        """Record a scalar (tensor) metric for this step; the trainer averages it over the logging window."""
+        self.logs[name] = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+
+    def subset(self, keep: torch.Tensor) -> "StepContext":
+        """A context for the sub-batch ``keep`` (shares logs; scoring is sliced from this context's)."""
+        return StepContext(self.epoch, self.step, self.dist, lambda: self.score()[keep], self.logs)
+
+
+@dataclass
+class LossTerms:
+    """Per-sample weights for the InfoNCE terms (``None``: all ones), an extra scalar loss and tensor logs."""
+
+    weights: torch.Tensor | None = None
+    extra_loss: torch.Tensor | None = None
+    logs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def subset_batch(batch: Mapping[str, object], keep: torch.Tensor, batch_size: int) -> dict[str, object]:
+    """Index every per-sample tensor (first dim ``batch_size``) of ``batch`` with ``keep``; others are copied."""
+    out: dict[str, object] = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch_size:
+            out[key] = value[keep.to(value.device)]
+        else:
+            out[key] = value
+    return out
+
+
+class BatchHook:
+    """Base class with no-op defaults; subclasses override what they need (see the module docstring)."""
+
+    def setup(self, num_samples: int, device: torch.device) -> None:
+        """Allocate per-sample state for ``sample_idx`` in ``[0, num_samples)`` on ``device`` (called at train start)."""
+
+    def prepare(self, batch: Mapping[str, torch.Tensor], ctx: StepContext) -> torch.Tensor | None:
+        """Return local indices of the pairs to train on (same count on every rank), or ``None`` to keep all."""
+        return None
+
+    def loss_terms(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        logit_scale: torch.Tensor,
+        sample_idx: torch.Tensor,
+        per_sample_loss: torch.Tensor,
+        ctx: StepContext,
+    ) -> LossTerms:
+        """Per-sample weights / extra loss for the kept pairs (embeddings carry gradient)."""
+        return LossTerms()
+
+    def on_epoch_end(self, epoch: int, dist: Dist) -> dict[str, float]:
+        """Epoch-end update (must leave identical state on every rank); returns scalar logs."""
+        return {}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        pass
+
+
+class HookList(BatchHook):
+    """Composition of hooks: selection hooks first, then weighting hooks. State keys are prefixed ``"{i}."``."""
+
+    def __init__(self, hooks: Sequence[BatchHook]) -> None:
+        self.hooks = list(hooks)
+
+    def setup(self, num_samples: int, device: torch.device) -> None:
+        for hook in self.hooks:
+            hook.setup(num_samples, device)
+
+    def prepare(self, batch: Mapping[str, torch.Tensor], ctx: StepContext) -> torch.Tensor | None:
+        keep_total: torch.Tensor | None = None
+        size = int(batch["sample_idx"].shape[0])
+        for hook in self.hooks:
+            keep = hook.prepare(batch, ctx)
+            if keep is None:
+                continue
+            keep_total = keep if keep_total is None else keep_total[keep]
+            batch, ctx = subset_batch(batch, keep, size), ctx.subset(keep)
+            size = int(keep.shape[0])
+        return keep_total
+
+    def loss_terms(self, image_embeds, text_embeds, logit_scale, sample_idx, per_sample_loss, ctx) -> LossTerms:
+        total = LossTerms()
+        for hook in self.hooks:
+            terms = hook.loss_terms(image_embeds, text_embeds, logit_scale, sample_idx, per_sample_loss, ctx)
+            if terms.weights is not None:
+                total.weights = terms.weights if total.weights is None else total.weights * terms.weights
+            if terms.extra_loss is not None:
+                total.extra_loss = terms.extra_loss if total.extra_loss is None else total.extra_loss + terms.extra_loss
+            total.logs.update(terms.logs)
+        return total
+
+    def on_epoch_end(self, epoch: int, dist: Dist) -> dict[str, float]:
+        logs: dict[str, float] = {}
+        for hook in self.hooks:
+            logs.update(hook.on_epoch_end(epoch, dist))
+        return logs
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{i}.{k}": v for i, hook in enumerate(self.hooks) for k, v in hook.state_dict().items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        for i, hook in enumerate(self.hooks):
+            prefix = f"{i}."
+            hook.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})

@@ -1,0 +1,45 @@
+"""End-of-training figure: clean vs noisy CLIPScore distributions per epoch (matplotlib Agg, imported lazily)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+__all__ = ["plot_score_distributions"]
+
+
+def plot_score_distributions(histograms: Sequence[torch.Tensor], epochs: Sequence[int], path: str | Path) -> Path:
+    """Write a PNG with one panel per recorded epoch; ``histograms[i]`` is ``[2 (clean, noisy), bins]`` counts
+    of the CLIPScore ``s = 100*max(cos, 0)`` over [0, 100] of the pairs scored in epoch ``epochs[i]``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if len(histograms) == 0:
+        raise ValueError("no score histograms recorded (the strategy never ran a scoring forward)")
+    n = len(histograms)
+    cols = min(n, 5)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.4 * rows), squeeze=False, sharex=True)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for ax, hist, epoch in zip(axes.flat, histograms, epochs):
+        bins = hist.shape[-1]
+        centres = (torch.arange(bins) + 0.5) * (100.0 / bins)
+        for row, (label, colour) in enumerate((("clean", "tab:blue"), ("noisy", "tab:red"))):
+            counts = hist[row].float()
+            if counts.sum() > 0:
+                ax.step(centres.numpy(), (counts / counts.sum()).numpy(), where="mid", color=colour, label=label)
+        ax.set_title(f"epoch {epoch}", fontsize=9)
+    axes.flat[0].legend(fontsize=8)
+    fig.supxlabel("CLIPScore 100*max(cos, 0)")
+    fig.supylabel("fraction of pairs")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

@@ -1,0 +1,229 @@
+"""Online selection strategies (dissect.md §2-3): each maps a candidate batch to a per-pair *keep criterion*.
+
+A strategy returns, for the ``B`` candidates of one rank, a criterion ``c[B]`` ("larger = keep") or ``None``
+(uniformly random pick); :func:`top_k` keeps the ``k`` largest. Scores follow the official code: the CLIPScore
+``s = 100 * max(cos(v, u), 0)`` of the current model (no-grad forward), the historical score ``h`` from the
+:class:`~hf_mmsel.selection.bank.ScoreBank`, and the differential ``d = h - s`` (its batch-mean centring in the
+official code is a ranking no-op, dissect.md §2a).
+
+=======================  ====================================================  ==============================
+name                     criterion (keep the k largest)                        scoring forward
+=======================  ====================================================  ==============================
+``dissect`` (default)    epochs < W: random; then ``h - s`` with ``h`` = score  epochs W-1 (snapshot) and >= W
+                         on the last visit in warm-up epoch W-1
+``dissect_ema``          ``h - s``, ``h = EMA_beta`` of past scores, first      every epoch
+                         visit ``h = fallback``; random tie-breaking
+``random``               none (uniform k-subset)                               never
+``small_loss``           ``-l_i`` (per-pair InfoNCE, local rows x global cols)  every epoch
+``big_loss``             ``l_i``                                               every epoch
+``clipscore``            ``100 * cos`` of the current model                    every epoch
+``reference_clipscore``  a fixed reference model's score (oracle baseline)     never (precomputed table)
+``full``                 no selection (all B pairs)                            never
+=======================  ====================================================  ==============================
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .bank import ScoreBank
+
+__all__ = [
+    "SELECTION_STRATEGIES",
+    "Candidates",
+    "SelectionStrategy",
+    "build_strategy",
+    "top_k",
+]
+
+
+@dataclass
+class Candidates:
+    """One rank's candidate batch as the strategies see it (scores are ``None`` when not computed)."""
+
+    sample_idx: torch.Tensor  # [B] long
+    epoch: int
+    clip_scores: torch.Tensor | None = None  # [B] s = 100*max(cos, 0), float32
+    cosine: torch.Tensor | None = None  # [B] raw cos, float32
+    losses: torch.Tensor | None = None  # [B] per-pair InfoNCE (local rows vs gathered columns)
+
+
+def top_k(criterion: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Indices of the ``k`` largest entries; with a ``generator`` exact ties are broken uniformly at random
+    (a random permutation followed by a stable sort, so distinct values keep their exact order)."""
+    if generator is None:
+        return torch.topk(criterion, k).indices
+    perm = torch.randperm(criterion.numel(), generator=generator).to(criterion.device)
+    order = torch.sort(criterion[perm], descending=True, stable=True).indices[:k]
+    return perm[order]
+
+
+class SelectionStrategy:
+    """Base class: ``criterion`` (``None`` = random) plus an optional bank update with gathered scores."""
+
+    name: ClassVar[str]
+    requires: ClassVar[str] = "none"  # "none" | "clip_score" | "loss"
+    random_ties: ClassVar[bool] = False
+    selects: ClassVar[bool] = True  # False: keep every candidate
+
+    def needs_scoring(self, epoch: int) -> bool:
+        """Whether this epoch needs the no-grad scoring forward of the current model."""
+        return self.requires != "none"
+
+    def criterion(self, cand: Candidates, bank: ScoreBank) -> torch.Tensor | None:
+        return None
+
+    def update_bank(self, bank: ScoreBank, sample_idx: torch.Tensor, clip_scores: torch.Tensor, epoch: int) -> None:
+        """Update the replicated bank with the globally gathered ``(sample_idx, s)`` of this step."""
+
+
+class FullData(SelectionStrategy):
+    """No selection: train on every candidate (the baseline)."""
+
+    name = "full"
+    selects = False
+
+
+class RandomSelection(SelectionStrategy):
+    """Uniform random k-subset of each candidate batch."""
+
+    name = "random"
+
+
+class SmallLoss(SelectionStrategy):
+    """Keep the k pairs with the smallest per-pair InfoNCE loss (local rows against gathered columns)."""
+
+    name = "small_loss"
+    requires = "loss"
+
+    def criterion(self, cand: Candidates, bank: ScoreBank) -> torch.Tensor:
+        return -cand.losses
+
+
+class BigLoss(SelectionStrategy):
+    """Keep the k pairs with the largest per-pair InfoNCE loss."""
+
+    name = "big_loss"
+    requires = "loss"
+
+    def criterion(self, cand: Candidates, bank: ScoreBank) -> torch.Tensor:
+        return cand.losses
+
+
+class ClipScore(SelectionStrategy):
+    """Keep the k pairs with the largest current-model CLIPScore ``100*cos`` (online, not an oracle)."""
+
+    name = "clipscore"
+    requires = "clip_score"
+
+    def criterion(self, cand: Candidates, bank: ScoreBank) -> torch.Tensor:
+        return 100.0 * cand.cosine
+
+
+class ReferenceClipScore(SelectionStrategy):
+    """Keep the k pairs with the largest score of a fixed reference model (the paper's oracle baseline).
+
+    ``reference_scores``: ``[N]`` tensor indexed by ``sample_idx`` (e.g. from
+    ``ContrastiveTrainer.compute_reference_scores`` or a file); no forward of the trained model is needed.
+    """
+
+    name = "reference_clipscore"
+
+    def __init__(self, reference_scores: torch.Tensor | None = None) -> None:
+        if reference_scores is None:
+            raise ValueError(
+                "strategy 'reference_clipscore' needs reference scores: pass reference_scores (a [N] tensor), "
+                "a reference_scores_path, or a reference_model to the trainer"
+            )
+        self.reference_scores = torch.as_tensor(reference_scores, dtype=torch.float32).flatten()
+
+    def criterion(self, cand: Candidates, bank: ScoreBank) -> torch.Tensor:
+        if self.reference_scores.device != cand.sample_idx.device:
+            self.reference_scores = self.reference_scores.to(cand.sample_idx.device)
+        return self.reference_scores[cand.sample_idx]
+
+
+class DissectWarmup(SelectionStrategy):
+    """DISSect, warm-up variant (dissect.md §2a; the paper's CC3M script).
+
+    Epochs ``e < W``: random k. The score of each pair on its visit in epoch ``W-1`` is snapshotted as ``h``;
+    from epoch ``W`` on keep the top-k of ``d = h - s``. Scoring is skipped in epochs ``0..W-2`` (their scores
+    would be overwritten). Never-scored pairs use ``h = 0`` as the official code does.
+    """
+
+    name = "dissect"
+    requires = "clip_score"
+
+    def __init__(self, warmup_epochs: int = 1) -> None:
+        if int(warmup_epochs) < 1:
+            raise ValueError(
+                f"strategy 'dissect' needs selection_warmup_epochs >= 1 (got {warmup_epochs}): with 0 the snapshot "
+                "is empty and it degenerates to 'lowest current score'"
+            )
+        self.warmup_epochs = int(warmup_epochs)
+
+    def needs_scoring(self, epoch: int) -> bool:
+        return epoch >= self.warmup_epochs - 1
+
+    def criterion(self, cand: Candidates, bank: ScoreBank) -> torch.Tensor | None:
+        if cand.epoch < self.warmup_epochs:
+            return None
+        return bank.lookup(cand.sample_idx, 0.0) - cand.clip_scores
+
+    def update_bank(self, bank: ScoreBank, sample_idx: torch.Tensor, clip_scores: torch.Tensor, epoch: int) -> None:
+        if epoch == self.warmup_epochs - 1:
+            bank.update(sample_idx, clip_scores, mode="overwrite")
+
+
+class DissectEMA(SelectionStrategy):
+    """DISSect, momentum variant (dissect.md §2b): ``d = h - s`` from epoch 0 with ``h`` the EMA (``beta``) of a
+    pair's past scores, then ``h <- beta*h + (1-beta)*s`` (``h <- s`` on the first visit).
+
+    ``first_visit_fallback``: ``"zero"`` (official: ``h = 0``, so epoch 0 keeps the lowest-score pairs) or
+    ``"score"`` (``h = s``, ``d = 0``: a random pick among unseen pairs). Ties are broken at random.
+    """
+
+    name = "dissect_ema"
+    requires = "clip_score"
+    random_ties = True
+    FALLBACKS = ("zero", "score")
+
+    def __init__(self, ema_beta: float = 0.9, first_visit_fallback: str = "zero") -> None:
+        if not 0.0 <= ema_beta < 1.0:
+            raise ValueError(f"ema_beta must be in [0, 1), got {ema_beta}")
+        if first_visit_fallback not in self.FALLBACKS:
+            raise ValueError(
+                f"unknown first_visit_fallback {first_visit_fallback!r}; choose one of {list(self.FALLBACKS)}"
+            )
+        self.ema_beta = float(ema_beta)
+        self.first_visit_fallback = first_visit_fallback
+
+    def criterion(self, cand: Candidates, bank: ScoreBank) -> torch.Tensor:
+        fallback = cand.clip_scores if self.first_visit_fallback == "score" else 0.0
+        return bank.lookup(cand.sample_idx, fallback) - cand.clip_scores
+
+    def update_bank(self, bank: ScoreBank, sample_idx: torch.Tensor, clip_scores: torch.Tensor, epoch: int) -> None:
+        bank.update(sample_idx, clip_scores, mode="ema", beta=self.ema_beta)
+
+
+SELECTION_STRATEGIES: dict[str, type[SelectionStrategy]] = {
+    cls.name: cls
+    for cls in (DissectWarmup, DissectEMA, RandomSelection, SmallLoss, BigLoss, ClipScore, ReferenceClipScore, FullData)
+}
+
+
+def build_strategy(name: str, **options) -> SelectionStrategy:
+    """Instantiate strategy ``name``; ``options`` not used by that strategy are ignored.
+
+    Options: ``warmup_epochs`` (dissect), ``ema_beta`` and ``first_visit_fallback`` (dissect_ema),
+    ``reference_scores`` (reference_clipscore).
+    """
+    if name not in SELECTION_STRATEGIES:
+        raise ValueError(f"unknown selection strategy {name!r}; choose one of {sorted(SELECTION_STRATEGIES)}")
+    cls = SELECTION_STRATEGIES[name]
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in options.items() if k in accepted and k != "self" and v is not None})

@@ -1,0 +1,68 @@
+"""recipes/train_clip.py (YAML config + flag overrides, card) and recipes/benchmark_selection.py (schema)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+RECIPES = Path(__file__).parent.parent / "recipes"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", RECIPES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[f"recipe_{name}"] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_clip_config_flags_override_and_card(tmp_out):
+    train_clip = _load("train_clip")
+    config = yaml.safe_load((RECIPES / "configs" / "clip_dissect.yaml").read_text())
+    config.update(output_dir=str(tmp_out), num_train_epochs=10, max_train=96, max_test=48,
+                  per_device_train_batch_size=32, save_strategy="no")
+    path = tmp_out / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    args, targs = train_clip.parse_args(["--config", str(path), "--num_train_epochs", "2", "--use_cpu", "true",
+                                         "--image_size", "16", "--patch_size", "8", "--hidden_size", "32"])
+    assert targs.num_train_epochs == 2 and targs.select_rate == 0.5 and args.noise_ratio == 0.4  # flag wins
+    assert args.image_size == 16 and targs.remove_unused_columns is False and targs.dataloader_drop_last
+    metrics = train_clip.main(["--config", str(path), "--num_train_epochs", "2", "--use_cpu", "true",
+                               "--image_size", "16", "--patch_size", "8", "--hidden_size", "32",
+                               "--selection_warmup_epochs", "1"])
+    assert {"train_runtime", "eval_rsum", "eval_zero_shot_acc"} <= set(metrics)
+    card = (tmp_out / "README.md").read_text()
+    assert "dissect" in card and "hf_mmsel" in card and "40.0 %" in card
+    assert (tmp_out / "model.safetensors").is_file() and (tmp_out / "score_distributions.png").is_file()
+    with pytest.raises(ValueError, match="unknown keys"):
+        path.write_text(yaml.safe_dump({"selection_strategey": "dissect"}))
+        train_clip.parse_args(["--config", str(path)])
+
+
+def test_benchmark_writes_schema_for_every_strategy(tmp_out):
+    bench = _load("benchmark_selection")
+    results = bench.main(["--strategies", "dissect,random,full", "--epochs", "2", "--seeds", "0,1",
+                          "--max_train", "256", "--max_test", "64", "--batch_size", "32", "--image_size", "16",
+                          "--patch_size", "8", "--hidden_size", "32", "--num_layers", "1",
+                          "--output_dir", str(tmp_out)])
+    saved = json.loads((tmp_out / "results.json").read_text())["results"]
+    assert [r["strategy"] for r in saved] == ["dissect", "random", "full"] == [r["strategy"] for r in results]
+    keys = {"strategy", "select_rate", "noise_ratio", "i2t_r1", "t2i_r1", "rsum", "zero_shot_acc", "train_seconds",
+            "selected_noisy_fraction", "similarity_auroc", "detection_auroc", "rsum_std"}
+    for row in saved:
+        assert keys <= set(row) and row["noise_ratio"] == 0.4 and len(row["per_seed"]) == 2
+        assert row["train_seconds"] > 0 and 0 <= row["similarity_auroc"] <= 1
+        steps = {r["optimizer_steps"] for r in row["per_seed"]}
+        assert steps == {2 * (256 // 32)}  # same candidate batches and optimizer steps for every strategy
+    by_name = {r["strategy"]: r for r in saved}
+    assert by_name["full"]["selected_noisy_fraction"] is None and by_name["full"]["detection_auroc"] is None
+    assert 0 <= by_name["dissect"]["detection_auroc"] <= 1 and by_name["random"]["detection_auroc"] is None
+    assert "| dissect |" in (tmp_out / "results.md").read_text()
+    assert (tmp_out / "results.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="choose from"):
+        bench.main(["--strategies", "dissect,oracle", "--output_dir", str(tmp_out)])

@@ -1,0 +1,415 @@
+"""``ContrastiveTrainer``: symmetric InfoNCE for any dual encoder, with online sample selection at the data boundary.
+
+Each step the per-device candidate batch (B pairs with ``sample_idx``) goes through a :class:`~hf_mmsel.hooks.
+BatchHook` chain: the :class:`~hf_mmsel.selection.SelectionHook` built from the arguments (DISSect by default)
+keeps ``k = round(r*B)`` pairs, optional extra hooks (e.g. GSC) add per-sample weights / losses; the loss is the
+per-pair InfoNCE of ``hf_mmsel.losses`` with negatives gathered across ranks. Hook state (the score bank) is
+replicated on every rank, written to ``selection_state.safetensors`` in every checkpoint and restored on resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from hf_mmsel.hooks import BatchHook, Dist, HookList, PairEmbeddings, StepContext, subset_batch
+from hf_mmsel.losses import clip_loss_per_sample
+from hf_mmsel.models import check_dual_encoder, encode_pair, logit_scale_of, unwrap_model
+from hf_mmsel.selection import SELECTION_STRATEGIES, SelectionHook
+
+__all__ = ["ContrastiveTrainer", "ContrastiveTrainingArguments", "HOOK_STATE_NAME", "SCORE_PLOT_NAME"]
+
+HOOK_STATE_NAME = "selection_state.safetensors"
+SCORE_PLOT_NAME = "score_distributions.png"
+SCORE_DTYPES = ("auto", "bfloat16", "float16", "float32")
+_STEP_KEY = "trainer.hook_step"
+
+
+@dataclass
+class ContrastiveTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` plus the selection settings (dissect.md §4/§8).
+
+    ``remove_unused_columns`` is forced off (batches carry ``sample_idx``) and ``dataloader_drop_last`` on, so every
+    rank sees full candidate batches and keeps the same ``k = round(select_rate * per_device_train_batch_size)``.
+    """
+
+    selection_strategy: str = field(
+        default="dissect", metadata={"help": f"one of {sorted(SELECTION_STRATEGIES)}"}
+    )
+    select_rate: float = field(default=0.5, metadata={"help": "fraction r in (0, 1] of each candidate batch kept"})
+    selection_warmup_epochs: int | None = field(
+        default=None,
+        metadata={"help": "DISSect warm-up epochs W (random selection, snapshot at epoch W-1); "
+                          "default: a quarter of num_train_epochs, at least 1"},
+    )
+    ema_beta: float = field(default=0.9, metadata={"help": "momentum of dissect_ema"})
+    first_visit_fallback: str = field(
+        default="zero", metadata={"help": "dissect_ema history of unseen pairs: 'zero' (official) or 'score'"}
+    )
+    score_dtype: str = field(
+        default="auto",
+        metadata={"help": f"autocast dtype of the no-grad scoring forward, one of {SCORE_DTYPES}; "
+                          "auto = bfloat16 on GPU, float32 on CPU"},
+    )
+    reference_scores_path: str | None = field(
+        default=None,
+        metadata={"help": "reference_clipscore: a .safetensors (key 'scores'), .pt or .npy file of [N] scores"},
+    )
+    selection_seed: int | None = field(default=None, metadata={"help": "seed of selection randomness (default: seed)"})
+    logit_scale_max: float = field(default=100.0, metadata={"help": "clamp of exp(logit_scale) (CLIP: 100)"})
+    plot_score_distributions: bool = field(
+        default=True, metadata={"help": f"write {SCORE_PLOT_NAME} (clean vs noisy scores per epoch) at the end"}
+    )
+
+    def __post_init__(self):
+        self.remove_unused_columns = False
+        self.dataloader_drop_last = True
+        if self.selection_strategy not in SELECTION_STRATEGIES:
+            raise ValueError(
+                f"unknown selection_strategy {self.selection_strategy!r}; choose one of {sorted(SELECTION_STRATEGIES)}"
+            )
+        if not (0.0 < float(self.select_rate) <= 1.0):
+            raise ValueError(f"select_rate must be in (0, 1], got {self.select_rate}")
+        if self.score_dtype not in SCORE_DTYPES:
+            raise ValueError(f"unknown score_dtype {self.score_dtype!r}; choose one of {list(SCORE_DTYPES)}")
+        if self.selection_warmup_epochs is not None and self.selection_warmup_epochs < 0:
+            raise ValueError(f"selection_warmup_epochs must be >= 0, got {self.selection_warmup_epochs}")
+        super().__post_init__()
+
+    @property
+    def resolved_selection_warmup_epochs(self) -> int:
+        """``selection_warmup_epochs`` or a quarter of ``num_train_epochs`` (at least 1)."""
+        if self.selection_warmup_epochs is not None:
+            return int(self.selection_warmup_epochs)
+        return max(1, int(round(float(self.num_train_epochs) / 4)))
+
+
+def load_reference_scores(path: str | os.PathLike) -> torch.Tensor:
+    """``[N]`` float32 scores from a .safetensors (key ``scores``), .pt/.pth or .npy file."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+        if "scores" not in tensors:
+            raise KeyError(f"{path} has no 'scores' tensor; keys: {sorted(tensors)}")
+        scores = tensors["scores"]
+    elif path.suffix in (".pt", ".pth"):
+        scores = torch.load(path, weights_only=True)
+    elif path.suffix == ".npy":
+        import numpy as np
+
+        scores = torch.from_numpy(np.load(path))
+    else:
+        raise ValueError(f"unsupported reference score file {path.name!r}; use .safetensors, .pt or .npy")
+    return torch.as_tensor(scores, dtype=torch.float32).flatten()
+
+
+class _HookCallback(TrainerCallback):
+    """Runs the hooks' epoch-end update, keeps ``logit_scale`` clamped and writes the score plot."""
+
+    def __init__(self, trainer: "ContrastiveTrainer") -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._clamp_logit_scale()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        epoch = max(0, int(math.ceil(state.epoch - 1e-9)) - 1)
+        # merged into the next log call: calling Trainer.log here would reset control.should_log and drop
+        # the epoch's training log under logging_strategy="epoch"
+        self.trainer._pending_logs.update(self.trainer.hook.on_epoch_end(epoch, self.trainer.dist))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if args.plot_score_distributions and self.trainer.is_world_process_zero():
+            self.trainer.save_score_plot()
+
+
+class ContrastiveTrainer(Trainer):
+    """Trains any dual encoder (``get_image_features``/``get_text_features``) with symmetric InfoNCE and a learned
+    logit scale, selecting pairs online with ``args.selection_strategy``.
+
+    Args (besides ``Trainer``'s): ``hooks``: extra :class:`BatchHook`s run after selection (e.g. GSC weighting);
+    ``class_captions``: prompts for zero-shot accuracy in :meth:`evaluate`; ``reference_scores`` /
+    ``reference_model``: the fixed reference for ``reference_clipscore`` (a ``[N]`` tensor, or a model scored once
+    over the training set). Batches need ``pixel_values``, ``input_ids``, ``attention_mask``, ``sample_idx``; a
+    ground-truth ``is_noisy`` is only logged (``selected_noisy_fraction``), never used for training.
+    """
+
+    def __init__(
+        self,
+        model=None,
+        args: ContrastiveTrainingArguments | None = None,
+        *,
+        hooks: Sequence[BatchHook] | None = None,
+        class_captions: Sequence[str] | None = None,
+        reference_scores: torch.Tensor | None = None,
+        reference_model=None,
+        **kwargs: Any,
+    ) -> None:
+        if args is None:
+            args = ContrastiveTrainingArguments(output_dir="trainer_output")
+        if not isinstance(args, ContrastiveTrainingArguments):
+            raise TypeError(f"ContrastiveTrainer needs ContrastiveTrainingArguments, got {type(args).__name__}")
+        if model is None:
+            raise ValueError("ContrastiveTrainer needs a dual-encoder model")
+        check_dual_encoder(model)
+        for name in ("train_dataset", "eval_dataset"):
+            dataset = kwargs.get(name)
+            if dataset is not None:
+                kwargs[name] = self._check_dataset(dataset, name)
+        super().__init__(model=model, args=args, **kwargs)
+        self.class_captions = list(class_captions) if class_captions is not None else None
+        self._reference_model = reference_model
+        if reference_scores is None and args.reference_scores_path:
+            reference_scores = load_reference_scores(args.reference_scores_path)
+        self._reference_scores = reference_scores
+        self.selection_hook: SelectionHook | None = None
+        self._extra_hooks = list(hooks or [])
+        self.hook: BatchHook = BatchHook()
+        self.dist = Dist()
+        self._hook_step = 0
+        self._hook_ready = False
+        self._log_sums: dict[str, torch.Tensor] = {}
+        self._log_counts: dict[str, int] = {}
+        self._pending_logs: dict[str, float] = {}
+        self.add_callback(_HookCallback(self))
+
+    # ------------------------------------------------------------------------------------------ set-up
+    @staticmethod
+    def _check_dataset(dataset, name: str):
+        columns = getattr(dataset, "column_names", None)
+        if columns is None:  # iterable or custom dataset: checked by the collator
+            return dataset
+        has_image = "pixel_values" in columns or "image" in columns
+        has_text = "input_ids" in columns or "caption" in columns
+        if not (has_image and has_text):
+            raise ValueError(
+                f"{name} needs an 'image' (or cached 'pixel_values') and a 'caption' (or cached 'input_ids') column; "
+                f"it has {columns}"
+            )
+        if "sample_idx" not in columns:
+            from hf_mmsel.data import add_sample_idx
+
+            fmt = getattr(dataset, "format", None) or {}
+            dataset = add_sample_idx(dataset)
+            if fmt.get("type"):
+                dataset = dataset.with_format(fmt["type"], columns=None, output_all_columns=True)
+        return dataset
+
+    def _num_samples(self) -> int:
+        dataset = self.train_dataset
+        data = getattr(dataset, "data", None)
+        if data is not None and "sample_idx" in getattr(dataset, "column_names", []):
+            import pyarrow.compute as pc
+
+            top = pc.max(data.column("sample_idx")).as_py()
+            return int(top) + 1 if top is not None else len(dataset)
+        return len(dataset)
+
+    def _build_hooks(self) -> None:
+        """Create the selection hook from the arguments and allocate every hook's per-sample state."""
+        if self._hook_ready:
+            return
+        args = self.args
+        if args.selection_strategy == "reference_clipscore" and self._reference_scores is None:
+            if self._reference_model is None:
+                raise ValueError(
+                    "selection_strategy 'reference_clipscore' needs reference scores: pass reference_scores=, "
+                    "reference_model= or --reference_scores_path"
+                )
+            self._reference_scores = self.compute_reference_scores(self._reference_model)
+        self.selection_hook = SelectionHook(
+            args.selection_strategy,
+            args.select_rate,
+            seed=args.seed if args.selection_seed is None else args.selection_seed,
+            warmup_epochs=args.resolved_selection_warmup_epochs,
+            ema_beta=args.ema_beta,
+            first_visit_fallback=args.first_visit_fallback,
+            reference_scores=self._reference_scores,
+        )
+        self.hook = HookList([self.selection_hook, *self._extra_hooks])
+        self.hook.setup(self._num_samples(), self.args.device)
+        self.dist = Dist()
+        self._hook_ready = True
+
+    @torch.no_grad()
+    def compute_reference_scores(self, reference_model, dataset=None) -> torch.Tensor:
+        """CLIPScores ``100*max(cos, 0)`` of a fixed ``reference_model`` for every ``sample_idx`` of the training
+        set (one no-grad pass), for ``reference_clipscore``."""
+        from torch.utils.data import DataLoader
+
+        from hf_mmsel.metrics import embed_dataset
+        from hf_mmsel.selection import clip_score
+
+        check_dual_encoder(reference_model)
+        dataset = self.train_dataset if dataset is None else dataset
+        loader = DataLoader(dataset, batch_size=self.args.per_device_eval_batch_size, shuffle=False,
+                            collate_fn=self.data_collator)
+        emb = embed_dataset(reference_model, loader, device=self.args.device)
+        scores = torch.zeros(self._num_samples())
+        scores[emb["sample_idx"].long()] = clip_score(emb["image_embeds"], emb["text_embeds"])[1]
+        return scores
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        self._build_hooks()
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+
+    # ---------------------------------------------------------------------------------------- the step
+    def _score_dtype(self) -> torch.dtype | None:
+        choice = self.args.score_dtype
+        if choice == "auto":
+            return torch.bfloat16 if self.args.device.type == "cuda" else None
+        return None if choice == "float32" else getattr(torch, choice)
+
+    def _score_batch(self, model, inputs) -> PairEmbeddings:
+        """The no-grad scoring forward of the current model on the full candidate batch."""
+        dtype = self._score_dtype()
+        autocast = (torch.autocast(device_type=self.args.device.type, dtype=dtype) if dtype is not None
+                    else contextlib.nullcontext())
+        with torch.no_grad(), autocast:
+            image, text = encode_pair(model, inputs["pixel_values"], inputs["input_ids"], inputs.get("attention_mask"))
+            scale = logit_scale_of(model, max_scale=self.args.logit_scale_max)
+        return PairEmbeddings(image, text, scale.detach())
+
+    def _embed_for_training(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings with gradient. Under DDP the wrapped ``forward`` must run (it arms the gradient all-reduce),
+        so the model's forward output must carry ``image_embeds``/``text_embeds`` (CLIPModel and
+        VisionTextDualEncoderModel do); otherwise ``get_*_features`` are called directly."""
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            out = model(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"],
+                        attention_mask=inputs.get("attention_mask"))
+            image, text = getattr(out, "image_embeds", None), getattr(out, "text_embeds", None)
+            if image is None or text is None:
+                raise TypeError(
+                    f"{type(unwrap_model(model)).__name__}.forward must return image_embeds and text_embeds for "
+                    "multi-process training (DDP needs the forward call)"
+                )
+            return torch.nn.functional.normalize(image, dim=-1), torch.nn.functional.normalize(text, dim=-1)
+        return encode_pair(model, inputs["pixel_values"], inputs["input_ids"], inputs.get("attention_mask"))
+
+    def _current_epoch(self) -> int:
+        return int(math.floor(self.state.epoch + 1e-9)) if self.state.epoch is not None else 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "sample_idx" not in inputs:
+            raise KeyError(f"ContrastiveTrainer batches need 'sample_idx'; got {sorted(inputs)}")
+        self._build_hooks()
+        inputs = dict(inputs)
+        size = int(inputs["sample_idx"].shape[0])
+        ctx = StepContext(self._current_epoch(), self._hook_step, self.dist,
+                          lambda: self._score_batch(model, inputs))
+        training = model.training
+        if training:
+            keep = self.hook.prepare(inputs, ctx)
+            self._hook_step += 1
+            if keep is not None:
+                inputs = subset_batch(inputs, keep, size)
+        image, text = self._embed_for_training(model, inputs)
+        scale = logit_scale_of(model, max_scale=self.args.logit_scale_max)
+        per_sample = clip_loss_per_sample(image, text, scale, gather_fn=self.dist.gather_with_grad,
+                                          rank=self.dist.rank)
+        terms = self.hook.loss_terms(image, text, scale, inputs["sample_idx"], per_sample, ctx)
+        loss = (per_sample * terms.weights).mean() if terms.weights is not None else per_sample.mean()
+        if terms.extra_loss is not None:
+            loss = loss + terms.extra_loss
+        if training:
+            self._accumulate_logs({**ctx.logs, **terms.logs, "logit_scale": scale.detach()})
+        if return_outputs:
+            return loss, {"image_embeds": image, "text_embeds": text, "per_sample_loss": per_sample}
+        return loss
+
+    @torch.no_grad()
+    def _clamp_logit_scale(self) -> None:
+        raw = getattr(unwrap_model(self.model), "logit_scale", None)
+        if isinstance(raw, torch.Tensor):
+            raw.clamp_(0.0, math.log(self.args.logit_scale_max))
+
+    # ---------------------------------------------------------------------------------------- logging
+    def _accumulate_logs(self, logs: dict[str, torch.Tensor]) -> None:
+        for name, value in logs.items():
+            value = torch.as_tensor(value).detach().float().reshape(())
+            self._log_sums[name] = self._log_sums.get(name, 0.0) + value
+            self._log_counts[name] = self._log_counts.get(name, 0) + 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._log_sums:
+            names = sorted(self._log_sums)
+            means = torch.stack([self._log_sums[n].to(self.args.device) / self._log_counts[n] for n in names])
+            means = self.dist.gather(means[None]).mean(0)  # same names on every rank; one collective
+            logs = {**logs, **{n: round(float(v), 6) for n, v in zip(names, means.tolist())}}
+            self._log_sums, self._log_counts = {}, {}
+        if self._pending_logs:
+            logs, self._pending_logs = {**logs, **self._pending_logs}, {}
+        super().log(logs, start_time)
+
+    def save_score_plot(self, path: str | os.PathLike | None = None) -> Path | None:
+        """Write the clean vs noisy score distributions per epoch (None if nothing was scored)."""
+        hook = self.selection_hook
+        if hook is None or not hook.epoch_histograms:
+            return None
+        from hf_mmsel.selection.plot import plot_score_distributions
+
+        path = Path(path) if path is not None else Path(self.args.output_dir) / SCORE_PLOT_NAME
+        return plot_score_distributions(hook.epoch_histograms, hook.histogram_epochs, path)
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def hook_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every hook's state plus the step counter, as a flat dict of tensors."""
+        self._build_hooks()
+        state = {k: v.contiguous() for k, v in self.hook.state_dict().items()}
+        state[_STEP_KEY] = torch.tensor(self._hook_step, dtype=torch.long)
+        return state
+
+    def load_hook_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._build_hooks()
+        self._hook_step = int(state[_STEP_KEY])
+        self.hook.load_state_dict({k: v for k, v in state.items() if k != _STEP_KEY})
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            from safetensors.torch import save_file
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            if folder.is_dir():
+                save_file(self.hook_state_dict(), str(folder / HOOK_STATE_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = Path(resume_from_checkpoint) / HOOK_STATE_NAME
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} not found: this checkpoint was not written by ContrastiveTrainer, so the selection state "
+                "(score bank) cannot be restored"
+            )
+        from safetensors.torch import load_file
+
+        self.load_hook_state_dict(load_file(str(path)))
+
+    # ------------------------------------------------------------------------------------- evaluation
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Retrieval R@1/5/10 both ways and rsum (percent), plus ``zero_shot_acc`` with ``class_captions``."""
+        from hf_mmsel.metrics import evaluate_retrieval
+
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("evaluate needs an eval_dataset")
+        if eval_dataset is not None:
+            dataset = self._check_dataset(dataset, "eval_dataset")
+        metrics = evaluate_retrieval(
+            self.model, dataset, self.data_collator, self.class_captions,
+            batch_size=self.args.per_device_eval_batch_size, tokenizer=self.processing_class,
+            prefix=f"{metric_key_prefix}_", device=self.args.device,
+        )
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
