@@ -1,12 +1,15 @@
 """Train a CLIP-style dual encoder with online sample selection (DISSect by default).
 
     python recipes/train_clip.py --config recipes/configs/clip_dissect.yaml --noise_ratio 0.4
+    python recipes/train_clip.py --config recipes/configs/clip_gsc.yaml      # dissect selection + GSC weighting
     accelerate launch --multi_gpu --num_processes 2 recipes/train_clip.py --config ... --use_cpu true
 
 Every field of ``ClipRecipeArguments`` and ``ContrastiveTrainingArguments`` is a flag; ``--config`` reads a YAML
 file of the same names and flags given on the command line override it. Without ``--dataset`` it trains on the
 embedded easy-vqa captions; ``--vision_model``/``--text_model`` start from pretrained towers instead of a small
-random-init CLIP. ``--push_to_hub`` uploads the model with a card rendered from
+random-init CLIP. ``--gsc true`` adds GSC per-sample weighting after selection (``--selection_strategy full``
+for GSC alone), tuned by the ``--gsc_*`` flags; the final weights are saved as ``gsc_weights.safetensors``
+(key ``weights``, indexed by ``sample_idx``). ``--push_to_hub`` uploads the model with a card rendered from
 ``model_cards/contrastive_model_card.md``.
 """
 
@@ -124,6 +127,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if trainer.is_world_process_zero():
         out = Path(targs.output_dir)
         (out / "metrics.json").write_text(json.dumps({**train_metrics, **metrics}, indent=2))
+        if targs.gsc:
+            from safetensors.torch import save_file
+
+            save_file({"weights": trainer.gsc_weights()}, str(out / "gsc_weights.safetensors"))
         card = _card(args, targs, metrics)
         card.save(str(out / "README.md"))
         if push:
@@ -143,17 +150,25 @@ def _card(args: ClipRecipeArguments, targs, metrics: dict[str, float]):
         selection["select_rate"] = targs.select_rate
     if strategy == "dissect":
         selection["warmup_epochs"] = targs.resolved_selection_warmup_epochs
+    selection.update({f"gsc_{k}": v for k, v in targs.gsc_settings().items()})
+    method = strategy if not targs.gsc else ("gsc" if strategy == "full" else f"{strategy}+gsc")
+    summary = []
+    if strategy.startswith("dissect"):
+        summary.append("DISSect keeps, from every candidate batch, the pairs whose CLIPScore dropped most "
+                       "relative to a historical snapshot (top-k of h - s).")
+    if targs.gsc:
+        summary.append("GSC weights each kept pair by its estimated clean probability w = min(EMA of the positive-pair "
+                       "probability, EMA of the GMM posterior of its geometrical structure consistency), updated at "
+                       "every epoch end, and adds a structure-matching loss (Zhao et al., CVPR 2024).")
+    tags = ["clip", "contrastive-learning", "sample-selection"] + (["noisy-correspondence", "gsc"] if targs.gsc else [])
     results = [{"setting": "test", **{k.removeprefix("eval_"): round(v, 3) for k, v in metrics.items()
                                        if isinstance(v, float)}}] if metrics else []
     return render_card(
         "contrastive_model_card",
-        card_data={"tags": ["clip", "contrastive-learning", "sample-selection"],
-                   "datasets": args.dataset} if args.dataset else {"tags": ["clip", "sample-selection"]},
+        card_data={"tags": tags, "datasets": args.dataset} if args.dataset else {"tags": tags},
         model_id=targs.hub_model_id or Path(targs.output_dir).name,
-        method=strategy,
-        method_summary=("DISSect keeps, from every candidate batch, the pairs whose CLIPScore dropped most "
-                        "relative to a historical snapshot (top-k of h - s)." if strategy.startswith("dissect")
-                        else ""),
+        method=method,
+        method_summary=" ".join(summary),
         base_model=args.vision_model and f"{args.vision_model} + {args.text_model}" or "random init",
         selection=selection,
         dataset_name=args.dataset or "embedded easy-vqa captions",

@@ -2,9 +2,11 @@
 
 Each step the per-device candidate batch (B pairs with ``sample_idx``) goes through a :class:`~hf_mmsel.hooks.
 BatchHook` chain: the :class:`~hf_mmsel.selection.SelectionHook` built from the arguments (DISSect by default)
-keeps ``k = round(r*B)`` pairs, optional extra hooks (e.g. GSC) add per-sample weights / losses; the loss is the
-per-pair InfoNCE of ``hf_mmsel.losses`` with negatives gathered across ranks. Hook state (the score bank) is
-replicated on every rank, written to ``selection_state.safetensors`` in every checkpoint and restored on resume.
+keeps ``k = round(r*B)`` pairs; with ``gsc=True`` a :class:`~hf_mmsel.gsc.hook.GSCHook` then weights the kept pairs
+(per-sample clean weights ``w`` + γ·structure loss, GMM/EMA update at every epoch end); optional extra hooks add
+their own weights / losses. The loss is the per-pair InfoNCE of ``hf_mmsel.losses`` with negatives gathered across
+ranks. Hook state (score bank, GSC buffers) is replicated on every rank, written to ``selection_state.safetensors``
+in every checkpoint and restored on resume.
 """
 
 from __future__ import annotations
@@ -29,12 +31,16 @@ __all__ = ["ContrastiveTrainer", "ContrastiveTrainingArguments", "HOOK_STATE_NAM
 HOOK_STATE_NAME = "selection_state.safetensors"
 SCORE_PLOT_NAME = "score_distributions.png"
 SCORE_DTYPES = ("auto", "bfloat16", "float16", "float32")
+GSC_SIMILARITIES = ("sigmoid", "affine")
+GSC_MATCHINGS = ("cosine", "dot")
 _STEP_KEY = "trainer.hook_step"
+_EPOCHS_KEY = "trainer.epochs_ended"
 
 
 @dataclass
 class ContrastiveTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` plus the selection settings (dissect.md §4/§8).
+    """``TrainingArguments`` plus the selection settings (dissect.md §4/§8) and the GSC weighting settings
+    (``gsc``, ``gsc_*``: the arguments of :class:`~hf_mmsel.gsc.hook.GSCHook` with its defaults; gsc.md §4, §12).
 
     ``remove_unused_columns`` is forced off (batches carry ``sample_idx``) and ``dataloader_drop_last`` on, so every
     rank sees full candidate batches and keeps the same ``k = round(select_rate * per_device_train_batch_size)``.
@@ -67,6 +73,52 @@ class ContrastiveTrainingArguments(TrainingArguments):
     plot_score_distributions: bool = field(
         default=True, metadata={"help": f"write {SCORE_PLOT_NAME} (clean vs noisy scores per epoch) at the end"}
     )
+    # --- GSC per-sample weighting (gsc.md §4, §12; defaults = GSCHook's) -----------------------------------
+    gsc: bool = field(
+        default=False,
+        metadata={"help": "GSC noisy-correspondence weighting of the kept pairs (after selection): per-sample "
+                          "weights w, gamma * structure loss, GMM/EMA update of w at every epoch end"},
+    )
+    gsc_gamma: float = field(default=0.05, metadata={"help": "weight gamma >= 0 of the GSC structure loss"})
+    gsc_beta: float = field(default=0.7, metadata={"help": "EMA factor beta in (0, 1] of the epoch-end update"})
+    gsc_bank_size: int = field(
+        default=0, metadata={"help": "size of the bank of confident-clean anchor pairs (0: in-batch anchors only)"}
+    )
+    gsc_bank_min_weight: float = field(
+        default=0.5, metadata={"help": "minimum weight w in [0, 1] of a pair admitted to the anchor bank"}
+    )
+    gsc_structure_similarity: str = field(
+        default="sigmoid", metadata={"help": f"map f of intra-modal cosines, one of {list(GSC_SIMILARITIES)}"}
+    )
+    gsc_structure_temperature: float = field(
+        default=0.1, metadata={"help": "temperature t > 0 of the sigmoid similarity map"}
+    )
+    gsc_structure_centered: bool = field(
+        default=False, metadata={"help": "row-centre the structure profiles (Pearson consistency)"}
+    )
+    gsc_structure_matching: str = field(
+        default="cosine", metadata={"help": f"structure-matching matrix, one of {list(GSC_MATCHINGS)}"}
+    )
+    gsc_structure_matching_temperature: float | None = field(
+        default=None, metadata={"help": "temperature > 0 of the structure InfoNCE (default: 0.1 cosine, M/10 dot)"}
+    )
+    gsc_structure_max_batch_anchors: int | None = field(
+        default=None, metadata={"help": "at most this many in-batch anchors (highest w); 0: bank only; default all"}
+    )
+    gsc_gmm_max_iter: int = field(default=10, metadata={"help": "EM iterations (>= 1) of the epoch-end GMM"})
+    gsc_gmm_tol: float = field(default=1e-2, metadata={"help": "EM tolerance (>= 0) of the epoch-end GMM"})
+    gsc_gmm_reg_covar: float = field(default=5e-4, metadata={"help": "variance regulariser (> 0) of the GMM"})
+    gsc_max_fit_samples: int = field(
+        default=200_000, metadata={"help": "fit the GMM on a seeded subsample of at most this many (>= 2) scores"}
+    )
+    gsc_prob_posterior: bool = field(
+        default=False,
+        metadata={"help": "feed the EMA of p with the GMM posterior of p instead of raw p (gsc.md §12.1 deviation)"},
+    )
+    gsc_prob_logit_scale: float | None = field(
+        default=None, metadata={"help": "fixed scale (> 0) for the positive probability p (default: the model's)"}
+    )
+    gsc_seed: int | None = field(default=None, metadata={"help": "seed of the GMM subsample (default: seed)"})
 
     def __post_init__(self):
         self.remove_unused_columns = False
@@ -81,7 +133,48 @@ class ContrastiveTrainingArguments(TrainingArguments):
             raise ValueError(f"unknown score_dtype {self.score_dtype!r}; choose one of {list(SCORE_DTYPES)}")
         if self.selection_warmup_epochs is not None and self.selection_warmup_epochs < 0:
             raise ValueError(f"selection_warmup_epochs must be >= 0, got {self.selection_warmup_epochs}")
+        self._check_gsc()
         super().__post_init__()
+
+    def _check_gsc(self) -> None:
+        """Range checks of the ``gsc_*`` settings (always, so a typo fails before a long run)."""
+        checks = [
+            ("gsc_gamma", self.gsc_gamma >= 0, ">= 0"),
+            ("gsc_beta", 0.0 < self.gsc_beta <= 1.0, "in (0, 1]"),
+            ("gsc_bank_size", self.gsc_bank_size >= 0, ">= 0"),
+            ("gsc_bank_min_weight", 0.0 <= self.gsc_bank_min_weight <= 1.0, "in [0, 1]"),
+            ("gsc_structure_similarity", self.gsc_structure_similarity in GSC_SIMILARITIES,
+             f"one of {list(GSC_SIMILARITIES)}"),
+            ("gsc_structure_temperature", self.gsc_structure_temperature > 0, "> 0"),
+            ("gsc_structure_matching", self.gsc_structure_matching in GSC_MATCHINGS, f"one of {list(GSC_MATCHINGS)}"),
+            ("gsc_structure_matching_temperature",
+             self.gsc_structure_matching_temperature is None or self.gsc_structure_matching_temperature > 0,
+             "> 0 or None"),
+            ("gsc_structure_max_batch_anchors",
+             self.gsc_structure_max_batch_anchors is None or self.gsc_structure_max_batch_anchors >= 0, ">= 0 or None"),
+            ("gsc_gmm_max_iter", self.gsc_gmm_max_iter >= 1, ">= 1"),
+            ("gsc_gmm_tol", self.gsc_gmm_tol >= 0, ">= 0"),
+            ("gsc_gmm_reg_covar", self.gsc_gmm_reg_covar > 0, "> 0"),
+            ("gsc_max_fit_samples", self.gsc_max_fit_samples >= 2, ">= 2"),
+            ("gsc_prob_logit_scale", self.gsc_prob_logit_scale is None or self.gsc_prob_logit_scale > 0,
+             "> 0 or None"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+        if self.gsc and self.gsc_structure_max_batch_anchors == 0 and self.gsc_bank_size == 0:
+            raise ValueError(
+                "gsc_structure_max_batch_anchors=0 disables in-batch anchors, so GSC needs an anchor bank: "
+                "set gsc_bank_size > 0"
+            )
+
+    def gsc_settings(self) -> dict[str, Any]:
+        """The ``gsc_*`` settings as a dict without the prefix (for model cards and logs); empty when GSC is off."""
+        if not self.gsc:
+            return {}
+        from dataclasses import fields as dc_fields
+
+        return {f.name[len("gsc_"):]: getattr(self, f.name) for f in dc_fields(self) if f.name.startswith("gsc_")}
 
     @property
     def resolved_selection_warmup_epochs(self) -> int:
@@ -121,11 +214,18 @@ class _HookCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer._clamp_logit_scale()
 
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # A checkpoint saved by step at an epoch's last step holds the hook state from *before* that epoch's
+        # end update; a run resumed from it starts at the next epoch, so run the missed update(s) now.
+        epoch = int(math.floor((state.epoch or 0.0) + 1e-9))
+        if self.trainer._epochs_ended < 0:
+            self.trainer._epochs_ended = epoch
+        for missed in range(self.trainer._epochs_ended, epoch):
+            self.trainer._end_epoch(missed)
+        self.trainer._epochs_ended = max(self.trainer._epochs_ended, epoch)
+
     def on_epoch_end(self, args, state, control, **kwargs):
-        epoch = max(0, int(math.ceil(state.epoch - 1e-9)) - 1)
-        # merged into the next log call: calling Trainer.log here would reset control.should_log and drop
-        # the epoch's training log under logging_strategy="epoch"
-        self.trainer._pending_logs.update(self.trainer.hook.on_epoch_end(epoch, self.trainer.dist))
+        self.trainer._end_epoch(max(0, int(math.ceil(state.epoch - 1e-9)) - 1))
 
     def on_train_end(self, args, state, control, **kwargs):
         if args.plot_score_distributions and self.trainer.is_world_process_zero():
@@ -136,7 +236,12 @@ class ContrastiveTrainer(Trainer):
     """Trains any dual encoder (``get_image_features``/``get_text_features``) with symmetric InfoNCE and a learned
     logit scale, selecting pairs online with ``args.selection_strategy``.
 
-    Args (besides ``Trainer``'s): ``hooks``: extra :class:`BatchHook`s run after selection (e.g. GSC weighting);
+    With ``args.gsc`` a :class:`~hf_mmsel.gsc.hook.GSCHook` built from the ``gsc_*`` arguments runs right after
+    selection (it weights the kept pairs); :meth:`gsc_weights` returns its current per-sample weights ``w``. At every
+    epoch end its GMM/EMA update runs on every rank (identical buffers, rank 0's result broadcast) and, when batches
+    carry ``is_noisy``, diagnostics are logged: mean ``w`` over clean and noisy pairs and the AUROC of ``w``.
+
+    Args (besides ``Trainer``'s): ``hooks``: extra :class:`BatchHook`s run after selection (and GSC);
     ``class_captions``: prompts for zero-shot accuracy in :meth:`evaluate`; ``reference_scores`` /
     ``reference_model``: the fixed reference for ``reference_clipscore`` (a ``[N]`` tensor, or a model scored once
     over the training set). Batches need ``pixel_values``, ``input_ids``, ``attention_mask``, ``sample_idx``; a
@@ -172,10 +277,17 @@ class ContrastiveTrainer(Trainer):
             reference_scores = load_reference_scores(args.reference_scores_path)
         self._reference_scores = reference_scores
         self.selection_hook: SelectionHook | None = None
+        self.gsc_hook = None  # GSCHook when args.gsc, built with the other hooks at train start
         self._extra_hooks = list(hooks or [])
+        if args.gsc:
+            from hf_mmsel.gsc.hook import GSCHook
+
+            if any(isinstance(h, GSCHook) for h in self._extra_hooks):
+                raise ValueError("args.gsc=True builds a GSCHook already; do not also pass one in hooks=")
         self.hook: BatchHook = BatchHook()
         self.dist = Dist()
         self._hook_step = 0
+        self._epochs_ended = 0  # number of epochs whose hook epoch-end update has run
         self._hook_ready = False
         self._log_sums: dict[str, torch.Tensor] = {}
         self._log_counts: dict[str, int] = {}
@@ -235,10 +347,69 @@ class ContrastiveTrainer(Trainer):
             first_visit_fallback=args.first_visit_fallback,
             reference_scores=self._reference_scores,
         )
-        self.hook = HookList([self.selection_hook, *self._extra_hooks])
+        if args.gsc:
+            self.gsc_hook = self._build_gsc_hook()
+        gsc = [self.gsc_hook] if self.gsc_hook is not None else []
+        self.hook = HookList([self.selection_hook, *gsc, *self._extra_hooks])
         self.hook.setup(self._num_samples(), self.args.device)
         self.dist = Dist()
         self._hook_ready = True
+
+    def _build_gsc_hook(self):
+        from hf_mmsel.gsc.hook import GSCHook
+        from hf_mmsel.gsc.structure import StructureConfig
+
+        a = self.args
+        structure = StructureConfig(
+            similarity=a.gsc_structure_similarity, temperature=a.gsc_structure_temperature,
+            centered=a.gsc_structure_centered, matching=a.gsc_structure_matching,
+            matching_temperature=a.gsc_structure_matching_temperature,
+            max_batch_anchors=a.gsc_structure_max_batch_anchors,
+        )
+        return GSCHook(
+            gamma=a.gsc_gamma, structure=structure, beta=a.gsc_beta, bank_size=a.gsc_bank_size,
+            bank_min_weight=a.gsc_bank_min_weight, gmm_max_iter=a.gsc_gmm_max_iter, gmm_tol=a.gsc_gmm_tol,
+            gmm_reg_covar=a.gsc_gmm_reg_covar, max_fit_samples=a.gsc_max_fit_samples,
+            prob_posterior=a.gsc_prob_posterior, prob_logit_scale=a.gsc_prob_logit_scale,
+            seed=a.seed if a.gsc_seed is None else a.gsc_seed,
+        )
+
+    def gsc_weights(self) -> torch.Tensor:
+        """GSC's current per-sample clean weights ``w`` (``[N]`` float32 on CPU, indexed by ``sample_idx``; all
+        ones before the first epoch end). Identical on every rank."""
+        if not self.args.gsc:
+            raise RuntimeError("gsc_weights() needs ContrastiveTrainingArguments(gsc=True)")
+        self._build_hooks()
+        return self.gsc_hook.buffers.weight.detach().float().cpu().clone()
+
+    def _end_epoch(self, epoch: int) -> None:
+        """Every hook's epoch-end update (on every rank) plus GSC diagnostics; logs go into the next log call
+        (calling Trainer.log here would reset control.should_log and drop the epoch's training log under
+        logging_strategy="epoch")."""
+        self._build_hooks()
+        self._pending_logs.update(self.hook.on_epoch_end(epoch, self.dist))
+        if self.gsc_hook is not None:
+            self._pending_logs.update(self._gsc_diagnostics())
+        self._epochs_ended = max(self._epochs_ended, epoch + 1)
+
+    def _gsc_diagnostics(self) -> dict[str, float]:
+        """Mean ``w`` over known-clean and known-noisy pairs and the AUROC of ``w`` (clean = positive) from the
+        ground-truth ``is_noisy`` flags the selection hook recorded; diagnostic only, never used for training."""
+        weights = self.gsc_hook.buffers.weight.detach().float().cpu()
+        logs = {"gsc_epoch_weight_mean": float(weights.mean())}
+        noisy = getattr(self.selection_hook, "noisy", None)
+        if noisy is None:
+            return logs
+        noisy = noisy.cpu()
+        clean, bad = noisy == 0, noisy == 1
+        if bool(clean.any()) and bool(bad.any()):
+            from hf_mmsel.metrics.detection import auroc
+
+            known = clean | bad
+            logs.update(gsc_weight_mean_clean=float(weights[clean].mean()),
+                        gsc_weight_mean_noisy=float(weights[bad].mean()),
+                        gsc_weight_auroc=auroc(weights[known].numpy(), clean[known].numpy()))
+        return logs
 
     @torch.no_grad()
     def compute_reference_scores(self, reference_model, dataset=None) -> torch.Tensor:
@@ -260,6 +431,7 @@ class ContrastiveTrainer(Trainer):
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         self._build_hooks()
+        self._epochs_ended = 0  # restored from the checkpoint when resuming
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
     # ---------------------------------------------------------------------------------------- the step
@@ -366,11 +538,26 @@ class ContrastiveTrainer(Trainer):
         self._build_hooks()
         state = {k: v.contiguous() for k, v in self.hook.state_dict().items()}
         state[_STEP_KEY] = torch.tensor(self._hook_step, dtype=torch.long)
+        state[_EPOCHS_KEY] = torch.tensor(self._epochs_ended, dtype=torch.long)
         return state
 
     def load_hook_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self._build_hooks()
         self._hook_step = int(state[_STEP_KEY])
+        # -1 (older checkpoints without the counter): no catch-up of a missed epoch-end update
+        self._epochs_ended = int(state[_EPOCHS_KEY]) if _EPOCHS_KEY in state else -1
+        state = {k: v for k, v in state.items() if k != _EPOCHS_KEY}
+        has_gsc = any(k.startswith("1.buffers.") for k in state)
+        if self.args.gsc and not has_gsc:
+            raise ValueError(
+                "this checkpoint holds no GSC buffers (it was trained with gsc=False), but gsc=True: resume with "
+                "the same gsc setting, or start a new run"
+            )
+        if not self.args.gsc and not self._extra_hooks and has_gsc:
+            raise ValueError(
+                "this checkpoint holds GSC buffers (it was trained with gsc=True), but gsc=False: resume with "
+                "--gsc true and the same gsc_* settings"
+            )
         self.hook.load_state_dict({k: v for k, v in state.items() if k != _STEP_KEY})
 
     def _save_checkpoint(self, model, trial) -> None:
