@@ -5,6 +5,7 @@
 - :mod:`.loss`: :func:`gsc_loss`, weighted bi-InfoNCE + γ·structure loss.
 - :mod:`.gmm`: deterministic two-component 1-D GMM.
 - :mod:`.buffers`: :class:`GSCBuffers` (per-sample state, epoch-end GMM/EMA update), :class:`GSCPlusBuffers`.
+- :mod:`.scoring`: :func:`gsc_clean_probability`, one-pass clean probability of a whole dataset (curation).
 
 See ``shared/design/gsc.md`` for the method and its adaptation to CLIP-style models.
 """
@@ -15,6 +16,7 @@ from .anchors import AnchorBank
 from .buffers import EpochUpdateStats, GSCBuffers, GSCPlusBuffers
 from .gmm import TwoGaussians, fit_two_gaussians, high_mean_posterior
 from .loss import GSCLossOutput, gsc_loss, structure_terms, weighted_bidirectional_infonce
+from .scoring import gsc_clean_probability
 from .structure import (
     StructureConfig,
     StructureProfiles,
@@ -37,6 +39,7 @@ __all__ = [
     "StructureProfiles",
     "TwoGaussians",
     "fit_two_gaussians",
+    "gsc_clean_probability",
     "gsc_loss",
     "high_mean_posterior",
     "positive_map",
