@@ -4,7 +4,7 @@ Median fwd+bwd+AdamW step time on the same Linear model (default 4 Linear layers
 measured interleaved in one process (A, B, A, B, ...) so CPU noise hits both alike. Goal: ratio <= 1.3.
 
     python recipes/benchmark_mola_step.py --output_json mola_step.json
-    from recipes.benchmark_mola_step import benchmark_mola_step   # -> dict (also used by benchmark_mola.py)
+    from recipes.benchmark_mola_step import benchmark_mola_step   # -> dict (benchmark_mola.py records it too)
 """
 
 from __future__ import annotations
@@ -44,6 +44,29 @@ def build_vit_model(**config_kwargs) -> tuple[nn.Module, list[str]]:
     model = ViTModel(config, add_pooling_layer=False)
     targets = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     return model, targets
+
+
+def interleaved_median_step_times(
+    step_fns: dict[str, Callable[[], None]], steps: int, warmup: int = 3, device: str = "cpu"
+) -> dict[str, float]:
+    """Median wall seconds of each step function, timed interleaved (A, B, C, A, B, C, ...) so that load changes on
+    a shared machine hit every function alike; the first ``warmup`` rounds are not timed. CUDA is synchronised
+    around every step."""
+    times: dict[str, list[float]] = {name: [] for name in step_fns}
+
+    def sync() -> None:
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+
+    for i in range(warmup + steps):
+        for name, fn in step_fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _output_tensor(output) -> torch.Tensor:
@@ -108,21 +131,7 @@ def benchmark_mola_step(
         "lora": _make_step(lora, x, {}),
         "mola_grad": _make_step(mola, x, {"task_ids": task_ids}),
     }
-    times: dict[str, list[float]] = {name: [] for name in steps_fn}
-
-    def sync() -> None:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    for i in range(warmup + steps):
-        for name, fn in steps_fn.items():  # interleaved
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            if i >= warmup:
-                times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(values) for name, values in times.items()}
+    medians = interleaved_median_step_times(steps_fn, steps=steps, warmup=warmup, device=device)
     return {
         "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)",
         "model": model,
@@ -155,16 +164,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--output_json", default="mola_step_benchmark.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = benchmark_mola_step(
-        dim=args.dim,
-        num_layers=args.num_layers,
-        batch_size=args.batch_size,
-        rank=args.rank,
-        num_experts=args.num_experts,
-        steps=args.steps,
-        device=args.device,
-        model=args.model,
-    )
+    options = {k: v for k, v in vars(args).items() if k not in ("threads", "output_json")}
+    result = benchmark_mola_step(**options)
     with open(args.output_json, "w") as f:
         json.dump(result, f, indent=2)
     print(

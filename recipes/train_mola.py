@@ -24,23 +24,17 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "mola_default.yam
 PUSHED_FILES = ["adapter_config.json", "adapter_model.safetensors", "README.md", "eval_results.json", "base_model/*"]
 
 
-LOAD_SNIPPET = """
-## Loading this adapter with its base model
-
-The base model is a small random-init ViT with per-task heads saved in `base_model/` of this repository (the generic
-snippet above assumes a Hub base model):
-
-```python
+LOAD_CODE = """
 import os
 import hf_mmsel  # registers the MoLA tuner with peft
 from huggingface_hub import snapshot_download
 from peft import PeftModel
 from hf_mmsel.models.multitask import load_multitask_vit
 
-path = snapshot_download("{adapter_id}")
+# the base (a small random-init ViT with per-task heads) is saved in base_model/ next to the adapter
+path = snapshot_download("{adapter_id}")  # or the local output directory
 model = PeftModel.from_pretrained(load_multitask_vit(os.path.join(path, "base_model")), path)
 logits = model(pixel_values=pixel_values, task_ids=task_ids).logits  # [B, 3, 28, 28] images, one task id each
-```
 """
 
 
@@ -57,6 +51,9 @@ class ModelArguments:
     router_input: str = field(
         default="module:backbone.embeddings",
         metadata={"help": "Router input: 'input' or 'module:<name>' (pooled output of that module)."},
+    )
+    router_kind: str = field(
+        default="auto", metadata={"help": "Router for router_input='input': 'auto' (conv on images), 'conv', 'mlp'."}
     )
     router_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the router gates."})
     router_top_k: int | None = field(default=None, metadata={"help": "Keep the top-k experts per sample."})
@@ -132,6 +129,7 @@ def mola_config(model_args: ModelArguments, spec, base):
     if model_args.routing == "router":
         router_kwargs = dict(
             router_input=model_args.router_input,
+            router_kind=model_args.router_kind,
             router_temperature=model_args.router_temperature,
             router_top_k=model_args.router_top_k,
             twd_weight=model_args.twd_weight,
@@ -173,8 +171,8 @@ def write_card(output_dir: str, *, adapter_id: str, model_args: ModelArguments, 
         results=per_task,
         trainable_params=trainable_params,
         hardware=f"CPU, {world_size} process(es)",
+        load_code=LOAD_CODE.format(adapter_id=adapter_id),
     )
-    card.text += LOAD_SNIPPET.format(adapter_id=adapter_id)
     card.save(os.path.join(output_dir, "README.md"))
 
 

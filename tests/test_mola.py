@@ -246,6 +246,69 @@ def test_router_on_named_module_features():
         mola("conv", routing="router", router_input="module:nope")
 
 
+class TaskAwareMLP(nn.Module):
+    """A root model whose own forward takes ``task_ids`` (per-task output offset): MoLA must not swallow them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 8)
+        self.fc2 = nn.Linear(8, 4)
+        self.seen = None
+
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        self.seen = task_ids
+        out = self.fc2(torch.relu(self.fc1(x)))
+        return out if task_ids is None else out + task_ids[:, None].float()
+
+
+def test_task_ids_reach_a_root_forward_that_declares_them():
+    torch.manual_seed(0)
+    model = get_peft_model(TaskAwareMLP(), MolaConfig(r=2, num_experts=E, target_modules=["fc1"], init_weights=False))
+    root = model.base_model.model
+    x, ids = make_input("mlp", 6), mixed_ids(6)
+    out = model(x, task_ids=ids)
+    assert root.seen is not None and torch.equal(root.seen, ids)
+    # the experts were routed by the same ids: equal to running each task's rows alone
+    for t in range(E):
+        torch.testing.assert_close(out[ids == t], model(x[ids == t], task_ids=ids[ids == t]))
+    model(x, mola_task_ids=ids)  # the alias is handed over as `task_ids` too
+    assert torch.equal(root.seen, ids)
+    # a root forward without a `task_ids` parameter still gets them popped (TinyMLP.forward(x) would fail)
+    plain = mola("mlp")
+    assert plain(x, task_ids=ids).shape == (6, 4)
+
+
+@pytest.mark.parametrize(
+    ("kind", "kwargs", "expected"),
+    [
+        ("mlp", {}, ("mlp", 8)),
+        ("vit", {}, ("mlp", 8)),
+        ("conv", {}, ("conv", 3)),
+        ("conv", {"target_modules": ["conv2", "conv3"]}, ("conv", 3)),  # image channels, not conv2's 6
+        ("mlp", {"router_kind": "mlp", "router_in_features": 8}, ("mlp", 8)),
+    ],
+)
+def test_router_kind_inference(kind, kwargs, expected):
+    model = mola(kind, routing="router", **kwargs)
+    router = model.base_model.mola_router["default"]
+    first = router.net[0]
+    assert (router.kind, first.in_channels if router.kind == "conv" else first.in_features) == expected
+    model(make_input(kind, 4))
+
+
+def test_router_kind_errors():
+    with pytest.raises(ValueError, match="router_kind"):
+        MolaConfig(routing="router", router_kind="cnn")
+    with pytest.raises(ValueError, match="router_kind='conv' needs router_input='input'"):
+        MolaConfig(routing="router", router_kind="conv", router_input="module:stem")
+    wrong = mola("mlp", routing="router", router_kind="conv", router_in_features=3)
+    with pytest.raises(ValueError, match=r"conv router expects images"):
+        wrong(make_input("mlp", 4))
+    too_wide = mola("mlp", routing="router", router_in_features=5)
+    with pytest.raises(ValueError, match="router_in_features"):
+        too_wide(make_input("mlp", 4))
+
+
 def naive_twd(z: torch.Tensor, y: torch.Tensor, tau: float, average: str) -> torch.Tensor:
     z = nn.functional.normalize(z, dim=1)
     n = len(y)

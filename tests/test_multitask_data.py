@@ -136,3 +136,24 @@ def test_benchmark_is_deterministic_and_cached(small_benchmark):
     assert not torch.equal(other_seed["train"]["label"][:], data["train"]["label"][:])
     with pytest.raises(ValueError, match="test_fraction"):
         load_multitask_benchmark(test_fraction=1.0)
+
+
+def test_split_by_task_holds_out_a_fraction_of_every_task():
+    from datasets import Dataset
+
+    from hf_mmsel.data.multitask import split_by_task
+
+    task_id = np.repeat([0, 1, 2], [40, 10, 3])
+    ds = Dataset.from_dict({"task_id": task_id, "uid": np.arange(len(task_id))})
+    rest, held = split_by_task(ds, 0.25, seed=0)
+    assert np.bincount(np.asarray(held["task_id"])).tolist() == [10, 2, 1]  # round(0.25 n), >= 1 per task
+    rest_uid, held_uid = list(rest["uid"]), list(held["uid"])
+    assert sorted(rest_uid + held_uid) == list(range(len(task_id)))  # a partition
+    assert held_uid == sorted(held_uid)  # original order kept
+    again, _ = split_by_task(ds, 0.25, seed=0)
+    other, _ = split_by_task(ds, 0.25, seed=1)
+    assert list(again["uid"]) == rest_uid and list(other["uid"]) != rest_uid
+    with pytest.raises(ValueError, match="fraction"):
+        split_by_task(ds, 1.0)
+    with pytest.raises(ValueError, match="need >= 2"):
+        split_by_task(Dataset.from_dict({"task_id": [0, 0, 1]}), 0.5)

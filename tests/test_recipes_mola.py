@@ -50,6 +50,22 @@ def test_yaml_defaults_flags_override_and_unknown_keys(tmp_path):
         recipe.parse_args(["--config", str(config)])
 
 
+def test_card_has_one_correct_loading_section(tmp_path):
+    from hf_mmsel.data.multitask import MultiTaskSpec
+
+    recipe = _load_recipe()
+    model_args, _, _ = recipe.parse_args([])
+    spec = MultiTaskSpec(["a", "b"], [3, 2])
+    recipe.write_card(str(tmp_path), adapter_id="tester/mola-x", model_args=model_args, spec=spec,
+                      results={"acc_a": 0.5, "acc_b": 0.25, "mean_acc": 0.375}, trainable_params=10, world_size=1)
+    card = (tmp_path / "README.md").read_text()
+    assert card.count("## How to load") == 1 and card.count("```python") == 1
+    section = card.split("## How to load", 1)[1].split("## Export", 1)[0]
+    assert "AutoModel" not in card  # the base is not a transformers Hub model
+    assert 'snapshot_download("tester/mola-x")' in section and "load_multitask_vit" in section
+    assert section.index("import hf_mmsel") < section.index("PeftModel.from_pretrained")
+
+
 def _eval_accuracy(model, data, spec) -> dict:
     from hf_mmsel.metrics import multitask_accuracy
 
@@ -110,3 +126,47 @@ def test_two_process_cpu_run_with_router(tmp_out):
     results = json.loads((tmp_out / "eval_results.json").read_text())
     assert results["world_size"] == 2 and results["routing"] == "router" and results["global_step"] == 4
     assert json.loads((tmp_out / "adapter_config.json").read_text())["routing"] == "router"
+
+
+def _load_benchmark():
+    import importlib.util
+
+    path = ROOT / "recipes" / "benchmark_mola.py"
+    spec = importlib.util.spec_from_file_location("benchmark_mola_recipe", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_selects_learning_rate_on_validation_not_test():
+    bench = _load_benchmark()
+    args = bench.parse_args(["--seeds", "0,1", "--learning_rates", "1e-3,3e-3", "1e-2"])
+    assert args.seeds == [0, 1] and args.learning_rates == [1e-3, 3e-3, 1e-2]
+    runs = [  # lr 1e-3 is best on validation, 3e-3 on test: the choice must follow validation
+        {"method": "m", "seed": s, "learning_rate": lr, "val_mean_acc": v, "test_mean_acc": t}
+        for s in (0, 1) for lr, v, t in ((1e-3, 0.75, 0.5), (3e-3, 0.625, 0.9), (1e-2, 0.5 + 0.25 * s, 0.9))
+    ]
+    assert bench.select_learning_rates(runs, ["m"]) == {"m": 1e-3}
+    tie = [dict(r, method="t", val_mean_acc=0.5) for r in runs]
+    assert bench.select_learning_rates(tie, ["t"]) == {"t": 1e-3}  # ties -> the smaller learning rate
+
+
+@pytest.mark.slow
+def test_benchmark_smoke_writes_results(tmp_path):
+    bench = _load_benchmark()
+    payload = bench.main(["--methods", "lora_shared", "mola_grad", "--seeds", "0", "--learning_rates", "1e-3,1e-2",
+                          "--max_steps", "3", "--max_per_task", "40", "--hidden_size", "16", "--num_hidden_layers",
+                          "1", "--r", "2", "--batch_size", "8", "--timing_steps", "1", "--output_dir", str(tmp_path)])
+    assert {"results.json", "results.md", "results.png"} <= {p.name for p in tmp_path.iterdir()}
+    sizes = payload["split_sizes"]
+    assert sizes["validation"] > 0 and sizes["train"] > sizes["validation"]
+    assert len(payload["runs"]) == 4  # 2 methods x 2 learning rates x 1 seed
+    summary = payload["summary"]
+    assert summary["lora_shared"]["trainable_params"] == summary["mola_grad"]["trainable_params"]  # same budget
+    for method, s in summary.items():
+        assert s["learning_rate"] in (1e-3, 1e-2)
+        best = max(s["val_mean_acc_by_lr"].values())
+        assert s["val_mean_acc_by_lr"][f"{s['learning_rate']:g}"] == best
+    assert set(payload["median_step_time_ms"]) == {"lora_shared", "mola_grad"}
+    assert "mola_grad" in (tmp_path / "results.md").read_text()

@@ -25,7 +25,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MultiTaskSpec", "MultiTaskCollator", "combine_tasks", "load_multitask_benchmark", "images_to_pixel_values"]
+__all__ = [
+    "MultiTaskSpec",
+    "MultiTaskCollator",
+    "combine_tasks",
+    "load_multitask_benchmark",
+    "images_to_pixel_values",
+    "split_by_task",
+]
 
 # bump when the content of the embedded benchmark changes, so stale caches are not reused
 _BENCHMARK_VERSION = 2
@@ -256,6 +263,29 @@ def _cap(idx: np.ndarray, cap: int | None, rng: np.random.Generator) -> np.ndarr
     if cap is None or len(idx) <= cap:
         return idx
     return np.sort(rng.choice(idx, size=cap, replace=False))
+
+
+def split_by_task(dataset, fraction: float, *, seed: int = 0, task_column: str = "task_id"):
+    """Split a multi-task dataset into ``(rest, held_out)`` with ``round(fraction * n_t)`` random examples of every
+    task t held out (at least one, and at least one kept): e.g. a validation split carved from ``train`` for model
+    selection, so the test split is never used to choose hyper-parameters. Both parts keep the original order."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"split_by_task: fraction must be in (0, 1), got {fraction}")
+    if task_column not in dataset.column_names:
+        raise ValueError(f"split_by_task: no column {task_column!r}; columns are {dataset.column_names}")
+    task_ids = np.asarray(dataset.with_format("numpy")[task_column][:])
+    rng = np.random.default_rng(seed)
+    held = []
+    for task in np.unique(task_ids):
+        idx = np.flatnonzero(task_ids == task)
+        if len(idx) < 2:
+            raise ValueError(f"split_by_task: task {int(task)} has {len(idx)} example(s); need >= 2 to split")
+        n_held = min(max(1, int(round(len(idx) * fraction))), len(idx) - 1)
+        held.append(rng.permutation(idx)[:n_held])
+    held_idx = np.sort(np.concatenate(held))
+    mask = np.ones(len(task_ids), dtype=bool)
+    mask[held_idx] = False
+    return dataset.select(np.flatnonzero(mask)), dataset.select(held_idx)
 
 
 def _cache_root() -> Path:

@@ -87,13 +87,6 @@ def _pool(outputs: Any, pooling: str) -> torch.Tensor:
     raise ValueError(f"cannot pool backbone output of shape {tuple(hidden.shape)}")
 
 
-def _copy_task_ids_for_heads(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    for key in ("task_ids", "mola_task_ids"):
-        if kwargs.get(key) is not None and kwargs.get("head_task_ids") is None:
-            kwargs["head_task_ids"] = kwargs[key]
-    return args, kwargs
-
-
 class MultiTaskClassifier(nn.Module):
     """``backbone`` + per-task heads. ``forward(pixel_values, task_ids, labels=None)``.
 
@@ -114,22 +107,18 @@ class MultiTaskClassifier(nn.Module):
         self.pooling = pooling
         self.feature_dim = feature_dim
         self.heads = MultiTaskHeads(feature_dim, spec.num_labels)
-        # MoLA's routing pre-hook (registered later, so it runs after this one) pops `task_ids` from the call;
-        # keep a copy for the heads.
-        self.register_forward_pre_hook(_copy_task_ids_for_heads, with_kwargs=True)
 
     def forward(
         self,
         pixel_values: torch.Tensor,
         task_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        head_task_ids: torch.Tensor | None = None,
     ):
-        """Padded logits ``[B, C_max]`` and, with ``labels``, the multi-task loss; ``head_task_ids`` is filled in
-        from ``task_ids`` by a pre-hook (do not pass it yourself)."""
+        """Padded logits ``[B, C_max]`` and, with ``labels``, the multi-task loss. Under a MoLA adapter the same
+        ``task_ids`` also route each sample to its expert (MoLA leaves them in the call because this ``forward``
+        declares a ``task_ids`` parameter)."""
         from transformers.modeling_outputs import SequenceClassifierOutput
 
-        task_ids = task_ids if task_ids is not None else head_task_ids
         task_ids = self._check_task_ids(task_ids, pixel_values.shape[0], pixel_values.device)
         features = _pool(self.backbone(pixel_values=pixel_values), self.pooling)
         logits = self.heads(features, task_ids)

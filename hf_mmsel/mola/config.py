@@ -17,6 +17,7 @@ MOLA_PEFT_TYPE = "MOLA"
 ROUTING_CHOICES = ("task", "router")
 CONV_STYLE_CHOICES = ("factorized", "loralib")
 TWD_AVERAGE_CHOICES = ("pairs", "anchors")
+ROUTER_KIND_CHOICES = ("auto", "conv", "mlp")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -37,6 +38,12 @@ class MolaConfig(PeftConfig):
             as plain LoRA) or ``"loralib"`` (the official weight-space update reshape(B_e A_e) of rank up to r*k).
         router_input: ``"input"`` (router reads the model input) or ``"module:<dotted.name>"`` (router reads the
             pooled output of that module, which must run before every adapted layer).
+        router_kind: ``"auto"``, ``"conv"`` (images ``[N, C, H, W]``) or ``"mlp"`` (vectors ``[N, d]``; tokens
+            ``[N, T, d]`` are mean-pooled) for ``router_input="input"``. ``"auto"`` picks a conv router when the model
+            input is an image batch (root ``forward(pixel_values, ...)``, a root config with ``num_channels``, or a
+            Conv2d as first adapted layer) and an MLP otherwise. A ``module:`` router is always an MLP on pooled
+            features. The kind and width are fixed when the adapter is created (so optimizers and
+            ``from_pretrained`` see the router's parameters).
         router_in_features: input channels/features of the router; inferred when None.
         router_hidden: hidden width of the router.
         router_temperature: softmax temperature T of the gates, ``g = softmax(s / T)``.
@@ -79,6 +86,10 @@ class MolaConfig(PeftConfig):
     )
     router_input: str = field(
         default="input", metadata={"help": "'input' or 'module:<dotted.name>' (pooled output of that module)."}
+    )
+    router_kind: Literal["auto", "conv", "mlp"] = field(
+        default="auto",
+        metadata={"help": "Router for router_input='input': 'auto' (conv on images, else MLP), 'conv' or 'mlp'."},
     )
     router_in_features: Optional[int] = field(
         default=None, metadata={"help": "Router input channels/features (inferred when None)."}
@@ -123,6 +134,7 @@ class MolaConfig(PeftConfig):
         _check_choice("routing", self.routing, ROUTING_CHOICES)
         _check_choice("conv_style", self.conv_style, CONV_STYLE_CHOICES)
         _check_choice("twd_average", self.twd_average, TWD_AVERAGE_CHOICES)
+        _check_choice("router_kind", self.router_kind, ROUTER_KIND_CHOICES)
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"MolaConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         if self.router_input != "input" and not (
@@ -130,6 +142,11 @@ class MolaConfig(PeftConfig):
         ):
             raise ValueError(
                 f"MolaConfig.router_input={self.router_input!r} is not valid; use 'input' or 'module:<dotted.name>'."
+            )
+        if self.router_kind == "conv" and self.router_input != "input":
+            raise ValueError(
+                f"MolaConfig.router_kind='conv' needs router_input='input' (images); a router on "
+                f"{self.router_input!r} reads pooled features and is an MLP (router_kind='auto' or 'mlp')."
             )
         if self.router_top_k is not None and not 1 <= self.router_top_k <= self.num_experts:
             raise ValueError(

@@ -1,9 +1,11 @@
 """`MolaModel(BaseTuner)`: injects MoLA layers, routes each sample to its experts, holds the router and TwD head.
 
 Per-sample ``task_ids`` cannot reach a third-party tuner through ``PeftModel`` (mola.md §6.3), so a forward pre-hook
-on the wrapped model POPS ``task_ids`` (alias ``mola_task_ids`` for PeftModelFor* task classes) from the kwargs,
+on the wrapped model takes ``task_ids`` (alias ``mola_task_ids`` for PeftModelFor* task classes) from the kwargs,
 validates them, runs the router (``routing="router"``, keeping its logits for TwD) and writes the per-sample gates
-onto every MoLA layer. Usage::
+onto every MoLA layer. The ids are popped, unless the wrapped model's ``forward`` declares a ``task_ids`` parameter
+(e.g. a multi-task model that picks per-task heads): then it receives them too, also when given as ``mola_task_ids``
+(signature inspected once, when the hook is registered). Usage::
 
     import hf_mmsel  # registers peft_type "MOLA"
     from peft import get_peft_model
@@ -20,6 +22,7 @@ adapter; their ``requires_grad`` follows the active adapter / inference mode by 
 
 from __future__ import annotations
 
+import inspect
 import re
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
@@ -36,6 +39,8 @@ from .twd import task_wise_decorrelation_loss
 
 TASK_IDS_KWARGS = ("task_ids", "mola_task_ids")
 _ROUTER_INPUT_KWARGS = ("pixel_values", "input_values", "inputs_embeds", "input_features", "x", "input", "inputs")
+# names of a root ``forward``'s first parameter that mean "images [N, C, H, W]" (router_kind="auto" -> conv router)
+_IMAGE_INPUT_NAMES = ("pixel_values", "images", "image")
 _TUNER_DICTS = ("mola_router", "mola_twd_proj")
 
 
@@ -120,6 +125,7 @@ class MolaModel(BaseTuner):
                     self._make_router_module_hook(adapter_name)
                 )
         if self._pre_hook_handle is None:
+            self._forward_accepts = _forward_parameter_names(model)
             self._pre_hook_handle = model.register_forward_pre_hook(self._routing_pre_hook, with_kwargs=True)
         self._sync_tuner_requires_grad()
 
@@ -129,6 +135,7 @@ class MolaModel(BaseTuner):
         self.mola_router = nn.ModuleDict()
         self.mola_twd_proj = nn.ModuleDict()
         self._pre_hook_handle = None
+        self._forward_accepts: frozenset[str] = frozenset()
         self._module_hooks: dict[str, Any] = {}
         self._last_router_logits: dict[str, torch.Tensor] = {}
         self._last_task_ids: Optional[torch.Tensor] = None
@@ -150,7 +157,15 @@ class MolaModel(BaseTuner):
             ) from err
 
     def _router_input_spec(self, config: MolaConfig, adapter_name: str) -> tuple[str, int]:
-        """(router kind, input width): conv on images / MLP on vectors and pooled module features."""
+        """(router kind, input width), fixed when the adapter is injected so that the router exists before any
+        optimizer is built and before ``from_pretrained`` loads its weights.
+
+        ``router_input="module:<name>"``: MLP on the module's pooled features. ``router_input="input"``: the kind is
+        ``config.router_kind``; ``"auto"`` picks a conv router when the model input is an image batch (the root
+        ``forward``'s first parameter is ``pixel_values``/``images``/``image``, the root config has
+        ``num_channels``, or the first adapted layer is a Conv2d), else an MLP. Widths come from
+        ``router_in_features`` or are inferred (image channels; the first adapted Linear's ``in_features``).
+        """
         if config.router_input.startswith("module:"):
             if config.router_in_features is not None:
                 return "mlp", config.router_in_features
@@ -165,13 +180,45 @@ class MolaModel(BaseTuner):
                 f"Cannot infer the feature width of router module {config.router_input!r}; set "
                 "MolaConfig.router_in_features."
             )
-        num_channels = getattr(getattr(self.model, "config", None), "num_channels", None)
         first = next(iter(self._mola_layers(adapter_name))).get_base_layer()
-        if isinstance(num_channels, int):
-            return "conv", config.router_in_features or num_channels
-        if isinstance(first, nn.Conv2d):
-            return "conv", config.router_in_features or first.in_channels
-        return "mlp", config.router_in_features or first.in_features
+        kind = config.router_kind
+        if kind == "auto":
+            params = list(_forward_parameter_names(self.model, ordered=True))
+            is_image = (
+                (bool(params) and params[0] in _IMAGE_INPUT_NAMES)
+                or isinstance(getattr(getattr(self.model, "config", None), "num_channels", None), int)
+                or isinstance(first, nn.Conv2d)
+            )
+            kind = "conv" if is_image else "mlp"
+        if config.router_in_features is not None:
+            return kind, config.router_in_features
+        if kind == "conv":
+            channels = self._image_channels(first)
+            if channels is None:
+                raise ValueError(
+                    "Cannot infer the image channels of the MoLA conv router (router_input='input'); set "
+                    "MolaConfig.router_in_features."
+                )
+            return kind, channels
+        if isinstance(first, nn.Linear):
+            return kind, first.in_features
+        raise ValueError(
+            "Cannot infer the input width of the MoLA MLP router (router_input='input'); set "
+            "MolaConfig.router_in_features, or router_kind='conv' for image inputs."
+        )
+
+    def _image_channels(self, first_adapted: nn.Module) -> Optional[int]:
+        """Input channels: ``config.num_channels`` of the root (or of a sub-model, e.g. a wrapped ViT backbone),
+        else ``in_channels`` of the first Conv2d (a patch embedding or stem), adapted or not."""
+        for module in self.model.modules():
+            channels = getattr(getattr(module, "config", None), "num_channels", None)
+            if isinstance(channels, int):
+                return channels
+        for module in self.model.modules():
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            if isinstance(base, nn.Conv2d):
+                return base.in_channels
+        return first_adapted.in_channels if isinstance(first_adapted, nn.Conv2d) else None
 
     # --- requires_grad of tuner-level modules (peft does not manage them) -------------------------------------------
     def _sync_tuner_requires_grad(self) -> None:
@@ -288,11 +335,16 @@ class MolaModel(BaseTuner):
         )
 
     def _routing_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        given = {k: kwargs.pop(k) for k in TASK_IDS_KWARGS if k in kwargs}
+        # a root forward with its own `task_ids` parameter (e.g. per-task heads) still receives the ids
+        given = {
+            k: (kwargs[k] if k in self._forward_accepts else kwargs.pop(k)) for k in TASK_IDS_KWARGS if k in kwargs
+        }
         given = {k: v for k, v in given.items() if v is not None}
         if len(given) > 1:
             raise ValueError("Pass either `task_ids` or `mola_task_ids`, not both.")
         task_ids = next(iter(given.values()), None)
+        if "mola_task_ids" in given and "task_ids" in self._forward_accepts and kwargs.get("task_ids") is None:
+            kwargs["task_ids"] = task_ids  # the alias (for PeftModelFor* classes that swallow `task_ids`)
         if task_ids is None:
             task_ids = self._context_task_ids
         configs = self._active_configs()
@@ -430,3 +482,13 @@ class MolaModel(BaseTuner):
         from .export import export_expert_as_lora
 
         return export_expert_as_lora(self, task_id, save_directory, adapter_name=adapter_name, **kwargs)
+
+
+def _forward_parameter_names(model: nn.Module, ordered: bool = False):
+    """Names of the explicit parameters of ``model.forward`` (not ``*args``/``**kwargs``); empty if not inspectable."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return () if ordered else frozenset()
+    names = [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return tuple(names) if ordered else frozenset(names)

@@ -87,10 +87,24 @@ class MolaRouter(nn.Module):
                 "features of an early module instead."
             )
         if self.kind == "conv":
-            if x.dim() != 4:
-                raise ValueError(f"MoLA conv router expects images [N, C, H, W], got shape {tuple(x.shape)}.")
-        elif x.dim() != 2:
-            x = pool_features(x)
+            if x.dim() != 4 or x.shape[1] != self.net[0].in_channels:
+                raise ValueError(
+                    f"MoLA conv router expects images [N, {self.net[0].in_channels}, H, W], got shape "
+                    f"{tuple(x.shape)}: set MolaConfig.router_kind ('conv' or 'mlp') and router_in_features."
+                )
+        else:
+            if x.dim() == 4:
+                raise ValueError(
+                    f"MoLA MLP router got an image batch of shape {tuple(x.shape)}: use "
+                    "MolaConfig(router_kind='conv') (or 'auto' with a forward(pixel_values, ...) model)."
+                )
+            if x.dim() != 2:
+                x = pool_features(x)
+            if x.shape[-1] != self.net[0].in_features:
+                raise ValueError(
+                    f"MoLA MLP router expects {self.net[0].in_features} input features, got {x.shape[-1]} "
+                    f"(input shape {tuple(x.shape)}): set MolaConfig.router_in_features."
+                )
         x = x.to(self.net[0].weight.dtype)
         logits = self.net(x)
         return logits, gates_from_logits(logits, self.temperature, self.top_k)
