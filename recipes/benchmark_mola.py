@@ -271,7 +271,7 @@ def write_markdown(payload: dict, spec, args, path: str) -> None:
     if "mola_grad" in summary and "lora_shared" in summary:
         g, l = summary["mola_grad"], summary["lora_shared"]
         diffs = [g["mean_acc_per_seed"][s] - l["mean_acc_per_seed"][s] for s in args.seeds]
-        lines += ["", f"MoLA-Grad − shared LoRA (same trainable budget), test mean accuracy per seed: "
+        lines += ["", "MoLA-Grad − shared LoRA (same trainable budget), test mean accuracy per seed: "
                   + ", ".join(f"{d:+.3f}" for d in diffs) + f" (mean {statistics.mean(diffs):+.3f})."]
     ratio = payload.get("step_benchmark")
     if ratio:

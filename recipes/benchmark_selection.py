@@ -1,14 +1,25 @@
-"""Benchmark online selection strategies on a noisy image-caption dataset (DISSect vs baselines).
+"""Benchmark online selection and noisy-correspondence strategies on a noisy image-caption dataset.
+
+Strategies: every selection strategy of ``hf_mmsel.selection`` (``dissect``, ``dissect_ema``, ``random``,
+``small_loss``, ``big_loss``, ``clipscore``, ``reference_clipscore``, ``full``), ``gsc`` (full data with GSC
+per-sample weighting, ``ContrastiveTrainer(hooks=[GSCHook(...)])``) and ``<selection>+gsc`` (e.g. ``dissect+gsc``:
+the selection keeps k pairs, GSC weights them).
 
 Every strategy gets the same model initialisation, the same candidate batches (same sampler seed) and the same
 number of optimizer steps; strategies run alternately in one process (the order rotates with the seed) so that
 machine load hits them alike. ``train_seconds`` is the Trainer's wall-clock training time, every scoring forward
-included. Writes ``results.json``, ``results.md`` and ``results.png`` to ``--output_dir``.
+and GSC computation included (the optional ``--log_curves`` diagnostics are timed and subtracted). Writes
+``results.json``, ``results.md`` and ``results.png`` (plus ``curves.png`` with ``--log_curves``) to ``--output_dir``.
 
-    python recipes/benchmark_selection.py --strategies dissect,random,full --seeds 0,1,2 --output_dir out/bench
+    python recipes/benchmark_selection.py --strategies dissect,random,full,gsc,dissect+gsc --seeds 0,1,2
 
-The model is a small random-init CLIP built from a config at low resolution (``--image_size``), trained on cached
-``pixel_values``/``input_ids`` so that one 20-epoch run over ~6k pairs takes seconds to a minute on one CPU core.
+Defaults (documented choice, README "Results"): the model is :class:`~hf_mmsel.models.SmallDualEncoderModel`
+(``--model small``: a CNN image tower + bag-of-words text tower from scratch at 28 px), trained on cached tensors
+with B = 128, AdamW lr 2e-3, weight decay 0.0 (``--weight_decay``), cosine schedule, 20 epochs, DISSect warm-up of
+a quarter of the epochs. In this regime full-data training fits the clean pairs first and then memorises the
+noisy ones (test rSum peaks early and declines; the clean-vs-noisy train cosine gap shrinks: check with
+``--log_curves``), the regime DISSect and GSC target (dissect.md §0). ``--model clip`` trains a tiny random-init
+CLIP instead; it underfits at this scale and never memorises the noise.
 """
 
 from __future__ import annotations
@@ -32,7 +43,10 @@ class BenchmarkArguments:
     label_column: str | None = field(default=None, metadata={"help": "optional class column (zero-shot accuracy)"})
     noise_ratio: float = field(default=0.4, metadata={"help": "fraction of training captions shuffled"})
     noise_ratios: str | None = field(default=None, metadata={"help": "comma list; overrides --noise_ratio"})
-    strategies: str = field(default="dissect,random,full", metadata={"help": "comma list of strategies"})
+    strategies: str = field(
+        default="dissect,random,full",
+        metadata={"help": "comma list: selection strategies, 'gsc' and '<selection>+gsc' (e.g. dissect+gsc)"},
+    )
     select_rate: float = field(default=0.5)
     epochs: int = field(default=20)
     selection_warmup_epochs: int | None = field(default=None, metadata={"help": "default: a quarter of --epochs"})
@@ -41,20 +55,54 @@ class BenchmarkArguments:
     output_dir: str = field(default="benchmark_selection")
     batch_size: int = field(default=128, metadata={"help": "candidate batch B"})
     learning_rate: float = field(default=2e-3)
-    weight_decay: float = field(default=0.1)
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (0: lets full-data training "
+                                                               "memorise noisy pairs, the targeted regime)"})
+    model: str = field(default="small", metadata={"help": "'small' (CNN + bag of words) or 'clip' (tiny ViT CLIP)"})
     image_size: int = field(default=28)
-    patch_size: int = field(default=7)
-    hidden_size: int = field(default=64)
-    num_layers: int = field(default=2)
+    hidden_size: int = field(default=128, metadata={"help": "text width (small) / transformer width (clip)"})
+    projection_dim: int = field(default=64)
+    conv_channels: str = field(default="16,32,64", metadata={"help": "small model: conv stage widths"})
+    image_pooling: str = field(default="flatten", metadata={"help": "small model: 'flatten' or 'mean'"})
+    text_mlp: bool = field(default=True, metadata={"help": "small model: residual MLP on the bag of words"})
+    patch_size: int = field(default=7, metadata={"help": "clip model only"})
+    num_layers: int = field(default=2, metadata={"help": "clip model only"})
     max_length: int = field(default=16)
-    initializer_factor: float = field(
-        default=4.0, metadata={"help": "CLIP init scale; the default 1.0 collapses a from-scratch tiny CLIP to ln B"}
-    )
+    initializer_factor: float = field(default=4.0, metadata={"help": "clip model only: init scale"})
     logit_scale_init: float = field(default=10.0, metadata={"help": "initial exp(logit_scale) (CLIP: 1/0.07)"})
+    gsc_gamma: float = field(default=0.05, metadata={"help": "GSC structure-loss weight"})
+    gsc_beta: float = field(default=0.7, metadata={"help": "GSC EMA momentum of the epoch-end update"})
+    gsc_prob_posterior: bool = field(
+        default=True,
+        metadata={"help": "GSC: feed the EMA with the GMM clean posterior of p instead of raw p (gsc.md 12.1: with "
+                          "repeated captions in a batch raw p is small even for clean pairs)"},
+    )
+    log_curves: bool = field(
+        default=False,
+        metadata={"help": "per epoch: test rSum and mean train cosine of clean vs noisy pairs (timed and "
+                          "subtracted from train_seconds; written to results.json and curves.png)"},
+    )
     max_train: int | None = field(default=None, metadata={"help": "use only the first n training pairs"})
     max_test: int | None = field(default=None)
     test_fraction: float = field(default=0.2, metadata={"help": "held-out share when the dataset has one split"})
     threads: int = field(default=1, metadata={"help": "torch threads (1 gives the steadiest timings)"})
+
+
+GSC_SUFFIX = "+gsc"
+
+
+def parse_strategy(name: str) -> tuple[str, bool]:
+    """``(selection strategy, with GSC weighting)`` of a benchmark strategy name: ``gsc`` -> ``("full", True)``,
+    ``dissect+gsc`` -> ``("dissect", True)``, ``random`` -> ``("random", False)``."""
+    from hf_mmsel.selection import SELECTION_STRATEGIES
+
+    if name == "gsc":
+        return "full", True
+    selection, gsc = (name[: -len(GSC_SUFFIX)], True) if name.endswith(GSC_SUFFIX) else (name, False)
+    if selection not in SELECTION_STRATEGIES:
+        choices = sorted(SELECTION_STRATEGIES) + ["gsc"] + [f"{s}{GSC_SUFFIX}" for s in sorted(SELECTION_STRATEGIES)
+                                                            if s != "full"]
+        raise ValueError(f"unknown strategy {name!r}; choose from {choices}")
+    return selection, gsc
 
 
 class InMemoryPairs(torch.utils.data.Dataset):
@@ -122,71 +170,132 @@ def _load(args: BenchmarkArguments):
 
 
 def _build(args: BenchmarkArguments, captions, seed: int):
-    """A small CLIP from config (the tokenizer and image transform come from ``build_dual_encoder``)."""
-    from transformers import CLIPConfig, CLIPModel
+    """The benchmark model (``--model``), its tokenizer and image transform, from ``build_dual_encoder``."""
+    from hf_mmsel.models import build_dual_encoder
 
-    from hf_mmsel.models import DualEncoderBundle, build_dual_encoder
+    return build_dual_encoder(
+        architecture=args.model, captions=captions, image_size=args.image_size, patch_size=args.patch_size,
+        hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=4, projection_dim=args.projection_dim,
+        max_length=args.max_length, seed=seed, initializer_factor=args.initializer_factor,
+        logit_scale_init=args.logit_scale_init, conv_channels=_csv(args.conv_channels, int), text_mlp=args.text_mlp,
+        image_pooling=args.image_pooling,
+    )
 
-    bundle = build_dual_encoder(captions=captions, image_size=args.image_size, patch_size=args.patch_size,
-                                hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=4,
-                                projection_dim=32, max_length=args.max_length, seed=seed)
-    config = CLIPConfig.from_dict({**bundle.model.config.to_dict(),
-                                   "logit_scale_init_value": math.log(args.logit_scale_init)})
-    for tower in (config, config.text_config, config.vision_config):
-        tower.initializer_factor = args.initializer_factor
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIPModel(config)
-    return DualEncoderBundle(model, bundle.tokenizer, bundle.image_transform)
+
+class CurveCallback:
+    """``--log_curves``: after every epoch, test rSum and the mean image-text cosine of clean and of noisy training
+    pairs (the memorisation diagnostic). Its own wall/CPU time is accumulated in ``seconds``/``cpu_seconds`` and
+    subtracted from the reported ``train_seconds``/``train_cpu_seconds``."""
+
+    def __init__(self, data, collator, tokenizer) -> None:
+        from torch.utils.data import DataLoader
+
+        self.test, self.collator, self.tokenizer = data["test"], collator, tokenizer
+        self.train_loader = DataLoader(data["train"], batch_size=512, collate_fn=collator)
+        self.rows: list[dict[str, float]] = []
+        self.seconds = 0.0
+        self.cpu_seconds = 0.0
+
+    def __call__(self, model, epoch: int) -> None:
+        from hf_mmsel.metrics import embed_dataset, evaluate_retrieval
+
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        metrics = evaluate_retrieval(model, self.test, self.collator, batch_size=512, tokenizer=self.tokenizer)
+        emb = embed_dataset(model, self.train_loader)
+        cos = (emb["image_embeds"] * emb["text_embeds"]).sum(-1)
+        noisy = emb["is_noisy"].bool()
+        self.rows.append({"epoch": epoch + 1, "rsum": metrics["rsum"], "clean_cos": float(cos[~noisy].mean()),
+                          "noisy_cos": float(cos[noisy].mean()) if bool(noisy.any()) else float("nan")})
+        self.seconds += time.perf_counter() - t0
+        self.cpu_seconds += time.process_time() - cpu0
+
+
+def _make_trainer_callback(curves: CurveCallback):
+    from transformers import TrainerCallback
+
+    class _OnEpoch(TrainerCallback):
+        def on_epoch_end(self, args, state, control, model=None, **kwargs):
+            curves(model, int(round(state.epoch)) - 1)
+
+    return _OnEpoch()
 
 
 def _train_one(args, strategy, bundle, data, class_captions, seed, out: Path) -> dict[str, Any]:
+    from torch.utils.data import DataLoader
+
     from hf_mmsel.data import ImageTextCollator
+    from hf_mmsel.gsc.hook import GSCHook
     from hf_mmsel.metrics import auroc, embed_dataset
     from hf_mmsel.trainers import ContrastiveTrainer, ContrastiveTrainingArguments
 
+    selection, with_gsc = parse_strategy(strategy)
     targs = ContrastiveTrainingArguments(
         output_dir=str(out), per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=512,
         num_train_epochs=args.epochs, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
         warmup_steps=0.05, lr_scheduler_type="cosine", logging_strategy="epoch", save_strategy="no",
         eval_strategy="no", report_to=[], use_cpu=True, seed=seed, disable_tqdm=True,
-        selection_strategy=strategy, select_rate=args.select_rate,
+        selection_strategy=selection, select_rate=args.select_rate,
         selection_warmup_epochs=args.selection_warmup_epochs, plot_score_distributions=False,
         dataloader_num_workers=0,
     )
+    gsc = GSCHook(gamma=args.gsc_gamma, beta=args.gsc_beta, prob_posterior=args.gsc_prob_posterior,
+                  seed=seed) if with_gsc else None
     collator = ImageTextCollator(bundle.tokenizer, max_length=args.max_length)
     trainer = ContrastiveTrainer(bundle.model, targs, train_dataset=data["train"], eval_dataset=data["test"],
                                  data_collator=collator, processing_class=bundle.tokenizer,
-                                 class_captions=class_captions)
+                                 class_captions=class_captions, hooks=[gsc] if gsc is not None else None)
+    curves = None
+    if args.log_curves:
+        curves = CurveCallback(data, collator, bundle.tokenizer)
+        trainer.add_callback(_make_trainer_callback(curves))
+    cpu0 = time.process_time()
     output = trainer.train()
-    train_seconds = float(output.metrics["train_runtime"])
+    train_cpu_seconds = time.process_time() - cpu0 - (curves.cpu_seconds if curves is not None else 0.0)
+    train_seconds = float(output.metrics["train_runtime"]) - (curves.seconds if curves is not None else 0.0)
     metrics = trainer.evaluate()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     noisy = [h["selected_noisy_fraction"] for h in logs if "selected_noisy_fraction" in h]
     warm = targs.resolved_selection_warmup_epochs
     late = [h["selected_noisy_fraction"] for h in logs if "selected_noisy_fraction" in h and h["epoch"] > warm]
     # AUROC of the final model's image-text cosine on the training pairs (clean = positive)
-    from torch.utils.data import DataLoader
-
     emb = embed_dataset(trainer.model, DataLoader(data["train"], batch_size=512, collate_fn=collator))
     cos = (emb["image_embeds"] * emb["text_embeds"]).sum(-1)
     clean = ~emb["is_noisy"].bool()
-    criterion, flags = trainer.selection_hook.clean_scores()
-    known = torch.isfinite(criterion) & (flags >= 0)
-    detection = auroc(criterion[known], flags[known] == 0) if bool(known.any()) else None
+    detection = _detection_auroc(trainer, gsc, emb, auroc)
+    selects = selection != "full"
     return {
-        "strategy": strategy, "select_rate": args.select_rate if strategy != "full" else 1.0,
+        "strategy": strategy, "select_rate": args.select_rate if selects else 1.0,
         "i2t_r1": metrics["eval_i2t_r1"], "t2i_r1": metrics["eval_t2i_r1"], "rsum": metrics["eval_rsum"],
         "zero_shot_acc": metrics.get("eval_zero_shot_acc"), "train_seconds": train_seconds,
-        "selected_noisy_fraction": statistics.fmean(noisy) if noisy and strategy != "full" else None,
-        "selected_noisy_fraction_after_warmup": statistics.fmean(late) if late and strategy != "full" else None,
+        "train_cpu_seconds": train_cpu_seconds,
+        "selected_noisy_fraction": statistics.fmean(noisy) if noisy and selects else None,
+        "selected_noisy_fraction_after_warmup": statistics.fmean(late) if late and selects else None,
         "similarity_auroc": auroc(cos, clean),
-        "detection_auroc": None if detection is None or math.isnan(detection) else detection,
+        "detection_auroc": detection,
         "optimizer_steps": trainer.state.global_step,
+        "curve": curves.rows if curves is not None else None,
     }
 
 
-_AVERAGED = ("i2t_r1", "t2i_r1", "rsum", "zero_shot_acc", "train_seconds", "selected_noisy_fraction",
+def _detection_auroc(trainer, gsc, emb, auroc) -> float | None:
+    """AUROC (clean = positive) of the run's own clean estimate at the end of training: GSC's weight ``w`` when
+    GSC runs (a pair GSC never saw keeps its initial w = 1), else the selection criterion of each pair's last visit
+    (strategies without one, such as random and full, give None)."""
+    if gsc is not None:
+        flags = torch.full((gsc.buffers.num_samples,), -1, dtype=torch.long)
+        flags[emb["sample_idx"].long()] = emb["is_noisy"].long()
+        known = flags >= 0
+        weight = gsc.buffers.weight.cpu()
+        value = auroc(weight[known], flags[known] == 0) if bool(known.any()) else float("nan")
+    else:
+        criterion, flags = trainer.selection_hook.clean_scores()
+        known = torch.isfinite(criterion) & (flags >= 0)
+        value = auroc(criterion[known], flags[known] == 0) if bool(known.any()) else float("nan")
+    return None if math.isnan(value) else value
+
+
+_AVERAGED = ("i2t_r1", "t2i_r1", "rsum", "zero_shot_acc", "train_seconds", "train_cpu_seconds",
+             "selected_noisy_fraction",
              "selected_noisy_fraction_after_warmup", "similarity_auroc", "detection_auroc")
 
 
@@ -203,20 +312,22 @@ def _aggregate(runs: list[dict[str, Any]], noise_ratio: float, seeds: list[int])
     return row
 
 
+def _fmt(value, digits=1) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
 def _write_reports(results: list[dict[str, Any]], out: Path, args: BenchmarkArguments) -> None:
     (out / "results.json").write_text(json.dumps({"config": vars(args), "results": results}, indent=2))
 
-    def fmt(v, digits=1):
-        return "n/a" if v is None else f"{v:.{digits}f}"
-
+    fmt = _fmt
     lines = ["| noise | strategy | rate | i2t R@1 | t2i R@1 | rSum (± std) | zero-shot | train s | sel. noisy "
-             "| sim. AUROC | det. AUROC |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| sim. AUROC | det. AUROC | train CPU s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(
             f"| {r['noise_ratio']:.0%} | {r['strategy']} | {r['select_rate']:.2f} | {fmt(r['i2t_r1'])} | "
             f"{fmt(r['t2i_r1'])} | {fmt(r['rsum'])} ± {fmt(r['rsum_std'])} | {fmt(r['zero_shot_acc'], 3)} | "
             f"{fmt(r['train_seconds'])} | {fmt(r['selected_noisy_fraction'], 3)} | {fmt(r['similarity_auroc'], 3)} | "
-            f"{fmt(r['detection_auroc'], 3)} |"
+            f"{fmt(r['detection_auroc'], 3)} | {fmt(r.get('train_cpu_seconds'))} |"
         )
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
@@ -242,20 +353,50 @@ def _write_reports(results: list[dict[str, Any]], out: Path, args: BenchmarkArgu
     fig.tight_layout()
     fig.savefig(out / "results.png", dpi=90)
     plt.close(fig)
+    _plot_curves(results, out, plt)
+
+
+def _plot_curves(results: list[dict[str, Any]], out: Path, plt) -> None:
+    """``curves.png`` (with ``--log_curves``): per noise level, test rSum and the clean - noisy train cosine gap
+    per epoch, averaged over seeds, one line per strategy."""
+    rows = [r for r in results if r["per_seed"] and r["per_seed"][0].get("curve")]
+    if not rows:
+        return
+    noises = sorted({r["noise_ratio"] for r in rows})
+    fig, axes = plt.subplots(2, len(noises), figsize=(5 * len(noises), 7), squeeze=False)
+    for col, noise in enumerate(noises):
+        for r in (r for r in rows if r["noise_ratio"] == noise):
+            curves = [run["curve"] for run in r["per_seed"]]
+            epochs = [c["epoch"] for c in curves[0]]
+            rsum = [statistics.fmean(c[i]["rsum"] for c in curves) for i in range(len(epochs))]
+            gap = [statistics.fmean(c[i]["clean_cos"] - c[i]["noisy_cos"] for c in curves) for i in range(len(epochs))]
+            axes[0][col].plot(epochs, rsum, label=r["strategy"])
+            axes[1][col].plot(epochs, gap, label=r["strategy"])
+        axes[0][col].set_title(f"{noise:.0%} noise: test rSum per epoch")
+        axes[1][col].set_title("train cosine: clean mean - noisy mean")
+        axes[1][col].set_xlabel("epoch")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=90)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     from transformers import HfArgumentParser
 
     from hf_mmsel.data import inject_noisy_correspondence, preprocess_image_text
+    from hf_mmsel.models import ARCHITECTURES
     from hf_mmsel.selection import SELECTION_STRATEGIES
 
     (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses(args=argv)
     torch.set_num_threads(args.threads)
     strategies = _csv(args.strategies, str)
-    unknown = [s for s in strategies if s not in SELECTION_STRATEGIES]
-    if unknown or not strategies:
-        raise ValueError(f"unknown strategies {unknown}; choose from {sorted(SELECTION_STRATEGIES)}")
+    if not strategies:
+        raise ValueError(f"--strategies is empty; choose from {sorted(SELECTION_STRATEGIES)} + gsc, <selection>+gsc")
+    for strategy in strategies:
+        parse_strategy(strategy)  # raises on unknown names, listing the choices
+    if args.model not in ARCHITECTURES:
+        raise ValueError(f"unknown --model {args.model!r}; choose from {list(ARCHITECTURES)}")
     if not 0.0 < args.select_rate <= 1.0:
         raise ValueError(f"select_rate must be in (0, 1], got {args.select_rate}")
     seeds = _csv(args.seeds, int) or [args.seed]
@@ -283,8 +424,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                                  out / "runs" / f"noise{noise}_{strategy}_seed{seed}")
                 runs[strategy].append({"seed": seed, **row})
                 print(f"noise={noise} seed={seed} {strategy}: rsum={row['rsum']:.1f} "
-                      f"train_s={row['train_seconds']:.1f} sel_noisy={row['selected_noisy_fraction']} "
-                      f"det_auroc={row['detection_auroc']}", flush=True)
+                      f"train_s={row['train_seconds']:.1f} sel_noisy={_fmt(row['selected_noisy_fraction'], 3)} "
+                      f"sim_auroc={row['similarity_auroc']:.3f} det_auroc={_fmt(row['detection_auroc'], 3)}",
+                      flush=True)
+                if row["curve"]:
+                    print("   curve (epoch: rsum clean_cos/noisy_cos): " + ", ".join(
+                        f"{c['epoch']}: {c['rsum']:.0f} {c['clean_cos']:.2f}/{c['noisy_cos']:.2f}"
+                        for c in row["curve"]), flush=True)
         results.extend(_aggregate(runs[s], noise, seeds) for s in strategies)
         _write_reports(results, out, args)
     return results

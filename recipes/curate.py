@@ -24,11 +24,9 @@ Then the rows with ``--select_by`` (default ``gsc_clean_prob``) >= ``--threshold
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -101,25 +99,9 @@ class CurateArguments:
 
 def parse_args(argv: list[str] | None = None) -> CurateArguments:
     """:class:`CurateArguments` from the ``--config`` YAML, overridden by command-line flags."""
-    import yaml
-    from transformers import HfArgumentParser
+    from hf_mmsel.cli import parse_args_with_config
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=str(DEFAULT_CONFIG))
-    known, _ = pre.parse_known_args(argv)
-    parser = HfArgumentParser(CurateArguments)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML file of defaults (flags override it).")
-    if known.config:
-        path = Path(known.config)
-        if not path.is_file():
-            raise FileNotFoundError(f"--config {str(path)!r} does not exist")
-        values = yaml.safe_load(path.read_text()) or {}
-        unknown = sorted(set(values) - {a.dest for a in parser._actions})
-        if unknown:
-            raise ValueError(f"{path}: unknown settings {unknown}; see `python recipes/curate.py --help`")
-        parser.set_defaults(**values)
-    args, _ = parser.parse_args_into_dataclasses(args=argv)
+    (args,) = parse_args_with_config(CurateArguments, argv, default_config=DEFAULT_CONFIG)
     return args
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,25 +47,10 @@ class ClipRecipeArguments:
 
 def parse_args(argv: list[str] | None = None):
     """``(recipe_args, training_args)`` from a YAML ``--config`` plus command-line flags (flags win)."""
-    import yaml
-    from transformers import HfArgumentParser
-
+    from hf_mmsel.cli import parse_args_with_config
     from hf_mmsel.trainers import ContrastiveTrainingArguments
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser((ClipRecipeArguments, ContrastiveTrainingArguments))
-    if "--config" in argv:
-        at = argv.index("--config")
-        if at + 1 >= len(argv):
-            raise ValueError("--config needs a YAML file path")
-        config = yaml.safe_load(Path(argv[at + 1]).read_text()) or {}
-        del argv[at: at + 2]
-        known = {a.dest for a in parser._actions}
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise ValueError(f"unknown keys in {argv and 'the'} config: {unknown}")
-        parser.set_defaults(**config)
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parse_args_with_config((ClipRecipeArguments, ContrastiveTrainingArguments), argv)
 
 
 def _build_model(args: ClipRecipeArguments, captions):

@@ -13,10 +13,8 @@ mean accuracy, world size) and a model card ``README.md``. ``--push_to_hub`` upl
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -78,30 +76,11 @@ class DataArguments:
 
 def parse_args(argv: list[str] | None = None):
     """``(ModelArguments, DataArguments, MolaTrainingArguments)`` from ``--config`` YAML, overridden by flags."""
-    import yaml
-    from transformers import HfArgumentParser
-
+    from hf_mmsel.cli import parse_args_with_config
     from hf_mmsel.trainers import MolaTrainingArguments
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=str(DEFAULT_CONFIG))
-    known, rest = pre.parse_known_args(argv)
-    parser = HfArgumentParser((ModelArguments, DataArguments, MolaTrainingArguments))
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML file of defaults (flags override it).")
-    if known.config:
-        path = Path(known.config)
-        if not path.is_file():
-            raise FileNotFoundError(f"--config {str(path)!r} does not exist")
-        values = yaml.safe_load(path.read_text()) or {}
-        dests = {a.dest for a in parser._actions}
-        unknown = sorted(set(values) - dests)
-        if unknown:
-            raise ValueError(f"{path}: unknown settings {unknown}; see `python recipes/train_mola.py --help`")
-        parser.set_defaults(**values)
-    # the extra --config action comes back as a trailing namespace
-    model_args, data_args, training_args, _ = parser.parse_args_into_dataclasses(args=argv)
-    return model_args, data_args, training_args
+    return parse_args_with_config((ModelArguments, DataArguments, MolaTrainingArguments), argv,
+                                  default_config=DEFAULT_CONFIG)
 
 
 def build_base_model(model_args: ModelArguments, spec, image_size: int):

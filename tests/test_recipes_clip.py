@@ -39,19 +39,20 @@ def test_train_clip_config_flags_override_and_card(tmp_out):
     card = (tmp_out / "README.md").read_text()
     assert "dissect" in card and "hf_mmsel" in card and "40.0 %" in card
     assert (tmp_out / "model.safetensors").is_file() and (tmp_out / "score_distributions.png").is_file()
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match="unknown settings"):
         path.write_text(yaml.safe_dump({"selection_strategey": "dissect"}))
         train_clip.parse_args(["--config", str(path)])
 
 
 def test_benchmark_writes_schema_for_every_strategy(tmp_out):
     bench = _load("benchmark_selection")
-    results = bench.main(["--strategies", "dissect,random,full", "--epochs", "2", "--seeds", "0,1",
+    names = ["dissect", "random", "full", "gsc", "dissect+gsc"]
+    results = bench.main(["--strategies", ",".join(names), "--epochs", "2", "--seeds", "0,1",
                           "--max_train", "256", "--max_test", "64", "--batch_size", "32", "--image_size", "16",
-                          "--patch_size", "8", "--hidden_size", "32", "--num_layers", "1",
-                          "--output_dir", str(tmp_out)])
+                          "--conv_channels", "8,16", "--hidden_size", "16", "--selection_warmup_epochs", "1",
+                          "--log_curves", "--output_dir", str(tmp_out)])
     saved = json.loads((tmp_out / "results.json").read_text())["results"]
-    assert [r["strategy"] for r in saved] == ["dissect", "random", "full"] == [r["strategy"] for r in results]
+    assert [r["strategy"] for r in saved] == names == [r["strategy"] for r in results]
     keys = {"strategy", "select_rate", "noise_ratio", "i2t_r1", "t2i_r1", "rsum", "zero_shot_acc", "train_seconds",
             "selected_noisy_fraction", "similarity_auroc", "detection_auroc", "rsum_std"}
     for row in saved:
@@ -59,10 +60,28 @@ def test_benchmark_writes_schema_for_every_strategy(tmp_out):
         assert row["train_seconds"] > 0 and 0 <= row["similarity_auroc"] <= 1
         steps = {r["optimizer_steps"] for r in row["per_seed"]}
         assert steps == {2 * (256 // 32)}  # same candidate batches and optimizer steps for every strategy
+        curve = row["per_seed"][0]["curve"]
+        assert [c["epoch"] for c in curve] == [1, 2] and all(-1 <= c["noisy_cos"] <= 1 for c in curve)
     by_name = {r["strategy"]: r for r in saved}
     assert by_name["full"]["selected_noisy_fraction"] is None and by_name["full"]["detection_auroc"] is None
     assert 0 <= by_name["dissect"]["detection_auroc"] <= 1 and by_name["random"]["detection_auroc"] is None
-    assert "| dissect |" in (tmp_out / "results.md").read_text()
-    assert (tmp_out / "results.png").stat().st_size > 1000
+    assert by_name["gsc"]["select_rate"] == 1.0 and by_name["dissect+gsc"]["select_rate"] == 0.5
+    for name in ("gsc", "dissect+gsc"):  # the AUROC of GSC's end-of-training weight w
+        assert 0 <= by_name[name]["detection_auroc"] <= 1
+    # same init and batches: gsc differs from full only by its weights (epoch 0 has w = 1, so it is not a no-op
+    # only through the structure loss), so the runs must differ
+    assert by_name["gsc"]["per_seed"][0]["rsum"] != by_name["full"]["per_seed"][0]["rsum"] or \
+        by_name["gsc"]["per_seed"][0]["similarity_auroc"] != by_name["full"]["per_seed"][0]["similarity_auroc"]
+    assert "| dissect+gsc |" in (tmp_out / "results.md").read_text()
+    assert (tmp_out / "results.png").stat().st_size > 1000 and (tmp_out / "curves.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="choose from"):
         bench.main(["--strategies", "dissect,oracle", "--output_dir", str(tmp_out)])
+    with pytest.raises(ValueError, match="choose from"):
+        bench.main(["--strategies", "oracle+gsc", "--output_dir", str(tmp_out)])
+
+
+def test_benchmark_parse_strategy():
+    bench = _load("benchmark_selection")
+    assert bench.parse_strategy("gsc") == ("full", True)
+    assert bench.parse_strategy("dissect+gsc") == ("dissect", True)
+    assert bench.parse_strategy("random") == ("random", False)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .builder import DualEncoderBundle, build_dual_encoder, freeze_dual_encoder_towers
+from .builder import ARCHITECTURES, DualEncoderBundle, build_dual_encoder, freeze_dual_encoder_towers
 from .features import (
     check_dual_encoder,
     encode_pair,
@@ -11,10 +11,12 @@ from .features import (
     text_features,
     unwrap_model,
 )
+from .small_dual_encoder import SmallDualEncoderConfig, SmallDualEncoderModel, SmallDualEncoderOutput
 from ..data.image_transform import ImageTransform, default_image_transform
 from .tokenizer import train_caption_tokenizer
 
 __all__ = [
+    "ARCHITECTURES",
     "DualEncoderBundle",
     "ImageTransform",
     "build_dual_encoder",
@@ -24,7 +26,38 @@ __all__ = [
     "freeze_dual_encoder_towers",
     "image_features",
     "logit_scale_of",
+    "SmallDualEncoderConfig",
+    "SmallDualEncoderModel",
+    "SmallDualEncoderOutput",
     "text_features",
     "train_caption_tokenizer",
     "unwrap_model",
 ]
+
+# Multi-task classifier for MoLA (``hf_mmsel.models.multitask``): re-exported lazily, imported on first access.
+_LAZY_MULTITASK = (
+    "HEADS_MODULE_NAME",
+    "INVALID_LOGIT",
+    "MultiTaskClassifier",
+    "MultiTaskHeads",
+    "build_multitask_vit",
+    "load_multitask_vit",
+    "multitask_loss",
+    "save_multitask_vit",
+    "vit_target_modules",
+)
+__all__ += list(_LAZY_MULTITASK)
+
+
+def __getattr__(name: str):
+    if name in _LAZY_MULTITASK:
+        from . import multitask
+
+        value = getattr(multitask, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY_MULTITASK))

@@ -1,7 +1,9 @@
-"""``build_dual_encoder``: a tiny random-init CLIP, or a ``VisionTextDualEncoderModel`` from pretrained towers."""
+"""``build_dual_encoder``: a small random-init dual encoder (tiny CLIP or :class:`SmallDualEncoderModel`), or a
+``VisionTextDualEncoderModel`` from pretrained towers."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
@@ -10,6 +12,14 @@ import torch
 
 from ..data.image_transform import ImageTransform, default_image_transform
 from .tokenizer import train_caption_tokenizer
+
+
+ARCHITECTURES = ("clip", "small")
+#: Init of a from-scratch tiny CLIP. With CLIP's own defaults (initializer_factor 1, scale 1/0.07) a 2-layer,
+#: 64-wide CLIP collapses: every image embedding is nearly the same and the loss stays at ln B for hundreds of
+#: steps. A 4x wider init and a softer initial scale (10) learn from the first steps (tests/test_models.py).
+TINY_CLIP_INITIALIZER_FACTOR = 4.0
+TINY_CLIP_LOGIT_SCALE_INIT = 10.0
 
 
 class DualEncoderBundle(NamedTuple):
@@ -43,12 +53,24 @@ def build_dual_encoder(
     max_length: int = 32,
     seed: int = 0,
     freeze_towers: bool = False,
+    architecture: str = "clip",
+    initializer_factor: float = TINY_CLIP_INITIALIZER_FACTOR,
+    logit_scale_init: float = TINY_CLIP_LOGIT_SCALE_INIT,
+    conv_channels: Iterable[int] = (32, 64, 128),
+    text_mlp: bool = True,
+    image_pooling: str = "mean",
 ) -> DualEncoderBundle:
     """Build a dual encoder and its preprocessing.
 
-    (a) ``vision_model`` and ``text_model`` both None: a small random-init ``CLIPModel`` (seeded) with a
-        word-level tokenizer trained on ``captions`` (default: the embedded easy-vqa class captions). Special
-        ids: bos 0, pad 1, eos = last id, so CLIP pools the hidden state at ``</s>``.
+    (a) ``vision_model`` and ``text_model`` both None: a random-init model (seeded) with a word-level tokenizer
+        trained on ``captions`` (default: the embedded easy-vqa class captions; special ids bos 0, pad 1,
+        eos = last id). ``architecture="clip"``: a tiny ``CLIPModel`` (ViT + transformer text tower of
+        ``hidden_size``/``num_layers``/``num_heads``, ``patch_size``), initialised with ``initializer_factor``
+        and an initial ``exp(logit_scale)`` of ``logit_scale_init`` (defaults chosen so it learns out of the
+        box, see ``TINY_CLIP_INITIALIZER_FACTOR``); CLIP pools the hidden state at ``</s>``.
+        ``architecture="small"``: a :class:`~hf_mmsel.models.SmallDualEncoderModel` (CNN with
+        ``conv_channels`` and ``image_pooling`` + bag-of-words text tower of width ``hidden_size``, ``text_mlp``), much faster on
+        CPU; ``patch_size``/``num_layers``/``num_heads``/``initializer_factor`` do not apply to it.
     (b) both given (Hub ids or local folders): ``VisionTextDualEncoderModel.from_vision_text_pretrained`` with
         new projections of size ``projection_dim``, ``AutoTokenizer`` of the text tower and an
         ``ImageTransform`` from the vision tower's image-processor config.
@@ -59,7 +81,25 @@ def build_dual_encoder(
             "give both vision_model and text_model (pretrained towers) or neither (tiny random-init CLIP); "
             f"got vision_model={vision_model!r}, text_model={text_model!r}"
         )
-    if vision_model is None:
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {architecture!r}; choose one of {list(ARCHITECTURES)}")
+    if logit_scale_init <= 0:
+        raise ValueError(f"logit_scale_init must be > 0 (it is exp(logit_scale)), got {logit_scale_init}")
+    if vision_model is None and architecture == "small":
+        bundle = _build_small(
+            captions=_default_captions() if captions is None else list(captions),
+            image_size=image_size,
+            hidden_size=hidden_size,
+            projection_dim=projection_dim,
+            vocab_size=vocab_size,
+            max_length=max_length,
+            seed=seed,
+            logit_scale_init=logit_scale_init,
+            conv_channels=conv_channels,
+            text_mlp=text_mlp,
+            image_pooling=image_pooling,
+        )
+    elif vision_model is None:
         bundle = _build_tiny_clip(
             captions=_default_captions() if captions is None else list(captions),
             image_size=image_size,
@@ -71,6 +111,8 @@ def build_dual_encoder(
             vocab_size=vocab_size,
             max_length=max_length,
             seed=seed,
+            initializer_factor=initializer_factor,
+            logit_scale_init=logit_scale_init,
         )
     else:
         bundle = _build_from_towers(str(vision_model), str(text_model), projection_dim=projection_dim, seed=seed)
@@ -89,7 +131,7 @@ def freeze_dual_encoder_towers(model) -> None:
 
 
 def _build_tiny_clip(*, captions, image_size, patch_size, hidden_size, num_layers, num_heads, projection_dim,
-                     vocab_size, max_length, seed) -> DualEncoderBundle:
+                     vocab_size, max_length, seed, initializer_factor, logit_scale_init) -> DualEncoderBundle:
     from transformers import CLIPConfig, CLIPModel
 
     if image_size % patch_size:
@@ -110,10 +152,31 @@ def _build_tiny_clip(*, captions, image_size, patch_size, hidden_size, num_layer
         ),
         vision_config=dict(tower, image_size=image_size, patch_size=patch_size),
         projection_dim=projection_dim,
+        logit_scale_init_value=math.log(logit_scale_init),
+        initializer_factor=initializer_factor,
     )
+    for tower in (config.text_config, config.vision_config):
+        tower.initializer_factor = initializer_factor
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CLIPModel(config)
+    return DualEncoderBundle(model, tokenizer, default_image_transform(image_size))
+
+
+def _build_small(*, captions, image_size, hidden_size, projection_dim, vocab_size, max_length, seed,
+                 logit_scale_init, conv_channels, text_mlp, image_pooling) -> DualEncoderBundle:
+    from .small_dual_encoder import SmallDualEncoderConfig, SmallDualEncoderModel
+
+    tokenizer = train_caption_tokenizer(captions, vocab_size=vocab_size, max_length=max_length)
+    config = SmallDualEncoderConfig(
+        image_size=image_size, conv_channels=list(conv_channels), image_pooling=image_pooling, vocab_size=len(tokenizer),
+        text_hidden_size=hidden_size, text_mlp=text_mlp, projection_dim=projection_dim,
+        logit_scale_init_value=math.log(logit_scale_init), pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SmallDualEncoderModel(config)
     return DualEncoderBundle(model, tokenizer, default_image_transform(image_size))
 
 
