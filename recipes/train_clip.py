@@ -16,12 +16,10 @@ for GSC alone), tuned by the ``--gsc_*`` flags; the final weights are saved as `
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 
 
 @dataclass
@@ -36,6 +34,8 @@ class ClipRecipeArguments:
     max_test: int | None = field(default=None)
     vision_model: str | None = field(default=None, metadata={"help": "pretrained vision tower (with --text_model)"})
     text_model: str | None = field(default=None)
+    architecture: str = field(default="clip", metadata={"help": "random-init model: 'clip' (tiny CLIPModel) or "
+                                                                  "'small' (CNN + bag-of-words SmallDualEncoderModel)"})
     image_size: int = field(default=32)
     patch_size: int = field(default=8)
     hidden_size: int = field(default=64)
@@ -54,24 +54,13 @@ def parse_args(argv: list[str] | None = None):
 
 
 def _build_model(args: ClipRecipeArguments, captions):
-    from transformers import CLIPConfig, CLIPModel
+    from hf_mmsel.models import build_dual_encoder
 
-    from hf_mmsel.models import DualEncoderBundle, build_dual_encoder
-
-    bundle = build_dual_encoder(vision_model=args.vision_model, text_model=args.text_model, captions=captions,
-                                image_size=args.image_size, patch_size=args.patch_size,
-                                hidden_size=args.hidden_size, num_layers=args.num_layers,
-                                max_length=args.max_length)
-    if args.vision_model is not None:
-        return bundle
-    config = CLIPConfig.from_dict({**bundle.model.config.to_dict(),
-                                   "logit_scale_init_value": math.log(args.logit_scale_init)})
-    for tower in (config, config.text_config, config.vision_config):
-        tower.initializer_factor = args.initializer_factor
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = CLIPModel(config)
-    return DualEncoderBundle(model, bundle.tokenizer, bundle.image_transform)
+    return build_dual_encoder(vision_model=args.vision_model, text_model=args.text_model, captions=captions,
+                              architecture=args.architecture, image_size=args.image_size,
+                              patch_size=args.patch_size, hidden_size=args.hidden_size, num_layers=args.num_layers,
+                              max_length=args.max_length, initializer_factor=args.initializer_factor,
+                              logit_scale_init=args.logit_scale_init)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
