@@ -25,12 +25,11 @@ PUSHED_FILES = ["adapter_config.json", "adapter_model.safetensors", "README.md",
 LOAD_CODE = """
 import os
 import hf_mmsel  # registers the MoLA tuner with peft
-from huggingface_hub import snapshot_download
 from peft import PeftModel
 from hf_mmsel.models.multitask import load_multitask_vit
 
 # the base (a small random-init ViT with per-task heads) is saved in base_model/ next to the adapter
-path = snapshot_download("{adapter_id}")  # or the local output directory
+{path_line}
 model = PeftModel.from_pretrained(load_multitask_vit(os.path.join(path, "base_model")), path)
 logits = model(pixel_values=pixel_values, task_ids=task_ids).logits  # [B, 3, 28, 28] images, one task id each
 """
@@ -125,8 +124,15 @@ def mola_config(model_args: ModelArguments, spec, base):
     )
 
 
-def write_card(output_dir: str, *, adapter_id: str, model_args: ModelArguments, spec, results: dict,
-               trainable_params: int, world_size: int) -> None:
+def _path_line(adapter_id: str, on_hub: bool) -> str:
+    if on_hub:
+        return ("from huggingface_hub import snapshot_download\n"
+                f'path = snapshot_download("{adapter_id}")  # or the local output directory')
+    return f'path = "{adapter_id}"  # the output directory (after a push: huggingface_hub.snapshot_download(repo_id))'
+
+
+def write_card(output_dir: str, *, adapter_id: str, on_hub: bool, model_args: ModelArguments, spec,
+               results: dict, trainable_params: int, hardware: str) -> None:
     from hf_mmsel.hub import model_card_data, render_card
 
     per_task = {name: results[f"acc_{name}"] for name in spec.task_names}
@@ -149,8 +155,8 @@ def write_card(output_dir: str, *, adapter_id: str, model_args: ModelArguments, 
         },
         results=per_task,
         trainable_params=trainable_params,
-        hardware=f"CPU, {world_size} process(es)",
-        load_code=LOAD_CODE.format(adapter_id=adapter_id),
+        hardware=hardware,
+        load_code=LOAD_CODE.format(path_line=_path_line(adapter_id, on_hub)),
     )
     card.save(os.path.join(output_dir, "README.md"))
 
@@ -215,8 +221,10 @@ def main(argv: list[str] | None = None) -> dict:
     if trainer.is_world_process_zero():
         with open(os.path.join(output_dir, "eval_results.json"), "w") as fh:
             json.dump(eval_results, fh, indent=2)
-        write_card(output_dir, adapter_id=training_args.hub_model_id or Path(output_dir).name, model_args=model_args,
-                   spec=spec, results=results, trainable_params=trainable, world_size=training_args.world_size)
+        on_hub = bool(push and training_args.hub_model_id)
+        write_card(output_dir, adapter_id=training_args.hub_model_id if on_hub else output_dir, on_hub=on_hub,
+                   model_args=model_args, spec=spec, results=results, trainable_params=trainable,
+                   hardware=f"{training_args.device.type.upper()}, {training_args.world_size} process(es)")
         if push:
             push_artifacts(output_dir, training_args)
     trainer.accelerator.wait_for_everyone()

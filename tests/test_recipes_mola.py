@@ -56,14 +56,25 @@ def test_card_has_one_correct_loading_section(tmp_path):
     recipe = _load_recipe()
     model_args, _, _ = recipe.parse_args([])
     spec = MultiTaskSpec(["a", "b"], [3, 2])
-    recipe.write_card(str(tmp_path), adapter_id="tester/mola-x", model_args=model_args, spec=spec,
-                      results={"acc_a": 0.5, "acc_b": 0.25, "mean_acc": 0.375}, trainable_params=10, world_size=1)
+    results = {"acc_a": 0.5, "acc_b": 0.25, "mean_acc": 0.375}
+    recipe.write_card(str(tmp_path), adapter_id="tester/mola-x", on_hub=True, model_args=model_args, spec=spec,
+                      results=results, trainable_params=10, hardware="CPU, 1 process(es)")
     card = (tmp_path / "README.md").read_text()
-    assert card.count("## How to load") == 1 and card.count("```python") == 1
+    assert card.count("## How to load") == 1
     section = card.split("## How to load", 1)[1].split("## Export", 1)[0]
+    assert section.count("```python") == 1
     assert "AutoModel" not in card  # the base is not a transformers Hub model
     assert 'snapshot_download("tester/mola-x")' in section and "load_multitask_vit" in section
     assert section.index("import hf_mmsel") < section.index("PeftModel.from_pretrained")
+    assert "export_expert_as_lora(task_id=0" in card.split("## Export", 1)[1]
+
+    local = tmp_path / "local"
+    local.mkdir()
+    recipe.write_card(str(local), adapter_id=str(local), on_hub=False, model_args=model_args, spec=spec,
+                      results=results, trainable_params=10, hardware="CPU, 1 process(es)")
+    section = (local / "README.md").read_text().split("## How to load", 1)[1].split("## Export", 1)[0]
+    assert f'path = "{local}"' in section and "snapshot_download(" not in section.replace(
+        "snapshot_download(repo_id)", "")
 
 
 def _eval_accuracy(model, data, spec) -> dict:
