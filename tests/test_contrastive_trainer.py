@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from transformers import TrainerCallback
 
+from _callbacks import StopAtStep
 from hf_mmsel.data import EASY_VQA_CLASS_CAPTIONS, ImageTextCollator
 from hf_mmsel.hooks import BatchHook
 from hf_mmsel.models import build_dual_encoder
@@ -138,15 +138,6 @@ def test_reference_clipscore_uses_a_fixed_reference_model(tmp_out):
         assert kept == sorted(expected.tolist())
 
 
-class _StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-
-
 def test_interrupted_and_resumed_run_selects_exactly_the_same(tmp_path):
     kw = dict(num_train_epochs=4, save_strategy="steps", save_steps=6, selection_strategy="dissect",
               selection_warmup_epochs=2)
@@ -156,7 +147,7 @@ def test_interrupted_and_resumed_run_selects_exactly_the_same(tmp_path):
 
     first_rec = _Recorder()
     first = _trainer(tmp_path / "b", hooks=[first_rec], **kw)
-    first.add_callback(_StopAt(10))  # mid-epoch 2 (4 steps/epoch), after the snapshot; checkpoint-6 is mid-epoch 1
+    first.add_callback(StopAtStep(10))  # mid-epoch 2 (4 steps/epoch), after the snapshot; checkpoint-6 is mid-epoch 1
     first.train()
     resumed_rec = _Recorder()
     resumed = _trainer(tmp_path / "b", hooks=[resumed_rec], **kw)

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from _callbacks import StopAtStep
 from hf_mmsel.data import ImageTextCollator, inject_noisy_correspondence, load_easy_vqa_captions, preprocess_image_text
 from hf_mmsel.gsc.hook import GSCHook
 from hf_mmsel.hooks import BatchHook
@@ -118,15 +119,6 @@ def test_dissect_selection_then_gsc_weights_only_the_kept_pairs(tmp_out, train_s
     assert int(trainer.gsc_hook.buffers.num_updates) == 3
 
 
-class _StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-
-
 def _hook_state(path):
     return load_file(str(path / HOOK_STATE_NAME))
 
@@ -143,7 +135,7 @@ def test_interrupted_and_resumed_run_restores_every_gsc_buffer(tmp_path, train_s
     full = _trainer(tmp_path / "a", train_set, **kw)
     full.train()
     first = _trainer(tmp_path / "b", train_set, **kw)
-    first.add_callback(_StopAt(8))
+    first.add_callback(StopAtStep(8))
     first.train()
     # checkpoint-6 is the last step of epoch 0: saved before that epoch's GSC update, which the resumed run must
     # then run itself before epoch 1
