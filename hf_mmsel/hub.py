@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -109,6 +109,22 @@ def render_card(template_name: str, card_cls=None, *, card_data=None, **context:
     return card_cls.from_template(card_data, template_str=text, **context)
 
 
+def resolve_hub_token(token: str | None = None, *, repo_id: str) -> str:
+    """``token`` or the one huggingface_hub finds (``HF_TOKEN``, ``hf auth login``); ``RuntimeError`` without one.
+
+    Recipes call this before training so that a missing token fails fast instead of after the work is done.
+    """
+    from huggingface_hub import get_token
+
+    token = token or get_token()
+    if not token:
+        raise RuntimeError(
+            f"no Hugging Face token to push {repo_id!r}: pass token=... (--hub_token), set HF_TOKEN, "
+            "or run `hf auth login`"
+        )
+    return token
+
+
 def push_folder_to_hub(
     folder: str | os.PathLike,
     repo_id: str,
@@ -118,25 +134,25 @@ def push_folder_to_hub(
     private: bool | None = None,
     commit_message: str = "Upload with hf_mmsel",
     revision: str | None = None,
+    allow_patterns: Sequence[str] | None = None,
+    ignore_patterns: Sequence[str] | None = None,
 ):
-    """Create ``repo_id`` if needed and upload ``folder``; returns huggingface_hub's ``CommitInfo``.
-
-    The token is ``token`` or the one huggingface_hub finds (``HF_TOKEN``, ``hf auth login``); without one
-    this raises ``RuntimeError`` before any network call.
+    """Create ``repo_id`` if needed and upload ``folder`` (only ``allow_patterns`` when given, minus
+    ``ignore_patterns``, e.g. ``["checkpoint-*"]``);
+    returns huggingface_hub's ``CommitInfo``. Without a token (see :func:`resolve_hub_token`) this raises
+    ``RuntimeError`` before any network call.
     """
-    from huggingface_hub import HfApi, get_token
+    from huggingface_hub import HfApi
 
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"push_folder_to_hub: {str(folder)!r} is not a directory")
     if repo_type not in REPO_TYPES:
         raise ValueError(f"unknown repo_type {repo_type!r}; choose one of {list(REPO_TYPES)}")
-    token = token or get_token()
-    if not token:
-        raise RuntimeError(
-            f"no Hugging Face token to push {repo_id!r}: pass token=..., set HF_TOKEN, or run `hf auth login`"
-        )
+    token = resolve_hub_token(token, repo_id=repo_id)
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
     return api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type=repo_type,
-                             commit_message=commit_message, revision=revision)
+                             commit_message=commit_message, revision=revision,
+                             allow_patterns=list(allow_patterns) if allow_patterns else None,
+                             ignore_patterns=list(ignore_patterns) if ignore_patterns else None)

@@ -115,17 +115,11 @@ def resolve_token(args: CurateArguments) -> str | None:
     """The Hub token for ``--push_to_hub`` (checked before any work); ``None`` when not pushing."""
     if not args.push_to_hub:
         return None
-    from huggingface_hub import get_token
+    from hf_mmsel.hub import resolve_hub_token
 
     if not args.hub_dataset_id:
         raise ValueError("--push_to_hub needs --hub_dataset_id <namespace/name>")
-    token = args.hub_token or get_token()
-    if not token:
-        raise RuntimeError(
-            f"no Hugging Face token to push {args.hub_dataset_id!r}: pass --hub_token, set HF_TOKEN or run "
-            "`hf auth login` (checked before scoring, so no work is lost)"
-        )
-    return token
+    return resolve_hub_token(args.hub_token, repo_id=args.hub_dataset_id)
 
 
 def validate_args(args: CurateArguments) -> None:

@@ -75,6 +75,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     args, targs = parse_args(argv)
     push, targs.push_to_hub = targs.push_to_hub, False  # pushed below, with our card
+    if push:
+        from hf_mmsel.hub import resolve_hub_token
+
+        repo_id = targs.hub_model_id or Path(targs.output_dir).name
+        token = resolve_hub_token(targs.hub_token, repo_id=repo_id)  # before training: fail fast
     data = load_image_text_dataset(args.dataset, image_column=args.image_column, caption_column=args.caption_column,
                                    label_column=args.label_column)
     if "train" not in data:
@@ -109,8 +114,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if push:
             from hf_mmsel.hub import push_folder_to_hub
 
-            push_folder_to_hub(out, targs.hub_model_id or out.name, token=targs.hub_token,
-                               private=targs.hub_private_repo)
+            push_folder_to_hub(out, repo_id, token=token, private=targs.hub_private_repo,
+                               ignore_patterns=["checkpoint-*", "checkpoint-*/**", "training_args.bin"],
+                               commit_message="Upload dual encoder trained with hf_mmsel")
     return {**train_metrics, **metrics}
 
 

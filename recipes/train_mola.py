@@ -161,16 +161,21 @@ def write_card(output_dir: str, *, adapter_id: str, on_hub: bool, model_args: Mo
     card.save(os.path.join(output_dir, "README.md"))
 
 
-def push_artifacts(output_dir: str, training_args) -> None:
-    """Upload the adapter, base model, card and results (not checkpoints or training_args.bin)."""
-    from huggingface_hub import HfApi
+def check_push_settings(training_args) -> str:
+    """The Hub token for ``--push_to_hub``, checked before training so that nothing is lost."""
+    from hf_mmsel.hub import resolve_hub_token
 
     if not training_args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id <namespace/name>")
-    api = HfApi(token=training_args.hub_token)
-    api.create_repo(training_args.hub_model_id, private=training_args.hub_private_repo, exist_ok=True)
-    api.upload_folder(folder_path=output_dir, repo_id=training_args.hub_model_id, allow_patterns=PUSHED_FILES,
-                      commit_message="Upload MoLA adapter trained with hf_mmsel")
+    return resolve_hub_token(training_args.hub_token, repo_id=training_args.hub_model_id)
+
+
+def push_artifacts(output_dir: str, training_args, token: str) -> None:
+    """Upload the adapter, base model, card and results (not checkpoints or training_args.bin)."""
+    from hf_mmsel.hub import push_folder_to_hub
+
+    push_folder_to_hub(output_dir, training_args.hub_model_id, token=token, private=training_args.hub_private_repo,
+                       allow_patterns=PUSHED_FILES, commit_message="Upload MoLA adapter trained with hf_mmsel")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -185,6 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     if model_args.routing not in ("task", "router"):
         raise ValueError(f"--routing must be 'task' or 'router', got {model_args.routing!r}")
     push = training_args.push_to_hub
+    token = check_push_settings(training_args) if push else None
     training_args.push_to_hub = False  # we push the finished artefacts ourselves (not every checkpoint)
     set_seed(training_args.seed)
     with training_args.main_process_first(desc="build the multi-task benchmark"):
@@ -226,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
                    model_args=model_args, spec=spec, results=results, trainable_params=trainable,
                    hardware=f"{training_args.device.type.upper()}, {training_args.world_size} process(es)")
         if push:
-            push_artifacts(output_dir, training_args)
+            push_artifacts(output_dir, training_args, token)
     trainer.accelerator.wait_for_everyone()
     return eval_results
 

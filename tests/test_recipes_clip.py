@@ -85,3 +85,55 @@ def test_benchmark_parse_strategy():
     assert bench.parse_strategy("gsc") == ("full", True)
     assert bench.parse_strategy("dissect+gsc") == ("dissect", True)
     assert bench.parse_strategy("random") == ("random", False)
+
+
+def test_benchmark_reference_clipscore_trains_a_reference_and_charges_its_time(tmp_out):
+    bench = _load("benchmark_selection")
+    results = bench.main(["--strategies", "reference_clipscore,full", "--epochs", "2", "--seed", "0",
+                          "--max_train", "128", "--max_test", "32", "--batch_size", "32", "--image_size", "16",
+                          "--conv_channels", "8,16", "--hidden_size", "16", "--selection_warmup_epochs", "1",
+                          "--output_dir", str(tmp_out)])
+    ref, full = results
+    assert ref["strategy"] == "reference_clipscore" and ref["select_rate"] == 0.5
+    run = ref["per_seed"][0]
+    assert run["reference_epochs"] == 1 and run["reference_seconds"] > 0 and run["reference_cpu_seconds"] > 0
+    assert run["train_seconds"] > run["reference_seconds"]  # the reference's training + scoring is charged
+    assert 0 <= ref["detection_auroc"] <= 1 and run["optimizer_steps"] == full["per_seed"][0]["optimizer_steps"]
+    assert full["reference_seconds"] is None and full["detection_auroc"] is None
+    assert "fixed reference model" in (tmp_out / "results.md").read_text()
+    assert bench.reference_epochs(bench.BenchmarkArguments(epochs=20)) == 5
+    with pytest.raises(ValueError, match="reference_epochs"):
+        bench.main(["--strategies", "reference_clipscore", "--reference_epochs", "0", "--output_dir", str(tmp_out)])
+
+
+def _tiny_clip_flags(out) -> list[str]:
+    return ["--config", str(RECIPES / "configs" / "clip_dissect.yaml"), "--output_dir", str(out),
+            "--num_train_epochs", "2", "--max_train", "64", "--max_test", "32", "--per_device_train_batch_size", "32",
+            "--selection_warmup_epochs", "1", "--save_strategy", "steps", "--save_steps", "2", "--use_cpu", "true",
+            "--image_size", "16", "--patch_size", "8", "--hidden_size", "32"]
+
+
+def test_train_clip_push_to_hub_uploads_model_and_card_only(tmp_out, fake_hub):
+    import torch
+    from transformers import AutoTokenizer, CLIPModel
+
+    train_clip = _load("train_clip")
+    train_clip.main(_tiny_clip_flags(tmp_out) + ["--push_to_hub", "true", "--hub_model_id", "tester/clip-dissect"])
+    assert list(tmp_out.glob("checkpoint-*")), "the run should have written checkpoints locally"
+    files = set(fake_hub.list_repo_files("tester/clip-dissect"))
+    assert {"README.md", "config.json", "model.safetensors", "tokenizer.json"} <= files
+    assert not any(f.startswith("checkpoint-") or f == "training_args.bin" for f in files)
+    assert "dissect" in fake_hub.read_file("tester/clip-dissect", "README.md").decode()
+    pulled = CLIPModel.from_pretrained("tester/clip-dissect")
+    local = CLIPModel.from_pretrained(tmp_out)
+    assert all(torch.equal(a, b) for a, b in zip(pulled.state_dict().values(), local.state_dict().values()))
+    assert AutoTokenizer.from_pretrained("tester/clip-dissect").get_vocab() == AutoTokenizer.from_pretrained(
+        tmp_out).get_vocab()
+
+
+def test_train_clip_push_without_token_fails_before_training(tmp_path):
+    train_clip = _load("train_clip")
+    out = tmp_path / "never-written"
+    with pytest.raises(RuntimeError, match="no Hugging Face token"):
+        train_clip.main(_tiny_clip_flags(out) + ["--push_to_hub", "true", "--hub_model_id", "tester/x"])
+    assert not out.exists() or not any(out.iterdir())
