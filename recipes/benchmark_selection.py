@@ -20,6 +20,18 @@ a quarter of the epochs. In this regime full-data training fits the clean pairs 
 noisy ones (test rSum peaks early and declines; the clean-vs-noisy train cosine gap shrinks: check with
 ``--log_curves``), the regime DISSect and GSC target (dissect.md §0). ``--model clip`` trains a tiny random-init
 CLIP instead; it underfits at this scale and never memorises the noise.
+
+``reference_clipscore`` (the paper's oracle baseline: top-k by the CLIPScore of a FIXED reference model): before
+the strategy runs of each seed (and noise level) a reference model of the same architecture and the same
+initialisation is trained with ``full`` on the same noisy training set and candidate batches for
+``--reference_epochs`` epochs (default: the selection warm-up epochs, a quarter of ``--epochs``, i.e. the
+early-learning peak before full-data training starts memorising the noisy pairs; it gets its own cosine schedule
+over those epochs), then scores every training pair once (``ContrastiveTrainer.compute_reference_scores``:
+``100*max(cos, 0)``, one no-grad pass). The ``reference_clipscore`` run selects by these fixed scores. Its
+``train_seconds`` / ``train_cpu_seconds`` INCLUDE the reference model's training and scoring time (reported
+separately as ``reference_seconds`` / ``reference_cpu_seconds``), and its ``detection_auroc`` is the AUROC of the
+reference scores over all training pairs (clean = positive). The reference model's own test rSum is
+``reference_rsum``.
 """
 
 from __future__ import annotations
@@ -85,6 +97,11 @@ class BenchmarkArguments:
     max_test: int | None = field(default=None)
     test_fraction: float = field(default=0.2, metadata={"help": "held-out share when the dataset has one split"})
     threads: int = field(default=1, metadata={"help": "torch threads (1 gives the steadiest timings)"})
+    reference_epochs: int | None = field(
+        default=None,
+        metadata={"help": "reference_clipscore: epochs of full-data training of the fixed reference model (default: "
+                          "the selection warm-up epochs, the early-learning peak before memorisation)"},
+    )
 
 
 GSC_SUFFIX = "+gsc"
@@ -220,30 +237,78 @@ def _make_trainer_callback(curves: CurveCallback):
     return _OnEpoch()
 
 
-def _train_one(args, strategy, bundle, data, class_captions, seed, out: Path) -> dict[str, Any]:
-    from torch.utils.data import DataLoader
+def _training_arguments(args, selection: str, seed: int, out: Path, epochs: int):
+    from hf_mmsel.trainers import ContrastiveTrainingArguments
 
-    from hf_mmsel.data import ImageTextCollator
-    from hf_mmsel.gsc.hook import GSCHook
-    from hf_mmsel.metrics import auroc, embed_dataset
-    from hf_mmsel.trainers import ContrastiveTrainer, ContrastiveTrainingArguments
-
-    selection, with_gsc = parse_strategy(strategy)
-    targs = ContrastiveTrainingArguments(
+    return ContrastiveTrainingArguments(
         output_dir=str(out), per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=512,
-        num_train_epochs=args.epochs, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+        num_train_epochs=epochs, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
         warmup_steps=0.05, lr_scheduler_type="cosine", logging_strategy="epoch", save_strategy="no",
         eval_strategy="no", report_to=[], use_cpu=True, seed=seed, disable_tqdm=True,
         selection_strategy=selection, select_rate=args.select_rate,
         selection_warmup_epochs=args.selection_warmup_epochs, plot_score_distributions=False,
         dataloader_num_workers=0,
     )
+
+
+def reference_epochs(args: BenchmarkArguments) -> int:
+    """``--reference_epochs`` or the selection warm-up epochs (``ContrastiveTrainingArguments``' rule: a quarter of
+    ``--epochs``, at least 1)."""
+    if args.reference_epochs is not None:
+        if args.reference_epochs < 1:
+            raise ValueError(f"--reference_epochs must be >= 1, got {args.reference_epochs}")
+        return int(args.reference_epochs)
+    if args.selection_warmup_epochs is not None:
+        return max(1, int(args.selection_warmup_epochs))
+    return max(1, int(round(float(args.epochs) / 4)))
+
+
+def _train_reference(args, bundle, data, class_captions, seed, out: Path) -> dict[str, Any]:
+    """Train the fixed reference model of ``reference_clipscore`` (``full``, :func:`reference_epochs` epochs, same
+    init and candidate batches) and score every training pair once. Returns the ``[N]`` scores, the wall/CPU seconds
+    of training + scoring (charged to the ``reference_clipscore`` run) and the reference model's test rSum."""
+    from hf_mmsel.data import ImageTextCollator
+    from hf_mmsel.trainers import ContrastiveTrainer
+
+    epochs = reference_epochs(args)
+    targs = _training_arguments(args, "full", seed, out, epochs)
+    collator = ImageTextCollator(bundle.tokenizer, max_length=args.max_length)
+    trainer = ContrastiveTrainer(bundle.model, targs, train_dataset=data["train"], eval_dataset=data["test"],
+                                 data_collator=collator, processing_class=bundle.tokenizer,
+                                 class_captions=class_captions)
+    cpu0 = time.process_time()
+    output = trainer.train()
+    t0 = time.perf_counter()
+    scores = trainer.compute_reference_scores(trainer.model)
+    score_seconds = time.perf_counter() - t0
+    cpu_seconds = time.process_time() - cpu0
+    metrics = trainer.evaluate()  # diagnostic only, not timed
+    return {"scores": scores, "epochs": epochs, "seconds": float(output.metrics["train_runtime"]) + score_seconds,
+            "cpu_seconds": cpu_seconds, "score_seconds": score_seconds, "rsum": metrics["eval_rsum"]}
+
+
+def _train_one(args, strategy, bundle, data, class_captions, seed, out: Path,
+               reference: dict[str, Any] | None = None) -> dict[str, Any]:
+    from torch.utils.data import DataLoader
+
+    from hf_mmsel.data import ImageTextCollator
+    from hf_mmsel.gsc.hook import GSCHook
+    from hf_mmsel.metrics import auroc, embed_dataset
+    from hf_mmsel.trainers import ContrastiveTrainer
+
+    selection, with_gsc = parse_strategy(strategy)
+    if selection == "reference_clipscore" and reference is None:
+        raise ValueError("reference_clipscore needs the reference model's scores (see _train_reference)")
+    if selection != "reference_clipscore":
+        reference = None
+    targs = _training_arguments(args, selection, seed, out, args.epochs)
     gsc = GSCHook(gamma=args.gsc_gamma, beta=args.gsc_beta, prob_posterior=args.gsc_prob_posterior,
                   seed=seed) if with_gsc else None
     collator = ImageTextCollator(bundle.tokenizer, max_length=args.max_length)
     trainer = ContrastiveTrainer(bundle.model, targs, train_dataset=data["train"], eval_dataset=data["test"],
                                  data_collator=collator, processing_class=bundle.tokenizer,
-                                 class_captions=class_captions, hooks=[gsc] if gsc is not None else None)
+                                 class_captions=class_captions, hooks=[gsc] if gsc is not None else None,
+                                 reference_scores=reference["scores"] if reference is not None else None)
     curves = None
     if args.log_curves:
         curves = CurveCallback(data, collator, bundle.tokenizer)
@@ -252,6 +317,9 @@ def _train_one(args, strategy, bundle, data, class_captions, seed, out: Path) ->
     output = trainer.train()
     train_cpu_seconds = time.process_time() - cpu0 - (curves.cpu_seconds if curves is not None else 0.0)
     train_seconds = float(output.metrics["train_runtime"]) - (curves.seconds if curves is not None else 0.0)
+    if reference is not None:  # the oracle's cost: training and scoring its reference model
+        train_seconds += reference["seconds"]
+        train_cpu_seconds += reference["cpu_seconds"]
     metrics = trainer.evaluate()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     noisy = [h["selected_noisy_fraction"] for h in logs if "selected_noisy_fraction" in h]
@@ -261,7 +329,11 @@ def _train_one(args, strategy, bundle, data, class_captions, seed, out: Path) ->
     emb = embed_dataset(trainer.model, DataLoader(data["train"], batch_size=512, collate_fn=collator))
     cos = (emb["image_embeds"] * emb["text_embeds"]).sum(-1)
     clean = ~emb["is_noisy"].bool()
-    detection = _detection_auroc(trainer, gsc, emb, auroc)
+    if reference is not None:  # AUROC of the fixed reference scores over every training pair
+        detection = auroc(reference["scores"][emb["sample_idx"].long()], clean)
+        detection = None if math.isnan(detection) else detection
+    else:
+        detection = _detection_auroc(trainer, gsc, emb, auroc)
     selects = selection != "full"
     return {
         "strategy": strategy, "select_rate": args.select_rate if selects else 1.0,
@@ -274,6 +346,10 @@ def _train_one(args, strategy, bundle, data, class_captions, seed, out: Path) ->
         "detection_auroc": detection,
         "optimizer_steps": trainer.state.global_step,
         "curve": curves.rows if curves is not None else None,
+        "reference_epochs": reference["epochs"] if reference is not None else None,
+        "reference_seconds": reference["seconds"] if reference is not None else None,
+        "reference_cpu_seconds": reference["cpu_seconds"] if reference is not None else None,
+        "reference_rsum": reference["rsum"] if reference is not None else None,
     }
 
 
@@ -296,14 +372,15 @@ def _detection_auroc(trainer, gsc, emb, auroc) -> float | None:
 
 _AVERAGED = ("i2t_r1", "t2i_r1", "rsum", "zero_shot_acc", "train_seconds", "train_cpu_seconds",
              "selected_noisy_fraction",
-             "selected_noisy_fraction_after_warmup", "similarity_auroc", "detection_auroc")
+             "selected_noisy_fraction_after_warmup", "similarity_auroc", "detection_auroc", "reference_epochs",
+             "reference_seconds", "reference_cpu_seconds", "reference_rsum")
 
 
 def _aggregate(runs: list[dict[str, Any]], noise_ratio: float, seeds: list[int]) -> dict[str, Any]:
     row: dict[str, Any] = {"strategy": runs[0]["strategy"], "select_rate": runs[0]["select_rate"],
                            "noise_ratio": noise_ratio}
     for key in _AVERAGED:
-        values = [r[key] for r in runs if r[key] is not None]
+        values = [r[key] for r in runs if r.get(key) is not None]
         row[key] = statistics.fmean(values) if values else None
     rsums = [r["rsum"] for r in runs]
     row["rsum_std"] = statistics.stdev(rsums) if len(rsums) > 1 else 0.0
@@ -328,6 +405,16 @@ def _write_reports(results: list[dict[str, Any]], out: Path, args: BenchmarkArgu
             f"{fmt(r['t2i_r1'])} | {fmt(r['rsum'])} ± {fmt(r['rsum_std'])} | {fmt(r['zero_shot_acc'], 3)} | "
             f"{fmt(r['train_seconds'])} | {fmt(r['selected_noisy_fraction'], 3)} | {fmt(r['similarity_auroc'], 3)} | "
             f"{fmt(r['detection_auroc'], 3)} | {fmt(r.get('train_cpu_seconds'))} |"
+        )
+    refs = [r for r in results if r.get("reference_seconds") is not None]
+    if refs:
+        lines.append("")
+        lines.extend(
+            f"{r['noise_ratio']:.0%} noise, {r['strategy']}: train s includes the fixed reference model (full data, "
+            f"{r['reference_epochs']:.0f} epochs, then one scoring pass): {fmt(r['reference_seconds'])} s "
+            f"({fmt(r['reference_cpu_seconds'])} CPU s); reference model test rSum {fmt(r['reference_rsum'])}; "
+            f"det. AUROC = AUROC of its scores over all training pairs."
+            for r in refs
         )
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
@@ -399,6 +486,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         raise ValueError(f"unknown --model {args.model!r}; choose from {list(ARCHITECTURES)}")
     if not 0.0 < args.select_rate <= 1.0:
         raise ValueError(f"select_rate must be in (0, 1], got {args.select_rate}")
+    reference_epochs(args)  # raises on a bad --reference_epochs before any training
     seeds = _csv(args.seeds, int) or [args.seed]
     noise_ratios = _csv(args.noise_ratios, float) or [args.noise_ratio]
     out = Path(args.output_dir)
@@ -418,10 +506,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             noisy = dict(cached)
             noisy["train"] = InMemoryPairs(inject_noisy_correspondence(cached["train"], noise, seed=seed))
             order = strategies[n_seed % len(strategies):] + strategies[: n_seed % len(strategies)]
+            reference = None
+            if any(parse_strategy(s)[0] == "reference_clipscore" for s in strategies):
+                reference = _train_reference(args, _build(args, data["train"]["caption"], seed=seed), noisy,
+                                             class_captions, seed, out / "runs" / f"noise{noise}_reference_seed{seed}")
+                print(f"noise={noise} seed={seed} reference model ({reference['epochs']} epochs full): "
+                      f"rsum={reference['rsum']:.1f} train+score_s={reference['seconds']:.1f}", flush=True)
             for strategy in order:  # alternate: the rotation spreads machine-load drift over strategies
                 bundle = _build(args, data["train"]["caption"], seed=seed)  # identical init for every strategy
                 row = _train_one(args, strategy, bundle, noisy, class_captions, seed,
-                                 out / "runs" / f"noise{noise}_{strategy}_seed{seed}")
+                                 out / "runs" / f"noise{noise}_{strategy}_seed{seed}", reference=reference)
                 runs[strategy].append({"seed": seed, **row})
                 print(f"noise={noise} seed={seed} {strategy}: rsum={row['rsum']:.1f} "
                       f"train_s={row['train_seconds']:.1f} sel_noisy={_fmt(row['selected_noisy_fraction'], 3)} "
