@@ -14,6 +14,7 @@ import hf_mmsel
 from hf_mmsel.mola import (
     MolaConfig,
     MolaModel,
+    export_expert_as_lora,
     gates_from_logits,
     register_mola,
     task_wise_decorrelation_loss,
@@ -439,3 +440,31 @@ def test_step_benchmark_runs_on_linear_and_vit():
     vit = benchmark_mola_step(model="vit", batch_size=2, rank=2, steps=1, warmup=0, vit_config=dict(
         hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=16, patch_size=8))
     assert vit["model"] == "vit" and vit["median_step_s"]["mola_grad"] > 0
+
+
+def test_export_from_a_transformers_model_keeps_heads_and_matches_the_routed_expert(tmp_path):
+    """``peft_model.base_model.export_expert_as_lora`` on a transformers model (whose ``base_model`` attribute is
+    the inner trunk, not the tuner) with a trained ``modules_to_save`` head, loaded back with plain peft LoRA."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    def vit():
+        torch.manual_seed(0)
+        return ViTForImageClassification(ViTConfig(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1,
+                                                   num_attention_heads=2, intermediate_size=32, num_labels=3))
+
+    cfg = MolaConfig(r=2, lora_alpha=4, num_experts=3, target_modules=["q_proj", "v_proj", "fc1"],
+                     modules_to_save=["classifier"], init_weights=False)
+    model = get_peft_model(vit(), cfg)
+    with torch.no_grad():
+        model.base_model.model.classifier.modules_to_save["default"].weight.add_(1.0)  # a "trained" head
+    x = torch.randn(4, 3, 16, 16)
+    model.eval()
+    with torch.no_grad():
+        expected = model(pixel_values=x, task_ids=2).logits
+    model.base_model.export_expert_as_lora(task_id=2, save_directory=str(tmp_path / "lora2"))
+    lora = PeftModel.from_pretrained(vit(), str(tmp_path / "lora2")).eval()
+    assert lora.peft_config["default"].peft_type == "LORA"
+    with torch.no_grad():
+        torch.testing.assert_close(lora(pixel_values=x).logits, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="MoLA PeftModel"):
+        export_expert_as_lora(vit(), 0, str(tmp_path / "nope"))

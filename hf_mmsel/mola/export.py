@@ -61,11 +61,14 @@ def export_expert_as_lora(
     ``model`` is the ``PeftModel`` or its ``MolaModel`` (``peft_model.base_model``). Returns the directory.
     """
     from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
+    from peft.utils import ModulesToSaveWrapper
     from safetensors.torch import save_file
 
-    peft_model = model
-    tuner = getattr(model, "base_model", model)
+    from .model import MolaModel
+
+    tuner = model if isinstance(model, MolaModel) else getattr(model, "base_model", None)
+    if not isinstance(tuner, MolaModel):
+        raise TypeError(f"export_expert_as_lora needs a MoLA PeftModel or its MolaModel, got {type(model).__name__}")
     if adapter_name not in getattr(tuner, "peft_config", {}):
         raise ValueError(f"No MoLA adapter named {adapter_name!r}; available: {list(getattr(tuner, 'peft_config', {}))}.")
     config = tuner.peft_config[adapter_name]
@@ -87,12 +90,12 @@ def export_expert_as_lora(
     if not state:
         raise ValueError(f"MoLA adapter {adapter_name!r} has no adapted layers to export.")
 
-    # modules_to_save (e.g. heads): same keys as in the MoLA checkpoint, which has no mola_ component
-    if config.modules_to_save and hasattr(peft_model, "peft_config"):
-        full = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
-        for key, value in full.items():
-            if not any(part.startswith("mola_") for part in key.split(".")):
-                state[key] = value.detach().clone().contiguous()
+    # modules_to_save (e.g. heads): the trained copies, under the keys peft's checkpoints use for them
+    if config.modules_to_save:
+        for name, module in tuner.model.named_modules():
+            if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+                for key, value in module.modules_to_save[adapter_name].state_dict().items():
+                    state[f"base_model.model.{name}.{key}"] = value.detach().clone().contiguous()
 
     default_r = Counter(ranks.values()).most_common(1)[0][0]
     default_alpha = Counter(alphas.values()).most_common(1)[0][0]
