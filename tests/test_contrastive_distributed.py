@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from _helpers import accelerate_launch
 from contrastive_dist_worker import run
 
 WORKER = Path(__file__).with_name("contrastive_dist_worker.py")
@@ -19,9 +19,7 @@ WORKER = Path(__file__).with_name("contrastive_dist_worker.py")
 
 @pytest.mark.slow
 def test_two_process_banks_identical_and_loss_matches_one_process(tmp_path):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-           str(WORKER), str(tmp_path)]
+    cmd = accelerate_launch(2) + [str(WORKER), str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]

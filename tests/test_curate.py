@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from _helpers import accelerate_launch, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "curate.py"
@@ -19,13 +20,7 @@ NOISE = 0.4
 
 
 def _load_recipe():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("curate_recipe", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_recipe("curate")
 
 
 @pytest.fixture(scope="module")
@@ -250,15 +245,11 @@ def test_two_processes_match_one(assets, tmp_path):
     """accelerate launch with 2 CPU processes: world size 2, output identical to the single-process run."""
     from datasets import load_from_disk
 
-    accelerate = Path(sys.executable).parent / "accelerate"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     outs = {}
     for procs in (1, 2):
         out = tmp_path / f"cur{procs}"
-        launch = [str(accelerate), "launch", "--num_processes", str(procs), "--num_machines", "1",
-                  "--mixed_precision", "no", "--dynamo_backend", "no"]
-        launch += ["--multi_gpu", "--main_process_port", "0"] if procs > 1 else ["--cpu"]
-        cmd = launch + [str(RECIPE), "--use_cpu", *_base(assets, out), "--keep_fraction", "0.5", "--batch_size", "48"]
+        cmd = accelerate_launch(procs) + [str(RECIPE), "--use_cpu", *_base(assets, out), "--keep_fraction", "0.5", "--batch_size", "48"]
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stderr[-4000:]
         outs[procs] = out

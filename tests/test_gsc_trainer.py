@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from _callbacks import StopAtStep
+from _helpers import RECIPES, accelerate_launch, load_recipe
 from hf_mmsel.data import ImageTextCollator, inject_noisy_correspondence, load_easy_vqa_captions, preprocess_image_text
 from hf_mmsel.gsc.hook import GSCHook
 from hf_mmsel.hooks import BatchHook
@@ -163,9 +163,7 @@ def test_interrupted_and_resumed_run_restores_every_gsc_buffer(tmp_path, train_s
 @pytest.mark.slow
 def test_two_process_gsc_weights_identical_on_both_ranks(tmp_path, train_set):
     train_set.save_to_disk(str(tmp_path / "data"))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-           str(WORKER), str(tmp_path / "data"), str(tmp_path), "--use_cpu"]
+    cmd = accelerate_launch(2) + [str(WORKER), str(tmp_path / "data"), str(tmp_path), "--use_cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -209,15 +207,10 @@ def test_gsc_misuse_errors(tmp_out, train_set):
 
 
 def test_train_clip_recipe_gsc_config_and_card(tmp_out):
-    import importlib.util
-
     import yaml
 
-    recipes = Path(__file__).parent.parent / "recipes"
-    spec = importlib.util.spec_from_file_location("recipe_train_clip_gsc", recipes / "train_clip.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["recipe_train_clip_gsc"] = module
-    spec.loader.exec_module(module)
+    recipes = RECIPES
+    module = load_recipe("train_clip")
     config = yaml.safe_load((recipes / "configs" / "clip_gsc.yaml").read_text())
     assert config["gsc"] is True and config["selection_strategy"] == "dissect"
     flags = ["--config", str(recipes / "configs" / "clip_gsc.yaml"), "--output_dir", str(tmp_out),

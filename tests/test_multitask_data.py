@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from datasets import ClassLabel, Dataset, Features, Image, Value
+from datasets import ClassLabel, Dataset, Features, Image
 from PIL import Image as PILImage
 
 from hf_mmsel.data.multitask import (

@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-RECIPES = Path(__file__).parent.parent / "recipes"
+from _helpers import RECIPES, load_recipe
 
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", RECIPES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[f"recipe_{name}"] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_train_clip_config_flags_override_and_card(tmp_out):
-    train_clip = _load("train_clip")
+    train_clip = load_recipe("train_clip")
     config = yaml.safe_load((RECIPES / "configs" / "clip_dissect.yaml").read_text())
     config.update(output_dir=str(tmp_out), num_train_epochs=10, max_train=96, max_test=48,
                   per_device_train_batch_size=32, save_strategy="no")
@@ -45,7 +35,7 @@ def test_train_clip_config_flags_override_and_card(tmp_out):
 
 
 def test_benchmark_writes_schema_for_every_strategy(tmp_out):
-    bench = _load("benchmark_selection")
+    bench = load_recipe("benchmark_selection")
     names = ["dissect", "random", "full", "gsc", "dissect+gsc"]
     results = bench.main(["--strategies", ",".join(names), "--epochs", "2", "--seeds", "0,1",
                           "--max_train", "256", "--max_test", "64", "--batch_size", "32", "--image_size", "16",
@@ -81,14 +71,14 @@ def test_benchmark_writes_schema_for_every_strategy(tmp_out):
 
 
 def test_benchmark_parse_strategy():
-    bench = _load("benchmark_selection")
+    bench = load_recipe("benchmark_selection")
     assert bench.parse_strategy("gsc") == ("full", True)
     assert bench.parse_strategy("dissect+gsc") == ("dissect", True)
     assert bench.parse_strategy("random") == ("random", False)
 
 
 def test_benchmark_reference_clipscore_trains_a_reference_and_charges_its_time(tmp_out):
-    bench = _load("benchmark_selection")
+    bench = load_recipe("benchmark_selection")
     results = bench.main(["--strategies", "reference_clipscore,full", "--epochs", "2", "--seed", "0",
                           "--max_train", "128", "--max_test", "32", "--batch_size", "32", "--image_size", "16",
                           "--conv_channels", "8,16", "--hidden_size", "16", "--selection_warmup_epochs", "1",
@@ -117,7 +107,7 @@ def test_train_clip_push_to_hub_uploads_model_and_card_only(tmp_out, fake_hub):
     import torch
     from transformers import AutoTokenizer, CLIPModel
 
-    train_clip = _load("train_clip")
+    train_clip = load_recipe("train_clip")
     train_clip.main(_tiny_clip_flags(tmp_out) + ["--push_to_hub", "true", "--hub_model_id", "tester/clip-dissect"])
     assert list(tmp_out.glob("checkpoint-*")), "the run should have written checkpoints locally"
     files = set(fake_hub.list_repo_files("tester/clip-dissect"))
@@ -132,7 +122,7 @@ def test_train_clip_push_to_hub_uploads_model_and_card_only(tmp_out, fake_hub):
 
 
 def test_train_clip_push_without_token_fails_before_training(tmp_path):
-    train_clip = _load("train_clip")
+    train_clip = load_recipe("train_clip")
     out = tmp_path / "never-written"
     with pytest.raises(RuntimeError, match="no Hugging Face token"):
         train_clip.main(_tiny_clip_flags(out) + ["--push_to_hub", "true", "--hub_model_id", "tester/x"])

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from _helpers import accelerate_launch, load_recipe
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "train_mola.py"
 SMALL = ["--max_per_task", "60", "--hidden_size", "16", "--num_hidden_layers", "1", "--intermediate_size", "32",
@@ -19,13 +21,7 @@ SMALL = ["--max_per_task", "60", "--hidden_size", "16", "--num_hidden_layers", "
 
 
 def _load_recipe():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_mola_recipe", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_recipe("train_mola")
 
 
 def _run(cmd: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
@@ -130,24 +126,14 @@ def test_train_writes_artifacts_pushes_and_reloads_bit_exact(tmp_out, fake_hub):
 
 @pytest.mark.slow
 def test_two_process_cpu_run_with_router(tmp_out):
-    accelerate = Path(sys.executable).parent / "accelerate"
-    _run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", str(RECIPE), "--use_cpu",
-          "true", "--output_dir", str(tmp_out), "--max_steps", "4", "--routing", "router", *SMALL])
+    _run([*accelerate_launch(2), str(RECIPE), "--use_cpu", "true", "--output_dir", str(tmp_out), "--max_steps", "4", "--routing", "router", *SMALL])
     results = json.loads((tmp_out / "eval_results.json").read_text())
     assert results["world_size"] == 2 and results["routing"] == "router" and results["global_step"] == 4
     assert json.loads((tmp_out / "adapter_config.json").read_text())["routing"] == "router"
 
 
 def _load_benchmark():
-    import importlib.util
-
-    path = ROOT / "recipes" / "benchmark_mola.py"
-    spec = importlib.util.spec_from_file_location("benchmark_mola_recipe", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_recipe("benchmark_mola")
 
 
 def test_benchmark_selects_learning_rate_on_validation_not_test():

@@ -1,0 +1,34 @@
+"""Helpers shared by the test modules: loading a recipe script as a module, multi-process launch commands."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ROOT / "recipes"
+
+
+def load_recipe(name: str):
+    """Import ``recipes/<name>.py`` as module ``recipe_<name>`` (cached in ``sys.modules``, which dataclasses need
+    to resolve annotations)."""
+    module_name = f"recipe_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, RECIPES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def accelerate_launch(num_processes: int = 2) -> list[str]:
+    """``accelerate launch`` with ``num_processes`` CPU processes, every option explicit (no config file needed).
+
+    Two or more processes need ``--multi_gpu`` plus ``use_cpu`` in the script: ``--cpu`` would silently run
+    ONE process (hf_stack.md §5), so scripts launched with this assert their world size.
+    """
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return cmd + (["--multi_gpu", "--main_process_port", "0"] if num_processes > 1 else ["--cpu"])
