@@ -14,195 +14,24 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
 from hf_mmsel.hooks import BatchHook, Dist, HookList, PairEmbeddings, StepContext, subset_batch
 from hf_mmsel.losses import clip_loss_per_sample
 from hf_mmsel.models import check_dual_encoder, encode_pair, logit_scale_of, unwrap_model
-from hf_mmsel.selection import SELECTION_STRATEGIES, SelectionHook
+from hf_mmsel.selection import SelectionHook, load_reference_scores
+
+from .contrastive_config import SCORE_PLOT_NAME, ContrastiveTrainingArguments
 
 __all__ = ["ContrastiveTrainer", "ContrastiveTrainingArguments", "HOOK_STATE_NAME", "SCORE_PLOT_NAME"]
 
 HOOK_STATE_NAME = "selection_state.safetensors"
-SCORE_PLOT_NAME = "score_distributions.png"
-SCORE_DTYPES = ("auto", "bfloat16", "float16", "float32")
-GSC_SIMILARITIES = ("sigmoid", "affine")
-GSC_MATCHINGS = ("cosine", "dot")
 _STEP_KEY = "trainer.hook_step"
 _EPOCHS_KEY = "trainer.epochs_ended"
-
-
-@dataclass
-class ContrastiveTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` plus the selection settings (dissect.md §4/§8) and the GSC weighting settings
-    (``gsc``, ``gsc_*``: the arguments of :class:`~hf_mmsel.gsc.hook.GSCHook` with its defaults; gsc.md §4, §12).
-
-    ``remove_unused_columns`` is forced off (batches carry ``sample_idx``) and ``dataloader_drop_last`` on, so every
-    rank sees full candidate batches and keeps the same ``k = round(select_rate * per_device_train_batch_size)``.
-    """
-
-    selection_strategy: str = field(
-        default="dissect", metadata={"help": f"one of {sorted(SELECTION_STRATEGIES)}"}
-    )
-    select_rate: float = field(default=0.5, metadata={"help": "fraction r in (0, 1] of each candidate batch kept"})
-    selection_warmup_epochs: int | None = field(
-        default=None,
-        metadata={"help": "DISSect warm-up epochs W (random selection, snapshot at epoch W-1); "
-                          "default: a quarter of num_train_epochs, at least 1"},
-    )
-    ema_beta: float = field(default=0.9, metadata={"help": "momentum of dissect_ema"})
-    first_visit_fallback: str = field(
-        default="zero", metadata={"help": "dissect_ema history of unseen pairs: 'zero' (official) or 'score'"}
-    )
-    score_dtype: str = field(
-        default="auto",
-        metadata={"help": f"autocast dtype of the no-grad scoring forward, one of {SCORE_DTYPES}; "
-                          "auto = bfloat16 on GPU, float32 on CPU"},
-    )
-    reference_scores_path: str | None = field(
-        default=None,
-        metadata={"help": "reference_clipscore: a .safetensors (key 'scores'), .pt or .npy file of [N] scores"},
-    )
-    selection_seed: int | None = field(default=None, metadata={"help": "seed of selection randomness (default: seed)"})
-    logit_scale_max: float = field(default=100.0, metadata={"help": "clamp of exp(logit_scale) (CLIP: 100)"})
-    plot_score_distributions: bool = field(
-        default=True, metadata={"help": f"write {SCORE_PLOT_NAME} (clean vs noisy scores per epoch) at the end"}
-    )
-    # --- GSC per-sample weighting (gsc.md §4, §12; defaults = GSCHook's) -----------------------------------
-    gsc: bool = field(
-        default=False,
-        metadata={"help": "GSC noisy-correspondence weighting of the kept pairs (after selection): per-sample "
-                          "weights w, gamma * structure loss, GMM/EMA update of w at every epoch end"},
-    )
-    gsc_gamma: float = field(default=0.05, metadata={"help": "weight gamma >= 0 of the GSC structure loss"})
-    gsc_beta: float = field(default=0.7, metadata={"help": "EMA factor beta in (0, 1] of the epoch-end update"})
-    gsc_bank_size: int = field(
-        default=0, metadata={"help": "size of the bank of confident-clean anchor pairs (0: in-batch anchors only)"}
-    )
-    gsc_bank_min_weight: float = field(
-        default=0.5, metadata={"help": "minimum weight w in [0, 1] of a pair admitted to the anchor bank"}
-    )
-    gsc_structure_similarity: str = field(
-        default="sigmoid", metadata={"help": f"map f of intra-modal cosines, one of {list(GSC_SIMILARITIES)}"}
-    )
-    gsc_structure_temperature: float = field(
-        default=0.1, metadata={"help": "temperature t > 0 of the sigmoid similarity map"}
-    )
-    gsc_structure_centered: bool = field(
-        default=False, metadata={"help": "row-centre the structure profiles (Pearson consistency)"}
-    )
-    gsc_structure_matching: str = field(
-        default="cosine", metadata={"help": f"structure-matching matrix, one of {list(GSC_MATCHINGS)}"}
-    )
-    gsc_structure_matching_temperature: float | None = field(
-        default=None, metadata={"help": "temperature > 0 of the structure InfoNCE (default: 0.1 cosine, M/10 dot)"}
-    )
-    gsc_structure_max_batch_anchors: int | None = field(
-        default=None, metadata={"help": "at most this many in-batch anchors (highest w); 0: bank only; default all"}
-    )
-    gsc_gmm_max_iter: int = field(default=10, metadata={"help": "EM iterations (>= 1) of the epoch-end GMM"})
-    gsc_gmm_tol: float = field(default=1e-2, metadata={"help": "EM tolerance (>= 0) of the epoch-end GMM"})
-    gsc_gmm_reg_covar: float = field(default=5e-4, metadata={"help": "variance regulariser (> 0) of the GMM"})
-    gsc_max_fit_samples: int = field(
-        default=200_000, metadata={"help": "fit the GMM on a seeded subsample of at most this many (>= 2) scores"}
-    )
-    gsc_prob_posterior: bool = field(
-        default=False,
-        metadata={"help": "feed the EMA of p with the GMM posterior of p instead of raw p (gsc.md §12.1 deviation)"},
-    )
-    gsc_prob_logit_scale: float | None = field(
-        default=None, metadata={"help": "fixed scale (> 0) for the positive probability p (default: the model's)"}
-    )
-    gsc_seed: int | None = field(default=None, metadata={"help": "seed of the GMM subsample (default: seed)"})
-
-    def __post_init__(self):
-        self.remove_unused_columns = False
-        self.dataloader_drop_last = True
-        if self.selection_strategy not in SELECTION_STRATEGIES:
-            raise ValueError(
-                f"unknown selection_strategy {self.selection_strategy!r}; choose one of {sorted(SELECTION_STRATEGIES)}"
-            )
-        if not (0.0 < float(self.select_rate) <= 1.0):
-            raise ValueError(f"select_rate must be in (0, 1], got {self.select_rate}")
-        if self.score_dtype not in SCORE_DTYPES:
-            raise ValueError(f"unknown score_dtype {self.score_dtype!r}; choose one of {list(SCORE_DTYPES)}")
-        if self.selection_warmup_epochs is not None and self.selection_warmup_epochs < 0:
-            raise ValueError(f"selection_warmup_epochs must be >= 0, got {self.selection_warmup_epochs}")
-        self._check_gsc()
-        super().__post_init__()
-
-    def _check_gsc(self) -> None:
-        """Range checks of the ``gsc_*`` settings (always, so a typo fails before a long run)."""
-        checks = [
-            ("gsc_gamma", self.gsc_gamma >= 0, ">= 0"),
-            ("gsc_beta", 0.0 < self.gsc_beta <= 1.0, "in (0, 1]"),
-            ("gsc_bank_size", self.gsc_bank_size >= 0, ">= 0"),
-            ("gsc_bank_min_weight", 0.0 <= self.gsc_bank_min_weight <= 1.0, "in [0, 1]"),
-            ("gsc_structure_similarity", self.gsc_structure_similarity in GSC_SIMILARITIES,
-             f"one of {list(GSC_SIMILARITIES)}"),
-            ("gsc_structure_temperature", self.gsc_structure_temperature > 0, "> 0"),
-            ("gsc_structure_matching", self.gsc_structure_matching in GSC_MATCHINGS, f"one of {list(GSC_MATCHINGS)}"),
-            ("gsc_structure_matching_temperature",
-             self.gsc_structure_matching_temperature is None or self.gsc_structure_matching_temperature > 0,
-             "> 0 or None"),
-            ("gsc_structure_max_batch_anchors",
-             self.gsc_structure_max_batch_anchors is None or self.gsc_structure_max_batch_anchors >= 0, ">= 0 or None"),
-            ("gsc_gmm_max_iter", self.gsc_gmm_max_iter >= 1, ">= 1"),
-            ("gsc_gmm_tol", self.gsc_gmm_tol >= 0, ">= 0"),
-            ("gsc_gmm_reg_covar", self.gsc_gmm_reg_covar > 0, "> 0"),
-            ("gsc_max_fit_samples", self.gsc_max_fit_samples >= 2, ">= 2"),
-            ("gsc_prob_logit_scale", self.gsc_prob_logit_scale is None or self.gsc_prob_logit_scale > 0,
-             "> 0 or None"),
-        ]
-        for name, ok, expected in checks:
-            if not ok:
-                raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
-        if self.gsc and self.gsc_structure_max_batch_anchors == 0 and self.gsc_bank_size == 0:
-            raise ValueError(
-                "gsc_structure_max_batch_anchors=0 disables in-batch anchors, so GSC needs an anchor bank: "
-                "set gsc_bank_size > 0"
-            )
-
-    def gsc_settings(self) -> dict[str, Any]:
-        """The ``gsc_*`` settings as a dict without the prefix (for model cards and logs); empty when GSC is off."""
-        if not self.gsc:
-            return {}
-        from dataclasses import fields as dc_fields
-
-        return {f.name[len("gsc_"):]: getattr(self, f.name) for f in dc_fields(self) if f.name.startswith("gsc_")}
-
-    @property
-    def resolved_selection_warmup_epochs(self) -> int:
-        """``selection_warmup_epochs`` or a quarter of ``num_train_epochs`` (at least 1)."""
-        if self.selection_warmup_epochs is not None:
-            return int(self.selection_warmup_epochs)
-        return max(1, int(round(float(self.num_train_epochs) / 4)))
-
-
-def load_reference_scores(path: str | os.PathLike) -> torch.Tensor:
-    """``[N]`` float32 scores from a .safetensors (key ``scores``), .pt/.pth or .npy file."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(path))
-        if "scores" not in tensors:
-            raise KeyError(f"{path} has no 'scores' tensor; keys: {sorted(tensors)}")
-        scores = tensors["scores"]
-    elif path.suffix in (".pt", ".pth"):
-        scores = torch.load(path, weights_only=True)
-    elif path.suffix == ".npy":
-        import numpy as np
-
-        scores = torch.from_numpy(np.load(path))
-    else:
-        raise ValueError(f"unsupported reference score file {path.name!r}; use .safetensors, .pt or .npy")
-    return torch.as_tensor(scores, dtype=torch.float32).flatten()
 
 
 class _HookCallback(TrainerCallback):
