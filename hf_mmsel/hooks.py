@@ -89,6 +89,9 @@ class StepContext:
     ``epoch``: 0-based epoch; ``step``: number of candidate batches seen before this one (identical on all ranks,
     restored on resume: use it to seed per-step randomness); ``dist``: collectives; ``score()``: embeddings of
     the current candidate batch from a no-grad forward of the current model (computed at most once).
+    ``network``: with a co-trained ensemble (GSC+, :class:`~hf_mmsel.models.CoTrainedDualEncoder`)
+    ``loss_terms`` is called once per network with ``network = k`` and that network's embeddings; ``None`` for a
+    single model.
     """
 
     epoch: int
@@ -97,6 +100,7 @@ class StepContext:
     scorer: Callable[[], PairEmbeddings]
     logs: dict[str, torch.Tensor] = field(default_factory=dict)
     _cache: PairEmbeddings | None = None
+    network: int | None = None
 
     def score(self) -> PairEmbeddings:
         if self._cache is None:
@@ -114,7 +118,8 @@ class StepContext:
 
     def subset(self, keep: torch.Tensor) -> "StepContext":
         """A context for the sub-batch ``keep`` (shares logs; scoring is sliced from this context's)."""
-        return StepContext(self.epoch, self.step, self.dist, lambda: self.score()[keep], self.logs)
+        return StepContext(self.epoch, self.step, self.dist, lambda: self.score()[keep], self.logs,
+                           network=self.network)
 
 
 @dataclass

@@ -5,8 +5,11 @@ BatchHook` chain: the :class:`~hf_mmsel.selection.SelectionHook` built from the 
 keeps ``k = round(r*B)`` pairs; with ``gsc=True`` a :class:`~hf_mmsel.gsc.hook.GSCHook` then weights the kept pairs
 (per-sample clean weights ``w`` + γ·structure loss, GMM/EMA update at every epoch end); optional extra hooks add
 their own weights / losses. The loss is the per-pair InfoNCE of ``hf_mmsel.losses`` with negatives gathered across
-ranks. Hook state (score bank, GSC buffers) is replicated on every rank, written to ``selection_state.safetensors``
-in every checkpoint and restored on resume.
+ranks. GSC+ (``gsc_co_training=True``, gsc.md §6): the model is a :class:`~hf_mmsel.models.CoTrainedDualEncoder`;
+every network gets its own per-pair InfoNCE on the same kept pairs, weighted by its peer's ``w``
+(:class:`~hf_mmsel.gsc.hook.GSCPlusHook`), and the step loss is the sum over networks. Hook state (score bank, GSC
+buffers) is replicated on every rank, written to ``selection_state.safetensors`` in every checkpoint and restored
+on resume.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from transformers import Trainer, TrainerCallback
 
 from hf_mmsel.hooks import BatchHook, Dist, HookList, PairEmbeddings, StepContext, subset_batch
 from hf_mmsel.losses import clip_loss_per_sample
-from hf_mmsel.models import check_dual_encoder, encode_pair, logit_scale_of, unwrap_model
+from hf_mmsel.models import CoTrainedDualEncoder, check_dual_encoder, encode_pair, logit_scale_of, unwrap_model
 from hf_mmsel.selection import SelectionHook, load_reference_scores
 
 from .contrastive_config import SCORE_PLOT_NAME, ContrastiveTrainingArguments
@@ -109,10 +112,21 @@ class ContrastiveTrainer(Trainer):
         self.gsc_hook = None  # GSCHook when args.gsc, built with the other hooks at train start
         self._extra_hooks = list(hooks or [])
         if args.gsc:
-            from hf_mmsel.gsc.hook import GSCHook
+            from hf_mmsel.gsc.hook import GSCHook, GSCPlusHook
 
-            if any(isinstance(h, GSCHook) for h in self._extra_hooks):
+            if any(isinstance(h, (GSCHook, GSCPlusHook)) for h in self._extra_hooks):
                 raise ValueError("args.gsc=True builds a GSCHook already; do not also pass one in hooks=")
+        co_trained = isinstance(unwrap_model(model), CoTrainedDualEncoder)
+        if args.gsc_co_training and not co_trained:
+            raise ValueError(
+                f"gsc_co_training=True (GSC+) needs a CoTrainedDualEncoder model (two networks trained together); "
+                f"got {type(unwrap_model(model)).__name__}. Wrap two dual encoders: CoTrainedDualEncoder([a, b])"
+            )
+        if args.gsc and co_trained and not args.gsc_co_training:
+            raise ValueError(
+                "gsc=True with a CoTrainedDualEncoder needs gsc_co_training=True (GSC+: each network weighted by "
+                "its peer's w); single-network GSC takes a plain dual encoder"
+            )
         self.hook: BatchHook = BatchHook()
         self.dist = Dist()
         self._hook_step = 0
@@ -195,21 +209,38 @@ class ContrastiveTrainer(Trainer):
             matching_temperature=a.gsc_structure_matching_temperature,
             max_batch_anchors=a.gsc_structure_max_batch_anchors,
         )
-        return GSCHook(
+        kwargs = dict(
             gamma=a.gsc_gamma, structure=structure, beta=a.gsc_beta, bank_size=a.gsc_bank_size,
             bank_min_weight=a.gsc_bank_min_weight, gmm_max_iter=a.gsc_gmm_max_iter, gmm_tol=a.gsc_gmm_tol,
             gmm_reg_covar=a.gsc_gmm_reg_covar, max_fit_samples=a.gsc_max_fit_samples,
             prob_posterior=a.gsc_prob_posterior, prob_logit_scale=a.gsc_prob_logit_scale,
             seed=a.seed if a.gsc_seed is None else a.gsc_seed,
         )
+        if a.gsc_co_training:
+            from hf_mmsel.gsc.hook import GSCPlusHook
 
-    def gsc_weights(self) -> torch.Tensor:
+            return GSCPlusHook(num_networks=unwrap_model(self.model).num_networks, **kwargs)
+        return GSCHook(**kwargs)
+
+    @property
+    def co_trained(self) -> bool:
+        """Whether the model is a :class:`CoTrainedDualEncoder` (per-network losses; GSC+ with ``gsc``)."""
+        return isinstance(unwrap_model(self.model), CoTrainedDualEncoder)
+
+    def gsc_weights(self, network: int | None = None) -> torch.Tensor:
         """GSC's current per-sample clean weights ``w`` (``[N]`` float32 on CPU, indexed by ``sample_idx``; all
-        ones before the first epoch end). Identical on every rank."""
+        ones before the first epoch end). Identical on every rank. GSC+ (``gsc_co_training``): network
+        ``network``'s own ``w`` (the weights its *peer* trains with), or by default the mean over networks."""
         if not self.args.gsc:
             raise RuntimeError("gsc_weights() needs ContrastiveTrainingArguments(gsc=True)")
         self._build_hooks()
-        return self.gsc_hook.buffers.weight.detach().float().cpu().clone()
+        if self.args.gsc_co_training:
+            weights = self.gsc_hook.weights(network)
+        elif network is not None:
+            raise ValueError("gsc_weights(network=...) needs gsc_co_training=True (GSC+)")
+        else:
+            weights = self.gsc_hook.buffers.weight
+        return weights.detach().float().cpu().clone()
 
     def _end_epoch(self, epoch: int) -> None:
         """Every hook's epoch-end update (on every rank) plus GSC diagnostics; logs go into the next log call
@@ -224,7 +255,7 @@ class ContrastiveTrainer(Trainer):
     def _gsc_diagnostics(self) -> dict[str, float]:
         """Mean ``w`` over known-clean and known-noisy pairs and the AUROC of ``w`` (clean = positive) from the
         ground-truth ``is_noisy`` flags the selection hook recorded; diagnostic only, never used for training."""
-        weights = self.gsc_hook.buffers.weight.detach().float().cpu()
+        weights = self.gsc_weights()
         logs = {"gsc_epoch_weight_mean": float(weights.mean())}
         noisy = getattr(self.selection_hook, "noisy", None)
         if noisy is None:
@@ -277,7 +308,11 @@ class ContrastiveTrainer(Trainer):
                     else contextlib.nullcontext())
         with torch.no_grad(), autocast:
             image, text = encode_pair(model, inputs["pixel_values"], inputs["input_ids"], inputs.get("attention_mask"))
-            scale = logit_scale_of(model, max_scale=self.args.logit_scale_max)
+            if self.co_trained:  # ensemble embeddings (mean cosine); scale: the networks' mean
+                scale = torch.stack([logit_scale_of(net, max_scale=self.args.logit_scale_max)
+                                     for net in unwrap_model(model).networks]).mean()
+            else:
+                scale = logit_scale_of(model, max_scale=self.args.logit_scale_max)
         return PairEmbeddings(image, text, scale.detach())
 
     def _embed_for_training(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -313,6 +348,8 @@ class ContrastiveTrainer(Trainer):
             self._hook_step += 1
             if keep is not None:
                 inputs = subset_batch(inputs, keep, size)
+        if self.co_trained:
+            return self._co_training_loss(model, inputs, ctx, training, return_outputs)
         image, text = self._embed_for_training(model, inputs)
         scale = logit_scale_of(model, max_scale=self.args.logit_scale_max)
         per_sample = clip_loss_per_sample(image, text, scale, gather_fn=self.dist.gather_with_grad,
@@ -327,11 +364,44 @@ class ContrastiveTrainer(Trainer):
             return loss, {"image_embeds": image, "text_embeds": text, "per_sample_loss": per_sample}
         return loss
 
+    def _co_training_loss(self, model, inputs, ctx: StepContext, training: bool, return_outputs: bool):
+        """GSC+ step on the kept pairs: network k's per-pair InfoNCE (its own embeddings and logit scale, negatives
+        gathered across ranks) with the hooks' terms for ``ctx.network = k`` (GSC+: the peer's ``w``, own ``c``/``p``);
+        the loss is the sum over networks, so each network receives exactly its own gradient."""
+        out = model(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"],
+                    attention_mask=inputs.get("attention_mask"))  # the (DDP-)wrapped forward: per-network embeddings
+        networks = unwrap_model(model).networks
+        loss, logs, per_network = 0.0, {}, []
+        for k, (image, text) in enumerate(zip(out.image_embeds, out.text_embeds)):
+            scale = logit_scale_of(networks[k], max_scale=self.args.logit_scale_max)
+            per_sample = clip_loss_per_sample(image, text, scale, gather_fn=self.dist.gather_with_grad,
+                                              rank=self.dist.rank)
+            ctx.network = k
+            try:
+                terms = self.hook.loss_terms(image, text, scale, inputs["sample_idx"], per_sample, ctx)
+            finally:
+                ctx.network = None
+            net_loss = (per_sample * terms.weights).mean() if terms.weights is not None else per_sample.mean()
+            if terms.extra_loss is not None:
+                net_loss = net_loss + terms.extra_loss
+            loss = loss + net_loss
+            logs.update(terms.logs)
+            logs[f"loss_net{k}"] = net_loss.detach()
+            logs[f"logit_scale_net{k}"] = scale.detach()
+            per_network.append({"image_embeds": image, "text_embeds": text, "per_sample_loss": per_sample})
+        if training:
+            self._accumulate_logs({**ctx.logs, **logs})
+        if return_outputs:
+            return loss, {"networks": per_network}
+        return loss
+
     @torch.no_grad()
     def _clamp_logit_scale(self) -> None:
-        raw = getattr(unwrap_model(self.model), "logit_scale", None)
-        if isinstance(raw, torch.Tensor):
-            raw.clamp_(0.0, math.log(self.args.logit_scale_max))
+        inner = unwrap_model(self.model)
+        for module in (inner.networks if isinstance(inner, CoTrainedDualEncoder) else [inner]):
+            raw = getattr(module, "logit_scale", None)
+            if isinstance(raw, torch.Tensor):
+                raw.clamp_(0.0, math.log(self.args.logit_scale_max))
 
     # ---------------------------------------------------------------------------------------- logging
     def _accumulate_logs(self, logs: dict[str, torch.Tensor]) -> None:
@@ -376,7 +446,14 @@ class ContrastiveTrainer(Trainer):
         # -1 (older checkpoints without the counter): no catch-up of a missed epoch-end update
         self._epochs_ended = int(state[_EPOCHS_KEY]) if _EPOCHS_KEY in state else -1
         state = {k: v for k, v in state.items() if k != _EPOCHS_KEY}
-        has_gsc = any(k.startswith("1.buffers.") for k in state)
+        has_plus = any(k.startswith("1.net0.buffers.") for k in state)
+        has_gsc = has_plus or any(k.startswith("1.buffers.") for k in state)
+        if self.args.gsc and has_gsc and has_plus != self.args.gsc_co_training:
+            trained, now = ("gsc_co_training=True", "False") if has_plus else ("gsc_co_training=False", "True")
+            raise ValueError(
+                f"this checkpoint holds GSC buffers of a run with {trained}, but gsc_co_training={now}: resume "
+                "with the same setting and the same kind of model"
+            )
         if self.args.gsc and not has_gsc:
             raise ValueError(
                 "this checkpoint holds no GSC buffers (it was trained with gsc=False), but gsc=True: resume with "
@@ -388,6 +465,15 @@ class ContrastiveTrainer(Trainer):
                 "--gsc true and the same gsc_* settings"
             )
         self.hook.load_state_dict({k: v for k, v in state.items() if k != _STEP_KEY})
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """``Trainer._save``; for a :class:`CoTrainedDualEncoder` (a plain module: Trainer writes its flat state
+        dict) also the networks' configs, so the folder loads with ``CoTrainedDualEncoder.from_pretrained``."""
+        super()._save(output_dir, state_dict)
+        inner = unwrap_model(self.model)
+        if isinstance(inner, CoTrainedDualEncoder) and self.args.should_save:
+            if all(hasattr(getattr(net, "config", None), "save_pretrained") for net in inner.networks):
+                inner.save_configs(output_dir if output_dir is not None else self.args.output_dir)
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)

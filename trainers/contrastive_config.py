@@ -101,6 +101,11 @@ class ContrastiveTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "fixed scale (> 0) for the positive probability p (default: the model's)"}
     )
     gsc_seed: int | None = field(default=None, metadata={"help": "seed of the GMM subsample (default: seed)"})
+    gsc_co_training: bool = field(
+        default=False,
+        metadata={"help": "GSC+ (gsc.md §6): the model is a CoTrainedDualEncoder; each network's losses are weighted "
+                          "by its peer's w, each network keeps its own buffers/GMM/EMA; needs gsc=True"},
+    )
 
     def __post_init__(self):
         self.remove_unused_columns = False
@@ -144,6 +149,8 @@ class ContrastiveTrainingArguments(TrainingArguments):
         for name, ok, expected in checks:
             if not ok:
                 raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+        if self.gsc_co_training and not self.gsc:
+            raise ValueError("gsc_co_training=True (GSC+) needs gsc=True")
         if self.gsc and self.gsc_structure_max_batch_anchors == 0 and self.gsc_bank_size == 0:
             raise ValueError(
                 "gsc_structure_max_batch_anchors=0 disables in-batch anchors, so GSC needs an anchor bank: "

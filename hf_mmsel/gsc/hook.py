@@ -6,6 +6,10 @@ anchors + optional :class:`AnchorBank`), and ``(sample_idx, c, p)`` gathered acr
 :class:`GSCBuffers`; ``p`` uses the local batch's logits, as GSC (B = 128 per step). At epoch end the
 buffers run the GMM/EMA update, a deterministic function of identical buffers, followed by a broadcast from
 rank 0 for safety. Nothing is recorded when gradients are disabled (evaluation).
+
+:class:`GSCPlusHook` is GSC+ (gsc.md §6) for a co-trained ensemble: one :class:`GSCHook` per network (own
+buffers, GMM/EMA, anchor bank), called per network (``ctx.network = k``); network k's losses are weighted by its
+peer's ``w`` (:class:`GSCPlusBuffers`), its ``c``/``p`` recorded into its own buffers.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch.nn.functional as F
 
 from ..hooks import BatchHook, Dist, LossTerms, StepContext
 from .anchors import AnchorBank
-from .buffers import GSCBuffers
+from .buffers import GSCBuffers, GSCPlusBuffers
 from .loss import structure_terms
 from .structure import StructureConfig, positive_probability
 
@@ -71,14 +75,19 @@ class GSCHook(BatchHook):
         sample_idx: torch.Tensor,
         per_sample_loss: torch.Tensor,
         ctx: StepContext,
+        *,
+        weight_from: GSCBuffers | None = None,
     ) -> LossTerms:
+        """``weight_from``: the buffers whose ``w`` weights this step's losses and anchors (GSC+: the peer
+        network's); ``c`` and ``p`` are always recorded into this hook's own buffers."""
         buffers = self._require_buffers()
-        weights = buffers.weights_for(sample_idx).to(image_embeds.dtype)
+        source = buffers if weight_from is None else weight_from
+        weights = source.weights_for(sample_idx).to(image_embeds.dtype)
         v, u = F.normalize(image_embeds, dim=-1), F.normalize(text_embeds, dim=-1)
         bank = self._ensure_bank(v.shape[1])
         anchor_kwargs = {}
         if bank is not None and len(bank):
-            bank_v, bank_u, bank_w, bank_idx = bank.anchors(buffers.weight)
+            bank_v, bank_u, bank_w, bank_idx = bank.anchors(source.weight)
             anchor_kwargs = dict(anchor_embeds=(bank_v, bank_u), anchor_weights=bank_w, anchor_sample_idx=bank_idx)
         structure_loss, consistency = structure_terms(
             v, u, weights, sample_idx=sample_idx, structure=self.structure, **anchor_kwargs
@@ -124,3 +133,72 @@ class GSCHook(BatchHook):
             if bank is None:
                 raise ValueError("checkpoint holds a GSC anchor bank but this GSCHook has bank_size=0")
             bank.load_state_dict(bank_state)
+
+
+class GSCPlusHook(BatchHook):
+    """GSC+ weighting hook for a :class:`~hf_mmsel.models.CoTrainedDualEncoder` of ``num_networks`` networks.
+
+    ``loss_terms`` must be called once per network with ``ctx.network = k`` (``ContrastiveTrainer`` does this
+    with ``gsc_co_training=True``). Keyword arguments are :class:`GSCHook`'s, shared by every network.
+    State keys: ``net{k}.`` + :meth:`GSCHook.state_dict` keys. Logs carry a ``_net{k}`` suffix.
+    """
+
+    def __init__(self, num_networks: int = 2, **gsc_kwargs) -> None:
+        if num_networks < 2:
+            raise ValueError(f"GSC+ needs at least two networks, got {num_networks}")
+        self.num_networks = num_networks
+        self.networks = [GSCHook(**gsc_kwargs) for _ in range(num_networks)]
+        self.buffers: GSCPlusBuffers | None = None
+
+    def setup(self, num_samples: int, device: torch.device) -> None:
+        if self.buffers is None or self.buffers.networks[0].num_samples != num_samples:
+            self.buffers = GSCPlusBuffers(num_samples, self.num_networks, device=device)
+        for hook, buffers in zip(self.networks, self.buffers.networks):
+            hook.buffers = buffers  # each network's hook owns one of the GSC+ buffer sets
+            hook.setup(num_samples, device)
+
+    def _require_buffers(self) -> GSCPlusBuffers:
+        if self.buffers is None:
+            raise RuntimeError("GSCPlusHook.setup(num_samples, device) must run before training")
+        return self.buffers
+
+    def loss_terms(self, image_embeds, text_embeds, logit_scale, sample_idx, per_sample_loss, ctx) -> LossTerms:
+        buffers = self._require_buffers()
+        k = ctx.network
+        if k is None or not 0 <= k < self.num_networks:
+            raise ValueError(
+                f"GSCPlusHook.loss_terms needs ctx.network in [0, {self.num_networks}) (one call per co-trained "
+                f"network, as ContrastiveTrainer does for a CoTrainedDualEncoder); got {k!r}"
+            )
+        peer = buffers.networks[buffers.peer_of(k)]
+        terms = self.networks[k].loss_terms(image_embeds, text_embeds, logit_scale, sample_idx, per_sample_loss,
+                                            ctx, weight_from=peer)
+        terms.logs = {f"{name}_net{k}": value for name, value in terms.logs.items()}
+        return terms
+
+    def on_epoch_end(self, epoch: int, dist: Dist) -> dict[str, float]:
+        logs: dict[str, float] = {}
+        for k, hook in enumerate(self.networks):
+            logs.update({f"{name}_net{k}": value for name, value in hook.on_epoch_end(epoch, dist).items()})
+        return logs
+
+    def weights(self, network: int | None = None) -> torch.Tensor:
+        """Network ``network``'s own ``w``, or (``None``) the mean over networks: the ensemble's clean estimate."""
+        buffers = self._require_buffers()
+        if network is not None:
+            return buffers.networks[network].weight
+        return torch.stack([b.weight for b in buffers.networks]).mean(0)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"net{k}.{key}": v for k, hook in enumerate(self.networks) for key, v in hook.state_dict().items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        for k, hook in enumerate(self.networks):
+            prefix = f"net{k}."
+            sub = {key[len(prefix):]: v for key, v in state.items() if key.startswith(prefix)}
+            if not sub:
+                raise KeyError(f"GSC+ state has no entries for network {k} (expected keys starting {prefix!r})")
+            hook.load_state_dict(sub)
+        extra = sorted({key.split(".", 1)[0] for key in state} - {f"net{k}" for k in range(self.num_networks)})
+        if extra:
+            raise ValueError(f"GSC+ state holds {extra}, but this hook has {self.num_networks} networks")

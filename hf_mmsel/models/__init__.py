@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .builder import ARCHITECTURES, DualEncoderBundle, build_dual_encoder, freeze_dual_encoder_towers
+from .co_trained import CoTrainedDualEncoder, CoTrainedDualEncoderOutput
 from .features import (
     check_dual_encoder,
     encode_pair,
@@ -21,6 +22,8 @@ __all__ = [
     "ImageTransform",
     "build_dual_encoder",
     "check_dual_encoder",
+    "CoTrainedDualEncoder",
+    "CoTrainedDualEncoderOutput",
     "default_image_transform",
     "encode_pair",
     "freeze_dual_encoder_towers",
