@@ -32,3 +32,16 @@ def accelerate_launch(num_processes: int = 2) -> list[str]:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     return cmd + (["--multi_gpu", "--main_process_port", "0"] if num_processes > 1 else ["--cpu"])
+
+
+def run_checked(cmd: list[str], timeout: int = 300):
+    """Run ``cmd`` from the repository root with one thread per process and the repo + ``tests/`` importable;
+    fail the test with the tail of its output when it exits non-zero."""
+    import os
+    import subprocess
+
+    python_path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": python_path}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc

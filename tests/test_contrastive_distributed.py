@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from _helpers import accelerate_launch
+from _helpers import accelerate_launch, run_checked
 from contrastive_dist_worker import run
 
 WORKER = Path(__file__).with_name("contrastive_dist_worker.py")
@@ -19,10 +17,7 @@ WORKER = Path(__file__).with_name("contrastive_dist_worker.py")
 
 @pytest.mark.slow
 def test_two_process_banks_identical_and_loss_matches_one_process(tmp_path):
-    cmd = accelerate_launch(2) + [str(WORKER), str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_checked(accelerate_launch(2) + [str(WORKER), str(tmp_path)])
 
     banks = [load_file(str(tmp_path / f"bank_rank{r}.safetensors")) for r in range(2)]
     assert set(banks[0]) == set(banks[1])

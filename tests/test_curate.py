@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from _helpers import accelerate_launch, load_recipe
+from _helpers import accelerate_launch, load_recipe, run_checked
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "curate.py"
@@ -245,13 +243,11 @@ def test_two_processes_match_one(assets, tmp_path):
     """accelerate launch with 2 CPU processes: world size 2, output identical to the single-process run."""
     from datasets import load_from_disk
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     outs = {}
     for procs in (1, 2):
         out = tmp_path / f"cur{procs}"
-        cmd = accelerate_launch(procs) + [str(RECIPE), "--use_cpu", *_base(assets, out), "--keep_fraction", "0.5", "--batch_size", "48"]
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-        assert proc.returncode == 0, proc.stderr[-4000:]
+        run_checked(accelerate_launch(procs) + [str(RECIPE), "--use_cpu", *_base(assets, out), "--keep_fraction",
+                                                "0.5", "--batch_size", "48"], timeout=240)
         outs[procs] = out
     stats = {p: json.loads((o / "curation_stats.json").read_text()) for p, o in outs.items()}
     assert stats[1]["world_size"] == 1 and stats[2]["world_size"] == 2

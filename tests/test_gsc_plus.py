@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -214,18 +213,10 @@ def test_gsc_plus_bad_configuration_errors(tmp_path, data):
 
 @pytest.mark.slow
 def test_two_process_gsc_plus_state_identical_on_both_ranks(tmp_path, data):
-    import os
-    import subprocess
-    from pathlib import Path
-
-    from _helpers import accelerate_launch
+    from _helpers import accelerate_launch, run_checked
 
     data["train"].save_to_disk(str(tmp_path / "data"))
-    cmd = accelerate_launch(2) + [__file__, str(tmp_path / "data"), str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), str(Path(__file__).parent)])}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_checked(accelerate_launch(2) + [__file__, str(tmp_path / "data"), str(tmp_path)])
     ranks = [load_file(str(tmp_path / f"gsc_plus_rank{r}.safetensors")) for r in range(2)]
     assert set(ranks[0]) == set(ranks[1])
     for key in ranks[0]:

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from _callbacks import StopAtStep
-from _helpers import RECIPES, accelerate_launch, load_recipe
+from _helpers import RECIPES, accelerate_launch, load_recipe, run_checked
 from hf_mmsel.data import ImageTextCollator, inject_noisy_correspondence, load_easy_vqa_captions, preprocess_image_text
 from hf_mmsel.gsc.hook import GSCHook
 from hf_mmsel.hooks import BatchHook
@@ -163,10 +161,7 @@ def test_interrupted_and_resumed_run_restores_every_gsc_buffer(tmp_path, train_s
 @pytest.mark.slow
 def test_two_process_gsc_weights_identical_on_both_ranks(tmp_path, train_set):
     train_set.save_to_disk(str(tmp_path / "data"))
-    cmd = accelerate_launch(2) + [str(WORKER), str(tmp_path / "data"), str(tmp_path), "--use_cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_checked(accelerate_launch(2) + [str(WORKER), str(tmp_path / "data"), str(tmp_path), "--use_cpu"])
     ranks = [load_file(str(tmp_path / f"gsc_rank{r}.safetensors")) for r in range(2)]
     assert set(ranks[0]) == set(ranks[1])
     for key in ranks[0]:

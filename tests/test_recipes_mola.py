@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from _helpers import accelerate_launch, load_recipe
+from _helpers import accelerate_launch, load_recipe, run_checked
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "train_mola.py"
@@ -22,13 +21,6 @@ SMALL = ["--max_per_task", "60", "--hidden_size", "16", "--num_hidden_layers", "
 
 def _load_recipe():
     return load_recipe("train_mola")
-
-
-def _run(cmd: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
 
 
 def test_yaml_defaults_flags_override_and_unknown_keys(tmp_path):
@@ -92,7 +84,7 @@ def test_train_writes_artifacts_pushes_and_reloads_bit_exact(tmp_out, fake_hub):
     from hf_mmsel.models.multitask import load_multitask_vit
 
     repo_id = "tester/mola-tiny"
-    _run([sys.executable, str(RECIPE), "--output_dir", str(tmp_out), "--max_steps", "6", *SMALL,
+    run_checked([sys.executable, str(RECIPE), "--output_dir", str(tmp_out), "--max_steps", "6", *SMALL,
           "--push_to_hub", "--hub_model_id", repo_id])
 
     adapter_config = json.loads((tmp_out / "adapter_config.json").read_text())
@@ -126,7 +118,7 @@ def test_train_writes_artifacts_pushes_and_reloads_bit_exact(tmp_out, fake_hub):
 
 @pytest.mark.slow
 def test_two_process_cpu_run_with_router(tmp_out):
-    _run([*accelerate_launch(2), str(RECIPE), "--use_cpu", "true", "--output_dir", str(tmp_out), "--max_steps", "4", "--routing", "router", *SMALL])
+    run_checked([*accelerate_launch(2), str(RECIPE), "--use_cpu", "true", "--output_dir", str(tmp_out), "--max_steps", "4", "--routing", "router", *SMALL])
     results = json.loads((tmp_out / "eval_results.json").read_text())
     assert results["world_size"] == 2 and results["routing"] == "router" and results["global_step"] == 4
     assert json.loads((tmp_out / "adapter_config.json").read_text())["routing"] == "router"
