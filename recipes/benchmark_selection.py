@@ -7,8 +7,8 @@ the selection keeps k pairs, GSC weights them).
 
 Every strategy gets the same model initialisation, the same candidate batches (same sampler seed) and the same
 number of optimizer steps; strategies run alternately in one process (the order rotates with the seed) so that
-machine load hits them alike. ``train_seconds`` is the Trainer's wall-clock training time, every scoring forward
-and GSC computation included (the optional ``--log_curves`` diagnostics are timed and subtracted). Writes
+machine load hits them alike, after untimed warm-up runs that absorb the process's one-time costs.
+``train_seconds`` is the Trainer's wall-clock training time, every scoring forward and GSC computation included (the optional ``--log_curves`` diagnostics are timed and subtracted). Writes
 ``results.json``, ``results.md`` and ``results.png`` (plus ``curves.png`` with ``--log_curves``) to ``--output_dir``.
 
     python recipes/benchmark_selection.py --strategies dissect,random,full,gsc,dissect+gsc --seeds 0,1,2
@@ -287,6 +287,29 @@ def _train_reference(args, bundle, data, class_captions, seed, out: Path) -> dic
             "cpu_seconds": cpu_seconds, "score_seconds": score_seconds, "rsum": metrics["eval_rsum"]}
 
 
+def _warm_up(args, data, captions, out: Path, with_gsc: bool) -> None:
+    """Untimed warm-up runs before the timed ones: the first training runs of a process pay one-time costs
+    (allocator growth, oneDNN primitives for the ``B`` and ``r*B`` batch shapes, the first no-grad scoring pass),
+    which would otherwise be charged to whichever strategy happens to run first (measured on 2 CPU cores: 2-6 s of a
+    ~16 s run; 1-2 warm-up epochs were not enough). 3-epoch ``dissect`` (random-k epoch, then scoring + top-k) and
+    ``full`` runs cover every batch shape."""
+    from dataclasses import replace
+
+    from hf_mmsel.data import ImageTextCollator
+    from hf_mmsel.gsc.hook import GSCHook
+    from hf_mmsel.trainers import ContrastiveTrainer
+
+    warm = replace(args, selection_warmup_epochs=1)
+    for selection, epochs in (("dissect", 3), ("full", 3)):
+        bundle = _build(args, captions, seed=0)
+        trainer = ContrastiveTrainer(
+            bundle.model, _training_arguments(warm, selection, 0, out / f"warmup_{selection}", epochs),
+            train_dataset=data["train"], data_collator=ImageTextCollator(bundle.tokenizer, max_length=args.max_length),
+            processing_class=bundle.tokenizer, hooks=[GSCHook(seed=0)] if with_gsc else None,
+        )
+        trainer.train()
+
+
 def _train_one(args, strategy, bundle, data, class_captions, seed, out: Path,
                reference: dict[str, Any] | None = None) -> dict[str, Any]:
     from torch.utils.data import DataLoader
@@ -500,12 +523,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print(f"cached {len(cached['train'])} train / {len(cached['test'])} test pairs in {time.perf_counter() - t0:.1f}s")
 
     results = []
+    warmed_up = False
     for noise in noise_ratios:
         runs: dict[str, list[dict[str, Any]]] = {s: [] for s in strategies}
         for n_seed, seed in enumerate(seeds):
             noisy = dict(cached)
             noisy["train"] = InMemoryPairs(inject_noisy_correspondence(cached["train"], noise, seed=seed))
             order = strategies[n_seed % len(strategies):] + strategies[: n_seed % len(strategies)]
+            if not warmed_up:
+                _warm_up(args, noisy, data["train"]["caption"], out / "runs",
+                         with_gsc=any(parse_strategy(s)[1] for s in strategies))
+                warmed_up = True
             reference = None
             if any(parse_strategy(s)[0] == "reference_clipscore" for s in strategies):
                 reference = _train_reference(args, _build(args, data["train"]["caption"], seed=seed), noisy,
