@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import sys
 from pathlib import Path
 
@@ -11,16 +11,8 @@ RECIPES = ROOT / "recipes"
 
 
 def load_recipe(name: str):
-    """Import ``recipes/<name>.py`` as module ``recipe_<name>`` (cached in ``sys.modules``, which dataclasses need
-    to resolve annotations)."""
-    module_name = f"recipe_{name}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, RECIPES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
+    """The recipe module ``hf_mmsel.recipes.<name>`` (``recipes/<name>.py`` is a thin wrapper around it)."""
+    return importlib.import_module(f"hf_mmsel.recipes.{name}")
 
 
 def accelerate_launch(num_processes: int = 2) -> list[str]:

@@ -432,7 +432,7 @@ def test_step_benchmark_runs_on_linear_and_vit():
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from recipes.benchmark_mola_step import benchmark_mola_step
+    from hf_mmsel.recipes.benchmark_mola_step import benchmark_mola_step
 
     small = benchmark_mola_step(dim=16, num_layers=2, batch_size=8, rank=2, num_experts=4, steps=2, warmup=1)
     assert small["ratio_mola_grad_over_lora"] > 0

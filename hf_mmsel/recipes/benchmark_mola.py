@@ -1,0 +1,350 @@
+"""Compare MoLA with fine-tuning baselines on the embedded heterogeneous benchmark, under identical budgets.
+
+    python recipes/benchmark_mola.py --seeds 0,1,2 --learning_rates 1e-3,3e-3 --output_dir outputs/benchmarks/mola
+    # the defaults; 30 runs of 600 steps: about 20 min on 2 shared CPU cores (measured 1154 s)
+
+Methods (same frozen random-init ViT base, same number of optimisation steps, batch size, linear schedule, warm-up and
+seeds; the base and the MoLA configs are those of ``recipes/train_mola.py``):
+
+* ``full``            full fine-tuning of backbone + per-task heads (hard parameter sharing);
+* ``lora_shared``     one LoRA of rank ``r * T`` on every backbone Linear: the trainable budget of MoLA's T experts;
+* ``lora_per_task``   one rank-``r`` LoRA per task, each trained alone on its task for ``max_steps / T`` steps;
+* ``mola_grad``       MoLA-Grad: T rank-``r`` experts, expert t trained only by task-t samples of mixed batches;
+* ``mola_router``     MoLA-Router: the same experts mixed by a learned router + TwD loss (no task id for routing).
+
+Model selection never looks at the test split (the official MoLA code selects on test): a validation split
+(``--val_fraction`` of every task's training examples, fixed by ``--split_seed``) is carved from ``train``; every
+method is trained on the rest with each learning rate of ``--learning_rates`` and each seed, and its learning rate
+is the one with the best validation mean accuracy averaged over the seeds. The table reports the test accuracy at
+that learning rate (mean and std over seeds). Step times are medians of training steps of all methods measured
+interleaved in one loop (same batch size, after the accuracy runs), so CPU load changes hit all methods alike; the
+MoLA-Grad / LoRA step ratio of ``recipes/benchmark_mola_step.py`` is recorded too.
+
+Writes ``results.json`` (every run), ``results.md`` (tables) and ``results.png`` to ``--output_dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+METHODS = ("full", "lora_shared", "lora_per_task", "mola_grad", "mola_router")
+
+
+def _number_list(kind):
+    """argparse type for ``1e-3,3e-3`` or ``1e-3 3e-3`` (each token may hold a comma-separated list)."""
+
+    def parse(text: str) -> list:
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from err
+
+    return parse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--seeds", nargs="+", type=_number_list(int), default=[[0, 1, 2]], help="e.g. 0,1,2")
+    p.add_argument("--learning_rates", nargs="+", type=_number_list(float), default=[[1e-3, 3e-3]],
+                   help="grid searched per method on the validation split, e.g. 1e-3,3e-3")
+    p.add_argument("--max_steps", type=int, default=600)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--warmup_steps", type=int, default=50)
+    p.add_argument("--r", type=int, default=8, help="rank of each MoLA expert / per-task LoRA")
+    p.add_argument("--hidden_size", type=int, default=64)
+    p.add_argument("--num_hidden_layers", type=int, default=4)
+    p.add_argument("--max_per_task", type=int, default=None)
+    p.add_argument("--val_fraction", type=float, default=0.1, help="share of each task's train examples held out")
+    p.add_argument("--split_seed", type=int, default=0, help="seed of the train/validation split")
+    p.add_argument("--timing_steps", type=int, default=30, help="interleaved timed steps per method (0: skip)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 gives the most stable step times)")
+    p.add_argument("--output_dir", default="outputs/benchmarks/mola")
+    args = p.parse_args(argv)
+    args.seeds = [s for group in args.seeds for s in group]
+    args.learning_rates = [lr for group in args.learning_rates for lr in group]
+    if not args.seeds or not args.learning_rates:
+        p.error("--seeds and --learning_rates need at least one value")
+    if not 0.0 < args.val_fraction < 1.0:
+        p.error(f"--val_fraction must be in (0, 1), got {args.val_fraction}")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------ models
+def build_model(method: str, spec, args, seed: int):
+    """The model of ``method`` (``lora_per_task``: one task's model), on the train_mola recipe's base."""
+    from peft import LoraConfig, get_peft_model
+    from hf_mmsel.recipes.train_mola import ModelArguments, build_base_model, mola_config
+
+    from hf_mmsel.models.multitask import HEADS_MODULE_NAME, vit_target_modules
+
+    T, r = spec.num_tasks, args.r
+    model_args = ModelArguments(
+        routing="router" if method == "mola_router" else "task", r=r, lora_alpha=2 * r,
+        hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers, intermediate_size=2 * args.hidden_size,
+        model_seed=seed,
+    )
+    base = build_base_model(model_args, spec, image_size=28)
+    heads = [HEADS_MODULE_NAME]
+    if method == "full":
+        return base
+    if method in ("lora_shared", "lora_per_task"):
+        rank = r * T if method == "lora_shared" else r
+        return get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=vit_target_modules(base),
+                                               modules_to_save=heads))
+    if method in ("mola_grad", "mola_router"):
+        return get_peft_model(base, mola_config(model_args, spec, base))
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+def _trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _single_task_trainable(model, spec, task: int) -> int:
+    """Trainable parameters a one-task model needs: the adapter plus task ``task``'s head only."""
+    heads = model.base_model.model.heads.modules_to_save["default"]
+    own_head = (heads.feature_dim + 1) * spec.num_labels[task]
+    return _trainable(model) - heads.weight.numel() - heads.bias.numel() + own_head
+
+
+# ------------------------------------------------------------------------------------------------ training
+def _train(model, train_ds, eval_sets: dict, steps: int, lr: float, args, seed: int, out: str, task_names):
+    from hf_mmsel.trainers import MolaTrainer, MolaTrainingArguments
+
+    training_args = MolaTrainingArguments(
+        output_dir=out, max_steps=steps, per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=512, learning_rate=lr, lr_scheduler_type="linear",
+        warmup_steps=min(args.warmup_steps, steps // 10), weight_decay=0.0, logging_steps=max(steps // 4, 1),
+        eval_strategy="no", save_strategy="no", report_to=[], use_cpu=True, seed=seed, disable_tqdm=True,
+    )
+    trainer = MolaTrainer(model=model, args=training_args, train_dataset=train_ds, task_names=task_names)
+    trainer.train()
+    return {split: trainer.evaluate(ds, metric_key_prefix=split) for split, ds in eval_sets.items()}
+
+
+def _by_task(dataset, task: int):
+    import numpy as np
+
+    tasks = np.asarray(dataset.with_format("numpy")["task_id"][:])
+    return dataset.select(np.flatnonzero(tasks == task))
+
+
+def run_method(method: str, data, spec, args, seed: int, lr: float) -> dict:
+    """Train ``method`` on ``data["train"]`` with ``lr`` and ``seed``; accuracies on ``validation`` and ``test``."""
+    out = os.path.join(args.output_dir, "runs", f"{method}_lr{lr:g}_seed{seed}")
+    splits = ("validation", "test")
+    acc: dict[str, dict[str, float]] = {split: {} for split in splits}
+    if method == "lora_per_task":
+        trainable = 0
+        for t, name in enumerate(spec.task_names):
+            model = build_model(method, spec, args, seed)
+            trainable += _single_task_trainable(model, spec, t)
+            metrics = _train(model, _by_task(data["train"], t), {s: _by_task(data[s], t) for s in splits},
+                             args.max_steps // spec.num_tasks, lr, args, seed, out, spec.task_names)
+            for split in splits:
+                acc[split][name] = metrics[split][f"{split}_acc_{name}"]
+    else:
+        model = build_model(method, spec, args, seed)
+        trainable = _trainable(model)
+        metrics = _train(model, data["train"], {s: data[s] for s in splits}, args.max_steps, lr, args, seed, out,
+                         spec.task_names)
+        for split in splits:
+            acc[split] = {name: metrics[split][f"{split}_acc_{name}"] for name in spec.task_names}
+    return {
+        "method": method, "seed": seed, "learning_rate": lr, "trainable_params": trainable,
+        "val_accuracy": acc["validation"], "val_mean_acc": statistics.mean(acc["validation"].values()),
+        "test_accuracy": acc["test"], "test_mean_acc": statistics.mean(acc["test"].values()),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ step times
+def measure_step_times(methods, data, spec, args) -> dict[str, float]:
+    """Median seconds of one training step (forward, multi-task loss [+ TwD], backward, AdamW) per method, all
+    methods timed interleaved on the same batch size; ``lora_per_task`` steps one task's rank-r LoRA."""
+    import torch
+    from hf_mmsel.recipes.benchmark_mola_step import interleaved_median_step_times
+
+    from hf_mmsel.data.multitask import MultiTaskCollator
+
+    import numpy as np
+
+    collate = MultiTaskCollator()
+    rng = np.random.default_rng(0)
+
+    def random_batch(dataset):  # a random (mixed-task) batch, as the Trainer's shuffled sampler draws them
+        idx = rng.choice(len(dataset), args.batch_size, replace=len(dataset) < args.batch_size)
+        return collate([dataset[int(i)] for i in idx])
+
+    mixed, single = random_batch(data["train"]), random_batch(_by_task(data["train"], 0))
+    step_fns = {}
+    for method in methods:
+        model = build_model(method, spec, args, seed=0)
+        model.train()
+        batch = single if method == "lora_per_task" else mixed
+        tuner = getattr(model, "base_model", None)
+        uses_router = method == "mola_router"
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+        def step(model=model, batch=batch, tuner=tuner, uses_router=uses_router, optimizer=optimizer) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            loss = model(**batch).loss
+            if uses_router:
+                loss = loss + tuner.mola_aux_loss(batch["task_ids"])
+            loss.backward()
+            optimizer.step()
+
+        step_fns[method] = step
+    return interleaved_median_step_times(step_fns, steps=args.timing_steps, warmup=3)
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+def select_learning_rates(runs: list[dict], methods) -> dict[str, float]:
+    """Per method, the learning rate with the best validation mean accuracy averaged over seeds (ties: smaller lr)."""
+    chosen = {}
+    for method in methods:
+        by_lr: dict[float, list[float]] = {}
+        for run in runs:
+            if run["method"] == method:
+                by_lr.setdefault(run["learning_rate"], []).append(run["val_mean_acc"])
+        chosen[method] = max(sorted(by_lr), key=lambda lr: statistics.mean(by_lr[lr]))
+    return chosen
+
+
+def summarise(runs: list[dict], methods, spec, chosen: dict[str, float]) -> dict[str, dict]:
+    summary = {}
+    for method in methods:
+        selected = sorted((r for r in runs if r["method"] == method and r["learning_rate"] == chosen[method]),
+                          key=lambda r: r["seed"])
+        test_means = [r["test_mean_acc"] for r in selected]
+        grid = {}
+        for run in runs:
+            if run["method"] == method:
+                grid.setdefault(run["learning_rate"], []).append(run["val_mean_acc"])
+        summary[method] = {
+            "learning_rate": chosen[method],
+            "val_mean_acc_by_lr": {f"{lr:g}": statistics.mean(v) for lr, v in sorted(grid.items())},
+            "accuracy": {n: statistics.mean(r["test_accuracy"][n] for r in selected) for n in spec.task_names},
+            "mean_acc": statistics.mean(test_means),
+            "mean_acc_std": statistics.stdev(test_means) if len(test_means) > 1 else 0.0,
+            "mean_acc_per_seed": {r["seed"]: r["test_mean_acc"] for r in selected},
+            "trainable_params": selected[0]["trainable_params"],
+        }
+    return summary
+
+
+def write_markdown(payload: dict, spec, args, path: str) -> None:
+    summary, step_ms = payload["summary"], payload.get("median_step_time_ms", {})
+    n_seeds = len(args.seeds)
+    lines = [
+        f"MoLA benchmark: {args.max_steps} steps, batch {args.batch_size}, linear schedule, expert rank {args.r}, "
+        f"seeds {args.seeds}; frozen random-init ViT {args.num_hidden_layers}x{args.hidden_size}. Learning rate per "
+        f"method chosen from {args.learning_rates} by validation mean accuracy ({args.val_fraction:g} of each task's "
+        f"train split, averaged over seeds); test accuracy at that learning rate"
+        + (f", mean ± std over {n_seeds} seeds." if n_seeds > 1 else "."),
+        "",
+        "| method | lr | " + " | ".join(spec.task_names) + " | mean test acc | trainable params | step time (ms) |",
+        "|" + "---|" * (len(spec.task_names) + 5),
+    ]
+    for method, s in summary.items():
+        accs = " | ".join(f"{s['accuracy'][n]:.3f}" for n in spec.task_names)
+        std = f" ± {s['mean_acc_std']:.3f}" if n_seeds > 1 else ""
+        step = f"{step_ms[method]:.1f}" if method in step_ms else "n/a"
+        lines.append(f"| {method} | {s['learning_rate']:g} | {accs} | **{s['mean_acc']:.3f}**{std} | "
+                     f"{s['trainable_params']:,} | {step} |")
+    lrs = [f"{lr:g}" for lr in args.learning_rates]
+    lines += ["", "Validation mean accuracy (mean over seeds) per learning rate, used for the selection:", "",
+              "| method | " + " | ".join(f"lr {lr}" for lr in lrs) + " |", "|" + "---|" * (len(lrs) + 1)]
+    for method, s in summary.items():
+        lines.append(f"| {method} | " + " | ".join(f"{s['val_mean_acc_by_lr'][lr]:.3f}" for lr in lrs) + " |")
+    if "mola_grad" in summary and "lora_shared" in summary:
+        g, l = summary["mola_grad"], summary["lora_shared"]
+        diffs = [g["mean_acc_per_seed"][s] - l["mean_acc_per_seed"][s] for s in args.seeds]
+        lines += ["", "MoLA-Grad − shared LoRA (same trainable budget), test mean accuracy per seed: "
+                  + ", ".join(f"{d:+.3f}" for d in diffs) + f" (mean {statistics.mean(diffs):+.3f})."]
+    ratio = payload.get("step_benchmark")
+    if ratio:
+        lines += ["", f"`benchmark_mola_step.py` ({ratio['num_layers']} Linear {ratio['dim']}, batch "
+                  f"{ratio['batch_size']}, r={ratio['rank']}, {ratio['num_experts']} experts, {ratio['device']}): "
+                  f"MoLA-Grad / LoRA step time = {ratio['ratio_mola_grad_over_lora']:.2f}x."]
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
+def write_plot(summary: dict, spec, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    labels = list(spec.task_names) + ["mean"]
+    x = np.arange(len(labels))
+    width = 0.8 / max(len(summary), 1)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for i, (method, s) in enumerate(summary.items()):
+        values = [s["accuracy"][n] for n in spec.task_names] + [s["mean_acc"]]
+        errors = [0.0] * len(spec.task_names) + [s["mean_acc_std"]]
+        ax.bar(x + (i - (len(summary) - 1) / 2) * width, values, width, yerr=errors, capsize=2,
+               label=f"{method} (lr {s['learning_rate']:g})")
+    ax.set_xticks(x, labels)
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.1))
+    ax.set_title("MoLA vs baselines (identical budgets, lr chosen on validation)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from hf_mmsel.data.multitask import load_multitask_benchmark, split_by_task
+
+    benchmark, spec = load_multitask_benchmark(max_per_task=args.max_per_task)
+    train, validation = split_by_task(benchmark["train"], args.val_fraction, seed=args.split_seed)
+    data = {"train": train, "validation": validation, "test": benchmark["test"]}
+    os.makedirs(args.output_dir, exist_ok=True)
+    started = time.perf_counter()
+    runs: list[dict] = []
+    for seed in args.seeds:  # methods interleaved within each (seed, lr) round
+        for lr in args.learning_rates:
+            for method in args.methods:
+                start = time.perf_counter()
+                run = run_method(method, data, spec, args, seed, lr)
+                runs.append(run)
+                print(f"[benchmark] seed {seed} lr {lr:g} {method}: val {run['val_mean_acc']:.4f} "
+                      f"test {run['test_mean_acc']:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
+    chosen = select_learning_rates(runs, args.methods)
+    payload = {
+        "settings": vars(args), "task_names": spec.task_names, "num_labels": spec.num_labels,
+        "split_sizes": {k: len(v) for k, v in data.items()},
+        "summary": summarise(runs, args.methods, spec, chosen), "runs": runs,
+    }
+    if args.timing_steps > 0:
+        step_s = measure_step_times(args.methods, data, spec, args)
+        payload["median_step_time_ms"] = {m: 1000 * s for m, s in step_s.items()}
+        from hf_mmsel.recipes.benchmark_mola_step import benchmark_mola_step
+
+        payload["step_benchmark"] = benchmark_mola_step(steps=args.timing_steps)
+    payload["wall_time_s"] = time.perf_counter() - started
+    with open(os.path.join(args.output_dir, "results.json"), "w") as fh:
+        json.dump(payload, fh, indent=2)
+    write_markdown(payload, spec, args, os.path.join(args.output_dir, "results.md"))
+    write_plot(payload["summary"], spec, os.path.join(args.output_dir, "results.png"))
+    print(Path(args.output_dir, "results.md").read_text())
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Step-time benchmark: MoLA-Grad (E experts, mixed-task batch, one pass) vs a peft LoRA of the same rank.
+
+Median fwd+bwd+AdamW step time on the same Linear model (default 4 Linear layers d=512, batch 256, r=8, E=4),
+measured interleaved in one process (A, B, A, B, ...) so CPU noise hits both alike. Goal: ratio <= 1.3.
+
+    python recipes/benchmark_mola_step.py --output_json mola_step.json
+    from recipes.benchmark_mola_step import benchmark_mola_step   # -> dict (benchmark_mola.py records it too)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+
+def build_linear_model(dim: int = 512, num_layers: int = 4) -> nn.Module:
+    """A stack of ``num_layers`` Linear(dim, dim) + ReLU with modules named ``layers.<i>``."""
+
+    class LinearStack(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(dim, dim) for _ in range(num_layers))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers:
+                x = torch.relu(layer(x))
+            return x
+
+    return LinearStack()
+
+
+def build_vit_model(**config_kwargs) -> tuple[nn.Module, list[str]]:
+    """A transformers ViT from config (default ViT-B/16 sizes, random weights) and its attention/MLP Linear names."""
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(**config_kwargs)  # defaults: hidden 768, 12 layers, 12 heads, 224 px, patch 16
+    model = ViTModel(config, add_pooling_layer=False)
+    targets = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    return model, targets
+
+
+def interleaved_median_step_times(
+    step_fns: dict[str, Callable[[], None]], steps: int, warmup: int = 3, device: str = "cpu"
+) -> dict[str, float]:
+    """Median wall seconds of each step function, timed interleaved (A, B, C, A, B, C, ...) so that load changes on
+    a shared machine hit every function alike; the first ``warmup`` rounds are not timed. CUDA is synchronised
+    around every step."""
+    times: dict[str, list[float]] = {name: [] for name in step_fns}
+
+    def sync() -> None:
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+
+    for i in range(warmup + steps):
+        for name, fn in step_fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _output_tensor(output) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output.last_hidden_state
+
+
+def _make_step(model: nn.Module, x: torch.Tensor, forward_kwargs: dict) -> Callable[[], None]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss = _output_tensor(model(x, **forward_kwargs)).float().square().mean()
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def benchmark_mola_step(
+    dim: int = 512,
+    num_layers: int = 4,
+    batch_size: int = 256,
+    rank: int = 8,
+    num_experts: int = 4,
+    steps: int = 30,
+    warmup: int = 3,
+    seed: int = 0,
+    device: Optional[str] = None,
+    model: str = "linear",
+    vit_config: Optional[dict] = None,
+) -> dict:
+    """Median step seconds of MoLA-Grad and LoRA (same rank per expert, same base) and their ratio.
+
+    ``model="linear"``: ``num_layers`` Linear(dim, dim) on [batch, dim]; ``model="vit"``: a transformers ViT from
+    config (``vit_config`` overrides the ViT-B/16 defaults) on [batch, 3, H, W] images.
+    """
+    import hf_mmsel  # noqa: F401  (registers MOLA)
+    from peft import LoraConfig, get_peft_model
+
+    from hf_mmsel.mola import MolaConfig
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(seed)
+    if model == "linear":
+        base = build_linear_model(dim, num_layers)
+        targets = [f"layers.{i}" for i in range(num_layers)]
+        x = torch.randn(batch_size, dim, device=device)
+    elif model == "vit":
+        base, targets = build_vit_model(**(vit_config or {}))
+        size = base.config.image_size
+        x = torch.randn(batch_size, base.config.num_channels, size, size, device=device)
+    else:
+        raise ValueError(f"model={model!r} is not valid; choose one of ['linear', 'vit'].")
+    lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=16, target_modules=targets)).to(device)
+    mola = get_peft_model(
+        copy.deepcopy(base),
+        MolaConfig(r=rank, lora_alpha=16, num_experts=num_experts, routing="task", target_modules=targets),
+    ).to(device)
+    task_ids = torch.arange(batch_size, device=device) % num_experts
+    steps_fn = {
+        "lora": _make_step(lora, x, {}),
+        "mola_grad": _make_step(mola, x, {"task_ids": task_ids}),
+    }
+    medians = interleaved_median_step_times(steps_fn, steps=steps, warmup=warmup, device=device)
+    return {
+        "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)",
+        "model": model,
+        "dim": dim if model == "linear" else base.config.hidden_size,
+        "num_layers": num_layers if model == "linear" else base.config.num_hidden_layers,
+        "batch_size": batch_size,
+        "rank": rank,
+        "num_experts": num_experts,
+        "steps": steps,
+        "median_step_s": medians,
+        "ratio_mola_grad_over_lora": medians["mola_grad"] / medians["lora"],
+        "trainable_params": {
+            "lora": sum(p.numel() for p in lora.parameters() if p.requires_grad),
+            "mola_grad": sum(p.numel() for p in mola.parameters() if p.requires_grad),
+        },
+    }
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--num_layers", type=int, default=4)
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--num_experts", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--model", default="linear", choices=["linear", "vit"], help="vit = ViT-B/16 from config")
+    parser.add_argument("--output_json", default="mola_step_benchmark.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    options = {k: v for k, v in vars(args).items() if k not in ("threads", "output_json")}
+    result = benchmark_mola_step(**options)
+    with open(args.output_json, "w") as f:
+        json.dump(result, f, indent=2)
+    print(
+        f"MoLA-Grad ({args.num_experts} experts) / LoRA (r={args.rank}) step time: "
+        f"{result['ratio_mola_grad_over_lora']:.3f}x  ({result['median_step_s']}) on {result['device']}"
+    )
+    return result
+
+
+if __name__ == "__main__":
+    main()

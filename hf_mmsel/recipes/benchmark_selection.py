@@ -1,0 +1,562 @@
+"""Benchmark online selection and noisy-correspondence strategies on a noisy image-caption dataset.
+
+Strategies: every selection strategy of ``hf_mmsel.selection`` (``dissect``, ``dissect_ema``, ``random``,
+``small_loss``, ``big_loss``, ``clipscore``, ``reference_clipscore``, ``full``), ``gsc`` (full data with GSC
+per-sample weighting, ``ContrastiveTrainer(hooks=[GSCHook(...)])``) and ``<selection>+gsc`` (e.g. ``dissect+gsc``:
+the selection keeps k pairs, GSC weights them).
+
+Every strategy gets the same model initialisation, the same candidate batches (same sampler seed) and the same
+number of optimizer steps; strategies run alternately in one process (the order rotates with the seed) so that
+machine load hits them alike, after untimed warm-up runs that absorb the process's one-time costs.
+``train_seconds`` is the Trainer's wall-clock training time, every scoring forward and GSC computation included (the optional ``--log_curves`` diagnostics are timed and subtracted). Writes
+``results.json``, ``results.md`` and ``results.png`` (plus ``curves.png`` with ``--log_curves``) to ``--output_dir``.
+
+    python recipes/benchmark_selection.py --strategies dissect,random,full,gsc,dissect+gsc --seeds 0,1,2
+
+Defaults (documented choice, README "Results"): the model is :class:`~hf_mmsel.models.SmallDualEncoderModel`
+(``--model small``: a CNN image tower + bag-of-words text tower from scratch at 28 px), trained on cached tensors
+with B = 128, AdamW lr 2e-3, weight decay 0.0 (``--weight_decay``), cosine schedule, 20 epochs, DISSect warm-up of
+a quarter of the epochs. In this regime full-data training fits the clean pairs first and then memorises the
+noisy ones (test rSum peaks early and declines; the clean-vs-noisy train cosine gap shrinks: check with
+``--log_curves``), the regime DISSect and GSC target (dissect.md §0). ``--model clip`` trains a tiny random-init
+CLIP instead; it underfits at this scale and never memorises the noise.
+
+``reference_clipscore`` (the paper's oracle baseline: top-k by the CLIPScore of a FIXED reference model): before
+the strategy runs of each seed (and noise level) a reference model of the same architecture and the same
+initialisation is trained with ``full`` on the same noisy training set and candidate batches for
+``--reference_epochs`` epochs (default: the selection warm-up epochs, a quarter of ``--epochs``, i.e. the
+early-learning peak before full-data training starts memorising the noisy pairs; it gets its own cosine schedule
+over those epochs), then scores every training pair once (``ContrastiveTrainer.compute_reference_scores``:
+``100*max(cos, 0)``, one no-grad pass). The ``reference_clipscore`` run selects by these fixed scores. Its
+``train_seconds`` / ``train_cpu_seconds`` INCLUDE the reference model's training and scoring time (reported
+separately as ``reference_seconds`` / ``reference_cpu_seconds``), and its ``detection_auroc`` is the AUROC of the
+reference scores over all training pairs (clean = positive). The reference model's own test rSum is
+``reference_rsum``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass
+class BenchmarkArguments:
+    dataset: str | None = field(default=None, metadata={"help": "Hub id or local path (default: embedded easy-vqa)"})
+    image_column: str = field(default="image")
+    caption_column: str = field(default="caption")
+    label_column: str | None = field(default=None, metadata={"help": "optional class column (zero-shot accuracy)"})
+    noise_ratio: float = field(default=0.4, metadata={"help": "fraction of training captions shuffled"})
+    noise_ratios: str | None = field(default=None, metadata={"help": "comma list; overrides --noise_ratio"})
+    strategies: str = field(
+        default="dissect,random,full",
+        metadata={"help": "comma list: selection strategies, 'gsc' and '<selection>+gsc' (e.g. dissect+gsc)"},
+    )
+    select_rate: float = field(default=0.5)
+    epochs: int = field(default=20)
+    selection_warmup_epochs: int | None = field(default=None, metadata={"help": "default: a quarter of --epochs"})
+    seed: int = field(default=0)
+    seeds: str | None = field(default=None, metadata={"help": "comma list, e.g. 0,1,2 (overrides --seed)"})
+    output_dir: str = field(default="benchmark_selection")
+    batch_size: int = field(default=128, metadata={"help": "candidate batch B"})
+    learning_rate: float = field(default=2e-3)
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (0: lets full-data training "
+                                                               "memorise noisy pairs, the targeted regime)"})
+    model: str = field(default="small", metadata={"help": "'small' (CNN + bag of words) or 'clip' (tiny ViT CLIP)"})
+    image_size: int = field(default=28)
+    hidden_size: int = field(default=128, metadata={"help": "text width (small) / transformer width (clip)"})
+    projection_dim: int = field(default=64)
+    conv_channels: str = field(default="16,32,64", metadata={"help": "small model: conv stage widths"})
+    image_pooling: str = field(default="flatten", metadata={"help": "small model: 'flatten' or 'mean'"})
+    text_mlp: bool = field(default=True, metadata={"help": "small model: residual MLP on the bag of words"})
+    patch_size: int = field(default=7, metadata={"help": "clip model only"})
+    num_layers: int = field(default=2, metadata={"help": "clip model only"})
+    max_length: int = field(default=16)
+    initializer_factor: float = field(default=4.0, metadata={"help": "clip model only: init scale"})
+    logit_scale_init: float = field(default=10.0, metadata={"help": "initial exp(logit_scale) (CLIP: 1/0.07)"})
+    gsc_gamma: float = field(default=0.05, metadata={"help": "GSC structure-loss weight"})
+    gsc_beta: float = field(default=0.7, metadata={"help": "GSC EMA momentum of the epoch-end update"})
+    gsc_prob_posterior: bool = field(
+        default=True,
+        metadata={"help": "GSC: feed the EMA with the GMM clean posterior of p instead of raw p (gsc.md 12.1: with "
+                          "repeated captions in a batch raw p is small even for clean pairs)"},
+    )
+    log_curves: bool = field(
+        default=False,
+        metadata={"help": "per epoch: test rSum and mean train cosine of clean vs noisy pairs (timed and "
+                          "subtracted from train_seconds; written to results.json and curves.png)"},
+    )
+    max_train: int | None = field(default=None, metadata={"help": "use only the first n training pairs"})
+    max_test: int | None = field(default=None)
+    test_fraction: float = field(default=0.2, metadata={"help": "held-out share when the dataset has one split"})
+    threads: int = field(default=1, metadata={"help": "torch threads (1 gives the steadiest timings)"})
+    reference_epochs: int | None = field(
+        default=None,
+        metadata={"help": "reference_clipscore: epochs of full-data training of the fixed reference model (default: "
+                          "the selection warm-up epochs, the early-learning peak before memorisation)"},
+    )
+
+
+GSC_SUFFIX = "+gsc"
+
+
+def parse_strategy(name: str) -> tuple[str, bool]:
+    """``(selection strategy, with GSC weighting)`` of a benchmark strategy name: ``gsc`` -> ``("full", True)``,
+    ``dissect+gsc`` -> ``("dissect", True)``, ``random`` -> ``("random", False)``."""
+    from hf_mmsel.selection import SELECTION_STRATEGIES
+
+    if name == "gsc":
+        return "full", True
+    selection, gsc = (name[: -len(GSC_SUFFIX)], True) if name.endswith(GSC_SUFFIX) else (name, False)
+    if selection not in SELECTION_STRATEGIES:
+        choices = sorted(SELECTION_STRATEGIES) + ["gsc"] + [f"{s}{GSC_SUFFIX}" for s in sorted(SELECTION_STRATEGIES)
+                                                            if s != "full"]
+        raise ValueError(f"unknown strategy {name!r}; choose from {choices}")
+    return selection, gsc
+
+
+class InMemoryPairs(torch.utils.data.Dataset):
+    """The cached tensor columns of a ``datasets.Dataset`` held in memory: a row costs a few tensor indexings
+    instead of an Arrow-to-tensor conversion of its image (which dominated the step time on CPU)."""
+
+    COLUMNS = ("pixel_values", "input_ids", "attention_mask", "sample_idx", "label", "is_noisy")
+
+    def __init__(self, dataset) -> None:
+        names = [c for c in self.COLUMNS if c in dataset.column_names]
+        table = dataset.with_format("torch", columns=names)[:]
+        self.columns = {name: table[name] for name in names}
+        self.length = len(dataset)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {name: column[i] for name, column in self.columns.items()}
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        index = torch.as_tensor(indices)
+        block = {name: column[index] for name, column in self.columns.items()}
+        return [{name: block[name][j] for name in block} for j in range(len(indices))]
+
+
+def _csv(text: str | None, cast) -> list:
+    return [cast(x) for x in text.split(",") if x.strip()] if text else []
+
+
+def _load(args: BenchmarkArguments):
+    from datasets import DatasetDict
+
+    from hf_mmsel.data import EASY_VQA_CLASS_CAPTIONS, load_image_text_dataset
+
+    dsd = load_image_text_dataset(args.dataset, image_column=args.image_column, caption_column=args.caption_column,
+                                  label_column=args.label_column)
+    if "train" not in dsd:
+        raise ValueError(f"the dataset needs a 'train' split; it has {list(dsd)}")
+    test_name = next((s for s in ("test", "validation", "val") if s in dsd), None)
+    if test_name is None:
+        parts = dsd["train"].train_test_split(test_size=args.test_fraction, seed=0)
+        dsd = DatasetDict(train=parts["train"], test=parts["test"])
+        test_name = "test"
+    from hf_mmsel.data import add_sample_idx
+
+    train, test = add_sample_idx(dsd["train"]), add_sample_idx(dsd[test_name])
+    if args.max_train:
+        train = train.select(range(min(args.max_train, len(train))))
+    if args.max_test:
+        test = test.select(range(min(args.max_test, len(test))))
+    class_captions = None
+    if "label" in train.column_names:
+        if args.dataset is None:
+            class_captions = list(EASY_VQA_CLASS_CAPTIONS)
+        else:  # the most frequent caption of each class serves as its prompt
+            from collections import Counter
+
+            counts: dict[int, Counter] = {}
+            for label, caption in zip(train["label"], train["caption"]):
+                counts.setdefault(int(label), Counter())[caption] += 1
+            if sorted(counts) == list(range(len(counts))):
+                class_captions = [counts[i].most_common(1)[0][0] for i in range(len(counts))]
+    return DatasetDict(train=train, test=test), class_captions
+
+
+def _build(args: BenchmarkArguments, captions, seed: int):
+    """The benchmark model (``--model``), its tokenizer and image transform, from ``build_dual_encoder``."""
+    from hf_mmsel.models import build_dual_encoder
+
+    return build_dual_encoder(
+        architecture=args.model, captions=captions, image_size=args.image_size, patch_size=args.patch_size,
+        hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=4, projection_dim=args.projection_dim,
+        max_length=args.max_length, seed=seed, initializer_factor=args.initializer_factor,
+        logit_scale_init=args.logit_scale_init, conv_channels=_csv(args.conv_channels, int), text_mlp=args.text_mlp,
+        image_pooling=args.image_pooling,
+    )
+
+
+class CurveCallback:
+    """``--log_curves``: after every epoch, test rSum and the mean image-text cosine of clean and of noisy training
+    pairs (the memorisation diagnostic). Its own wall/CPU time is accumulated in ``seconds``/``cpu_seconds`` and
+    subtracted from the reported ``train_seconds``/``train_cpu_seconds``."""
+
+    def __init__(self, data, collator, tokenizer) -> None:
+        from torch.utils.data import DataLoader
+
+        self.test, self.collator, self.tokenizer = data["test"], collator, tokenizer
+        self.train_loader = DataLoader(data["train"], batch_size=512, collate_fn=collator)
+        self.rows: list[dict[str, float]] = []
+        self.seconds = 0.0
+        self.cpu_seconds = 0.0
+
+    def __call__(self, model, epoch: int) -> None:
+        from hf_mmsel.metrics import embed_dataset, evaluate_retrieval
+
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        metrics = evaluate_retrieval(model, self.test, self.collator, batch_size=512, tokenizer=self.tokenizer)
+        emb = embed_dataset(model, self.train_loader)
+        cos = (emb["image_embeds"] * emb["text_embeds"]).sum(-1)
+        noisy = emb["is_noisy"].bool()
+        self.rows.append({"epoch": epoch + 1, "rsum": metrics["rsum"], "clean_cos": float(cos[~noisy].mean()),
+                          "noisy_cos": float(cos[noisy].mean()) if bool(noisy.any()) else float("nan")})
+        self.seconds += time.perf_counter() - t0
+        self.cpu_seconds += time.process_time() - cpu0
+
+
+def _make_trainer_callback(curves: CurveCallback):
+    from transformers import TrainerCallback
+
+    class _OnEpoch(TrainerCallback):
+        def on_epoch_end(self, args, state, control, model=None, **kwargs):
+            curves(model, int(round(state.epoch)) - 1)
+
+    return _OnEpoch()
+
+
+def _training_arguments(args, selection: str, seed: int, out: Path, epochs: int):
+    from hf_mmsel.trainers import ContrastiveTrainingArguments
+
+    return ContrastiveTrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=512,
+        num_train_epochs=epochs, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+        warmup_steps=0.05, lr_scheduler_type="cosine", logging_strategy="epoch", save_strategy="no",
+        eval_strategy="no", report_to=[], use_cpu=True, seed=seed, disable_tqdm=True,
+        selection_strategy=selection, select_rate=args.select_rate,
+        selection_warmup_epochs=args.selection_warmup_epochs, plot_score_distributions=False,
+        dataloader_num_workers=0,
+    )
+
+
+def reference_epochs(args: BenchmarkArguments) -> int:
+    """``--reference_epochs`` or the selection warm-up epochs (``ContrastiveTrainingArguments``' rule: a quarter of
+    ``--epochs``, at least 1)."""
+    if args.reference_epochs is not None:
+        if args.reference_epochs < 1:
+            raise ValueError(f"--reference_epochs must be >= 1, got {args.reference_epochs}")
+        return int(args.reference_epochs)
+    if args.selection_warmup_epochs is not None:
+        return max(1, int(args.selection_warmup_epochs))
+    return max(1, int(round(float(args.epochs) / 4)))
+
+
+def _train_reference(args, bundle, data, class_captions, seed, out: Path) -> dict[str, Any]:
+    """Train the fixed reference model of ``reference_clipscore`` (``full``, :func:`reference_epochs` epochs, same
+    init and candidate batches) and score every training pair once. Returns the ``[N]`` scores, the wall/CPU seconds
+    of training + scoring (charged to the ``reference_clipscore`` run) and the reference model's test rSum."""
+    from hf_mmsel.data import ImageTextCollator
+    from hf_mmsel.trainers import ContrastiveTrainer
+
+    epochs = reference_epochs(args)
+    targs = _training_arguments(args, "full", seed, out, epochs)
+    collator = ImageTextCollator(bundle.tokenizer, max_length=args.max_length)
+    trainer = ContrastiveTrainer(bundle.model, targs, train_dataset=data["train"], eval_dataset=data["test"],
+                                 data_collator=collator, processing_class=bundle.tokenizer,
+                                 class_captions=class_captions)
+    cpu0 = time.process_time()
+    output = trainer.train()
+    t0 = time.perf_counter()
+    scores = trainer.compute_reference_scores(trainer.model)
+    score_seconds = time.perf_counter() - t0
+    cpu_seconds = time.process_time() - cpu0
+    metrics = trainer.evaluate()  # diagnostic only, not timed
+    return {"scores": scores, "epochs": epochs, "seconds": float(output.metrics["train_runtime"]) + score_seconds,
+            "cpu_seconds": cpu_seconds, "score_seconds": score_seconds, "rsum": metrics["eval_rsum"]}
+
+
+def _warm_up(args, data, captions, out: Path, with_gsc: bool) -> None:
+    """Untimed warm-up runs before the timed ones: the first training runs of a process pay one-time costs
+    (allocator growth, oneDNN primitives for the ``B`` and ``r*B`` batch shapes, the first no-grad scoring pass),
+    which would otherwise be charged to whichever strategy happens to run first (measured on 2 CPU cores: 2-6 s of a
+    ~16 s run; 1-2 warm-up epochs were not enough). 3-epoch ``dissect`` (random-k epoch, then scoring + top-k) and
+    ``full`` runs cover every batch shape."""
+    from dataclasses import replace
+
+    from hf_mmsel.data import ImageTextCollator
+    from hf_mmsel.gsc.hook import GSCHook
+    from hf_mmsel.trainers import ContrastiveTrainer
+
+    warm = replace(args, selection_warmup_epochs=1)
+    for selection, epochs in (("dissect", 3), ("full", 3)):
+        bundle = _build(args, captions, seed=0)
+        trainer = ContrastiveTrainer(
+            bundle.model, _training_arguments(warm, selection, 0, out / f"warmup_{selection}", epochs),
+            train_dataset=data["train"], data_collator=ImageTextCollator(bundle.tokenizer, max_length=args.max_length),
+            processing_class=bundle.tokenizer, hooks=[GSCHook(seed=0)] if with_gsc else None,
+        )
+        trainer.train()
+
+
+def _train_one(args, strategy, bundle, data, class_captions, seed, out: Path,
+               reference: dict[str, Any] | None = None) -> dict[str, Any]:
+    from torch.utils.data import DataLoader
+
+    from hf_mmsel.data import ImageTextCollator
+    from hf_mmsel.gsc.hook import GSCHook
+    from hf_mmsel.metrics import auroc, embed_dataset
+    from hf_mmsel.trainers import ContrastiveTrainer
+
+    selection, with_gsc = parse_strategy(strategy)
+    if selection == "reference_clipscore" and reference is None:
+        raise ValueError("reference_clipscore needs the reference model's scores (see _train_reference)")
+    if selection != "reference_clipscore":
+        reference = None
+    targs = _training_arguments(args, selection, seed, out, args.epochs)
+    gsc = GSCHook(gamma=args.gsc_gamma, beta=args.gsc_beta, prob_posterior=args.gsc_prob_posterior,
+                  seed=seed) if with_gsc else None
+    collator = ImageTextCollator(bundle.tokenizer, max_length=args.max_length)
+    trainer = ContrastiveTrainer(bundle.model, targs, train_dataset=data["train"], eval_dataset=data["test"],
+                                 data_collator=collator, processing_class=bundle.tokenizer,
+                                 class_captions=class_captions, hooks=[gsc] if gsc is not None else None,
+                                 reference_scores=reference["scores"] if reference is not None else None)
+    curves = None
+    if args.log_curves:
+        curves = CurveCallback(data, collator, bundle.tokenizer)
+        trainer.add_callback(_make_trainer_callback(curves))
+    cpu0 = time.process_time()
+    output = trainer.train()
+    train_cpu_seconds = time.process_time() - cpu0 - (curves.cpu_seconds if curves is not None else 0.0)
+    train_seconds = float(output.metrics["train_runtime"]) - (curves.seconds if curves is not None else 0.0)
+    if reference is not None:  # the oracle's cost: training and scoring its reference model
+        train_seconds += reference["seconds"]
+        train_cpu_seconds += reference["cpu_seconds"]
+    metrics = trainer.evaluate()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    noisy = [h["selected_noisy_fraction"] for h in logs if "selected_noisy_fraction" in h]
+    warm = targs.resolved_selection_warmup_epochs
+    late = [h["selected_noisy_fraction"] for h in logs if "selected_noisy_fraction" in h and h["epoch"] > warm]
+    # AUROC of the final model's image-text cosine on the training pairs (clean = positive)
+    emb = embed_dataset(trainer.model, DataLoader(data["train"], batch_size=512, collate_fn=collator))
+    cos = (emb["image_embeds"] * emb["text_embeds"]).sum(-1)
+    clean = ~emb["is_noisy"].bool()
+    if reference is not None:  # AUROC of the fixed reference scores over every training pair
+        detection = auroc(reference["scores"][emb["sample_idx"].long()], clean)
+        detection = None if math.isnan(detection) else detection
+    else:
+        detection = _detection_auroc(trainer, gsc, emb, auroc)
+    selects = selection != "full"
+    return {
+        "strategy": strategy, "select_rate": args.select_rate if selects else 1.0,
+        "i2t_r1": metrics["eval_i2t_r1"], "t2i_r1": metrics["eval_t2i_r1"], "rsum": metrics["eval_rsum"],
+        "zero_shot_acc": metrics.get("eval_zero_shot_acc"), "train_seconds": train_seconds,
+        "train_cpu_seconds": train_cpu_seconds,
+        "selected_noisy_fraction": statistics.fmean(noisy) if noisy and selects else None,
+        "selected_noisy_fraction_after_warmup": statistics.fmean(late) if late and selects else None,
+        "similarity_auroc": auroc(cos, clean),
+        "detection_auroc": detection,
+        "optimizer_steps": trainer.state.global_step,
+        "curve": curves.rows if curves is not None else None,
+        "reference_epochs": reference["epochs"] if reference is not None else None,
+        "reference_seconds": reference["seconds"] if reference is not None else None,
+        "reference_cpu_seconds": reference["cpu_seconds"] if reference is not None else None,
+        "reference_rsum": reference["rsum"] if reference is not None else None,
+    }
+
+
+def _detection_auroc(trainer, gsc, emb, auroc) -> float | None:
+    """AUROC (clean = positive) of the run's own clean estimate at the end of training: GSC's weight ``w`` when
+    GSC runs (a pair GSC never saw keeps its initial w = 1), else the selection criterion of each pair's last visit
+    (strategies without one, such as random and full, give None)."""
+    if gsc is not None:
+        flags = torch.full((gsc.buffers.num_samples,), -1, dtype=torch.long)
+        flags[emb["sample_idx"].long()] = emb["is_noisy"].long()
+        known = flags >= 0
+        weight = gsc.buffers.weight.cpu()
+        value = auroc(weight[known], flags[known] == 0) if bool(known.any()) else float("nan")
+    else:
+        criterion, flags = trainer.selection_hook.clean_scores()
+        known = torch.isfinite(criterion) & (flags >= 0)
+        value = auroc(criterion[known], flags[known] == 0) if bool(known.any()) else float("nan")
+    return None if math.isnan(value) else value
+
+
+_AVERAGED = ("i2t_r1", "t2i_r1", "rsum", "zero_shot_acc", "train_seconds", "train_cpu_seconds",
+             "selected_noisy_fraction",
+             "selected_noisy_fraction_after_warmup", "similarity_auroc", "detection_auroc", "reference_epochs",
+             "reference_seconds", "reference_cpu_seconds", "reference_rsum")
+
+
+def _aggregate(runs: list[dict[str, Any]], noise_ratio: float, seeds: list[int]) -> dict[str, Any]:
+    row: dict[str, Any] = {"strategy": runs[0]["strategy"], "select_rate": runs[0]["select_rate"],
+                           "noise_ratio": noise_ratio}
+    for key in _AVERAGED:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        row[key] = statistics.fmean(values) if values else None
+    rsums = [r["rsum"] for r in runs]
+    row["rsum_std"] = statistics.stdev(rsums) if len(rsums) > 1 else 0.0
+    row["seeds"] = seeds
+    row["per_seed"] = runs
+    return row
+
+
+def _fmt(value, digits=1) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _write_reports(results: list[dict[str, Any]], out: Path, args: BenchmarkArguments) -> None:
+    (out / "results.json").write_text(json.dumps({"config": vars(args), "results": results}, indent=2))
+
+    fmt = _fmt
+    lines = ["| noise | strategy | rate | i2t R@1 | t2i R@1 | rSum (± std) | zero-shot | train s | sel. noisy "
+             "| sim. AUROC | det. AUROC | train CPU s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(
+            f"| {r['noise_ratio']:.0%} | {r['strategy']} | {r['select_rate']:.2f} | {fmt(r['i2t_r1'])} | "
+            f"{fmt(r['t2i_r1'])} | {fmt(r['rsum'])} ± {fmt(r['rsum_std'])} | {fmt(r['zero_shot_acc'], 3)} | "
+            f"{fmt(r['train_seconds'])} | {fmt(r['selected_noisy_fraction'], 3)} | {fmt(r['similarity_auroc'], 3)} | "
+            f"{fmt(r['detection_auroc'], 3)} | {fmt(r.get('train_cpu_seconds'))} |"
+        )
+    refs = [r for r in results if r.get("reference_seconds") is not None]
+    if refs:
+        lines.append("")
+        lines.extend(
+            f"{r['noise_ratio']:.0%} noise, {r['strategy']}: train s includes the fixed reference model (full data, "
+            f"{r['reference_epochs']:.0f} epochs, then one scoring pass): {fmt(r['reference_seconds'])} s "
+            f"({fmt(r['reference_cpu_seconds'])} CPU s); reference model test rSum {fmt(r['reference_rsum'])}; "
+            f"det. AUROC = AUROC of its scores over all training pairs."
+            for r in refs
+        )
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    noises = sorted({r["noise_ratio"] for r in results})
+    strategies = list(dict.fromkeys(r["strategy"] for r in results))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    width = 0.8 / max(1, len(strategies))
+    for i, strategy in enumerate(strategies):
+        rows = [next((r for r in results if r["strategy"] == strategy and r["noise_ratio"] == n), None) for n in noises]
+        xs = [j + i * width for j, r in enumerate(rows) if r is not None]
+        kept = [r for r in rows if r is not None]
+        axes[0].bar(xs, [r["rsum"] for r in kept], width, yerr=[r["rsum_std"] for r in kept], label=strategy)
+        axes[1].bar(xs, [r["train_seconds"] for r in kept], width, label=strategy)
+    for ax, title in zip(axes, ("test rSum (mean ± std over seeds)", "train seconds (scoring included)")):
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(noises))], [f"{n:.0%} noise" for n in noises])
+        ax.set_title(title)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "results.png", dpi=90)
+    plt.close(fig)
+    _plot_curves(results, out, plt)
+
+
+def _plot_curves(results: list[dict[str, Any]], out: Path, plt) -> None:
+    """``curves.png`` (with ``--log_curves``): per noise level, test rSum and the clean - noisy train cosine gap
+    per epoch, averaged over seeds, one line per strategy."""
+    rows = [r for r in results if r["per_seed"] and r["per_seed"][0].get("curve")]
+    if not rows:
+        return
+    noises = sorted({r["noise_ratio"] for r in rows})
+    fig, axes = plt.subplots(2, len(noises), figsize=(5 * len(noises), 7), squeeze=False)
+    for col, noise in enumerate(noises):
+        for r in (r for r in rows if r["noise_ratio"] == noise):
+            curves = [run["curve"] for run in r["per_seed"]]
+            epochs = [c["epoch"] for c in curves[0]]
+            rsum = [statistics.fmean(c[i]["rsum"] for c in curves) for i in range(len(epochs))]
+            gap = [statistics.fmean(c[i]["clean_cos"] - c[i]["noisy_cos"] for c in curves) for i in range(len(epochs))]
+            axes[0][col].plot(epochs, rsum, label=r["strategy"])
+            axes[1][col].plot(epochs, gap, label=r["strategy"])
+        axes[0][col].set_title(f"{noise:.0%} noise: test rSum per epoch")
+        axes[1][col].set_title("train cosine: clean mean - noisy mean")
+        axes[1][col].set_xlabel("epoch")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=90)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    from transformers import HfArgumentParser
+
+    from hf_mmsel.data import inject_noisy_correspondence, preprocess_image_text
+    from hf_mmsel.models import ARCHITECTURES
+    from hf_mmsel.selection import SELECTION_STRATEGIES
+
+    (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses(args=argv)
+    torch.set_num_threads(args.threads)
+    strategies = _csv(args.strategies, str)
+    if not strategies:
+        raise ValueError(f"--strategies is empty; choose from {sorted(SELECTION_STRATEGIES)} + gsc, <selection>+gsc")
+    for strategy in strategies:
+        parse_strategy(strategy)  # raises on unknown names, listing the choices
+    if args.model not in ARCHITECTURES:
+        raise ValueError(f"unknown --model {args.model!r}; choose from {list(ARCHITECTURES)}")
+    if not 0.0 < args.select_rate <= 1.0:
+        raise ValueError(f"select_rate must be in (0, 1], got {args.select_rate}")
+    reference_epochs(args)  # raises on a bad --reference_epochs before any training
+    seeds = _csv(args.seeds, int) or [args.seed]
+    noise_ratios = _csv(args.noise_ratios, float) or [args.noise_ratio]
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    data, class_captions = _load(args)
+    tokenizer_bundle = _build(args, data["train"]["caption"], seed=0)
+    t0 = time.perf_counter()
+    cached = preprocess_image_text(data, tokenizer=tokenizer_bundle.tokenizer,
+                                   image_transform=tokenizer_bundle.image_transform, max_length=args.max_length)
+    print(f"cached {len(cached['train'])} train / {len(cached['test'])} test pairs in {time.perf_counter() - t0:.1f}s")
+
+    results = []
+    warmed_up = False
+    for noise in noise_ratios:
+        runs: dict[str, list[dict[str, Any]]] = {s: [] for s in strategies}
+        for n_seed, seed in enumerate(seeds):
+            noisy = dict(cached)
+            noisy["train"] = InMemoryPairs(inject_noisy_correspondence(cached["train"], noise, seed=seed))
+            order = strategies[n_seed % len(strategies):] + strategies[: n_seed % len(strategies)]
+            if not warmed_up:
+                _warm_up(args, noisy, data["train"]["caption"], out / "runs",
+                         with_gsc=any(parse_strategy(s)[1] for s in strategies))
+                warmed_up = True
+            reference = None
+            if any(parse_strategy(s)[0] == "reference_clipscore" for s in strategies):
+                reference = _train_reference(args, _build(args, data["train"]["caption"], seed=seed), noisy,
+                                             class_captions, seed, out / "runs" / f"noise{noise}_reference_seed{seed}")
+                print(f"noise={noise} seed={seed} reference model ({reference['epochs']} epochs full): "
+                      f"rsum={reference['rsum']:.1f} train+score_s={reference['seconds']:.1f}", flush=True)
+            for strategy in order:  # alternate: the rotation spreads machine-load drift over strategies
+                bundle = _build(args, data["train"]["caption"], seed=seed)  # identical init for every strategy
+                row = _train_one(args, strategy, bundle, noisy, class_captions, seed,
+                                 out / "runs" / f"noise{noise}_{strategy}_seed{seed}", reference=reference)
+                runs[strategy].append({"seed": seed, **row})
+                print(f"noise={noise} seed={seed} {strategy}: rsum={row['rsum']:.1f} "
+                      f"train_s={row['train_seconds']:.1f} sel_noisy={_fmt(row['selected_noisy_fraction'], 3)} "
+                      f"sim_auroc={row['similarity_auroc']:.3f} det_auroc={_fmt(row['detection_auroc'], 3)}",
+                      flush=True)
+                if row["curve"]:
+                    print("   curve (epoch: rsum clean_cos/noisy_cos): " + ", ".join(
+                        f"{c['epoch']}: {c['rsum']:.0f} {c['clean_cos']:.2f}/{c['noisy_cos']:.2f}"
+                        for c in row["curve"]), flush=True)
+        results.extend(_aggregate(runs[s], noise, seeds) for s in strategies)
+        _write_reports(results, out, args)
+    return results
+
+
+if __name__ == "__main__":
+    main()
