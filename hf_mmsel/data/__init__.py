@@ -14,6 +14,7 @@ from .collator import (
     default_image_transform,
     preprocess_image_text,
 )
+from .digits import DIGIT_WORDS, DIGITS_CAPTION_TEMPLATES, DIGITS_CLASS_CAPTIONS, load_digits_captions
 from .easy_vqa import (
     EASY_VQA_CAPTION_TEMPLATES,
     EASY_VQA_CLASS_CAPTIONS,
@@ -25,11 +26,16 @@ from .easy_vqa import (
     easy_vqa_label,
     load_easy_vqa_captions,
 )
-from .loading import add_sample_idx, load_image_text_dataset
+from .loading import EMBEDDED_IMAGE_TEXT_DATASETS, add_sample_idx, load_image_text_dataset
 from .multitask import MultiTaskSpec, combine_tasks, load_multitask_benchmark
 from .noise import derange_by_key, inject_noisy_correspondence
 
 __all__ = [
+    "DIGITS_CAPTION_TEMPLATES",
+    "DIGITS_CLASS_CAPTIONS",
+    "DIGIT_WORDS",
+    "EMBEDDED_IMAGE_TEXT_DATASETS",
+    "load_digits_captions",
     "CLIP_MEAN",
     "CLIP_STD",
     "EASY_VQA_CAPTION_TEMPLATES",

@@ -1,6 +1,7 @@
 """Load any image-text dataset into the standard columns ``image`` / ``caption`` / ``sample_idx`` [/ ``label``].
 
-Sources: the embedded easy-vqa captions (``None``), a local ``save_to_disk`` folder, a local ``imagefolder``
+Sources: the embedded benchmarks by name (``None`` or ``"easy-vqa"``: easy-vqa captions; ``"digits"``: MNIST-5k +
+scikit-learn digits with templated captions, :mod:`hf_mmsel.data.digits`), a local ``save_to_disk`` folder, a local ``imagefolder``
 (images + ``metadata.csv``/``metadata.jsonl``), or anything ``datasets.load_dataset`` accepts (Hub ids,
 builder names, data files).
 """
@@ -19,6 +20,19 @@ STANDARD_IMAGE_COLUMN = "image"
 STANDARD_CAPTION_COLUMN = "caption"
 STANDARD_LABEL_COLUMN = "label"
 SAMPLE_IDX_COLUMN = "sample_idx"
+
+#: Embedded offline image-text benchmarks, loadable by name (a local folder of the same name takes precedence).
+EMBEDDED_IMAGE_TEXT_DATASETS: tuple[str, ...] = ("easy-vqa", "digits")
+
+
+def _load_embedded(name: str, load_kwargs: dict[str, Any]) -> DatasetDict:
+    if name == "easy-vqa":
+        from .easy_vqa import load_easy_vqa_captions
+
+        return load_easy_vqa_captions(**load_kwargs)
+    from .digits import load_digits_captions
+
+    return load_digits_captions(**load_kwargs)
 
 
 def _is_save_to_disk_folder(path: Path) -> bool:
@@ -138,9 +152,10 @@ def load_image_text_dataset(
     """Load image-text pairs with the standard columns ``image``, ``caption``, ``sample_idx`` [, ``label``].
 
     Args:
-        path_or_id: ``None`` for the embedded easy-vqa captions (:func:`load_easy_vqa_captions`, with its
-            ``label``); a local ``save_to_disk`` folder (Dataset or DatasetDict); a local folder of images with
-            ``metadata.csv``/``metadata.jsonl`` (``imagefolder``: the image column is then ``image`` and the
+        path_or_id: ``None`` or ``"easy-vqa"`` for the embedded easy-vqa captions (:func:`load_easy_vqa_captions`,
+            with its ``label``); ``"digits"`` for the embedded digits benchmark (:func:`load_digits_captions`:
+            train/validation/test, with ``label``); a local ``save_to_disk`` folder (Dataset or DatasetDict); a
+            local folder of images with ``metadata.csv``/``metadata.jsonl`` (``imagefolder``: the image column is then ``image`` and the
             caption column is whatever metadata names it); otherwise a Hub id or builder passed to
             ``datasets.load_dataset`` together with ``data_dir`` and ``load_kwargs``.
         image_column, caption_column, label_column: source columns, renamed to ``image``/``caption``/``label``.
@@ -155,10 +170,9 @@ def load_image_text_dataset(
 
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"max_samples must be a positive number of rows or None, got {max_samples}")
-    if path_or_id is None:
-        from .easy_vqa import load_easy_vqa_captions
-
-        raw = load_easy_vqa_captions(**load_kwargs)
+    embedded = "easy-vqa" if path_or_id is None else str(path_or_id)
+    if embedded in EMBEDDED_IMAGE_TEXT_DATASETS and not Path(embedded).exists():
+        raw = _load_embedded(embedded, load_kwargs)
         if label_column is None:
             label_column = STANDARD_LABEL_COLUMN
     else:
