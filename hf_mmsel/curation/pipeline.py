@@ -208,7 +208,7 @@ def final_table(raw: dict[str, np.ndarray], mixture: CleanMixture, training_stat
                 ) -> dict[str, np.ndarray]:
     """Score columns of one shard: ``key``, ``sample_idx``, ``gsc_clean_prob``, ``similarity``, the raw GSC
     quantities, ``dissect_score`` / ``gsc_weight`` (with a training state), ``is_noisy`` (ground truth, if any)."""
-    t = {k: torch.from_numpy(np.asarray(raw[k], dtype=np.float32)) for k in RAW_SCORE_COLUMNS}
+    t = {k: torch.from_numpy(np.array(raw[k], dtype=np.float32)) for k in RAW_SCORE_COLUMNS}
     post = mixture.apply(t)
     out: dict[str, np.ndarray] = {"key": raw["key"], "sample_idx": raw["sample_idx"],
                                   "gsc_clean_prob": post["gsc_clean_prob"].numpy().astype(np.float32),
