@@ -45,6 +45,7 @@ def test_wheel_contents(built):
     assert "hf_mmsel/__init__.py" in names
     assert "hf_mmsel/trainers/__init__.py" in names
     assert "hf_mmsel/models/builder.py" in names and "hf_mmsel/metrics/modules.py" in names
+    assert "hf_mmsel/curation/pipeline.py" in names and "hf_mmsel/data/shards.py" in names
     for card in CARDS:
         assert f"hf_mmsel/model_cards/{card}" in names
     top_level = {n.split("/")[0] for n in names}

@@ -26,9 +26,24 @@ from .easy_vqa import (
     easy_vqa_label,
     load_easy_vqa_captions,
 )
-from .loading import EMBEDDED_IMAGE_TEXT_DATASETS, add_sample_idx, load_image_text_dataset
+from .loading import (
+    EMBEDDED_IMAGE_TEXT_DATASETS,
+    add_sample_idx,
+    load_image_text_dataset,
+    load_streaming_image_text_dataset,
+)
 from .multitask import MultiTaskSpec, combine_tasks, load_multitask_benchmark
 from .noise import derange_by_key, inject_noisy_correspondence
+from .shards import (
+    BadSampleError,
+    ShardEntry,
+    ShardManifest,
+    assign_shards,
+    iter_shard,
+    owned_ranges,
+    write_webdataset_shards,
+)
+from .streaming import StreamingImageTextDataset
 
 __all__ = [
     "DIGITS_CAPTION_TEMPLATES",
@@ -36,6 +51,15 @@ __all__ = [
     "DIGIT_WORDS",
     "EMBEDDED_IMAGE_TEXT_DATASETS",
     "load_digits_captions",
+    "BadSampleError",
+    "ShardEntry",
+    "ShardManifest",
+    "StreamingImageTextDataset",
+    "assign_shards",
+    "iter_shard",
+    "load_streaming_image_text_dataset",
+    "owned_ranges",
+    "write_webdataset_shards",
     "CLIP_MEAN",
     "CLIP_STD",
     "EASY_VQA_CAPTION_TEMPLATES",

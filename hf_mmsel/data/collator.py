@@ -28,7 +28,7 @@ def _pad(sequences: list[Any], pad_value: int) -> torch.Tensor:
 
 class ImageTextCollator:
     """Rows -> ``pixel_values`` (float32 [B,3,H,W]), ``input_ids``, ``attention_mask``, ``sample_idx`` (long),
-    plus ``label`` and ``is_noisy`` when the rows carry them.
+    plus ``label``, ``is_noisy`` and ``key`` (list[str], streamed rows) when the rows carry them.
 
     ``is_noisy`` is ground truth for diagnostics and evaluation only: training code must never read it.
 
@@ -109,6 +109,8 @@ class ImageTextCollator:
             batch["label"] = torch.as_tensor([int(r["label"]) for r in rows], dtype=torch.long)
         if "is_noisy" in rows[0]:
             batch["is_noisy"] = torch.as_tensor([bool(r["is_noisy"]) for r in rows], dtype=torch.bool)
+        if "key" in rows[0]:  # streamed rows keep their shard key for outputs
+            batch["key"] = [str(r["key"]) for r in rows]
         return batch
 
 

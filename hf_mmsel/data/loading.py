@@ -16,6 +16,8 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from datasets import Dataset, DatasetDict
 
+    from .streaming import StreamingImageTextDataset
+
 STANDARD_IMAGE_COLUMN = "image"
 STANDARD_CAPTION_COLUMN = "caption"
 STANDARD_LABEL_COLUMN = "label"
@@ -147,8 +149,11 @@ def load_image_text_dataset(
     split: str | None = None,
     data_dir: str | None = None,
     max_samples: int | None = None,
+    streaming: bool = False,
+    manifest_path: str | None = None,
+    on_bad_sample: str = "raise",
     **load_kwargs: Any,
-) -> DatasetDict | Dataset:
+) -> DatasetDict | Dataset | StreamingImageTextDataset:
     """Load image-text pairs with the standard columns ``image``, ``caption``, ``sample_idx`` [, ``label``].
 
     Args:
@@ -162,12 +167,33 @@ def load_image_text_dataset(
             Image paths or bytes are cast to ``datasets.Image``; string labels are class-encoded.
         split: return only this split as a ``Dataset``.
         max_samples: keep the first n rows of every split.
+        streaming: read WebDataset ``.tar`` / parquet shards lazily instead (a local folder, a glob, or a Hub
+            dataset id whose shards are fetched with ``huggingface_hub``; ``data_dir`` selects a subfolder) and
+            return an un-configured :class:`~hf_mmsel.data.streaming.StreamingImageTextDataset`; its
+            ``sample_idx`` comes from the shard manifest (``manifest_path``, default ``manifest.json`` next to
+            the shards, built once and reused). ``on_bad_sample``: ``"raise"`` or ``"skip"``.
 
     Returns a ``DatasetDict`` (or a ``Dataset`` when ``split`` is given) whose ``sample_idx`` is 0..N-1 per
     split. Raises ``ValueError`` for a missing column (listing the existing ones), an unknown or empty split.
     """
     from datasets import DatasetDict
 
+    if streaming:
+        if path_or_id is None:
+            raise ValueError(
+                "streaming=True reads shards: write the embedded data with "
+                "hf_mmsel.data.write_webdataset_shards(load_easy_vqa_captions()['train'], DIR) and pass DIR"
+            )
+        unsupported = {"split": split, "max_samples": max_samples, "label_column": label_column}
+        unsupported = [k for k, v in unsupported.items() if v is not None]
+        if unsupported or load_kwargs or (image_column, caption_column) != ("image", "caption"):
+            raise ValueError(
+                f"streaming=True reads the WebDataset/parquet column conventions of hf_mmsel.data.shards; "
+                f"unsupported arguments: {unsupported + sorted(load_kwargs)}"
+            )
+        return load_streaming_image_text_dataset(
+            str(path_or_id), data_dir=data_dir, manifest_path=manifest_path, on_bad_sample=on_bad_sample
+        )
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"max_samples must be a positive number of rows or None, got {max_samples}")
     embedded = "easy-vqa" if path_or_id is None else str(path_or_id)
@@ -187,3 +213,35 @@ def load_image_text_dataset(
             ds = ds.select(range(max_samples))
         out[name] = _standardize_split(ds, name, image_column, caption_column, label_column)
     return out[split] if split is not None else out
+
+
+def resolve_shard_source(source: str, data_dir: str | None = None) -> str:
+    """A local folder / file / glob of shards as is; otherwise a Hub dataset id whose ``*.tar`` / ``*.parquet``
+    files (and ``manifest.json``) are fetched with ``huggingface_hub.snapshot_download``."""
+    import glob
+
+    local = Path(source) if data_dir is None else Path(source) / data_dir
+    if local.exists() or glob.glob(str(local)):
+        return str(local)
+    from huggingface_hub import snapshot_download
+
+    prefix = f"{data_dir.strip('/')}/" if data_dir else ""
+    patterns = [f"{prefix}**.tar", f"{prefix}**.parquet", f"{prefix}*.tar", f"{prefix}*.parquet",
+                f"{prefix}manifest.json"]
+    folder = snapshot_download(repo_id=source, repo_type="dataset", allow_patterns=patterns)
+    return str(Path(folder) / data_dir) if data_dir else folder
+
+
+def load_streaming_image_text_dataset(
+    source: str,
+    *,
+    data_dir: str | None = None,
+    manifest_path: str | None = None,
+    on_bad_sample: str = "raise",
+) -> StreamingImageTextDataset:
+    """Shards (folder, glob or Hub id) -> manifest (reused or built) -> un-configured streaming dataset."""
+    from .shards import ShardManifest
+    from .streaming import StreamingImageTextDataset
+
+    manifest = ShardManifest.load_or_build(resolve_shard_source(source, data_dir), manifest_path)
+    return StreamingImageTextDataset(manifest, on_bad_sample=on_bad_sample)

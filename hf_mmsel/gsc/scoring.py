@@ -77,9 +77,13 @@ def _mean_valid_cosine(embeds: torch.Tensor, anchor_idx: torch.Tensor, row_chunk
 def anchor_consistency(
     image_embeds: torch.Tensor, text_embeds: torch.Tensor, anchor_idx: torch.Tensor,
     anchor_weights: torch.Tensor | None = None, *, structure: StructureConfig | None = None, row_chunk: int = 4096,
+    mu: tuple[torch.Tensor, torch.Tensor] | None = None, num_rows: int | None = None,
 ) -> torch.Tensor:
     """Structure consistency ``c_i = cos(Ã_i, C̃_i)`` of every pair against the anchor pairs ``anchor_idx``
-    (rows of the same embeddings; a pair is never its own anchor). Float32 [N]."""
+    (rows of the same embeddings; a pair is never its own anchor). Float32 [N].
+
+    Streamed scoring (:mod:`hf_mmsel.curation`) passes the sigmoid centres ``mu = (mu_image, mu_text)`` of its
+    fixed anchor set and scores only the first ``num_rows`` rows (the anchors are appended after them)."""
     structure = structure or DEFAULT_STRUCTURE
     device = image_embeds.device
     anchor_idx = anchor_idx.to(device).long()
@@ -88,7 +92,9 @@ def anchor_consistency(
     if weights.shape != (m,):
         raise ValueError(f"anchor_weights must have shape ({m},), got {tuple(weights.shape)}")
     va, ua = image_embeds[anchor_idx].float(), text_embeds[anchor_idx].float()
-    if structure.similarity == "sigmoid":
+    if mu is not None:
+        mu_v, mu_u = mu
+    elif structure.similarity == "sigmoid":
         mu_v = _mean_valid_cosine(image_embeds, anchor_idx, row_chunk)
         mu_u = _mean_valid_cosine(text_embeds, anchor_idx, row_chunk)
 
@@ -97,9 +103,10 @@ def anchor_consistency(
             return (1.0 + cos) / 2.0
         return torch.sigmoid((cos - mu) / structure.temperature)
 
-    out = torch.empty(image_embeds.shape[0], dtype=torch.float32, device=device)
-    for start in range(0, image_embeds.shape[0], row_chunk):
-        rows = torch.arange(start, min(start + row_chunk, image_embeds.shape[0]), device=device)
+    n = image_embeds.shape[0] if num_rows is None else int(num_rows)
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    for start in range(0, n, row_chunk):
+        rows = torch.arange(start, min(start + row_chunk, n), device=device)
         valid = rows.reshape(-1, 1) != anchor_idx.reshape(1, -1)
         keep = valid.float() * weights.reshape(1, -1)
         image = fmap(image_embeds[rows].float() @ va.T, mu_v if structure.similarity == "sigmoid" else None) * keep

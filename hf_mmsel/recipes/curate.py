@@ -1,29 +1,33 @@
-"""Curate an image-text dataset with a trained dual encoder: GSC clean probability, similarity, DISSect score.
+"""Curate an image-text pool with a trained dual encoder, streamed shard by shard (web scale, resumable).
 
-    python recipes/curate.py --model_name_or_path outputs/clip_dissect --output_dir outputs/curated
-    accelerate launch --multi_gpu --num_processes 2 recipes/curate.py --use_cpu ...    # 2 CPU processes
-    python recipes/curate.py --dataset my/pairs --split train --keep_fraction 0.7 \\
-        --training_state outputs/clip_dissect/checkpoint-400 --push_to_hub --hub_dataset_id me/pairs-curated
+    python recipes/curate.py --model_name_or_path outputs/clip_dissect --dataset pool/ --output_dir outputs/cur
+    accelerate launch --multi_gpu --num_processes 8 recipes/curate.py --dataset "pool/*.tar" ...   # shards split
+    python recipes/curate.py --engine ray --ray_num_actors 8 --ray_num_gpus_per_actor 1 --dataset pool/ ...
+    python recipes/curate.py --dataset my/pairs --keep_fraction 0.7 --training_state ckpt/checkpoint-400 \\
+        --push_to_hub --hub_dataset_id me/pairs-curated
 
 Settings come from the YAML ``--config`` (default ``recipes/configs/curate_default.yaml``); flags override it.
 
-One batched no-grad pass embeds every pair (under ``accelerate launch`` each process embeds its share of the
-batches; the embeddings are gathered and process 0 scores and writes). Added columns:
+Input: WebDataset ``.tar`` / parquet shards (a local folder or glob, or a Hub id with ``--streaming``) read
+through their manifest (stable ``sample_idx``), or a map-style dataset (embedded easy-vqa, ``save_to_disk``
+folder, Hub id) scored in virtual shards of ``--samples_per_shard`` rows. Nothing holds the pool: see
+:mod:`hf_mmsel.curation` for the scores (GSC clean probability against a fixed seeded anchor set with a
+mixture fitted once on seeded fit shards, similarity, and with ``--training_state`` DISSect's score and GSC's
+training weight).
 
-- ``gsc_clean_prob``: one-pass GSC clean probability (:func:`hf_mmsel.gsc.scoring.gsc_clean_probability`);
-- ``similarity``: image-text cosine of the model;
-- ``dissect_score`` (with ``--training_state`` holding a DISSect score bank): ``h - s``, the historical CLIPScore
-  of the training run minus the model's current one (``s = 100*max(cos, 0)``; NaN for never-scored pairs);
-- ``gsc_weight`` (with ``--training_state`` holding GSC buffers): the per-sample weight ``w`` of GSC training.
-
-Then the rows with ``--select_by`` (default ``gsc_clean_prob``) >= ``--threshold`` (default 0.5) are kept, or the
-``--keep_fraction`` highest. Written to ``--output_dir``: the curated split (``save_to_disk``; load it with
-``datasets.load_from_disk``), ``score_histogram.png``, ``curation_stats.json`` and a dataset card ``README.md``;
-``--push_to_hub --hub_dataset_id`` uploads dataset, card, histogram and statistics.
+Written to ``--output_dir``: ``scores/<shard>.parquet`` (``key``, ``sample_idx``, score columns),
+``manifest.json`` (finished shards), ``anchors.safetensors``, ``mixture.json``, ``fit/``,
+``curation_config.json`` (what the scores depend on), ``curation_stats.json``, ``score_histogram.png``, the
+dataset card ``README.md`` and, with ``--threshold`` / ``--keep_fraction``, the curated subset in ``curated/``
+(WebDataset / parquet shards for shard input, a ``datasets`` folder for map-style input). A re-run of the same
+command resumes (finished shards are skipped; outputs are byte-identical to an uninterrupted run); a changed
+model, input or scoring setting is refused unless ``--overwrite_output_dir``, which replaces only these files.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import math
 import shutil
@@ -38,6 +42,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "curate_default.y
 STATE_FILE_NAME = "selection_state.safetensors"  # written by ContrastiveTrainer into every checkpoint
 HISTOGRAM_NAME = "score_histogram.png"
 STATS_NAME = "curation_stats.json"
+CONFIG_NAME = "curation_config.json"
+CURATED_DIR = "curated"
 SCORE_COLUMNS = ("gsc_clean_prob", "similarity", "dissect_score", "gsc_weight")
 SELECTABLE = {"gsc_clean_prob": (0.0, 1.0), "gsc_weight": (0.0, 1.0), "similarity": (-1.0, 1.0)}
 COLUMN_DOCS = {
@@ -48,6 +54,9 @@ COLUMN_DOCS = {
     "(NaN if the pair was never scored)",
     "gsc_weight": "per-sample GSC weight w at the end of training (from the training state)",
 }
+#: every file / folder curate writes (and the only ones --overwrite_output_dir removes)
+OWN_OUTPUTS = ("scores", "fit", "raw", "anchors.safetensors", "mixture.json", "manifest.json", CONFIG_NAME, STATS_NAME,
+               HISTOGRAM_NAME, "README.md", CURATED_DIR)
 
 
 @dataclass
@@ -57,22 +66,32 @@ class CurateArguments:
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Trained dual encoder (local folder or Hub id) saved with its tokenizer."}
     )
-    dataset: str | None = field(default=None, metadata={"help": "Hub id or local folder; default: embedded easy-vqa."})
-    split: str = field(default="train", metadata={"help": "Split to curate."})
+    dataset: str | None = field(
+        default=None,
+        metadata={"help": "Shard folder/glob (WebDataset .tar or parquet), save_to_disk folder or Hub id; default: "
+                  "embedded easy-vqa."},
+    )
+    streaming: bool = field(default=False, metadata={"help": "Read a Hub --dataset as shards (local shard folders "
+                                                              "and globs are detected)."})
+    manifest_path: str | None = field(default=None, metadata={"help": "Input shard manifest (default: next to the "
+                                                                      "shards, else in --output_dir)."})
+    split: str = field(default="train", metadata={"help": "Split to curate (map-style input)."})
     image_column: str = field(default="image")
     caption_column: str = field(default="caption")
     label_column: str | None = field(default=None)
-    max_samples: int | None = field(default=None, metadata={"help": "Curate only the first n rows."})
-    noise_ratio: float = field(
-        default=0.0, metadata={"help": "Inject NCR noise first (demo/benchmark; adds the is_noisy ground truth)."}
+    max_samples: int | None = field(default=None, metadata={"help": "Curate only the first n rows (map-style)."})
+    samples_per_shard: int = field(default=10_000, metadata={"help": "Virtual shard size for map-style input."})
+    on_bad_sample: str = field(default="raise", metadata={"help": "'raise' or 'skip' (counted in the stats)."})
+    noise_ratio: float | None = field(
+        default=None, metadata={"help": "Inject NCR noise first (demo/benchmark only; adds is_noisy). Default: none."}
     )
     noise_seed: int = field(default=0)
     output_dir: str = field(default="outputs/curated")
-    overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty --output_dir."})
-    keep_fraction: float | None = field(default=None, metadata={"help": "Keep this fraction (0, 1] of highest scores."})
-    threshold: float | None = field(
-        default=None, metadata={"help": "Keep rows with score >= threshold (default 0.5 when no --keep_fraction)."}
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace curate's outputs in a folder scored with other settings."}
     )
+    keep_fraction: float | None = field(default=None, metadata={"help": "Keep this fraction (0, 1] of highest scores."})
+    threshold: float | None = field(default=None, metadata={"help": "Keep rows with --select_by >= threshold."})
     select_by: str = field(default="gsc_clean_prob", metadata={"help": f"One of {sorted(SELECTABLE)}."})
     training_state: str | None = field(
         default=None, metadata={"help": f"A checkpoint folder or its {STATE_FILE_NAME} (DISSect bank, GSC buffers)."}
@@ -88,9 +107,15 @@ class CurateArguments:
     structure_similarity: str = field(default="sigmoid", metadata={"help": "Profile map: 'sigmoid' or 'affine'."})
     structure_temperature: float = field(default=0.3, metadata={"help": "Temperature of the sigmoid profile map."})
     structure_centered: bool = field(default=True, metadata={"help": "Row-centre the profiles (Pearson)."})
+    fit_samples: int = field(default=200_000, metadata={"help": "Pairs (whole seeded shards) the mixture is fit on."})
     seed: int = field(default=0)
+    engine: str = field(default="accelerate", metadata={"help": "'accelerate' (also plain python) or 'ray'."})
+    ray_address: str | None = field(default=None, metadata={"help": "Ray cluster address (default: local)."})
+    ray_num_actors: int = field(default=1, metadata={"help": "Model actors in the Ray pool."})
+    ray_num_gpus_per_actor: float = field(default=0.0)
     use_cpu: bool = field(default=False, metadata={"help": "Force CPU (needed for multi-process CPU runs)."})
-    dataloader_num_workers: int = field(default=0)
+    dataloader_num_workers: int = field(default=0, metadata={"help": "Decode workers per process (shards split)."})
+    show_progress: bool = field(default=True, metadata={"help": "tqdm bar with pairs/s per process."})
     push_to_hub: bool = field(default=False)
     hub_dataset_id: str | None = field(default=None, metadata={"help": "Dataset repo id <namespace/name>."})
     hub_token: str | None = field(default=None, metadata={"help": "Default: HF_TOKEN / `hf auth login`."})
@@ -137,18 +162,28 @@ def validate_args(args: CurateArguments) -> None:
     lo, hi = SELECTABLE[args.select_by]
     if args.threshold is not None and not (math.isfinite(args.threshold) and lo <= args.threshold <= hi):
         raise ValueError(f"--threshold must lie in [{lo:g}, {hi:g}] for {args.select_by}, got {args.threshold}")
+    if args.push_to_hub and args.threshold is None and args.keep_fraction is None:
+        raise ValueError("--push_to_hub uploads the curated subset: give --threshold or --keep_fraction")
     from hf_mmsel.gsc import StructureConfig
 
     StructureConfig(similarity=args.structure_similarity, temperature=args.structure_temperature)  # raises if bad
-    if args.batch_size < 1 or args.num_anchors < 1 or args.chunk_size < 2:
-        raise ValueError("--batch_size and --num_anchors must be >= 1 and --chunk_size >= 2")
-    if not 0.0 <= args.noise_ratio < 1.0:
+    if args.batch_size < 1 or args.num_anchors < 2 or args.chunk_size < 2 or args.fit_samples < 2:
+        raise ValueError("--batch_size must be >= 1 and --num_anchors, --chunk_size, --fit_samples >= 2")
+    if args.noise_ratio is not None and not 0.0 <= args.noise_ratio < 1.0:
         raise ValueError(f"--noise_ratio must lie in [0, 1), got {args.noise_ratio}")
+    if args.on_bad_sample not in ("raise", "skip"):
+        raise ValueError(f"--on_bad_sample must be 'raise' or 'skip', got {args.on_bad_sample!r}")
+    if args.engine not in ("accelerate", "ray"):
+        raise ValueError(f"--engine must be 'accelerate' or 'ray', got {args.engine!r}")
+    if args.engine == "ray":
+        try:
+            import ray  # noqa: F401
+            import ray.data  # noqa: F401
+        except ImportError as err:
+            raise ImportError("--engine ray needs Ray Data: pip install 'hf-mmsel[ray]'") from err
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--output_dir {str(out)!r} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"--output_dir {str(out)!r} is not empty; pass --overwrite to replace it")
+        raise NotADirectoryError(f"--output_dir {str(out)!r} exists and is not a directory")
     for name in ("dataset", "model_name_or_path", "training_state"):
         source = getattr(args, name)
         if source and Path(source).exists() and _contains(out, Path(source)):
@@ -156,6 +191,132 @@ def validate_args(args: CurateArguments) -> None:
 
 
 # ----------------------------------------------------------------------------------------- model / data
+def _is_shard_input(args: CurateArguments) -> bool:
+    import glob
+
+    if args.dataset is None:
+        return False
+    if args.streaming:
+        return True
+    path = Path(args.dataset)
+    if path.is_dir():
+        from hf_mmsel.data.loading import _is_save_to_disk_folder
+
+        if _is_save_to_disk_folder(path):
+            return False
+        return any(q.suffix in (".tar", ".parquet") for q in path.rglob("*") if q.is_file())
+    if path.is_file():
+        return path.suffix in (".tar", ".parquet")
+    return bool(glob.glob(args.dataset)) and any(q.endswith((".tar", ".parquet")) for q in glob.glob(args.dataset))
+
+
+def load_source(args: CurateArguments, *, is_main_process: bool = True):
+    """A :class:`~hf_mmsel.curation.ShardedSource` (shards + manifest) or a
+    :class:`~hf_mmsel.curation.MapStyleSource` (with NCR noise only when ``--noise_ratio`` is given)."""
+    from hf_mmsel.curation import MapStyleSource, ShardedSource
+
+    if _is_shard_input(args):
+        from hf_mmsel.data.loading import resolve_shard_source
+        from hf_mmsel.data.shards import ShardManifest
+
+        if args.noise_ratio:
+            raise ValueError("--noise_ratio injects noise into a map-style dataset; shard input is read as is")
+        source = resolve_shard_source(args.dataset)
+        try:
+            manifest = ShardManifest.load_or_build(source, args.manifest_path)
+        except OSError:  # shards in a read-only folder: keep their manifest with the outputs
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+            manifest = ShardManifest.load_or_build(source, Path(args.output_dir) / "input_manifest.json")
+        return ShardedSource(manifest)
+    from hf_mmsel.data import inject_noisy_correspondence, load_image_text_dataset
+
+    ds = load_image_text_dataset(args.dataset, image_column=args.image_column, caption_column=args.caption_column,
+                                 label_column=args.label_column, split=args.split, max_samples=args.max_samples)
+    if args.noise_ratio:
+        ds = inject_noisy_correspondence(ds, args.noise_ratio, seed=args.noise_seed,
+                                         label_column="label" if "label" in ds.column_names else None)
+    if len(ds) < 2:
+        raise ValueError(f"need at least 2 pairs to curate, split {args.split!r} has {len(ds)}")
+    clash = [c for c in SCORE_COLUMNS if c in ds.column_names]
+    if clash:
+        raise ValueError(f"the dataset already has score column(s) {clash}; curate the source dataset instead")
+    return MapStyleSource(ds, args.samples_per_shard)
+
+
+def model_fingerprint(model) -> str:
+    """sha256 of every parameter and buffer (names, dtypes, bytes): a changed model changes the scores."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _file_sha256(path: str | None) -> str | None:
+    if not path:
+        return None
+    file = Path(path)
+    file = file / STATE_FILE_NAME if file.is_dir() else file
+    return hashlib.sha256(file.read_bytes()).hexdigest() if file.is_file() else None
+
+
+def scoring_config(args: CurateArguments, settings, source, model, max_length: int, image_size) -> dict[str, Any]:
+    """What the score files depend on (written to ``curation_config.json``; a mismatch refuses to resume)."""
+    return {
+        "model": model_fingerprint(model), "max_length": max_length, "image_size": list(image_size),
+        "source": source.fingerprint, "source_kind": source.kind, "num_samples": source.num_samples,
+        "training_state_sha256": _file_sha256(args.training_state), "scoring": asdict(settings),
+        "noise_ratio": args.noise_ratio, "noise_seed": args.noise_seed if args.noise_ratio else None,
+    }
+
+
+def prepare_curation_dir(out: Path, config: dict[str, Any], overwrite_output_dir: bool) -> str:
+    """Fresh folder, resume (same ``curation_config.json``) or, with ``--overwrite_output_dir``, replace curate's
+    own outputs (other files are kept). Returns "new" | "resume" | "overwrite"."""
+    from hf_mmsel.recipes.run_utils import prepare_output_dir
+
+    config_file = out / CONFIG_NAME
+    if config_file.is_file():
+        previous = json.loads(config_file.read_text())
+        if previous == config:
+            return "resume"
+        if not overwrite_output_dir:
+            changed = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
+            raise FileExistsError(
+                f"--output_dir {str(out)!r} holds scores of another run (changed: {changed}); pass "
+                "--overwrite_output_dir true to replace curate's outputs there, or choose another --output_dir"
+            )
+    elif not overwrite_output_dir:
+        prepare_output_dir(out)  # refuses a non-empty folder that curate did not start
+    out.mkdir(parents=True, exist_ok=True)
+    removed = False
+    for name in OWN_OUTPUTS:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+            removed = True
+        elif target.exists():
+            target.unlink()
+            removed = True
+    config_file.write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
+    return "overwrite" if removed else "new"
+
+
+def load_embedder(model_name_or_path: str, image_size: int | None, max_length: int | None, use_cpu: bool):
+    """``(model, collate_fn, device)`` for a Ray actor (loaded in the actor, never shipped)."""
+    import torch
+
+    from hf_mmsel.data import ImageTextCollator
+
+    args = CurateArguments(model_name_or_path=model_name_or_path, image_size=image_size, max_length=max_length)
+    model, tokenizer, transform, length = load_dual_encoder(args)
+    device = torch.device("cuda" if torch.cuda.is_available() and not use_cpu else "cpu")
+    return model.eval().to(device), ImageTextCollator(tokenizer, image_transform=transform, max_length=length), device
+
+
 def load_dual_encoder(args: CurateArguments):
     """``(model, tokenizer, image_transform, max_length)`` with the model/preprocessing consistency checks."""
     from transformers import AutoModel, AutoTokenizer
@@ -212,23 +373,6 @@ def load_dual_encoder(args: CurateArguments):
     return model, tokenizer, transform, max_length
 
 
-def load_source(args: CurateArguments):
-    """The split to curate, with the standard columns (and NCR noise when ``--noise_ratio`` > 0)."""
-    from hf_mmsel.data import inject_noisy_correspondence, load_image_text_dataset
-
-    ds = load_image_text_dataset(args.dataset, image_column=args.image_column, caption_column=args.caption_column,
-                                 label_column=args.label_column, split=args.split, max_samples=args.max_samples)
-    if args.noise_ratio > 0:
-        ds = inject_noisy_correspondence(ds, args.noise_ratio, seed=args.noise_seed,
-                                         label_column="label" if "label" in ds.column_names else None)
-    if len(ds) < 2:
-        raise ValueError(f"need at least 2 pairs to curate, split {args.split!r} has {len(ds)}")
-    clash = [c for c in SCORE_COLUMNS if c in ds.column_names]
-    if clash:
-        raise ValueError(f"the dataset already has score column(s) {clash}; curate the source dataset instead")
-    return ds
-
-
 def read_training_state(path: str, num_rows: int) -> dict[str, Any]:
     """DISSect bank (``hist``/``seen``) and GSC weights from a ContrastiveTrainer ``selection_state.safetensors``.
 
@@ -278,65 +422,7 @@ def read_training_state(path: str, num_rows: int) -> dict[str, Any]:
     return out
 
 
-def embed_all(accelerator, model, ds, collator, args: CurateArguments):
-    """L2-normalised ``(image_embeds, text_embeds)`` [N, D] (CPU float32) of every row, on every process.
-
-    The batches (fixed row ranges, identical for any world size) are split between processes; each embeds its
-    share; the results are gathered and scattered back by row index."""
-    import torch
-    from accelerate.utils import gather_object
-    from torch.utils.data import DataLoader
-
-    from hf_mmsel.metrics import embed_dataset
-
-    n = len(ds)
-    batches = [(start, min(start + args.batch_size, n)) for start in range(0, n, args.batch_size)]
-    with accelerator.split_between_processes(batches) as mine:
-        rows = [i for start, stop in mine for i in range(start, stop)]
-    local: dict[str, torch.Tensor] = {}
-    if rows:
-        loader = DataLoader(ds.select(rows), batch_size=args.batch_size, shuffle=False, collate_fn=collator,
-                            num_workers=args.dataloader_num_workers)
-        local = embed_dataset(model, loader, device=accelerator.device)
-        local = {k: local[k] for k in ("image_embeds", "text_embeds", "sample_idx")}
-    parts = [p for p in gather_object([local]) if p]
-    dim = parts[0]["image_embeds"].shape[1]
-    image, text = torch.zeros(n, dim), torch.zeros(n, dim)
-    filled = torch.zeros(n, dtype=torch.bool)
-    for part in parts:
-        idx = part["sample_idx"].long()
-        image[idx], text[idx], filled[idx] = part["image_embeds"], part["text_embeds"], True
-    if not bool(filled.all()):
-        raise RuntimeError(f"{int((~filled).sum())} rows were not embedded (sample_idx must be 0..N-1)")
-    return image, text
-
-
-# --------------------------------------------------------------------------------------------- scoring
-def score_pairs(image, text, logit_scale: float, args: CurateArguments, state: dict[str, Any]) -> dict[str, np.ndarray]:
-    """All score columns (numpy [N]) plus the GSC diagnostics."""
-    from hf_mmsel.gsc import StructureConfig
-    from hf_mmsel.gsc.scoring import gsc_clean_probability
-
-    structure = StructureConfig(similarity=args.structure_similarity, temperature=args.structure_temperature,
-                                centered=args.structure_centered)
-    gsc = gsc_clean_probability(image, text, logit_scale, num_anchors=args.num_anchors, chunk_size=args.chunk_size,
-                                prob_posterior=args.prob_posterior, structure=structure, seed=args.seed)
-    cos = (image * text).sum(-1)
-    scores = {
-        "gsc_clean_prob": gsc["clean_prob"].numpy(),
-        "similarity": cos.numpy(),
-        "_consistency": gsc["consistency"].numpy(),
-        "_positive_prob": gsc["positive_prob"].numpy(),
-    }
-    if "dissect_hist" in state:
-        current = 100.0 * cos.clamp(min=0.0)
-        diff = state["dissect_hist"] - current
-        scores["dissect_score"] = np.where(state["dissect_seen"].numpy(), diff.numpy(), np.nan).astype(np.float32)
-    if "gsc_weight" in state:
-        scores["gsc_weight"] = state["gsc_weight"].numpy()
-    return scores
-
-
+# --------------------------------------------------------------------------------------------- selection
 def select_rows(values: np.ndarray, args: CurateArguments) -> tuple[np.ndarray, dict[str, Any]]:
     """Indices (ascending) of the kept rows and a description of the rule."""
     if args.keep_fraction is not None:
@@ -394,13 +480,70 @@ def plot_histograms(scores: dict[str, np.ndarray], is_noisy: np.ndarray | None, 
     return path
 
 
+# ------------------------------------------------------------------------------------- curated subset
+def _write_curated_shards(source, keep_idx: np.ndarray, out: Path) -> list[str]:
+    """The kept samples of every input shard, as the same format (``curated/<shard>.tar|.parquet``): tar members
+    are copied byte for byte, parquet rows taken as stored. Shards with no kept sample are not written."""
+    import io
+    import tarfile
+
+    import pyarrow.parquet as pq
+
+    from hf_mmsel.data.shards import MANIFEST_FILENAME, ShardManifest, _add_member, _tar_groups
+
+    target = out / CURATED_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    written = []
+    shard_of = source.manifest.shard_of(keep_idx)
+    for shard in np.unique(shard_of):
+        entry = source.manifest.shards[int(shard)]
+        positions = set((keep_idx[shard_of == shard] - entry.offset).tolist())
+        if entry.format == "webdataset":
+            path = target / f"{entry.name}.tar"
+            with open(entry.path, "rb") as f, tarfile.open(path.with_suffix(".tmp"), "w",
+                                                           format=tarfile.USTAR_FORMAT) as tar:
+                for position, (key, members) in enumerate(_tar_groups(entry.path, f)):
+                    if position in positions:
+                        for info in members:
+                            f.seek(info.offset_data)
+                            _add_member(tar, info.name, f.read(info.size))
+        else:
+            path = target / f"{entry.name}.parquet"
+            table = pq.read_table(entry.path)
+            pq.write_table(table.take(sorted(positions)), path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+        written.append(str(path))
+    if written:
+        ShardManifest.build(written).save(target / MANIFEST_FILENAME)
+    return written
+
+
+def write_curated_subset(source, scores: dict[str, np.ndarray], keep: np.ndarray, out: Path):
+    """``curated/``: a ``datasets`` folder (map-style input, with the score columns) or shards (shard input)."""
+    from datasets import Value
+
+    target = out / CURATED_DIR
+    if target.exists():
+        shutil.rmtree(target)
+    keep_idx = scores["sample_idx"][keep]
+    if source.kind != "map":
+        _write_curated_shards(source, keep_idx, out)
+        return None
+    curated = source.dataset.select(keep_idx.tolist())
+    for name in SCORE_COLUMNS:
+        if name in scores:
+            curated = curated.add_column(name, scores[name][keep].astype(np.float32), feature=Value("float32"))
+    curated.save_to_disk(str(target))
+    return curated
+
+
 # ---------------------------------------------------------------------------------------- card / Hub
 def _source_name(args: CurateArguments) -> str:
     base = args.dataset or "embedded easy-vqa captions (hf_mmsel.data)"
-    extra = f", split {args.split}"
+    extra = "" if _is_shard_input(args) else f", split {args.split}"
     if args.max_samples:
         extra += f", first {args.max_samples} rows"
-    if args.noise_ratio > 0:
+    if args.noise_ratio:
         extra += f", {args.noise_ratio:.0%} NCR-shuffled captions (seed {args.noise_seed})"
     return base + extra
 
@@ -409,34 +552,44 @@ def build_card(args: CurateArguments, stats: dict[str, Any], card_data=None):
     from hf_mmsel.hub import dataset_card_data, render_card
 
     if card_data is None:
-        is_hub_id = args.dataset is not None and not Path(args.dataset).exists()
+        is_hub_id = args.dataset is not None and not Path(args.dataset).exists() and "*" not in args.dataset
         card_data = dataset_card_data(tags=["image-text", "noisy-correspondence", "gsc"],
                                       source_datasets=[args.dataset] if is_hub_id else None)
-    settings = {"model": args.model_name_or_path, "selected by": args.select_by, **stats["selection"],
-                "GSC anchors": f"{args.num_anchors} (random, seed {args.seed})",
-                "profiles": f"{args.structure_similarity}, t={args.structure_temperature}, centred={args.structure_centered}", "p chunk size": args.chunk_size,
-                "p as GMM posterior": args.prob_posterior, "logit scale": round(stats["logit_scale"], 3),
-                "training state": args.training_state or "none", "processes": stats["world_size"]}
+    settings = {"model": args.model_name_or_path, "selected by": args.select_by, **stats.get("selection", {}),
+                "GSC anchors": f"{stats['num_anchors']} (seeded draw over the pool, seed {args.seed}; anchors.safetensors)",
+                "profiles": f"{args.structure_similarity}, t={args.structure_temperature}, centred={args.structure_centered}",
+                "p chunk size": args.chunk_size, "p as GMM posterior": args.prob_posterior,
+                "mixture fitted on": f"{stats['mixture_fit_pairs']} pairs of {len(stats['mixture_fit_shards'])} seeded shards",
+                "logit scale": round(stats["logit_scale"], 3), "training state": args.training_state or "none",
+                "bad samples skipped": stats["bad_samples"]}
     columns = {name: COLUMN_DOCS[name] for name in SCORE_COLUMNS if name in stats["score_columns"]}
     return render_card(
         "curated_dataset_card", card_data=card_data,
         dataset_id=args.hub_dataset_id or Path(args.output_dir).name,
         source_dataset=_source_name(args), method="gsc" + (" + dissect" if "dissect_score" in columns else ""),
-        settings=settings, num_source=stats["num_source"], num_kept=stats["num_kept"],
+        settings=settings, num_source=stats["num_source"], num_kept=stats.get("num_kept"),
         estimated_noise_rate=stats["estimated_noise_rate"], score_column=args.select_by,
         histogram_image=HISTOGRAM_NAME, score_columns=columns, detection=stats.get("detection_auroc"),
     )
 
 
 def push(curated, args: CurateArguments, token: str, stats: dict[str, Any], out: Path) -> None:
-    """Dataset via ``Dataset.push_to_hub``, then card (keeping the YAML datasets wrote), histogram, stats."""
+    """The curated subset (``Dataset.push_to_hub``, or the curated shards under ``data/``), then the card
+    (keeping the YAML datasets wrote), histogram and statistics."""
     from huggingface_hub import CommitOperationAdd, DatasetCard, HfApi
 
     from hf_mmsel.hub import dataset_card_data
 
     repo_id = args.hub_dataset_id
-    curated.push_to_hub(repo_id, split=args.split, token=token, private=args.hub_private,
-                        commit_message="Upload dataset curated with hf_mmsel")
+    api = HfApi(token=token)
+    if curated is not None:
+        curated.push_to_hub(repo_id, split=args.split, token=token, private=args.hub_private,
+                            commit_message="Upload dataset curated with hf_mmsel")
+    else:
+        api.create_repo(repo_id, repo_type="dataset", private=args.hub_private, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=str(out / CURATED_DIR),
+                          path_in_repo="data", allow_patterns=["*.tar", "*.parquet"],
+                          commit_message="Upload shards curated with hf_mmsel")
     try:  # datasets' README carries configs/dataset_info: merge our metadata into it
         pushed = DatasetCard.load(repo_id, repo_type="dataset", token=token).data.to_dict()
     except Exception:  # noqa: BLE001 - a missing README only loses the dataset_info block
@@ -444,7 +597,7 @@ def push(curated, args: CurateArguments, token: str, stats: dict[str, Any], out:
     ours = build_card(args, stats).data.to_dict()
     merged = {**pushed, **{k: v for k, v in ours.items() if v is not None}}
     card = build_card(args, stats, card_data=dataset_card_data(**merged))
-    HfApi(token=token).create_commit(
+    api.create_commit(
         repo_id, repo_type="dataset", commit_message="Add curation card, score histogram and statistics",
         operations=[CommitOperationAdd("README.md", str(card).encode()),
                     CommitOperationAdd(HISTOGRAM_NAME, str(out / HISTOGRAM_NAME)),
@@ -453,79 +606,131 @@ def push(curated, args: CurateArguments, token: str, stats: dict[str, Any], out:
 
 
 # ------------------------------------------------------------------------------------------------ main
+def finish(args: CurateArguments, scorer, source, out: Path, logit_scale: float, token: str | None) -> dict[str, Any]:
+    """Process 0, after every shard is scored: statistics, histogram, card, curated subset, push."""
+    from hf_mmsel.curation import read_scores
+    from hf_mmsel.curation.pipeline import SCORES_MANIFEST_NAME
+
+    manifest = json.loads((out / SCORES_MANIFEST_NAME).read_text())
+    scores = read_scores(out, source)
+    present = [c for c in SCORE_COLUMNS if c in scores]
+    if args.select_by not in scores:
+        raise ValueError(f"--select_by {args.select_by} needs a --training_state with GSC buffers")
+    clean_prob = scores["gsc_clean_prob"]
+    stats: dict[str, Any] = {
+        "num_source": source.num_samples, "num_scored": int(clean_prob.size), "bad_samples": manifest["bad_samples"],
+        "bad_sample_examples": manifest["bad_sample_examples"], "num_shards": len(source.shards),
+        "input": source.kind, "num_anchors": int(scorer.anchors.sample_idx.numel()),
+        "mixture_fit_shards": scorer.mixture.fit_shards,
+        "mixture_fit_pairs": int(scorer.mixture.consistency.num_fit or 0),
+        "estimated_noise_rate": float((clean_prob < 0.5).mean()) if clean_prob.size else float("nan"),
+        "logit_scale": logit_scale, "score_columns": present,
+        "score_means": {k: float(np.nanmean(scores[k])) for k in present + ["positive_prob", "consistency"]
+                        if k in scores and scores[k].size},
+        "args": asdict(args) | {"hub_token": None, "show_progress": None, "dataloader_num_workers": None},
+    }
+    is_noisy = scores.get("is_noisy")
+    if is_noisy is not None:
+        stats["true_noise_rate"] = float(is_noisy.mean())
+        stats["detection_auroc"] = detection_aurocs({k: scores[k] for k in present}, is_noisy)
+    curated = None
+    if args.threshold is not None or args.keep_fraction is not None:
+        keep, selection = select_rows(scores[args.select_by], args)
+        if keep.size == 0:
+            raise ValueError(
+                f"no pair has {args.select_by} >= {selection['threshold']} "
+                f"(max {np.nanmax(scores[args.select_by]):.3f}); lower --threshold or use --keep_fraction"
+            )
+        stats.update(num_kept=int(keep.size), selection=selection)
+        if is_noisy is not None:
+            stats["kept_noise_rate"] = float(is_noisy[keep].mean())
+        curated = write_curated_subset(source, scores, keep, out)
+    plot_histograms({k: scores[k] for k in present}, is_noisy, stats.get("detection_auroc", {}), out / HISTOGRAM_NAME)
+    (out / STATS_NAME).write_text(json.dumps(stats, indent=2, default=str) + "\n")
+    build_card(args, stats).save(str(out / "README.md"))
+    if args.push_to_hub:
+        push(curated, args, token, stats, out)
+    return stats
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     validate_args(args)
     token = resolve_token(args)  # before any work
 
     import torch
-    from accelerate import Accelerator
+    from accelerate import PartialState
 
+    from hf_mmsel.curation import CurationScorer, ScoringSettings
     from hf_mmsel.data import ImageTextCollator
     from hf_mmsel.models import logit_scale_of
+    from hf_mmsel.recipes.run_utils import print_run_summary
 
-    accelerator = Accelerator(cpu=args.use_cpu)
+    state = PartialState(cpu=args.use_cpu)
+    if args.engine == "ray" and state.num_processes > 1:
+        raise ValueError("--engine ray runs from one driver process; do not start it with accelerate launch")
     model, tokenizer, transform, max_length = load_dual_encoder(args)
-    with accelerator.main_process_first():
-        ds = load_source(args)
-    state = read_training_state(args.training_state, len(ds)) if args.training_state else {}
-    if args.select_by == "gsc_weight" and "gsc_weight" not in state:
+    model.to(state.device).eval()
+    with state.main_process_first():
+        source = load_source(args, is_main_process=state.is_main_process)
+    training_state = read_training_state(args.training_state, source.num_samples) if args.training_state else {}
+    if args.select_by == "gsc_weight" and "gsc_weight" not in training_state:
         raise ValueError("--select_by gsc_weight needs a --training_state with GSC buffers")
-
-    model.to(accelerator.device).eval()
-    collator = ImageTextCollator(tokenizer, image_transform=transform, max_length=max_length)
-    start = time.perf_counter()
-    with torch.no_grad():
-        image, text = embed_all(accelerator, model, ds, collator, args)
-    embed_seconds = time.perf_counter() - start
+    settings = ScoringSettings(
+        batch_size=args.batch_size, num_anchors=args.num_anchors, chunk_size=args.chunk_size,
+        prob_posterior=args.prob_posterior, structure_similarity=args.structure_similarity,
+        structure_temperature=args.structure_temperature, structure_centered=args.structure_centered,
+        fit_samples=args.fit_samples, seed=args.seed, on_bad_sample=args.on_bad_sample,
+    )
+    out = Path(args.output_dir)
+    config = scoring_config(args, settings, source, model, max_length, transform.size)
+    mode = prepare_curation_dir(out, config, args.overwrite_output_dir) if state.is_main_process else None
+    state.wait_for_everyone()
     logit_scale = float(logit_scale_of(model).detach().cpu())
-    stats: dict[str, Any] = {"world_size": accelerator.num_processes}
-    if accelerator.is_main_process:
-        start = time.perf_counter()
-        scores = score_pairs(image, text, logit_scale, args, state)
-        score_seconds = time.perf_counter() - start
-        keep, selection = select_rows(scores[args.select_by], args)
-        if keep.size == 0:
-            raise ValueError(
-                f"no pair has {args.select_by} >= {selection['threshold']} (max {np.nanmax(scores[args.select_by]):.3f}); "
-                "lower --threshold or use --keep_fraction"
-            )
-        clean_prob = scores["gsc_clean_prob"]
-        is_noisy = np.asarray(ds["is_noisy"], dtype=bool) if "is_noisy" in ds.column_names else None
-        stats.update(
-            num_source=len(ds), num_kept=int(keep.size), selection=selection,
-            estimated_noise_rate=float((clean_prob < 0.5).mean()), logit_scale=logit_scale,
-            score_columns=[c for c in SCORE_COLUMNS if c in scores], embed_seconds=round(embed_seconds, 3),
-            score_seconds=round(score_seconds, 3),
-            score_means={k.lstrip("_"): float(np.nanmean(v)) for k, v in scores.items()},
-            args=asdict(args) | {"hub_token": None},
-        )
-        if "gsc_num_updates" in state:
-            stats["gsc_weight_epoch_updates"] = state["gsc_num_updates"]
-        if "dissect_note" in state:
-            stats["note"] = state["dissect_note"]
-        if is_noisy is not None:
-            stats["true_noise_rate"] = float(is_noisy.mean())
-            stats["kept_noise_rate"] = float(is_noisy[keep].mean()) if keep.size else float("nan")
-            stats["detection_auroc"] = detection_aurocs(scores, is_noisy)
+    collator = ImageTextCollator(tokenizer, image_transform=transform, max_length=max_length)
+    scorer = CurationScorer(out, source, settings, logit_scale=logit_scale, training_state=training_state, model=model,
+                            collate_fn=collator, device=state.device, rank=state.process_index,
+                            world_size=state.num_processes, barrier=state.wait_for_everyone,
+                            num_workers=args.dataloader_num_workers, show_progress=args.show_progress)
+    start = time.perf_counter()
+    if args.engine == "ray":
+        import ray
 
-        from datasets import Value
+        from hf_mmsel.curation.ray_engine import run_ray
 
-        scored = ds
-        for name in SCORE_COLUMNS:
-            if name in scores:
-                scored = scored.add_column(name, scores[name].astype(np.float32), feature=Value("float32"))
-        curated = scored.select(keep)
-        out = Path(args.output_dir)
-        if out.is_dir() and any(out.iterdir()):  # validated: --overwrite was given
-            shutil.rmtree(out)
-        curated.save_to_disk(str(out))
-        plot_histograms(scores, is_noisy, stats.get("detection_auroc", {}), out / HISTOGRAM_NAME)
-        (out / STATS_NAME).write_text(json.dumps(stats, indent=2, default=str))
-        build_card(args, stats).save(str(out / "README.md"))
+        if not ray.is_initialized():
+            ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=False)
+        factory = functools.partial(load_embedder, args.model_name_or_path, args.image_size, args.max_length,
+                                    args.use_cpu)
+        run_ray(scorer, embedder_factory=factory, num_actors=args.ray_num_actors,
+                num_gpus_per_actor=args.ray_num_gpus_per_actor)
+    else:
+        with torch.no_grad():
+            scorer.run()
+    seconds = time.perf_counter() - start
+    stats: dict[str, Any] = {"world_size": state.num_processes}
+    if state.is_main_process:
+        stats.update(finish(args, scorer, source, out, logit_scale, token))
+        stats.update(seconds=round(seconds, 3), mode=mode, engine=args.engine,
+                     pairs_embedded_by_process_0=scorer.scored_pairs)
+        metrics = {"pairs": stats["num_scored"], "bad samples": stats["bad_samples"], "kept": stats.get("num_kept", "-"),
+                   "estimated noise rate": stats["estimated_noise_rate"], "processes": state.num_processes,
+                   "engine": args.engine, "scoring seconds": round(seconds, 2), "run": mode}
+        if "detection_auroc" in stats:
+            metrics["AUROC gsc_clean_prob"] = stats["detection_auroc"]["gsc_clean_prob"]
+        artefacts = {"scores": str(out / "scores"), "statistics": str(out / STATS_NAME),
+                     "histogram": str(out / HISTOGRAM_NAME), "card": str(out / "README.md")}
+        if (out / CURATED_DIR).exists():
+            artefacts["curated subset"] = str(out / CURATED_DIR)
         if args.push_to_hub:
-            push(curated, args, token, stats, out)
-    accelerator.wait_for_everyone()
+            artefacts["hub"] = f"https://huggingface.co/datasets/{args.hub_dataset_id}"
+        hint = ("import pandas as pd; scores = pd.read_parquet('" + str(out / "scores") + "')")
+        if (out / CURATED_DIR).exists():
+            hint += ("\nfrom datasets import load_from_disk; curated = load_from_disk('" + str(out / CURATED_DIR) + "')"
+                     if source.kind == "map" else
+                     "\nload_image_text_dataset('" + str(out / CURATED_DIR) + "', streaming=True)")
+        print_run_summary("curate", metrics, artefacts, hint)
+    state.wait_for_everyone()
     return stats
 
 
