@@ -13,7 +13,7 @@ from hf_mmsel.data import EASY_VQA_CLASS_CAPTIONS, ImageTextCollator
 from hf_mmsel.hooks import BatchHook
 from hf_mmsel.models import build_dual_encoder
 from hf_mmsel.trainers import ContrastiveTrainer, ContrastiveTrainingArguments
-from hf_mmsel.trainers.contrastive import HOOK_STATE_NAME, SCORE_PLOT_NAME
+from hf_mmsel.trainers.contrastive import HOOK_STATE_DIR, SCORE_PLOT_NAME
 
 N, B = 64, 16
 
@@ -69,7 +69,7 @@ def _trainer(out, bundle=None, hooks=(), **kw):
 
 def test_trains_selects_logs_and_evaluates(tmp_out):
     recorder = _Recorder()
-    trainer = _trainer(tmp_out, hooks=[recorder], save_strategy="epoch")
+    trainer = _trainer(tmp_out, hooks=[recorder], save_strategy="epoch", selection_diagnostics=True)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.train()
     assert [len(kept) for kept in recorder.kept] == [B // 2] * (3 * N // B)
@@ -81,7 +81,8 @@ def test_trains_selects_logs_and_evaluates(tmp_out):
     bank = trainer.selection_hook.bank
     assert bool(bank.seen.all())  # every pair scored in the last warm-up epoch (epoch 0)
     assert (tmp_out / SCORE_PLOT_NAME).stat().st_size > 1000
-    assert (tmp_out / "checkpoint-12" / HOOK_STATE_NAME).is_file()
+    assert (tmp_out / "checkpoint-12" / HOOK_STATE_DIR / "index.json").is_file()
+    assert (tmp_out / "checkpoint-12" / HOOK_STATE_DIR / "rank00000-of-00001.safetensors").is_file()
     metrics = trainer.evaluate()
     assert {"eval_i2t_r1", "eval_t2i_r10", "eval_rsum", "eval_zero_shot_acc"} <= set(metrics)
     assert 0 <= metrics["eval_rsum"] <= 600

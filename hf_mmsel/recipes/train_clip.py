@@ -102,13 +102,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train_metrics = trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint).metrics
     metrics = trainer.evaluate() if test_name else {}
     trainer.save_model(targs.output_dir)
+    gsc_weights = trainer.gsc_weights() if targs.gsc else None  # gathered from every rank's shard: all ranks call
     if trainer.is_world_process_zero():
         out = Path(targs.output_dir)
         (out / "metrics.json").write_text(json.dumps({**train_metrics, **metrics}, indent=2))
         if targs.gsc:
             from safetensors.torch import save_file
 
-            save_file({"weights": trainer.gsc_weights()}, str(out / "gsc_weights.safetensors"))
+            save_file({"weights": gsc_weights}, str(out / "gsc_weights.safetensors"))
         card = _card(args, targs, metrics)
         card.save(str(out / "README.md"))
         if push:
