@@ -95,7 +95,7 @@ class SampleOwnership:
 
     def _tables(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         if device not in self._cache:
-            self._cache[device] = (self.ranges[:, 0].to(device), self.ranges[:, 1].to(device),
+            self._cache[device] = (self.ranges[:, 0].contiguous().to(device), self.ranges[:, 1].contiguous().to(device),
                                    self._offsets.to(device))
         return self._cache[device]
 
