@@ -95,3 +95,23 @@ def test_streaming_two_processes_sharded_state_equals_replay_exact_resume_and_ot
     resumed_ckpt = read_global_arrays(tmp_path / "a" / "checkpoint-12")  # now written by 1 process
     assert json.loads((tmp_path / "a" / "checkpoint-12" / "hook_state" / "index.json").read_text())["world_size"] == 1
     assert bool(resumed_ckpt["0.bank.seen"][saved["0.bank.seen"]].all())  # re-sharded bank kept its entries
+
+
+def test_train_clip_recipe_streams_shards(shards, tmp_path):
+    from _helpers import load_recipe
+
+    train_clip = load_recipe("train_clip")
+    out = tmp_path / "out"
+    metrics = train_clip.main([
+        "--dataset", shards, "--streaming", "true", "--max_steps", "6", "--per_device_train_batch_size", "16",
+        "--selection_strategy", "dissect", "--selection_warmup_epochs", "1", "--gsc", "true", "--use_cpu", "true",
+        "--output_dir", str(out), "--image_size", "16", "--patch_size", "8", "--hidden_size", "32",
+        "--num_layers", "1", "--save_strategy", "steps", "--save_steps", "3", "--report_to", "none",
+        "--logging_steps", "3", "--max_length", "12"])
+    assert metrics["bad_samples_skipped"] == 0 and (out / "model.safetensors").is_file()
+    assert (out / "checkpoint-6" / "hook_state" / "index.json").is_file()
+    weights = __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(out / "gsc_weights.safetensors"))
+    assert weights["weights"].shape == (N,) and not bool((weights["weights"] == 1).all())  # 6 steps = 1.5 passes
+    with pytest.raises(ValueError, match="needs --max_steps"):
+        train_clip.main(["--dataset", shards, "--streaming", "true", "--output_dir", str(tmp_path / "x"),
+                         "--use_cpu", "true"])

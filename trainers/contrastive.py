@@ -375,7 +375,12 @@ class ContrastiveTrainer(Trainer):
         """Every backend calls this after wrapping and loading the model, before the first batch is drawn."""
         runner = self._build_hooks()
         if self._resume_checkpoint is not None:
-            runner.load(self._resume_checkpoint, state.global_step)
+            index = runner.load(self._resume_checkpoint, state.global_step)
+            if self.streaming and index.get("stream") != self.train_dataset.resume_signature():
+                logger.warning(
+                    "resuming a stream with other settings than the checkpoint's (%s now, %s then): the state is "
+                    "re-sharded and the run continues, but the data order differs from an uninterrupted run",
+                    self.train_dataset.resume_signature(), index.get("stream"))
         if self.streaming:
             self.train_dataset.set_consumed_batches(state.global_step * self.args.gradient_accumulation_steps)
         if not self.streaming:
