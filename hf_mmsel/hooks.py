@@ -19,8 +19,10 @@ restoring it with ``load_state_dict`` on resume. Rules every hook follows:
 
 * **Same k on every rank.** ``prepare`` returns the same number of indices on every rank (the all-gathered
   negatives need equal shapes).
-* **Replicated state.** Anything keyed by ``sample_idx`` is updated from values gathered with ``ctx.dist`` so
-  every rank holds identical state (checkpoints are written by the main process only).
+* **Sharded state.** Anything keyed by ``sample_idx`` lives in the one :class:`~hf_mmsel.state.PerSampleState`
+  passed to ``setup(..., storage=)``: a rank holds only the samples it owns, and the owner-stable data order
+  puts only owned samples in its batches, so updates are local. Pass-end updates that need the whole pool
+  (GSC's GMM) use collectives that make every rank's result equal to the single-process one.
 * **No host syncs per sample.** Vectorised tensor code; logs are tensors (``ctx.log``), read at logging steps.
 
 :class:`HookList` composes hooks: selection first (each ``prepare`` sees the previous one's subset), then
@@ -137,6 +139,8 @@ def subset_batch(batch: Mapping[str, object], keep: torch.Tensor, batch_size: in
     for key, value in batch.items():
         if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch_size:
             out[key] = value[keep.to(value.device)]
+        elif isinstance(value, (list, tuple)) and len(value) == batch_size:  # e.g. streaming "key" strings
+            out[key] = [value[i] for i in keep.tolist()]
         else:
             out[key] = value
     return out
@@ -181,9 +185,20 @@ class HookList(BatchHook):
     def __init__(self, hooks: Sequence[BatchHook]) -> None:
         self.hooks = list(hooks)
 
-    def setup(self, num_samples: int, device: torch.device) -> None:
-        for hook in self.hooks:
-            hook.setup(num_samples, device)
+    def setup(self, num_samples: int, device: torch.device, state=None) -> None:
+        """Allocate every hook's per-sample arrays; with ``state`` (a :class:`~hf_mmsel.state.PerSampleState`)
+        hook ``i`` gets the namespace ``"{i}"`` of it (hooks whose ``setup`` takes no ``storage`` keep their own)."""
+        import inspect
+
+        for i, hook in enumerate(self.hooks):
+            if state is not None and "storage" in inspect.signature(hook.setup).parameters:
+                hook.setup(num_samples, device, storage=state.namespace(str(i)))
+            else:
+                hook.setup(num_samples, device)
+
+    def state_kinds(self) -> list[str]:
+        """One name per hook (``state_kind`` or the class name): recorded in checkpoints, compared on resume."""
+        return [getattr(hook, "state_kind", type(hook).__name__) for hook in self.hooks]
 
     def prepare(self, batch: Mapping[str, torch.Tensor], ctx: StepContext) -> torch.Tensor | None:
         keep_total: torch.Tensor | None = None

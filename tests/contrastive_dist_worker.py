@@ -1,7 +1,7 @@
 """Worker for tests/test_contrastive_distributed.py, run under ``accelerate launch --multi_gpu --num_processes 2``.
 
 Run 1 (``full``, sequential batches) writes the logged per-step losses; run 2 (``dissect``, random batches, W=1)
-writes every rank's score bank, so the test can compare ranks and a 1-process run on the same global batch.
+writes every rank's score-bank shard gathered into the full bank, so the test can compare ranks.
 """
 
 from __future__ import annotations
@@ -65,7 +65,12 @@ def main(out: Path) -> None:
         losses = [h["loss"] for h in full.state.log_history if "loss" in h]
         (out / "losses.json").write_text(json.dumps(losses))
     dissect = run(out / "dissect", "dissect", 8, 3, "random")
-    save_file(dissect.selection_hook.state_dict(), str(out / f"bank_rank{rank}.safetensors"))
+    bank = dissect.selection_hook.bank
+    owned = dissect.runner.ownership.global_indices()
+    assert bank.hist.numel() == owned.numel() == N // 2 and bool((owned % 2 == rank).all())  # sharded: i mod W
+    save_file({"bank.hist": dissect.runner.gathered("0.bank.hist"),
+               "bank.seen": dissect.runner.gathered("0.bank.seen"), "owned": owned},
+              str(out / f"bank_rank{rank}.safetensors"))
 
 
 if __name__ == "__main__":

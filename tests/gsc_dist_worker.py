@@ -37,7 +37,10 @@ def main(data_dir: Path, out: Path) -> None:
     trainer.train()
     assert dist.is_initialized() and dist.get_world_size() == 2, "expected 2 processes"
     assert trainer.args.world_size == 2
-    state = {k: v.contiguous() for k, v in trainer.gsc_hook.state_dict().items()}
+    per_sample = {k.split(".", 1)[1] for k in trainer.runner.state.arrays}  # this rank's shard only
+    state = {k: v.contiguous() for k, v in trainer.gsc_hook.state_dict().items() if k not in per_sample}
+    for name in ("weight", "ema_topo", "ema_pred"):  # the full arrays, gathered from both owners
+        state[f"gathered.{name}"] = trainer.runner.gathered(f"1.buffers.{name}").float()
     state["final_weights"] = trainer.gsc_weights()
     save_file(state, str(out / f"gsc_rank{dist.get_rank()}.safetensors"))
 

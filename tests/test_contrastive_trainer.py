@@ -7,13 +7,14 @@ import math
 import pytest
 import torch
 from datasets import Dataset
+from transformers import TrainerCallback
 
 from _callbacks import StopAtStep
 from hf_mmsel.data import EASY_VQA_CLASS_CAPTIONS, ImageTextCollator
 from hf_mmsel.hooks import BatchHook
 from hf_mmsel.models import build_dual_encoder
 from hf_mmsel.trainers import ContrastiveTrainer, ContrastiveTrainingArguments
-from hf_mmsel.trainers.contrastive import HOOK_STATE_NAME, SCORE_PLOT_NAME
+from hf_mmsel.trainers.contrastive import HOOK_STATE_DIR, SCORE_PLOT_NAME
 
 N, B = 64, 16
 
@@ -69,7 +70,7 @@ def _trainer(out, bundle=None, hooks=(), **kw):
 
 def test_trains_selects_logs_and_evaluates(tmp_out):
     recorder = _Recorder()
-    trainer = _trainer(tmp_out, hooks=[recorder], save_strategy="epoch")
+    trainer = _trainer(tmp_out, hooks=[recorder], save_strategy="epoch", selection_diagnostics=True)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.train()
     assert [len(kept) for kept in recorder.kept] == [B // 2] * (3 * N // B)
@@ -81,7 +82,8 @@ def test_trains_selects_logs_and_evaluates(tmp_out):
     bank = trainer.selection_hook.bank
     assert bool(bank.seen.all())  # every pair scored in the last warm-up epoch (epoch 0)
     assert (tmp_out / SCORE_PLOT_NAME).stat().st_size > 1000
-    assert (tmp_out / "checkpoint-12" / HOOK_STATE_NAME).is_file()
+    assert (tmp_out / "checkpoint-12" / HOOK_STATE_DIR / "index.json").is_file()
+    assert (tmp_out / "checkpoint-12" / HOOK_STATE_DIR / "rank00000-of-00001.safetensors").is_file()
     metrics = trainer.evaluate()
     assert {"eval_i2t_r1", "eval_t2i_r10", "eval_rsum", "eval_zero_shot_acc"} <= set(metrics)
     assert 0 <= metrics["eval_rsum"] <= 600
@@ -159,3 +161,47 @@ def test_interrupted_and_resumed_run_selects_exactly_the_same(tmp_path):
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, equal_nan=True, msg=key)
     for (name, p), q in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(p, q), name
+
+
+class _StateAtTrainBegin(TrainerCallback):
+    """Copies the trainer's per-sample hook state in on_train_begin (after the trainer's own callback)."""
+
+    def __init__(self, trainer):
+        self.trainer, self.arrays = trainer, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.arrays = {k: v.clone() for k, v in self.trainer.runner.state.arrays.items()}
+        self.hook_step = self.trainer.runner.step
+
+
+def test_hook_state_restores_without_load_from_checkpoint_and_incomplete_folders_fail(tmp_path, monkeypatch):
+    """The backend-independent path: DeepSpeed never calls _load_from_checkpoint, so the hook state must come back
+    in on_train_begin; a folder without hook_state/index.json is refused, naming the previous complete one."""
+    from hf_mmsel.state import IncompleteCheckpointError, read_global_arrays
+
+    kw = dict(num_train_epochs=3, save_strategy="steps", save_steps=4, selection_warmup_epochs=1)
+    _trainer(tmp_path, **kw).train()
+    ckpt = tmp_path / "checkpoint-8"
+    monkeypatch.setattr(ContrastiveTrainer, "_load_from_checkpoint", lambda self, *a, **k: None)
+    resumed = _trainer(tmp_path, **kw)
+    probe = _StateAtTrainBegin(resumed)
+    resumed.add_callback(probe)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    saved = read_global_arrays(ckpt)
+    assert probe.hook_step == 8 and bool(saved["0.bank.seen"].all())
+    for name, value in saved.items():
+        torch.testing.assert_close(probe.arrays[name], value, rtol=0, atol=0, equal_nan=True, msg=name)
+    (tmp_path / "checkpoint-12" / "hook_state" / "index.json").unlink()  # a save killed before index.json
+    with pytest.raises(IncompleteCheckpointError, match=r"checkpoint-12 is incomplete.*checkpoint-8"):
+        _trainer(tmp_path, **kw).train(resume_from_checkpoint=True)
+
+
+def test_schedules_follow_max_steps_and_warmup_reaching_the_end_fails(tmp_out):
+    trainer = _trainer(tmp_out, max_steps=32, selection_warmup_epochs=None)  # 4 batches per pass: 8 passes
+    trainer.train()
+    assert trainer.runner.schedule.batches_per_pass == 4 and trainer.selection_hook.strategy.warmup_epochs == 2
+    assert trainer.runner.passes_ended == 8
+    with pytest.raises(ValueError, match=r"warm-up of 8 passes reaches the end of training \(8 passes"):
+        _trainer(tmp_out, max_steps=32, selection_warmup_epochs=8).train()
+    with pytest.raises(ValueError, match=r"warm-up of 3 passes reaches the end of training \(3 passes"):
+        _args(tmp_out, num_train_epochs=3, selection_warmup_epochs=3)

@@ -191,11 +191,12 @@ def _filled_buffers(n=300, seed=0, **kwargs):
 
 def test_epoch_one_weights_are_min_of_shrunk_p_and_posterior():
     buf, x, p = _filled_buffers()
-    assert torch.equal(buf.weight, torch.ones(300))
+    assert torch.equal(buf.weight, torch.ones(300, dtype=buf.weight.dtype))
+    assert buf.storage.state.nbytes() == 12 * 300  # five float16 arrays + the diagnostic posterior
     stats = buf.epoch_update(beta=0.7)
     assert stats.num_seen == 300 and not stats.degenerate and stats.gmm_means[0] < stats.gmm_means[1]
-    pi = buf.clean_posterior
-    torch.testing.assert_close(buf.weight, torch.minimum(0.7 * p + 0.3, 0.7 * pi + 0.3))
+    pi = buf.clean_posterior.float()
+    torch.testing.assert_close(buf.weight.float(), torch.minimum(0.7 * p + 0.3, 0.7 * pi + 0.3), atol=2e-3, rtol=0)
     assert pi[x.argmax()] > 0.9 and pi[x.argmin()] < 0.1  # clean = higher-mean component
     assert not buf.seen.any()
     # epoch 2: EMAs continue from epoch 1, only the samples seen are updated
@@ -203,8 +204,10 @@ def test_epoch_one_weights_are_min_of_shrunk_p_and_posterior():
     idx = torch.arange(0, 300, 2)
     buf.record(idx, x[idx].float(), torch.full((150,), 0.5))
     buf.epoch_update(beta=0.7)
-    torch.testing.assert_close(buf.ema_pred[idx], 0.7 * 0.5 + 0.3 * ep1[idx])
-    torch.testing.assert_close(buf.ema_topo[idx], 0.7 * buf.clean_posterior[idx] + 0.3 * et1[idx])
+    close = dict(atol=2e-3, rtol=0)
+    torch.testing.assert_close(buf.ema_pred[idx].float(), 0.7 * 0.5 + 0.3 * ep1[idx].float(), **close)
+    torch.testing.assert_close(buf.ema_topo[idx].float(),
+                               0.7 * buf.clean_posterior[idx].float() + 0.3 * et1[idx].float(), **close)
     torch.testing.assert_close(buf.weight[idx], torch.minimum(buf.ema_pred[idx], buf.ema_topo[idx]))
     odd = torch.arange(1, 300, 2)
     assert torch.equal(buf.weight[odd], w1[odd])
@@ -216,12 +219,11 @@ def test_degenerate_scores_give_defined_weights():
     stats = buf.epoch_update()
     assert stats.degenerate
     assert torch.isfinite(buf.weight).all()
-    torch.testing.assert_close(buf.weight, torch.full((10,), 0.7 * 0.2 + 0.3))  # π = 1: p decides
+    torch.testing.assert_close(buf.weight.float(), torch.full((10,), 0.7 * 0.2 + 0.3), atol=2e-3, rtol=0)  # π = 1
     assert buf.epoch_update().num_seen == 0  # nothing seen: no-op, no NaN
     assert torch.isfinite(buf.weight).all()
-    buf.record(torch.tensor([0, 1]), torch.tensor([float("nan"), 0.1]), torch.tensor([0.5, 0.5]))
     with pytest.raises(ValueError, match="non-finite"):
-        buf.epoch_update()
+        buf.record(torch.tensor([0, 1]), torch.tensor([float("nan"), 0.1]), torch.tensor([0.5, 0.5]))
 
 
 def test_subsample_fit_and_determinism():
@@ -254,7 +256,8 @@ def test_broadcast_fn_makes_rank0_authoritative():
 def test_record_duplicates_keep_last_and_errors():
     buf = GSCBuffers(5)
     buf.record(torch.tensor([1, 3, 1]), torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.4, 0.5, 0.6]))
-    assert buf.consistency[1].item() == pytest.approx(0.3) and buf.positive_prob[1].item() == pytest.approx(0.6)
+    assert buf.consistency[1].item() == pytest.approx(0.3, rel=1e-3)
+    assert buf.positive_prob[1].item() == pytest.approx(0.6, rel=1e-3)
     assert buf.seen.tolist() == [False, True, False, True, False]
     with pytest.raises(IndexError, match="out of range"):
         buf.record(torch.tensor([5]), torch.tensor([0.1]), torch.tensor([0.1]))
@@ -272,7 +275,7 @@ def test_state_dict_round_trip_with_safetensors(tmp_path):
     restored = GSCBuffers(300)
     restored.load_state_dict(load_file(str(tmp_path / "gsc.safetensors")))
     for key, value in buf.state_dict().items():
-        assert torch.equal(restored.state_dict()[key], value), key
+        torch.testing.assert_close(restored.state_dict()[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
     with pytest.raises(ValueError, match="300 samples"):
         GSCBuffers(299).load_state_dict(buf.state_dict())
     with pytest.raises(KeyError, match="ema_pred"):
@@ -284,8 +287,8 @@ def test_gsc_plus_uses_peer_weights():
     plus.networks[0].weight.copy_(torch.tensor([0.1, 0.2, 0.3, 0.4]))
     plus.networks[1].weight.copy_(torch.tensor([0.9, 0.8, 0.7, 0.6]))
     idx = torch.tensor([2, 0])
-    assert plus.loss_weights(0, idx).tolist() == pytest.approx([0.7, 0.9])
-    assert plus.loss_weights(1, idx).tolist() == pytest.approx([0.3, 0.1])
+    assert plus.loss_weights(0, idx).tolist() == pytest.approx([0.7, 0.9], abs=1e-3)
+    assert plus.loss_weights(1, idx).tolist() == pytest.approx([0.3, 0.1], abs=1e-3)
     other = GSCPlusBuffers(4)
     other.load_state_dict(plus.state_dict())
     assert torch.equal(other.networks[1].weight, plus.networks[1].weight)
@@ -372,4 +375,4 @@ def test_gsc_hook_with_fake_embeddings_records_updates_and_round_trips():
     restored.setup(n, torch.device("cpu"))
     restored.load_state_dict(hook.state_dict())
     for key, value in hook.state_dict().items():
-        assert torch.equal(restored.state_dict()[key], value), key
+        torch.testing.assert_close(restored.state_dict()[key], value, rtol=0, atol=0, equal_nan=True, msg=key)

@@ -16,7 +16,7 @@ from hf_mmsel.gsc.hook import GSCHook, GSCPlusHook
 from hf_mmsel.hooks import BatchHook, LossTerms, StepContext
 from hf_mmsel.models import CoTrainedDualEncoder, build_dual_encoder, encode_pair
 from hf_mmsel.trainers import ContrastiveTrainer, ContrastiveTrainingArguments
-from hf_mmsel.trainers.contrastive import HOOK_STATE_NAME
+from hf_mmsel.state import read_global_arrays
 
 N, B = 64, 16  # 4 steps per epoch
 
@@ -139,7 +139,8 @@ def test_gsc_plus_loss_uses_the_peers_weights_exactly(tmp_path, data):
 
 
 def _state(path):
-    return load_file(str(path / HOOK_STATE_NAME))
+    """Per-sample arrays gathered from every rank file plus the replicated part."""
+    return {**read_global_arrays(path), **load_file(str(path / "hook_state" / "replicated.safetensors"))}
 
 
 def test_gsc_plus_checkpoint_resume_restores_both_buffer_sets(tmp_path, data):
@@ -149,7 +150,7 @@ def test_gsc_plus_checkpoint_resume_restores_both_buffer_sets(tmp_path, data):
     first = _trainer(tmp_path / "b", data, **kw)
     first.add_callback(StopAtStep(5))
     first.train()
-    ckpt = tmp_path / "b" / "checkpoint-4"  # last step of epoch 0: before its end update
+    ckpt = tmp_path / "b" / "checkpoint-4"  # last step of pass 0: saved after its end update
     state = _state(ckpt)
     assert {k for k in state if k.endswith("buffers.weight")} == {"1.net0.buffers.weight", "1.net1.buffers.weight"}
     assert int(state["1.net0.bank.count"]) > 0 and int(state["1.net1.bank.count"]) > 0
@@ -220,7 +221,7 @@ def test_two_process_gsc_plus_state_identical_on_both_ranks(tmp_path, data):
     ranks = [load_file(str(tmp_path / f"gsc_plus_rank{r}.safetensors")) for r in range(2)]
     assert set(ranks[0]) == set(ranks[1])
     for key in ranks[0]:
-        assert torch.equal(ranks[0][key], ranks[1][key]), key
+        torch.testing.assert_close(ranks[1][key], ranks[0][key], rtol=0, atol=0, equal_nan=True, msg=key)
     assert int(ranks[0]["net0.buffers.num_updates"]) == 2 and int(ranks[0]["net1.buffers.num_updates"]) == 2
     assert not torch.equal(ranks[0]["net0.buffers.weight"], ranks[0]["net1.buffers.weight"])
 
@@ -246,7 +247,9 @@ def _worker(data_dir: str, out: str) -> None:
                                  data_collator=ImageTextCollator(_bundle(captions).tokenizer, max_length=12))
     trainer.train()
     assert dist.is_initialized() and dist.get_world_size() == 2, "expected 2 processes"
-    state = {k: v.contiguous() for k, v in trainer.gsc_hook.state_dict().items()}
+    per_sample = {k.split(".", 1)[1] for k in trainer.runner.state.arrays}  # this rank's shards: gather them
+    state = {k: v.contiguous() for k, v in trainer.gsc_hook.state_dict().items() if k not in per_sample}
+    state.update({key: trainer.runner.gathered(f"1.{key}").float() for key in sorted(per_sample)})
     state.update({f"param.{k}": v.detach().contiguous() for k, v in trainer.model.state_dict().items()})
     save_file(state, str(Path(out) / f"gsc_plus_rank{dist.get_rank()}.safetensors"))
 

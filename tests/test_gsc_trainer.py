@@ -18,7 +18,7 @@ from hf_mmsel.gsc.hook import GSCHook
 from hf_mmsel.hooks import BatchHook
 from hf_mmsel.models import build_dual_encoder
 from hf_mmsel.trainers import ContrastiveTrainer, ContrastiveTrainingArguments
-from hf_mmsel.trainers.contrastive import HOOK_STATE_NAME
+from hf_mmsel.state import read_global_arrays
 
 N, B = 96, 16  # 6 steps per epoch
 WORKER = Path(__file__).with_name("gsc_dist_worker.py")
@@ -75,7 +75,7 @@ class _WeightsAtEpochEnd(TrainerCallback):
 
 
 def test_gsc_updates_weights_every_epoch_and_logs_diagnostics(tmp_out, train_set):
-    trainer = _trainer(tmp_out, train_set)
+    trainer = _trainer(tmp_out, train_set, selection_diagnostics=True)
     seen = _WeightsAtEpochEnd(trainer)
     trainer.add_callback(seen)
     trainer.train()
@@ -118,7 +118,8 @@ def test_dissect_selection_then_gsc_weights_only_the_kept_pairs(tmp_out, train_s
 
 
 def _hook_state(path):
-    return load_file(str(path / HOOK_STATE_NAME))
+    """Per-sample arrays gathered from every rank file plus the replicated part."""
+    return {**read_global_arrays(path), **load_file(str(path / "hook_state" / "replicated.safetensors"))}
 
 
 def _assert_same(a, b):
@@ -135,10 +136,10 @@ def test_interrupted_and_resumed_run_restores_every_gsc_buffer(tmp_path, train_s
     first = _trainer(tmp_path / "b", train_set, **kw)
     first.add_callback(StopAtStep(8))
     first.train()
-    # checkpoint-6 is the last step of epoch 0: saved before that epoch's GSC update, which the resumed run must
-    # then run itself before epoch 1
+    # checkpoint-6 is the last step of pass 0: the pass-end GSC update runs after the optimizer step, before the
+    # save, so the checkpoint holds the updated buffers and an empty "seen this pass" mark (NaN consistency)
     ckpt6 = _hook_state(tmp_path / "b" / "checkpoint-6")
-    assert int(ckpt6["1.buffers.num_updates"]) == 0 and int(ckpt6["1.buffers.seen"].sum()) == N // 2
+    assert int(ckpt6["1.buffers.num_updates"]) == 1 and int((~ckpt6["1.buffers.consistency"].isnan()).sum()) == 0
     assert int(ckpt6["1.bank.count"]) > 0  # the anchor bank is checkpointed too
     resumed = _trainer(tmp_path / "b", train_set, **kw)
     resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-6"))

@@ -197,7 +197,10 @@ def test_loss_strategies_and_clipscore_rank_by_their_scores():
 
 def test_hook_state_round_trip_and_noisy_bookkeeping():
     n = 20
-    hook = _hook("dissect", 0.5, n, warmup_epochs=1)
+    plain = _hook("dissect", 0.5, n, warmup_epochs=1)
+    assert set(plain.state_dict()) == {"bank.hist", "bank.seen"} and plain.noisy is None  # diagnostics opt-in
+    assert plain._storage.state.nbytes() == 5 * n  # DISSect: hist float32 + seen bool
+    hook = _hook("dissect", 0.5, n, warmup_epochs=1, diagnostics=True)
     emb = PairEmbeddings(_unit(10, 4, 0), _unit(10, 4, 1), torch.tensor(1.0))
     noisy = torch.tensor([True, False] * 5)
     ctx = _ctx(0, 0, emb)
@@ -206,7 +209,7 @@ def test_hook_state_round_trip_and_noisy_bookkeeping():
     assert hook.noisy[10:].tolist() == noisy.to(torch.int8).tolist() and (hook.noisy[:10] == -1).all()
     logs = hook.on_epoch_end(0, Dist())
     assert "selection/epoch_noisy_score_mean" in logs and len(hook.epoch_histograms) == 1
-    restored = _hook("dissect", 0.5, n, warmup_epochs=1)
+    restored = _hook("dissect", 0.5, n, warmup_epochs=1, diagnostics=True)
     restored.load_state_dict(hook.state_dict())
     for key, value in hook.state_dict().items():
         torch.testing.assert_close(restored.state_dict()[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
@@ -238,7 +241,8 @@ def test_hook_list_composes_selection_then_weighting():
                              torch.ones(4), _ctx(0, 0, emb))
     torch.testing.assert_close(terms.weights, hooks.hooks[2].w[keep])
     assert float(terms.extra_loss) == 1.0 and "w_mean" in terms.logs
-    assert {"0.bank.hist", "1.bank.hist", "2.w"} <= set(hooks.state_dict())
+    assert set(hooks.state_dict()) == {"2.w"}  # clipscore/random keep no per-sample bank
+    assert HookList([SelectionHook("dissect_ema", 0.5)]).state_kinds() == ["selection"]
 
 
 # ---------------------------------------------------------------------- literal port of the official loop

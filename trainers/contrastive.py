@@ -1,20 +1,24 @@
 """``ContrastiveTrainer``: symmetric InfoNCE for any dual encoder, with online sample selection at the data boundary.
 
-Each step the per-device candidate batch (B pairs with ``sample_idx``) goes through a :class:`~hf_mmsel.hooks.
-BatchHook` chain: the :class:`~hf_mmsel.selection.SelectionHook` built from the arguments (DISSect by default)
-keeps ``k = round(r*B)`` pairs; with ``gsc=True`` a :class:`~hf_mmsel.gsc.hook.GSCHook` then weights the kept pairs
-(per-sample clean weights ``w`` + γ·structure loss, GMM/EMA update at every epoch end); optional extra hooks add
-their own weights / losses. The loss is the per-pair InfoNCE of ``hf_mmsel.losses`` with negatives gathered across
-ranks. GSC+ (``gsc_co_training=True``, gsc.md §6): the model is a :class:`~hf_mmsel.models.CoTrainedDualEncoder`;
-every network gets its own per-pair InfoNCE on the same kept pairs, weighted by its peer's ``w``
-(:class:`~hf_mmsel.gsc.hook.GSCPlusHook`), and the step loss is the sum over networks. Hook state (score bank, GSC
-buffers) is replicated on every rank, written to ``selection_state.safetensors`` in every checkpoint and restored
-on resume.
+Thin glue between ``transformers.Trainer`` and the cores. Each step the per-device candidate batch (B pairs with
+``sample_idx``) goes through a :class:`~hf_mmsel.state.HookRunner`: the :class:`~hf_mmsel.selection.SelectionHook`
+built from the arguments (DISSect by default) keeps ``k = round(r*B)`` pairs; with ``gsc=True`` a
+:class:`~hf_mmsel.gsc.hook.GSCHook` then weights them; optional extra hooks add their own weights / losses. The
+loss is chosen in one place (:meth:`ContrastiveTrainer.contrastive_loss_per_sample`) with negatives gathered
+across ranks. GSC+ (``gsc_co_training=True``) lives in ``co_training.py``, reference scoring in
+``reference_scoring.py``.
+
+Per-sample state is sharded (``hf_mmsel.state``): a map-style dataset is read through the owner-stable batch
+sampler (rank r draws only ``sample_idx mod W = r``), a stream through the rank-configured
+:class:`~hf_mmsel.data.streaming.StreamingImageTextDataset` (rank r reads and owns its shards). The hook state is
+written into every checkpoint before ``Trainer._save_checkpoint`` (one file per rank + ``index.json``) and
+restored in ``on_train_begin``, which every backend (plain, DDP, FSDP, DeepSpeed) calls after loading the model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 from pathlib import Path
@@ -22,45 +26,56 @@ from typing import Any, Sequence
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_pt_utils import BatchRebalanceSampler
 
-from hf_mmsel.hooks import BatchHook, Dist, HookList, PairEmbeddings, StepContext, subset_batch
+from hf_mmsel.hooks import BatchHook, LossTerms, PairEmbeddings, subset_batch
 from hf_mmsel.losses import clip_loss_per_sample
-from hf_mmsel.models import CoTrainedDualEncoder, check_dual_encoder, encode_pair, logit_scale_of, unwrap_model
+from hf_mmsel.models import (CoTrainedDualEncoder, check_dual_encoder, encode_pair, logit_scale_of,
+                             make_logit_scale_1d, unwrap_model)
 from hf_mmsel.selection import SelectionHook, load_reference_scores
+from hf_mmsel.state import (HOOK_STATE_DIR, OwnerStableBatchSampler, PassSchedule, SampleOwnership,
+                            check_checkpoint_complete, streaming_batches_per_pass)
+from hf_mmsel.state.runner import HookRunner, require_process_group
 
+from .co_training import co_training_loss
 from .contrastive_config import SCORE_PLOT_NAME, ContrastiveTrainingArguments
+from .reference_scoring import compute_reference_scores
 
-__all__ = ["ContrastiveTrainer", "ContrastiveTrainingArguments", "HOOK_STATE_NAME", "SCORE_PLOT_NAME"]
+__all__ = ["ContrastiveTrainer", "ContrastiveTrainingArguments", "HOOK_STATE_DIR", "SCORE_PLOT_NAME"]
 
-HOOK_STATE_NAME = "selection_state.safetensors"
-_STEP_KEY = "trainer.hook_step"
-_EPOCHS_KEY = "trainer.epochs_ended"
+logger = logging.getLogger(__name__)
+
+
+def _is_streaming(dataset) -> bool:
+    from hf_mmsel.data.streaming import StreamingImageTextDataset
+
+    return isinstance(dataset, StreamingImageTextDataset)
+
+
+class _OwnerStableTrainerSampler(OwnerStableBatchSampler, BatchRebalanceSampler):
+    """The owner-stable batch sampler, typed as a ``BatchRebalanceSampler`` so that Trainer passes it as
+    ``batch_sampler`` and neutralises accelerate's re-sharding (it is already rank-aware)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        OwnerStableBatchSampler.__init__(self, *args, **kwargs)
 
 
 class _HookCallback(TrainerCallback):
-    """Runs the hooks' epoch-end update, keeps ``logit_scale`` clamped and writes the score plot."""
+    """Restores the hook state at train begin, runs pass-end updates after each optimizer step, keeps
+    ``logit_scale`` clamped and writes the score plot."""
 
     def __init__(self, trainer: "ContrastiveTrainer") -> None:
         self.trainer = trainer
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._on_train_begin(state)
+
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer._clamp_logit_scale()
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        # A checkpoint saved by step at an epoch's last step holds the hook state from *before* that epoch's
-        # end update; a run resumed from it starts at the next epoch, so run the missed update(s) now.
-        epoch = int(math.floor((state.epoch or 0.0) + 1e-9))
-        if self.trainer._epochs_ended < 0:
-            self.trainer._epochs_ended = epoch
-        for missed in range(self.trainer._epochs_ended, epoch):
-            self.trainer._end_epoch(missed)
-        self.trainer._epochs_ended = max(self.trainer._epochs_ended, epoch)
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        self.trainer._end_epoch(max(0, int(math.ceil(state.epoch - 1e-9)) - 1))
+        self.trainer._end_completed_passes()
 
     def on_train_end(self, args, state, control, **kwargs):
-        if args.plot_score_distributions and self.trainer.is_world_process_zero():
+        if args.plot_score_distributions and args.selection_diagnostics and self.trainer.is_world_process_zero():
             self.trainer.save_score_plot()
 
 
@@ -69,15 +84,17 @@ class ContrastiveTrainer(Trainer):
     logit scale, selecting pairs online with ``args.selection_strategy``.
 
     With ``args.gsc`` a :class:`~hf_mmsel.gsc.hook.GSCHook` built from the ``gsc_*`` arguments runs right after
-    selection (it weights the kept pairs); :meth:`gsc_weights` returns its current per-sample weights ``w``. At every
-    epoch end its GMM/EMA update runs on every rank (identical buffers, rank 0's result broadcast) and, when batches
-    carry ``is_noisy``, diagnostics are logged: mean ``w`` over clean and noisy pairs and the AUROC of ``w``.
+    selection (it weights the kept pairs); :meth:`gsc_weights` returns its current per-sample weights ``w``. Its
+    pass-end GMM/EMA update gives every rank the single-process result. With ``selection_diagnostics`` and batches
+    carrying ``is_noisy``, diagnostics are logged: mean ``w`` over clean and noisy pairs and the AUROC of ``w``.
 
     Args (besides ``Trainer``'s): ``hooks``: extra :class:`BatchHook`s run after selection (and GSC);
     ``class_captions``: prompts for zero-shot accuracy in :meth:`evaluate`; ``reference_scores`` /
     ``reference_model``: the fixed reference for ``reference_clipscore`` (a ``[N]`` tensor, or a model scored once
     over the training set). Batches need ``pixel_values``, ``input_ids``, ``attention_mask``, ``sample_idx``; a
     ground-truth ``is_noisy`` is only logged (``selected_noisy_fraction``), never used for training.
+    ``train_dataset`` may be a map-style dataset or a :class:`~hf_mmsel.data.streaming.StreamingImageTextDataset`
+    (then ``max_steps`` is required).
     """
 
     def __init__(
@@ -102,6 +119,10 @@ class ContrastiveTrainer(Trainer):
             dataset = kwargs.get(name)
             if dataset is not None:
                 kwargs[name] = self._check_dataset(dataset, name)
+        if _is_streaming(kwargs.get("train_dataset")) and args.max_steps <= 0:
+            raise ValueError("a streaming train_dataset needs max_steps > 0 (the stream is infinite)")
+        if getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+            make_logit_scale_1d(model)  # DeepSpeed cannot broadcast 0-dim parameters (CLIP's logit_scale)
         super().__init__(model=model, args=args, **kwargs)
         self.class_captions = list(class_captions) if class_captions is not None else None
         self._reference_model = reference_model
@@ -127,11 +148,9 @@ class ContrastiveTrainer(Trainer):
                 "gsc=True with a CoTrainedDualEncoder needs gsc_co_training=True (GSC+: each network weighted by "
                 "its peer's w); single-network GSC takes a plain dual encoder"
             )
-        self.hook: BatchHook = BatchHook()
-        self.dist = Dist()
-        self._hook_step = 0
-        self._epochs_ended = 0  # number of epochs whose hook epoch-end update has run
-        self._hook_ready = False
+        self.runner: HookRunner | None = None
+        self._resume_checkpoint: str | None = None
+        self._train_sampler: OwnerStableBatchSampler | None = None
         self._log_sums: dict[str, torch.Tensor] = {}
         self._log_counts: dict[str, int] = {}
         self._pending_logs: dict[str, float] = {}
@@ -141,7 +160,7 @@ class ContrastiveTrainer(Trainer):
     @staticmethod
     def _check_dataset(dataset, name: str):
         columns = getattr(dataset, "column_names", None)
-        if columns is None:  # iterable or custom dataset: checked by the collator
+        if columns is None:  # streaming or custom dataset: checked by the collator
             return dataset
         has_image = "pixel_values" in columns or "image" in columns
         has_text = "input_ids" in columns or "caption" in columns
@@ -159,20 +178,85 @@ class ContrastiveTrainer(Trainer):
                 dataset = dataset.with_format(fmt["type"], columns=None, output_all_columns=True)
         return dataset
 
-    def _num_samples(self) -> int:
+    @property
+    def streaming(self) -> bool:
+        return _is_streaming(self.train_dataset)
+
+    def _sample_indices(self) -> torch.Tensor:
+        """``sample_idx`` of every row of the map-style training set."""
         dataset = self.train_dataset
-        data = getattr(dataset, "data", None)
-        if data is not None and "sample_idx" in getattr(dataset, "column_names", []):
-            import pyarrow.compute as pc
+        if "sample_idx" in (getattr(dataset, "column_names", None) or []) and hasattr(dataset, "select_columns"):
+            import numpy as np
 
-            top = pc.max(data.column("sample_idx")).as_py()
-            return int(top) + 1 if top is not None else len(dataset)
-        return len(dataset)
+            column = dataset.select_columns(["sample_idx"]).with_format("numpy")["sample_idx"]
+            return torch.from_numpy(np.array(column, dtype=np.int64))
+        return torch.arange(len(dataset))
 
-    def _build_hooks(self) -> None:
-        """Create the selection hook from the arguments and allocate every hook's per-sample state."""
-        if self._hook_ready:
-            return
+    def _num_samples(self) -> int:
+        if self.streaming:
+            return int(self.train_dataset.num_samples)
+        idx = self._sample_indices()
+        return int(idx.max()) + 1 if idx.numel() else len(self.train_dataset)
+
+    def _ownership(self) -> SampleOwnership:
+        dist = require_process_group(self.args.world_size)
+        n = self._num_samples()
+        if self.streaming:
+            ranges = self._configured_stream().owned_ranges()
+            return SampleOwnership(n, dist.world_size, dist.rank, rule="ranges", ranges=ranges)
+        return SampleOwnership(n, dist.world_size, dist.rank)
+
+    def _get_train_sampler(self, train_dataset=None):
+        """The owner-stable batch sampler: rank r's candidates are the rows whose ``sample_idx mod W = r``."""
+        if self._train_sampler is None:
+            dist = require_process_group(self.args.world_size)
+            self._train_sampler = _OwnerStableTrainerSampler(
+                self._sample_indices(), self._train_batch_size, world_size=dist.world_size, rank=dist.rank,
+                shuffle=self.args.train_sampling_strategy != "sequential", seed=self.args.seed)
+        return self._train_sampler
+
+    def _configured_stream(self):
+        dataset = self.train_dataset
+        if dataset.rank is None:
+            dist = require_process_group(self.args.world_size)
+            dataset = dataset.for_rank(rank=dist.rank, world_size=dist.world_size, batch_size=self._train_batch_size,
+                                       collate_fn=self.data_collator, num_workers=self.args.dataloader_num_workers,
+                                       seed=self.args.seed)
+            self.train_dataset = dataset
+        return dataset
+
+    def get_train_dataloader(self):
+        """Map-style: Trainer's loader with the owner-stable batch sampler. Streaming: the rank-configured stream
+        in a ``DataLoader(batch_size=None)`` that accelerate does not re-shard or dispatch."""
+        if not self.streaming:
+            return super().get_train_dataloader()
+        from torch.utils.data import DataLoader
+
+        dataset = self._configured_stream()
+        kwargs = dict(batch_size=None, num_workers=self.args.dataloader_num_workers,
+                      pin_memory=self.args.dataloader_pin_memory)
+        if self.args.dataloader_num_workers > 0:
+            kwargs.update(prefetch_factor=self.args.dataloader_prefetch_factor,
+                          persistent_workers=self.args.dataloader_persistent_workers, in_order=True)
+        return DataLoader(dataset, **kwargs)
+
+    def _schedule(self) -> PassSchedule:
+        ga = self.args.gradient_accumulation_steps
+        if self.streaming:
+            per_pass = streaming_batches_per_pass(self._num_samples(), self.args.world_size or 1,
+                                                  self._train_batch_size)
+        else:
+            per_pass = len(self._get_train_sampler())
+        if self.args.max_steps > 0:
+            total = self.args.max_steps * ga
+        else:
+            total = int(math.ceil(float(self.args.num_train_epochs) * per_pass))
+        return PassSchedule(per_pass, max(1, total))
+
+    def _build_hooks(self) -> HookRunner:
+        """Create the hook chain from the arguments and allocate every hook's (sharded) per-sample state."""
+        if self.runner is not None:
+            return self.runner
         args = self.args
         if args.selection_strategy == "reference_clipscore" and self._reference_scores is None:
             if self._reference_model is None:
@@ -181,22 +265,27 @@ class ContrastiveTrainer(Trainer):
                     "reference_model= or --reference_scores_path"
                 )
             self._reference_scores = self.compute_reference_scores(self._reference_model)
+        schedule = self._schedule()
+        warmup = args.selection_warmup_passes(schedule.total_passes)
+        if args.selection_strategy == "dissect":
+            schedule.check_warmup(warmup)
         self.selection_hook = SelectionHook(
-            args.selection_strategy,
-            args.select_rate,
+            args.selection_strategy, args.select_rate,
             seed=args.seed if args.selection_seed is None else args.selection_seed,
-            warmup_epochs=args.resolved_selection_warmup_epochs,
-            ema_beta=args.ema_beta,
-            first_visit_fallback=args.first_visit_fallback,
-            reference_scores=self._reference_scores,
+            diagnostics=args.selection_diagnostics, warmup_epochs=warmup, ema_beta=args.ema_beta,
+            first_visit_fallback=args.first_visit_fallback, reference_scores=self._reference_scores,
         )
         if args.gsc:
             self.gsc_hook = self._build_gsc_hook()
         gsc = [self.gsc_hook] if self.gsc_hook is not None else []
-        self.hook = HookList([self.selection_hook, *gsc, *self._extra_hooks])
-        self.hook.setup(self._num_samples(), self.args.device)
-        self.dist = Dist()
-        self._hook_ready = True
+        settings = {"selection_strategy": args.selection_strategy, "gsc": bool(args.gsc),
+                    "gsc_co_training": bool(args.gsc_co_training),
+                    "selection_diagnostics": bool(args.selection_diagnostics)}
+        runner = HookRunner([self.selection_hook, *gsc, *self._extra_hooks], settings)
+        runner.setup(self._num_samples(), self._ownership(), args.device, schedule,
+                     dist=require_process_group(args.world_size))
+        self.runner = runner
+        return runner
 
     def _build_gsc_hook(self):
         from hf_mmsel.gsc.hook import GSCHook
@@ -214,7 +303,7 @@ class ContrastiveTrainer(Trainer):
             bank_min_weight=a.gsc_bank_min_weight, gmm_max_iter=a.gsc_gmm_max_iter, gmm_tol=a.gsc_gmm_tol,
             gmm_reg_covar=a.gsc_gmm_reg_covar, max_fit_samples=a.gsc_max_fit_samples,
             prob_posterior=a.gsc_prob_posterior, prob_logit_scale=a.gsc_prob_logit_scale,
-            seed=a.seed if a.gsc_seed is None else a.gsc_seed,
+            seed=a.seed if a.gsc_seed is None else a.gsc_seed, diagnostics=a.selection_diagnostics,
         )
         if a.gsc_co_training:
             from hf_mmsel.gsc.hook import GSCPlusHook
@@ -223,44 +312,101 @@ class ContrastiveTrainer(Trainer):
         return GSCHook(**kwargs)
 
     @property
+    def dist(self):
+        """The collectives of this run (:class:`~hf_mmsel.hooks.Dist`)."""
+        return self._build_hooks().dist
+
+    @property
+    def hook(self):
+        """The hook chain (:class:`~hf_mmsel.hooks.HookList`: selection, GSC, extra hooks)."""
+        return self._build_hooks().hooks
+
+    @property
     def co_trained(self) -> bool:
         """Whether the model is a :class:`CoTrainedDualEncoder` (per-network losses; GSC+ with ``gsc``)."""
         return isinstance(unwrap_model(self.model), CoTrainedDualEncoder)
 
     def gsc_weights(self, network: int | None = None) -> torch.Tensor:
         """GSC's current per-sample clean weights ``w`` (``[N]`` float32 on CPU, indexed by ``sample_idx``; all
-        ones before the first epoch end). Identical on every rank. GSC+ (``gsc_co_training``): network
-        ``network``'s own ``w`` (the weights its *peer* trains with), or by default the mean over networks."""
+        ones before the first pass end), gathered from the owning ranks (call on every rank). GSC+
+        (``gsc_co_training``): network ``network``'s own ``w`` (the weights its *peer* trains with), or by default
+        the mean over networks."""
         if not self.args.gsc:
             raise RuntimeError("gsc_weights() needs ContrastiveTrainingArguments(gsc=True)")
-        self._build_hooks()
+        runner = self._build_hooks()
         if self.args.gsc_co_training:
-            weights = self.gsc_hook.weights(network)
+            local = self.gsc_hook.weights(network)
         elif network is not None:
             raise ValueError("gsc_weights(network=...) needs gsc_co_training=True (GSC+)")
         else:
-            weights = self.gsc_hook.buffers.weight
-        return weights.detach().float().cpu().clone()
+            local = self.gsc_hook.buffers.weight
+        return runner.gather_local(local.detach().float(), fill=1.0).cpu().clone()
 
-    def _end_epoch(self, epoch: int) -> None:
-        """Every hook's epoch-end update (on every rank) plus GSC diagnostics; logs go into the next log call
-        (calling Trainer.log here would reset control.should_log and drop the epoch's training log under
-        logging_strategy="epoch")."""
-        self._build_hooks()
-        self._pending_logs.update(self.hook.on_epoch_end(epoch, self.dist))
-        if self.gsc_hook is not None:
-            self._pending_logs.update(self._gsc_diagnostics())
-        self._epochs_ended = max(self._epochs_ended, epoch + 1)
+    def compute_reference_scores(self, reference_model, dataset=None) -> torch.Tensor:
+        """CLIPScores ``100*max(cos, 0)`` of a fixed ``reference_model`` for every ``sample_idx`` of the training
+        set (one no-grad pass), for ``reference_clipscore``."""
+        return compute_reference_scores(reference_model, self.train_dataset if dataset is None else dataset,
+                                        self.data_collator, num_samples=self._num_samples(),
+                                        batch_size=self.args.per_device_eval_batch_size, device=self.args.device)
+
+    # ------------------------------------------------------------------------------------ train / resume
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        if resume_from_checkpoint:
+            check_checkpoint_complete(resume_from_checkpoint)
+        self._resume_checkpoint = str(resume_from_checkpoint) if resume_from_checkpoint else None
+        if self.streaming:
+            self.args.ignore_data_skip = True  # the stream seeks to its position (stateless resume)
+            self.args.accelerator_config.dispatch_batches = False
+        self.runner = None
+        runner = self._build_hooks()
+        if resume_from_checkpoint:  # settings mismatch: a named error before Trainer loads weights / optimizer
+            from hf_mmsel.state import read_index
+
+            runner.check_compatible(read_index(resume_from_checkpoint))
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+
+    def _on_train_begin(self, state) -> None:
+        """Every backend calls this after wrapping and loading the model, before the first batch is drawn."""
+        runner = self._build_hooks()
+        if self._resume_checkpoint is not None:
+            index = runner.load(self._resume_checkpoint, state.global_step)
+            if self.streaming and index.get("stream") != self.train_dataset.resume_signature():
+                logger.warning(
+                    "resuming a stream with other settings than the checkpoint's (%s now, %s then): the state is "
+                    "re-sharded and the run continues, but the data order differs from an uninterrupted run",
+                    self.train_dataset.resume_signature(), index.get("stream"))
+        if self.streaming:
+            self.train_dataset.set_consumed_batches(state.global_step * self.args.gradient_accumulation_steps)
+        if not self.streaming:
+            sampler = self._get_train_sampler()
+            logger.info(
+                "dataloader_drop_last=True (equal k on every rank): %d of this rank's pairs are not candidates in "
+                "each pass; the next pass's permutation covers them", sampler.dropped_per_pass)
+        logger.info("per-sample hook state: %d bytes on this rank (%.2f B/sample owned)", runner.state_bytes_per_rank(),
+                    runner.state_bytes_per_rank() / max(1, runner.ownership.num_local))
+
+    def _end_completed_passes(self) -> None:
+        if self.runner is None:
+            return
+        logs = self.runner.end_completed_passes()
+        if logs and self.gsc_hook is not None:
+            logs.update(self._gsc_diagnostics())
+        self._pending_logs.update(logs)
 
     def _gsc_diagnostics(self) -> dict[str, float]:
         """Mean ``w`` over known-clean and known-noisy pairs and the AUROC of ``w`` (clean = positive) from the
-        ground-truth ``is_noisy`` flags the selection hook recorded; diagnostic only, never used for training."""
+        ground-truth ``is_noisy`` flags (``selection_diagnostics``); diagnostic only, never used for training."""
         weights = self.gsc_weights()
         logs = {"gsc_epoch_weight_mean": float(weights.mean())}
-        noisy = getattr(self.selection_hook, "noisy", None)
-        if noisy is None:
+        if self.selection_hook is None or self.selection_hook.noisy is None:
             return logs
-        noisy = noisy.cpu()
+        noisy = self.runner.gather_local(self.selection_hook.noisy, fill=-1).cpu()
         clean, bad = noisy == 0, noisy == 1
         if bool(clean.any()) and bool(bad.any()):
             from hf_mmsel.metrics.detection import auroc
@@ -271,29 +417,6 @@ class ContrastiveTrainer(Trainer):
                         gsc_weight_auroc=auroc(weights[known].numpy(), clean[known].numpy()))
         return logs
 
-    @torch.no_grad()
-    def compute_reference_scores(self, reference_model, dataset=None) -> torch.Tensor:
-        """CLIPScores ``100*max(cos, 0)`` of a fixed ``reference_model`` for every ``sample_idx`` of the training
-        set (one no-grad pass), for ``reference_clipscore``."""
-        from torch.utils.data import DataLoader
-
-        from hf_mmsel.metrics import embed_dataset
-        from hf_mmsel.selection import clip_score
-
-        check_dual_encoder(reference_model)
-        dataset = self.train_dataset if dataset is None else dataset
-        loader = DataLoader(dataset, batch_size=self.args.per_device_eval_batch_size, shuffle=False,
-                            collate_fn=self.data_collator)
-        emb = embed_dataset(reference_model, loader, device=self.args.device)
-        scores = torch.zeros(self._num_samples())
-        scores[emb["sample_idx"].long()] = clip_score(emb["image_embeds"], emb["text_embeds"])[1]
-        return scores
-
-    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        self._build_hooks()
-        self._epochs_ended = 0  # restored from the checkpoint when resuming
-        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
-
     # ---------------------------------------------------------------------------------------- the step
     def _score_dtype(self) -> torch.dtype | None:
         choice = self.args.score_dtype
@@ -301,98 +424,82 @@ class ContrastiveTrainer(Trainer):
             return torch.bfloat16 if self.args.device.type == "cuda" else None
         return None if choice == "float32" else getattr(torch, choice)
 
-    def _score_batch(self, model, inputs) -> PairEmbeddings:
-        """The no-grad scoring forward of the current model on the full candidate batch."""
-        dtype = self._score_dtype()
-        autocast = (torch.autocast(device_type=self.args.device.type, dtype=dtype) if dtype is not None
-                    else contextlib.nullcontext())
-        with torch.no_grad(), autocast:
-            image, text = encode_pair(model, inputs["pixel_values"], inputs["input_ids"], inputs.get("attention_mask"))
-            if self.co_trained:  # ensemble embeddings (mean cosine); scale: the networks' mean
-                scale = torch.stack([logit_scale_of(net, max_scale=self.args.logit_scale_max)
-                                     for net in unwrap_model(model).networks]).mean()
-            else:
-                scale = logit_scale_of(model, max_scale=self.args.logit_scale_max)
-        return PairEmbeddings(image, text, scale.detach())
+    def _uses_wrapper_forward(self, model) -> bool:
+        """DDP (gradient all-reduce), FSDP (parameter all-gather) and DeepSpeed need their wrapper's ``forward``."""
+        return model is not unwrap_model(model) or self.args.world_size > 1 or self.is_fsdp_enabled
 
-    def _embed_for_training(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings with gradient. Under DDP the wrapped ``forward`` must run (it arms the gradient all-reduce),
-        so the model's forward output must carry ``image_embeds``/``text_embeds`` (CLIPModel and
-        VisionTextDualEncoderModel do); otherwise ``get_*_features`` are called directly."""
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+    def _embed(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2-normalised embeddings (with gradient unless called under ``no_grad``), through the wrapper's
+        ``forward`` where the backend needs it (its output must carry ``image_embeds``/``text_embeds``, as
+        CLIPModel's and VisionTextDualEncoderModel's do); ``get_*_features`` otherwise."""
+        if self._uses_wrapper_forward(model):
             out = model(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"],
                         attention_mask=inputs.get("attention_mask"))
             image, text = getattr(out, "image_embeds", None), getattr(out, "text_embeds", None)
             if image is None or text is None:
                 raise TypeError(
                     f"{type(unwrap_model(model)).__name__}.forward must return image_embeds and text_embeds for "
-                    "multi-process training (DDP needs the forward call)"
+                    "multi-process / sharded training (the backend needs the forward call)"
                 )
             return torch.nn.functional.normalize(image, dim=-1), torch.nn.functional.normalize(text, dim=-1)
         return encode_pair(model, inputs["pixel_values"], inputs["input_ids"], inputs.get("attention_mask"))
 
-    def _current_epoch(self) -> int:
-        return int(math.floor(self.state.epoch + 1e-9)) if self.state.epoch is not None else 0
+    def _score_batch(self, model, inputs) -> PairEmbeddings:
+        """The no-grad scoring forward of the current model on the full candidate batch."""
+        dtype = self._score_dtype()
+        autocast = (torch.autocast(device_type=self.args.device.type, dtype=dtype) if dtype is not None
+                    else contextlib.nullcontext())
+        with torch.no_grad(), autocast:
+            if self.co_trained:  # ensemble embeddings (mean cosine); scale: the networks' mean
+                image, text = encode_pair(model, inputs["pixel_values"], inputs["input_ids"],
+                                          inputs.get("attention_mask"))
+                scale = torch.stack([logit_scale_of(net, max_scale=self.args.logit_scale_max).reshape(())
+                                     for net in unwrap_model(model).networks]).mean()
+            else:
+                image, text = self._embed(model, inputs)
+                scale = logit_scale_of(model, max_scale=self.args.logit_scale_max)
+        return PairEmbeddings(image, text, scale.detach())
+
+    def contrastive_loss_per_sample(self, image_embeds, text_embeds, logit_scale) -> torch.Tensor:
+        """THE per-pair contrastive loss of a step (local rows, negatives gathered across ranks)."""
+        dist = self.runner.dist if self.runner is not None else None
+        return clip_loss_per_sample(image_embeds, text_embeds, logit_scale,
+                                    gather_fn=dist.gather_with_grad if dist else None, rank=dist.rank if dist else 0)
+
+    @staticmethod
+    def _weighted_mean(per_sample: torch.Tensor, terms: LossTerms) -> torch.Tensor:
+        loss = (per_sample * terms.weights).mean() if terms.weights is not None else per_sample.mean()
+        return loss + terms.extra_loss if terms.extra_loss is not None else loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "sample_idx" not in inputs:
             raise KeyError(f"ContrastiveTrainer batches need 'sample_idx'; got {sorted(inputs)}")
-        self._build_hooks()
+        runner = self._build_hooks()
         inputs = dict(inputs)
         size = int(inputs["sample_idx"].shape[0])
-        ctx = StepContext(self._current_epoch(), self._hook_step, self.dist,
-                          lambda: self._score_batch(model, inputs))
+        ctx = runner.context(lambda: self._score_batch(model, inputs))
         training = model.training
         if training:
-            keep = self.hook.prepare(inputs, ctx)
-            self._hook_step += 1
+            keep = runner.prepare(inputs, ctx)
             if keep is not None:
                 inputs = subset_batch(inputs, keep, size)
+        loss_terms = runner.loss_terms if training else None
         if self.co_trained:
-            return self._co_training_loss(model, inputs, ctx, training, return_outputs)
-        image, text = self._embed_for_training(model, inputs)
+            loss, logs, per_network = co_training_loss(
+                model, inputs, ctx, per_sample_loss=self.contrastive_loss_per_sample, loss_terms=loss_terms,
+                weighted_mean=self._weighted_mean, logit_scale_max=self.args.logit_scale_max)
+            if training:
+                self._accumulate_logs({**ctx.logs, **logs})
+            return (loss, {"networks": per_network}) if return_outputs else loss
+        image, text = self._embed(model, inputs)
         scale = logit_scale_of(model, max_scale=self.args.logit_scale_max)
-        per_sample = clip_loss_per_sample(image, text, scale, gather_fn=self.dist.gather_with_grad,
-                                          rank=self.dist.rank)
-        terms = self.hook.loss_terms(image, text, scale, inputs["sample_idx"], per_sample, ctx)
-        loss = (per_sample * terms.weights).mean() if terms.weights is not None else per_sample.mean()
-        if terms.extra_loss is not None:
-            loss = loss + terms.extra_loss
+        per_sample = self.contrastive_loss_per_sample(image, text, scale)
+        terms = loss_terms(image, text, scale, inputs["sample_idx"], per_sample, ctx) if training else LossTerms()
+        loss = self._weighted_mean(per_sample, terms)
         if training:
             self._accumulate_logs({**ctx.logs, **terms.logs, "logit_scale": scale.detach()})
         if return_outputs:
             return loss, {"image_embeds": image, "text_embeds": text, "per_sample_loss": per_sample}
-        return loss
-
-    def _co_training_loss(self, model, inputs, ctx: StepContext, training: bool, return_outputs: bool):
-        """GSC+ step on the kept pairs: network k's per-pair InfoNCE (its own embeddings and logit scale, negatives
-        gathered across ranks) with the hooks' terms for ``ctx.network = k`` (GSC+: the peer's ``w``, own ``c``/``p``);
-        the loss is the sum over networks, so each network receives exactly its own gradient."""
-        out = model(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"],
-                    attention_mask=inputs.get("attention_mask"))  # the (DDP-)wrapped forward: per-network embeddings
-        networks = unwrap_model(model).networks
-        loss, logs, per_network = 0.0, {}, []
-        for k, (image, text) in enumerate(zip(out.image_embeds, out.text_embeds)):
-            scale = logit_scale_of(networks[k], max_scale=self.args.logit_scale_max)
-            per_sample = clip_loss_per_sample(image, text, scale, gather_fn=self.dist.gather_with_grad,
-                                              rank=self.dist.rank)
-            ctx.network = k
-            try:
-                terms = self.hook.loss_terms(image, text, scale, inputs["sample_idx"], per_sample, ctx)
-            finally:
-                ctx.network = None
-            net_loss = (per_sample * terms.weights).mean() if terms.weights is not None else per_sample.mean()
-            if terms.extra_loss is not None:
-                net_loss = net_loss + terms.extra_loss
-            loss = loss + net_loss
-            logs.update(terms.logs)
-            logs[f"loss_net{k}"] = net_loss.detach()
-            logs[f"logit_scale_net{k}"] = scale.detach()
-            per_network.append({"image_embeds": image, "text_embeds": text, "per_sample_loss": per_sample})
-        if training:
-            self._accumulate_logs({**ctx.logs, **logs})
-        if return_outputs:
-            return loss, {"networks": per_network}
         return loss
 
     @torch.no_grad()
@@ -400,7 +507,7 @@ class ContrastiveTrainer(Trainer):
         inner = unwrap_model(self.model)
         for module in (inner.networks if isinstance(inner, CoTrainedDualEncoder) else [inner]):
             raw = getattr(module, "logit_scale", None)
-            if isinstance(raw, torch.Tensor):
+            if isinstance(raw, torch.Tensor) and raw.numel():
                 raw.clamp_(0.0, math.log(self.args.logit_scale_max))
 
     # ---------------------------------------------------------------------------------------- logging
@@ -414,7 +521,9 @@ class ContrastiveTrainer(Trainer):
         if "loss" in logs and self._log_sums:
             names = sorted(self._log_sums)
             means = torch.stack([self._log_sums[n].to(self.args.device) / self._log_counts[n] for n in names])
-            means = self.dist.gather(means[None]).mean(0)  # same names on every rank; one collective
+            dist = self.runner.dist if self.runner is not None else None
+            if dist is not None and dist.world_size > 1:
+                means = dist.gather(means[None]).mean(0)  # same names on every rank; one collective
             logs = {**logs, **{n: round(float(v), 6) for n, v in zip(names, means.tolist())}}
             self._log_sums, self._log_counts = {}, {}
         if self._pending_logs:
@@ -422,7 +531,8 @@ class ContrastiveTrainer(Trainer):
         super().log(logs, start_time)
 
     def save_score_plot(self, path: str | os.PathLike | None = None) -> Path | None:
-        """Write the clean vs noisy score distributions per epoch (None if nothing was scored)."""
+        """Write the clean vs noisy score distributions per pass (None if nothing was scored; needs
+        ``selection_diagnostics``)."""
         hook = self.selection_hook
         if hook is None or not hook.epoch_histograms:
             return None
@@ -433,38 +543,12 @@ class ContrastiveTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------ checkpoints
     def hook_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every hook's state plus the step counter, as a flat dict of tensors."""
-        self._build_hooks()
-        state = {k: v.contiguous() for k, v in self.hook.state_dict().items()}
-        state[_STEP_KEY] = torch.tensor(self._hook_step, dtype=torch.long)
-        state[_EPOCHS_KEY] = torch.tensor(self._epochs_ended, dtype=torch.long)
+        """This rank's hook state (its shard of the per-sample arrays + replicated state) plus the counters."""
+        runner = self._build_hooks()
+        state = {k: v.detach().cpu().contiguous() for k, v in runner.hooks.state_dict().items()}
+        state["trainer.hook_step"] = torch.tensor(runner.step, dtype=torch.long)
+        state["trainer.passes_ended"] = torch.tensor(runner.passes_ended, dtype=torch.long)
         return state
-
-    def load_hook_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self._build_hooks()
-        self._hook_step = int(state[_STEP_KEY])
-        # -1 (older checkpoints without the counter): no catch-up of a missed epoch-end update
-        self._epochs_ended = int(state[_EPOCHS_KEY]) if _EPOCHS_KEY in state else -1
-        state = {k: v for k, v in state.items() if k != _EPOCHS_KEY}
-        has_plus = any(k.startswith("1.net0.buffers.") for k in state)
-        has_gsc = has_plus or any(k.startswith("1.buffers.") for k in state)
-        if self.args.gsc and has_gsc and has_plus != self.args.gsc_co_training:
-            trained, now = ("gsc_co_training=True", "False") if has_plus else ("gsc_co_training=False", "True")
-            raise ValueError(
-                f"this checkpoint holds GSC buffers of a run with {trained}, but gsc_co_training={now}: resume "
-                "with the same setting and the same kind of model"
-            )
-        if self.args.gsc and not has_gsc:
-            raise ValueError(
-                "this checkpoint holds no GSC buffers (it was trained with gsc=False), but gsc=True: resume with "
-                "the same gsc setting, or start a new run"
-            )
-        if not self.args.gsc and not self._extra_hooks and has_gsc:
-            raise ValueError(
-                "this checkpoint holds GSC buffers (it was trained with gsc=True), but gsc=False: resume with "
-                "--gsc true and the same gsc_* settings"
-            )
-        self.hook.load_state_dict({k: v for k, v in state.items() if k != _STEP_KEY})
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """``Trainer._save``; for a :class:`CoTrainedDualEncoder` (a plain module: Trainer writes its flat state
@@ -476,26 +560,17 @@ class ContrastiveTrainer(Trainer):
                 inner.save_configs(output_dir if output_dir is not None else self.args.output_dir)
 
     def _save_checkpoint(self, model, trial) -> None:
+        """Hook state first (every rank its shard, then rank 0 ``index.json``), then Trainer's checkpoint (which
+        writes ``trainer_state.json`` last): a folder with both files is complete."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        meta = {"gradient_accumulation_steps": self.args.gradient_accumulation_steps,
+                "per_device_train_batch_size": self._train_batch_size}
+        if self.streaming:
+            meta["stream"] = self.train_dataset.resume_signature()
+        self._build_hooks().save(folder, self.state.global_step, meta)
         super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            from safetensors.torch import save_file
-            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            if folder.is_dir():
-                save_file(self.hook_state_dict(), str(folder / HOOK_STATE_NAME))
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = Path(resume_from_checkpoint) / HOOK_STATE_NAME
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} not found: this checkpoint was not written by ContrastiveTrainer, so the selection state "
-                "(score bank) cannot be restored"
-            )
-        from safetensors.torch import load_file
-
-        self.load_hook_state_dict(load_file(str(path)))
 
     # ------------------------------------------------------------------------------------- evaluation
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:

@@ -25,7 +25,9 @@ class ContrastiveTrainingArguments(TrainingArguments):
     (``gsc``, ``gsc_*``: the arguments of :class:`~hf_mmsel.gsc.hook.GSCHook` with its defaults; gsc.md §4, §12).
 
     ``remove_unused_columns`` is forced off (batches carry ``sample_idx``) and ``dataloader_drop_last`` on, so every
-    rank sees full candidate batches and keeps the same ``k = round(select_rate * per_device_train_batch_size)``.
+    rank sees full candidate batches and keeps the same ``k = round(select_rate * per_device_train_batch_size)``;
+    the pairs a pass leaves out are logged at train start and covered by the next pass's permutation. Schedules
+    (DISSect warm-up and snapshot, GSC's update) are in passes over the pool (``hf_mmsel.state.PassSchedule``).
     """
 
     selection_strategy: str = field(
@@ -34,8 +36,13 @@ class ContrastiveTrainingArguments(TrainingArguments):
     select_rate: float = field(default=0.5, metadata={"help": "fraction r in (0, 1] of each candidate batch kept"})
     selection_warmup_epochs: int | None = field(
         default=None,
-        metadata={"help": "DISSect warm-up epochs W (random selection, snapshot at epoch W-1); "
-                          "default: a quarter of num_train_epochs, at least 1"},
+        metadata={"help": "DISSect warm-up W in passes over the pool (random selection, snapshot in pass W-1); "
+                          "default: a quarter of the real number of passes (from max_steps when set), at least 1"},
+    )
+    selection_diagnostics: bool = field(
+        default=False,
+        metadata={"help": "keep ground-truth diagnostics per sample (last score/criterion, scored pass, is_noisy, "
+                          "score histograms, GSC posterior): 17-19 B/sample more; on in the benchmark recipes"},
     )
     ema_beta: float = field(default=0.9, metadata={"help": "momentum of dissect_ema"})
     first_visit_fallback: str = field(
@@ -120,6 +127,13 @@ class ContrastiveTrainingArguments(TrainingArguments):
             raise ValueError(f"unknown score_dtype {self.score_dtype!r}; choose one of {list(SCORE_DTYPES)}")
         if self.selection_warmup_epochs is not None and self.selection_warmup_epochs < 0:
             raise ValueError(f"selection_warmup_epochs must be >= 0, got {self.selection_warmup_epochs}")
+        if (self.selection_strategy == "dissect" and self.selection_warmup_epochs is not None
+                and self.max_steps <= 0 and self.selection_warmup_epochs >= float(self.num_train_epochs)):
+            raise ValueError(
+                f"DISSect warm-up of {self.selection_warmup_epochs} passes reaches the end of training "
+                f"({float(self.num_train_epochs):g} passes = num_train_epochs): it would never select; lower "
+                "selection_warmup_epochs or train longer"
+            )
         self._check_gsc()
         super().__post_init__()
 
@@ -167,7 +181,14 @@ class ContrastiveTrainingArguments(TrainingArguments):
 
     @property
     def resolved_selection_warmup_epochs(self) -> int:
-        """``selection_warmup_epochs`` or a quarter of ``num_train_epochs`` (at least 1)."""
+        """``selection_warmup_epochs`` or a quarter of ``num_train_epochs`` (at least 1); without ``max_steps``
+        one epoch is one pass. The trainer uses :meth:`selection_warmup_passes` with the real number of passes."""
         if self.selection_warmup_epochs is not None:
             return int(self.selection_warmup_epochs)
         return max(1, int(round(float(self.num_train_epochs) / 4)))
+
+    def selection_warmup_passes(self, total_passes: float) -> int:
+        """The warm-up in passes: ``selection_warmup_epochs`` or a quarter of ``total_passes`` (at least 1)."""
+        if self.selection_warmup_epochs is not None:
+            return int(self.selection_warmup_epochs)
+        return max(1, int(round(float(total_passes) / 4)))

@@ -1,16 +1,18 @@
 """Per-sample GSC state and the epoch-end label inference (gsc.md §2, §4, §12.2).
 
-Length-N buffers, ones at start: weight ``w``, consistency ``c``, positive probability ``p``, ``ema_topo``,
-``ema_pred``, the last clean posterior ``π``, plus a seen-this-epoch mask. During an epoch the trainer records the
-(globally gathered) ``(sample_idx, c, p)`` of every step; at epoch end, over the samples seen this epoch only:
+Per-sample arrays, float16 (10 B/sample, in the sharded :class:`~hf_mmsel.state.PerSampleState`): weight ``w``,
+consistency ``c`` (NaN = not seen this pass), positive probability ``p``, ``ema_topo``, ``ema_pred``; the last
+clean posterior ``π`` only with ``keep_posterior`` (diagnostics). During a pass each rank records its own
+``(sample_idx, c, p)`` (it owns its candidates); at the pass end, over the samples seen this pass only:
 
     ĉ = minmax(c);  π = posterior of the higher-mean component of a 2-component 1-D GMM fitted on ĉ
     ema_topo ← β·π + (1-β)·ema_topo;  ema_pred ← β·p + (1-β)·ema_pred;  w = min(ema_pred, ema_topo)
 
-Rank consistency: the update is a deterministic pure function of the buffers (float64 torch EM with a
-deterministic initialisation and a seeded subsample), so ranks holding identical gathered buffers compute
-bit-identical weights with no communication. ``broadcast_fn`` optionally makes rank 0's result authoritative
-anyway (e.g. ``lambda t: torch.distributed.broadcast(t, src=0)``), for heterogeneous hardware.
+Identical to the single-process result by construction (scale_and_speed.md §B): global min/max of ``c``
+(all_reduce), a subsample chosen by a hash of ``(seed, sample_idx)`` (the ``max_fit_samples`` smallest hashes
+over all ranks, not ``randperm``), gathered with padding, **sorted by sample_idx** before the float64 EM, which
+every rank runs on the same values in the same order; the posterior is then applied locally.
+``broadcast_fn`` optionally overwrites the packed result with rank 0's (single-process compatibility hook).
 Degenerate scores (all equal) carry no structure evidence: ``π = 1`` for all (weights are then set by ``p``).
 """
 
@@ -21,11 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..state import PerSampleState, SampleOwnership, StateNamespace, all_gather_uneven
 from .gmm import fit_two_gaussians, high_mean_posterior
 
-BUFFER_NAMES = ("weight", "consistency", "positive_prob", "ema_topo", "ema_pred", "clean_posterior")
-
-
+BUFFER_NAMES = ("weight", "consistency", "positive_prob", "ema_topo", "ema_pred")
+STATE_DTYPE = torch.float16
 @dataclass
 class EpochUpdateStats:
     """Summary of one :meth:`GSCBuffers.epoch_update`."""
@@ -48,23 +50,67 @@ def _last_occurrence(sample_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return unique, last
 
 
+def sample_hash(seed: int, sample_idx: torch.Tensor) -> torch.Tensor:
+    """A uniform float64 in [0, 1) per ``sample_idx``, a pure function of ``(seed, sample_idx)`` (splitmix-style
+    int64 mixing), so the GMM subsample does not depend on the world size or the data order."""
+    mask31, mask53 = (1 << 31) - 1, (1 << 53) - 1
+    x = sample_idx.to(torch.int64) * 6364136223846793005 + (int(seed) * 1442695040888963407) % (1 << 62)
+    x = x ^ ((x >> 33) & mask31)
+    x = x * -49064778989728563
+    x = x ^ ((x >> 33) & mask31)
+    x = x * -4265267296055464877
+    x = x ^ ((x >> 33) & mask31)
+    return ((x >> 11) & mask53).to(torch.float64) / float(1 << 53)
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
+    if _world() > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(t, op={"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}[op])
+    return t
+
+
 def _clean_posterior(
-    scores: torch.Tensor, *, max_iter: int, tol: float, reg_covar: float, max_fit_samples: int, seed: int,
-    monotone: bool
+    scores: torch.Tensor, sample_idx: torch.Tensor | None = None, *, max_iter: int, tol: float, reg_covar: float,
+    max_fit_samples: int, seed: int, monotone: bool, distributed: bool = False
 ) -> tuple[torch.Tensor, int, tuple[float, float] | None, bool | None]:
-    """gsc.md §4 steps 1-2: min-max normalise, fit a 2-component GMM (on a seeded subsample of at most
-    ``max_fit_samples``), return the posterior of the higher-mean component for every score, the number of
-    fitted scores, the component means and convergence. All-equal scores carry no evidence: posterior 1,
-    means ``None``."""
-    lo, hi = scores.min(), scores.max()
+    """gsc.md §4 steps 1-2 over the scores of every rank (each passes its own ``scores``/``sample_idx``): global
+    min-max normalisation, a 2-component GMM fitted on the ``max_fit_samples`` samples of smallest
+    :func:`sample_hash` (sorted by sample_idx), the posterior of the higher-mean component for this rank's scores,
+    the number of fitted scores, the component means and convergence. All-equal scores carry no evidence:
+    posterior 1, means ``None``. ``distributed=False``: ``scores`` are the whole pool (no collectives);
+    ``sample_idx`` defaults to positions."""
+    scores = scores.to(torch.float64)
+    if sample_idx is None:
+        sample_idx = torch.arange(scores.numel(), device=scores.device)
+    reduce = _all_reduce if distributed else (lambda t, op: t)
+    gather = all_gather_uneven if distributed else (lambda t: [t])
+    big = torch.finfo(torch.float64).max
+    lo = reduce(torch.tensor([scores.min().item() if scores.numel() else big], dtype=torch.float64,
+                                  device=scores.device), "min")
+    hi = reduce(torch.tensor([scores.max().item() if scores.numel() else -big], dtype=torch.float64,
+                                  device=scores.device), "max")
     if not bool(hi - lo > 1e-12):
         return torch.ones_like(scores), 0, None, None
     normalised = (scores - lo) / (hi - lo)
-    fit_values = normalised
-    if normalised.numel() > max_fit_samples:
-        gen = torch.Generator().manual_seed(seed)
-        pick = torch.randperm(normalised.numel(), generator=gen)[:max_fit_samples].to(normalised.device)
-        fit_values = normalised[pick]
+    keys = sample_hash(seed, sample_idx)
+    if keys.numel() > max_fit_samples:  # this rank's candidates for the global max_fit_samples smallest hashes
+        local = torch.topk(keys, max_fit_samples, largest=False).indices
+    else:
+        local = torch.arange(keys.numel(), device=keys.device)
+    fit = torch.stack([sample_idx[local].to(torch.float64), keys[local], normalised[local]], dim=1)
+    fit = torch.cat(gather(fit.contiguous()), dim=0)
+    if fit.shape[0] > max_fit_samples:
+        fit = fit[torch.sort(fit[:, 1], stable=True).indices[:max_fit_samples]]
+    fit = fit[torch.sort(fit[:, 0], stable=True).indices]  # one summation order for the EM on every rank
+    fit_values = fit[:, 2]
     if not bool(fit_values.max() > fit_values.min()):  # a subsample holding a single value
         return torch.ones_like(scores), fit_values.numel(), None, None
     gmm = fit_two_gaussians(fit_values.cpu(), max_iter=max_iter, tol=tol, reg_covar=reg_covar)
@@ -73,25 +119,35 @@ def _clean_posterior(
 
 
 class GSCBuffers:
-    """GSC per-sample state for ``num_samples`` pairs indexed by a stable ``sample_idx`` in ``[0, N)``."""
+    """GSC per-sample state for ``num_samples`` pairs indexed by a stable ``sample_idx`` in ``[0, N)``; with
+    ``storage`` (a namespace of the sharded per-sample state) only the owned samples, indexed globally."""
 
-    def __init__(self, num_samples: int, device: torch.device | str | None = None) -> None:
-        if num_samples <= 0:
-            raise ValueError(f"num_samples must be positive, got {num_samples}")
-        self.num_samples = num_samples
+    def __init__(self, num_samples: int | None = None, device: torch.device | str | None = None, *,
+                 storage: StateNamespace | None = None, keep_posterior: bool = True) -> None:
+        if storage is None:
+            if num_samples is None or num_samples <= 0:
+                raise ValueError(f"num_samples must be positive, got {num_samples}")
+            storage = PerSampleState(SampleOwnership.single(num_samples), device or "cpu").namespace("buffers")
+        self.storage = storage
+        self.num_samples = storage.ownership.num_samples
         for name in BUFFER_NAMES:
-            setattr(self, name, torch.ones(num_samples, device=device))
-        self.seen = torch.zeros(num_samples, dtype=torch.bool, device=device)
+            setattr(self, name, storage.add(name, STATE_DTYPE, float("nan") if name == "consistency" else 1.0))
+        self.clean_posterior = storage.add("clean_posterior", STATE_DTYPE, 1.0) if keep_posterior else None
         self.num_updates = torch.zeros((), dtype=torch.long)
 
     @property
     def device(self) -> torch.device:
         return self.weight.device
 
+    @property
+    def seen(self) -> torch.Tensor:
+        """Bool mask of the (local) samples recorded this pass."""
+        return ~torch.isnan(self.consistency)
+
     def weights_for(self, sample_idx: torch.Tensor) -> torch.Tensor:
-        """Current weights ``w`` of the given samples (on the index's device)."""
+        """Current weights ``w`` (float32) of the given owned samples (on the index's device)."""
         self._check_index(sample_idx)
-        return self.weight[sample_idx.to(self.device)].to(sample_idx.device)
+        return self.weight[self.storage.slots(sample_idx)].float().to(sample_idx.device)
 
     def _check_index(self, sample_idx: torch.Tensor) -> None:
         if sample_idx.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
@@ -104,8 +160,8 @@ class GSCBuffers:
 
     @torch.no_grad()
     def record(self, sample_idx: torch.Tensor, consistency: torch.Tensor, positive_prob: torch.Tensor) -> None:
-        """Store this step's (globally gathered) ``c`` and ``p`` and mark the samples seen. A sample repeated
-        in one call keeps its last value, deterministically."""
+        """Store this step's ``c`` and ``p`` of owned samples and mark them seen. A sample repeated in one call
+        keeps its last value, deterministically. Non-finite values raise (NaN marks "not seen")."""
         sample_idx = sample_idx.flatten()
         if consistency.numel() != sample_idx.numel() or positive_prob.numel() != sample_idx.numel():
             raise ValueError(
@@ -113,13 +169,13 @@ class GSCBuffers:
                 f"{positive_prob.numel()} probabilities"
             )
         self._check_index(sample_idx)
+        c, p = consistency.detach().flatten(), positive_prob.detach().flatten()
+        if not bool(torch.isfinite(c).all() & torch.isfinite(p).all()):
+            raise ValueError("GSC got non-finite consistency/probability values for this step")
         idx, last = _last_occurrence(sample_idx.to(self.device))
-        last = last.to(consistency.device)
-        self.consistency[idx] = consistency.detach().flatten()[last].to(self.consistency)
-        self.positive_prob[idx] = positive_prob.detach().flatten()[last.to(positive_prob.device)].to(
-            self.positive_prob
-        )
-        self.seen[idx] = True
+        slots = self.storage.slots(idx)
+        self.consistency[slots] = c[last.to(c.device)].to(self.device, STATE_DTYPE)
+        self.positive_prob[slots] = p[last.to(p.device)].to(self.device, STATE_DTYPE)
 
     @torch.no_grad()
     def epoch_update(
@@ -134,80 +190,91 @@ class GSCBuffers:
         prob_posterior: bool = False,
         broadcast_fn: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
     ) -> EpochUpdateStats:
-        """End-of-epoch label inference (gsc.md §4) over the samples seen this epoch; resets the seen mask.
-
-        The GMM is fitted on at most ``max_fit_samples`` scores (a subsample drawn with ``seed``) and predicts
-        for all seen samples. ``prob_posterior`` (a deviation, gsc.md §12.1) feeds ``ema_pred`` with the GMM
-        clean posterior of ``p`` instead of raw ``p``: raw ``p`` is small even for clean pairs when the batch is
-        large, the scale high or captions repeat within a batch, which drags ``w = min(...)`` down for everyone.
-        Returns summary statistics."""
+        """Pass-end label inference (gsc.md §4) over the samples seen this pass on every rank (call on every
+        rank); resets the seen marks. The GMM is fitted on at most ``max_fit_samples`` scores (chosen by
+        :func:`sample_hash` with ``seed``) and predicts for all seen samples. ``prob_posterior`` (a deviation,
+        gsc.md §12.1) feeds ``ema_pred`` with the GMM clean posterior of ``p`` instead of raw ``p``: raw ``p`` is
+        small even for clean pairs when the batch is large, the scale high or captions repeat within a batch,
+        which drags ``w = min(...)`` down for everyone. Returns global summary statistics."""
         if not 0.0 < beta <= 1.0:
             raise ValueError(f"beta must be in (0, 1], got {beta}")
         seen = self.seen.nonzero().flatten()
-        if seen.numel() == 0:
+        num_seen = int(_all_reduce(torch.tensor([seen.numel()], dtype=torch.long, device=self.device), "sum"))
+        if num_seen == 0:
             return EpochUpdateStats(0, 0, True, None, None, float("nan"), float("nan"))
         c = self.consistency[seen].to(torch.float64)
-        p = self.positive_prob[seen]
-        bad = (~torch.isfinite(c)).sum() + (~torch.isfinite(p)).sum()
-        if int(bad):
-            raise ValueError(f"GSC buffers hold {int(bad)} non-finite consistency/probability values this epoch")
-
+        p = self.positive_prob[seen].float()
+        global_idx = self.storage.ownership.global_indices().to(self.device)[seen]
         fit = dict(max_iter=max_iter, tol=tol, reg_covar=reg_covar, max_fit_samples=max_fit_samples, seed=seed,
-                   monotone=monotone_posterior)
-        posterior, num_fit, means, converged = _clean_posterior(c, **fit)
+                   monotone=monotone_posterior, distributed=True)
+        posterior, num_fit, means, converged = _clean_posterior(c, global_idx, **fit)
         degenerate = means is None
         if prob_posterior:
-            p = _clean_posterior(p.to(torch.float64), **fit)[0].to(p.dtype)
-        posterior = posterior.to(self.clean_posterior.dtype)
-        ema_topo = beta * posterior + (1 - beta) * self.ema_topo[seen]
-        ema_pred = beta * p + (1 - beta) * self.ema_pred[seen]
+            p = _clean_posterior(p.to(torch.float64), global_idx, **fit)[0].float()
+        posterior = posterior.float()
+        ema_topo = beta * posterior + (1 - beta) * self.ema_topo[seen].float()
+        ema_pred = beta * p + (1 - beta) * self.ema_pred[seen].float()
         weight = torch.minimum(ema_pred, ema_topo)
         packed = torch.stack([posterior, ema_topo, ema_pred, weight])
         if broadcast_fn is not None:
             result = broadcast_fn(packed)
             packed = packed if result is None else result
-        self.clean_posterior[seen], self.ema_topo[seen], self.ema_pred[seen], self.weight[seen] = packed
-        self.seen.zero_()
+        packed = packed.to(STATE_DTYPE)
+        if self.clean_posterior is not None:
+            self.clean_posterior[seen] = packed[0]
+        self.ema_topo[seen], self.ema_pred[seen], self.weight[seen] = packed[1], packed[2], packed[3]
+        self.consistency.fill_(float("nan"))
         self.num_updates += 1
+        sums = _all_reduce(torch.stack([(packed[0] > 0.5).double().sum(), packed[3].double().sum()]), "sum")
         return EpochUpdateStats(
-            num_seen=seen.numel(),
+            num_seen=num_seen,
             num_fit=num_fit,
             degenerate=degenerate,
             gmm_means=means,
             gmm_converged=converged,
-            clean_fraction=float((packed[0] > 0.5).float().mean()),
-            mean_weight=float(packed[3].mean()),
+            clean_fraction=float(sums[0]) / num_seen,
+            mean_weight=float(sums[1]) / num_seen,
         )
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """All buffers (tensors only; safetensors-compatible)."""
         state = {name: getattr(self, name).clone() for name in BUFFER_NAMES}
-        state["seen"] = self.seen.clone()
+        if self.clean_posterior is not None:
+            state["clean_posterior"] = self.clean_posterior.clone()
         state["num_updates"] = self.num_updates.clone()
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        missing = sorted((set(BUFFER_NAMES) | {"seen", "num_updates"}) - set(state))
+        missing = sorted((set(BUFFER_NAMES) | {"num_updates"}) - set(state))
         if missing:
             raise KeyError(f"GSC buffer state is missing {missing}")
-        for name in (*BUFFER_NAMES, "seen"):
-            if state[name].shape != (self.num_samples,):
+        names = (*BUFFER_NAMES, "clean_posterior") if self.clean_posterior is not None else BUFFER_NAMES
+        for name in names:
+            if name in state and state[name].shape != self.weight.shape:
                 raise ValueError(
                     f"GSC buffer {name!r} was saved for {state[name].numel()} samples, but this dataset has "
-                    f"{self.num_samples}"
+                    f"{self.weight.numel()}"
                 )
-        for name in (*BUFFER_NAMES, "seen", "num_updates"):
-            getattr(self, name).copy_(state[name])
+        for name in names:
+            if name in state:
+                getattr(self, name).copy_(state[name])
+        self.num_updates.copy_(state["num_updates"])
 
 
 class GSCPlusBuffers:
     """GSC+ (gsc.md §6): one :class:`GSCBuffers` per network; network k is trained with its peer's weights
     (for two networks, the other one; in general network ``(k + 1) % n``) and updates its own buffers."""
 
-    def __init__(self, num_samples: int, num_networks: int = 2, device: torch.device | str | None = None) -> None:
+    def __init__(self, num_samples: int | None = None, num_networks: int = 2, device: torch.device | str | None = None,
+                 *, storage: StateNamespace | None = None, keep_posterior: bool = True) -> None:
         if num_networks < 2:
             raise ValueError(f"GSC+ needs at least two networks, got {num_networks}")
-        self.networks = [GSCBuffers(num_samples, device=device) for _ in range(num_networks)]
+        if storage is None:
+            if num_samples is None or num_samples <= 0:
+                raise ValueError(f"num_samples must be positive, got {num_samples}")
+            storage = PerSampleState(SampleOwnership.single(num_samples), device or "cpu").namespace("plus")
+        self.networks = [GSCBuffers(storage=storage.namespace(f"net{k}.buffers"), keep_posterior=keep_posterior)
+                         for k in range(num_networks)]
 
     def peer_of(self, network: int) -> int:
         return (network + 1) % len(self.networks)

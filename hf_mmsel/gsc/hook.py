@@ -2,10 +2,12 @@
 
 Thin adapter over the core (gsc.md §12.2). Per training step, on the kept pairs of the local batch:
 weights ``w[sample_idx]`` for the trainer's per-sample InfoNCE, ``extra_loss = γ · structure loss`` (in-batch
-anchors + optional :class:`AnchorBank`), and ``(sample_idx, c, p)`` gathered across ranks into replicated
-:class:`GSCBuffers`; ``p`` uses the local batch's logits, as GSC (B = 128 per step). At epoch end the
-buffers run the GMM/EMA update, a deterministic function of identical buffers, followed by a broadcast from
-rank 0 for safety. Nothing is recorded when gradients are disabled (evaluation).
+anchors + optional :class:`AnchorBank`), and ``(sample_idx, c, p)`` recorded into this rank's shard of the
+:class:`GSCBuffers` (it owns its candidates); ``p`` uses the local batch's logits, as GSC (B = 128 per step). At
+each pass end the buffers run the GMM/EMA update, identical to the single-process result by construction
+(global min/max, hashed subsample, sorted EM). The anchor bank (fixed size, not per-sample) is replicated: its
+pairs are gathered from every rank, and their current weights are looked up from their owners (one all_reduce).
+Nothing is recorded when gradients are disabled (evaluation).
 
 :class:`GSCPlusHook` is GSC+ (gsc.md §6) for a co-trained ensemble: one :class:`GSCHook` per network (own
 buffers, GMM/EMA, anchor bank), called per network (``ctx.network = k``); network k's losses are weighted by its
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..hooks import BatchHook, Dist, LossTerms, StepContext
+from ..state import StateNamespace
 from .anchors import AnchorBank
 from .buffers import GSCBuffers, GSCPlusBuffers
 from .loss import structure_terms
@@ -27,7 +30,10 @@ from .structure import StructureConfig, positive_probability
 
 
 class GSCHook(BatchHook):
-    """GSC weighting hook; combine with selection via ``HookList`` (selection first)."""
+    """GSC weighting hook; combine with selection via ``HookList`` (selection first). ``diagnostics``: also keep
+    the last clean posterior per sample (2 B/sample more)."""
+
+    state_kind = "gsc"
 
     def __init__(
         self,
@@ -43,7 +49,9 @@ class GSCHook(BatchHook):
         prob_posterior: bool = False,
         prob_logit_scale: float | None = None,
         seed: int = 0,
+        diagnostics: bool = False,
     ) -> None:
+        self.diagnostics = bool(diagnostics)
         self.gamma, self.structure, self.beta = gamma, structure or StructureConfig(), beta
         self.bank_size, self.bank_min_weight = bank_size, bank_min_weight
         self.gmm = dict(max_iter=gmm_max_iter, tol=gmm_tol, reg_covar=gmm_reg_covar, max_fit_samples=max_fit_samples)
@@ -52,9 +60,11 @@ class GSCHook(BatchHook):
         self.bank: AnchorBank | None = None
         self._device: torch.device | None = None
 
-    def setup(self, num_samples: int, device: torch.device) -> None:
-        if self.buffers is None or self.buffers.num_samples != num_samples:
-            self.buffers = GSCBuffers(num_samples, device=device)
+    def setup(self, num_samples: int, device: torch.device, storage: StateNamespace | None = None) -> None:
+        if storage is not None:
+            self.buffers = GSCBuffers(storage=storage.namespace("buffers"), keep_posterior=self.diagnostics)
+        elif self.buffers is None or self.buffers.num_samples != num_samples:
+            self.buffers = GSCBuffers(num_samples, device=device, keep_posterior=self.diagnostics)
         self._device = torch.device(device)
 
     def _require_buffers(self) -> GSCBuffers:
@@ -87,7 +97,8 @@ class GSCHook(BatchHook):
         bank = self._ensure_bank(v.shape[1])
         anchor_kwargs = {}
         if bank is not None and len(bank):
-            bank_v, bank_u, bank_w, bank_idx = bank.anchors(source.weight)
+            bank_v, bank_u, _, bank_idx = bank.anchors()
+            bank_w = _owner_weights(source, bank_idx, ctx.dist).to(bank_v.dtype)
             anchor_kwargs = dict(anchor_embeds=(bank_v, bank_u), anchor_weights=bank_w, anchor_sample_idx=bank_idx)
         structure_loss, consistency = structure_terms(
             v, u, weights, sample_idx=sample_idx, structure=self.structure, **anchor_kwargs
@@ -98,9 +109,9 @@ class GSCHook(BatchHook):
                 scale = logit_scale if self.prob_logit_scale is None else self.prob_logit_scale
                 p = positive_probability((scale * (v @ u.T)).float())
                 dist = ctx.dist
-                all_idx = dist.gather(sample_idx.to(v.device))
-                buffers.record(all_idx, dist.gather(consistency), dist.gather(p))
+                buffers.record(sample_idx, consistency, p)
                 if bank is not None:
+                    all_idx = dist.gather(sample_idx.to(v.device))
                     all_w = dist.gather(weights)
                     bank.update(dist.gather(v.detach()), dist.gather(u.detach()), all_w, all_idx,
                                 priority=all_w * dist.gather(p))
@@ -109,8 +120,7 @@ class GSCHook(BatchHook):
     def on_epoch_end(self, epoch: int, dist: Dist) -> dict[str, float]:
         buffers = self._require_buffers()
         stats = buffers.epoch_update(
-            beta=self.beta, seed=self.seed + epoch, prob_posterior=self.prob_posterior,
-            broadcast_fn=dist.broadcast if dist.world_size > 1 else None, **self.gmm,
+            beta=self.beta, seed=self.seed + epoch, prob_posterior=self.prob_posterior, **self.gmm,
         )
         if stats.num_seen == 0:
             return {}
@@ -135,6 +145,22 @@ class GSCHook(BatchHook):
             bank.load_state_dict(bank_state)
 
 
+def _owner_weights(buffers: GSCBuffers, sample_idx: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """Current ``w`` of arbitrary samples (the replicated anchor bank's): each owner fills its own, then a sum
+    over ranks."""
+    own = buffers.storage.ownership
+    idx = sample_idx.to(buffers.device)
+    mine = own.owns(idx)
+    w = torch.zeros(idx.shape, dtype=torch.float32, device=buffers.device)
+    if bool(mine.any()):
+        w[mine] = buffers.weight[own.local_slot(idx[mine], check=False)].float()
+    if dist.world_size > 1:
+        import torch.distributed as tdist
+
+        tdist.all_reduce(w)
+    return w
+
+
 class GSCPlusHook(BatchHook):
     """GSC+ weighting hook for a :class:`~hf_mmsel.models.CoTrainedDualEncoder` of ``num_networks`` networks.
 
@@ -143,19 +169,26 @@ class GSCPlusHook(BatchHook):
     State keys: ``net{k}.`` + :meth:`GSCHook.state_dict` keys. Logs carry a ``_net{k}`` suffix.
     """
 
+    state_kind = "gsc_plus"
+
     def __init__(self, num_networks: int = 2, **gsc_kwargs) -> None:
         if num_networks < 2:
             raise ValueError(f"GSC+ needs at least two networks, got {num_networks}")
         self.num_networks = num_networks
+        self.diagnostics = bool(gsc_kwargs.get("diagnostics", False))
         self.networks = [GSCHook(**gsc_kwargs) for _ in range(num_networks)]
         self.buffers: GSCPlusBuffers | None = None
 
-    def setup(self, num_samples: int, device: torch.device) -> None:
-        if self.buffers is None or self.buffers.networks[0].num_samples != num_samples:
-            self.buffers = GSCPlusBuffers(num_samples, self.num_networks, device=device)
+    def setup(self, num_samples: int, device: torch.device, storage: StateNamespace | None = None) -> None:
+        if storage is not None:
+            self.buffers = GSCPlusBuffers(num_networks=self.num_networks, storage=storage,
+                                          keep_posterior=self.diagnostics)
+        elif self.buffers is None or self.buffers.networks[0].num_samples != num_samples:
+            self.buffers = GSCPlusBuffers(num_samples, self.num_networks, device=device,
+                                          keep_posterior=self.diagnostics)
         for hook, buffers in zip(self.networks, self.buffers.networks):
             hook.buffers = buffers  # each network's hook owns one of the GSC+ buffer sets
-            hook.setup(num_samples, device)
+            hook._device = torch.device(device)
 
     def _require_buffers(self) -> GSCPlusBuffers:
         if self.buffers is None:
@@ -187,7 +220,7 @@ class GSCPlusHook(BatchHook):
         buffers = self._require_buffers()
         if network is not None:
             return buffers.networks[network].weight
-        return torch.stack([b.weight for b in buffers.networks]).mean(0)
+        return torch.stack([b.weight.float() for b in buffers.networks]).mean(0)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"net{k}.{key}": v for k, hook in enumerate(self.networks) for key, v in hook.state_dict().items()}

@@ -10,6 +10,7 @@ from .features import (
     image_features,
     logit_scale_of,
     text_features,
+    make_logit_scale_1d,
     unwrap_model,
 )
 from .small_dual_encoder import SmallDualEncoderConfig, SmallDualEncoderModel, SmallDualEncoderOutput
@@ -34,6 +35,7 @@ __all__ = [
     "SmallDualEncoderOutput",
     "text_features",
     "train_caption_tokenizer",
+    "make_logit_scale_1d",
     "unwrap_model",
 ]
 

@@ -16,12 +16,50 @@ REQUIRED_METHODS = ("get_image_features", "get_text_features")
 DEFAULT_LOGIT_SCALE = 1 / 0.07  # CLIP's initial temperature
 
 
+_MODULE_WRAPPERS = ("DeepSpeedEngine", "FullyShardedDataParallel", "PipelineEngine")
+
+
+def make_logit_scale_1d(model) -> int:
+    """Give every 0-dim ``logit_scale`` / ``logit_bias`` parameter of ``model`` shape ``[1]`` (DeepSpeed cannot
+    broadcast 0-dim parameters: ``self.dim() cannot be 0 to view Float as Byte``). State dicts keep the original
+    0-dim shape (a state-dict hook squeezes on save, a pre-hook unsqueezes on load), so checkpoints still load into
+    the unmodified model class. Returns the number of parameters reshaped."""
+    reshaped = 0
+    for module in unwrap_model(model).modules():
+        names = [n for n in ("logit_scale", "logit_bias")
+                 if isinstance(getattr(module, n, None), torch.nn.Parameter) and getattr(module, n).dim() == 0]
+        if not names:
+            continue
+        for n in names:
+            old = getattr(module, n)
+            setattr(module, n, torch.nn.Parameter(old.detach().reshape(1).clone(), requires_grad=old.requires_grad))
+            reshaped += 1
+
+        def squeeze(mod, state_dict, prefix, local_metadata, names=tuple(names)):
+            for n in names:
+                key = prefix + n
+                if key in state_dict and state_dict[key].shape == (1,):
+                    state_dict[key] = state_dict[key].reshape(())
+            return state_dict
+
+        def unsqueeze(state_dict, prefix, *args, names=tuple(names)):
+            for n in names:
+                key = prefix + n
+                if key in state_dict and state_dict[key].dim() == 0:
+                    state_dict[key] = state_dict[key].reshape(1)
+
+        module._register_state_dict_hook(squeeze)
+        module._register_load_state_dict_pre_hook(unsqueeze)
+    return reshaped
+
+
 def unwrap_model(model):
     """Strip DistributedDataParallel/DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
     seen = set()
     while id(model) not in seen:
         seen.add(id(model))
-        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)) or (
+                type(model).__name__ in _MODULE_WRAPPERS and isinstance(getattr(model, "module", None), torch.nn.Module)):
             model = model.module
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
             model = model._orig_mod

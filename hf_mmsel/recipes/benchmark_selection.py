@@ -247,7 +247,7 @@ def _training_arguments(args, selection: str, seed: int, out: Path, epochs: int)
         eval_strategy="no", report_to=[], use_cpu=True, seed=seed, disable_tqdm=True,
         selection_strategy=selection, select_rate=args.select_rate,
         selection_warmup_epochs=args.selection_warmup_epochs, plot_score_distributions=False,
-        dataloader_num_workers=0,
+        dataloader_num_workers=0, selection_diagnostics=True,
     )
 
 

@@ -6,7 +6,8 @@
 
 Every field of ``ClipRecipeArguments`` and ``ContrastiveTrainingArguments`` is a flag; ``--config`` reads a YAML
 file of the same names and flags given on the command line override it. Without ``--dataset`` it trains on the
-embedded easy-vqa captions; ``--vision_model``/``--text_model`` start from pretrained towers instead of a small
+embedded easy-vqa captions; ``--dataset DIR --streaming true --max_steps S`` streams WebDataset/parquet shards
+(see README "Training at scale"); ``--vision_model``/``--text_model`` start from pretrained towers instead of a small
 random-init CLIP. ``--gsc true`` adds GSC per-sample weighting after selection (``--selection_strategy full``
 for GSC alone), tuned by the ``--gsc_*`` flags; the final weights are saved as ``gsc_weights.safetensors``
 (key ``weights``, indexed by ``sample_idx``). ``--push_to_hub`` uploads the model with a card rendered from
@@ -43,6 +44,10 @@ class ClipRecipeArguments:
     max_length: int = field(default=16)
     initializer_factor: float = field(default=4.0, metadata={"help": "init scale of the random-init CLIP"})
     logit_scale_init: float = field(default=10.0, metadata={"help": "initial exp(logit_scale) of the random-init CLIP"})
+    streaming: bool = field(default=False, metadata={"help": "read --dataset as WebDataset/parquet shards lazily "
+                                                             "(needs --max_steps); sample_idx from manifest.json"})
+    on_bad_sample: str = field(default="raise", metadata={"help": "streaming: 'raise' or 'skip' (and count) a bad "
+                                                                  "sample (truncated tar, missing caption, bad image)"})
 
 
 def parse_args(argv: list[str] | None = None):
@@ -80,6 +85,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         repo_id = targs.hub_model_id or Path(targs.output_dir).name
         token = resolve_hub_token(targs.hub_token, repo_id=repo_id)  # before training: fail fast
+    if args.streaming:
+        return _main_streaming(args, targs, push, token if push else None)
     data = load_image_text_dataset(args.dataset, image_column=args.image_column, caption_column=args.caption_column,
                                    label_column=args.label_column)
     if "train" not in data:
@@ -102,13 +109,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train_metrics = trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint).metrics
     metrics = trainer.evaluate() if test_name else {}
     trainer.save_model(targs.output_dir)
+    gsc_weights = trainer.gsc_weights() if targs.gsc else None  # gathered from every rank's shard: all ranks call
     if trainer.is_world_process_zero():
         out = Path(targs.output_dir)
         (out / "metrics.json").write_text(json.dumps({**train_metrics, **metrics}, indent=2))
         if targs.gsc:
             from safetensors.torch import save_file
 
-            save_file({"weights": trainer.gsc_weights()}, str(out / "gsc_weights.safetensors"))
+            save_file({"weights": gsc_weights}, str(out / "gsc_weights.safetensors"))
         card = _card(args, targs, metrics)
         card.save(str(out / "README.md"))
         if push:
@@ -118,6 +126,46 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                ignore_patterns=["checkpoint-*", "checkpoint-*/**", "training_args.bin"],
                                commit_message="Upload dual encoder trained with hf_mmsel")
     return {**train_metrics, **metrics}
+
+
+def _main_streaming(args: ClipRecipeArguments, targs, push: bool, token) -> dict[str, Any]:
+    """``--streaming true``: train on the shard stream (rank r reads and owns its shards); the word vocabulary of
+    a random-init model comes from the captions of the first shard."""
+    from hf_mmsel.data import ImageTextCollator, load_image_text_dataset
+    from hf_mmsel.data.shards import iter_shard
+    from hf_mmsel.trainers import ContrastiveTrainer
+
+    if targs.max_steps <= 0:
+        raise ValueError("--streaming true needs --max_steps > 0 (the stream is infinite)")
+    stream = load_image_text_dataset(args.dataset, streaming=True, on_bad_sample=args.on_bad_sample)
+    captions = [row["caption"] for row in iter_shard(stream.manifest.shards[0], decode_images=False,
+                                                     on_bad_sample="skip")]
+    bundle = _build_model(args, captions)
+    trainer = ContrastiveTrainer(
+        bundle.model, targs, train_dataset=stream, processing_class=bundle.tokenizer,
+        data_collator=ImageTextCollator(bundle.tokenizer, image_transform=bundle.image_transform,
+                                        max_length=args.max_length),
+    )
+    metrics = trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint).metrics
+    trainer.save_model(targs.output_dir)
+    gsc_weights = trainer.gsc_weights() if targs.gsc else None  # every rank takes part in the gather
+    metrics["bad_samples_skipped"] = int(trainer.train_dataset.stats.get("bad_samples", 0))
+    if trainer.is_world_process_zero():
+        out = Path(targs.output_dir)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        if gsc_weights is not None:
+            from safetensors.torch import save_file
+
+            save_file({"weights": gsc_weights}, str(out / "gsc_weights.safetensors"))
+        _card(args, targs, {}).save(str(out / "README.md"))
+        if push:
+            from hf_mmsel.hub import push_folder_to_hub
+
+            repo_id = targs.hub_model_id or Path(targs.output_dir).name
+            push_folder_to_hub(out, repo_id, token=token, private=targs.hub_private_repo,
+                               ignore_patterns=["checkpoint-*", "checkpoint-*/**", "training_args.bin"],
+                               commit_message="Upload dual encoder trained with hf_mmsel")
+    return metrics
 
 
 def _card(args: ClipRecipeArguments, targs, metrics: dict[str, float]):

@@ -1,8 +1,10 @@
 """``SelectionHook``: online sample selection as a :class:`~hf_mmsel.hooks.BatchHook` (dissect.md §8).
 
 Each step, on every rank: run the strategy's no-grad scoring forward only when it needs one, compute the keep
-criterion, keep ``k = round(r * B)`` pairs (the same k on every rank), then all-gather ``(sample_idx, s,
-criterion, is_noisy)`` once and apply identical updates to the replicated :class:`ScoreBank` and diagnostic tables.
+criterion, keep ``k = round(r * B)`` pairs (the same k on every rank), then update the rank's shard of the
+:class:`ScoreBank` with its own ``(sample_idx, s)``: the owner-stable data order puts only owned samples in a
+rank's batches, so no collective is needed. Ground-truth diagnostics (last score / criterion, scored pass,
+``is_noisy``, per-pass histograms) are allocated only with ``diagnostics=True``.
 Randomness comes from a generator seeded by ``(seed, step, rank)``, so a resumed run draws exactly what an
 uninterrupted run draws.
 """
@@ -15,6 +17,7 @@ import torch
 
 from ..hooks import BatchHook, Dist, StepContext
 from ..losses import clip_loss_per_sample
+from ..state import PerSampleState, SampleOwnership, StateNamespace
 from .bank import ScoreBank
 from .strategies import Candidates, SelectionStrategy, build_strategy, top_k
 
@@ -53,60 +56,77 @@ class SelectionHook(BatchHook):
         strategy: a name of ``SELECTION_STRATEGIES`` or a :class:`SelectionStrategy` instance.
         select_rate: r in (0, 1].
         seed: seed of the per-step selection randomness.
+        diagnostics: also keep (sharded, checkpointed) the last CLIPScore and keep criterion of every pair, the
+            pass it was last scored in and the ground-truth ``is_noisy`` flag when batches carry it (never used for
+            selection), and per-pass score histograms; off by default (17 B/sample more).
         strategy_options: forwarded to :func:`build_strategy` (``warmup_epochs``, ``ema_beta``, ...).
-
-    Diagnostic tables (replicated, checkpointed): last CLIPScore and keep criterion of every pair, the epoch it was
-    last scored in, and the ground-truth ``is_noisy`` flag when batches carry it (never used for selection).
     """
+
+    state_kind = "selection"
 
     def __init__(
         self, strategy: str | SelectionStrategy = "dissect", select_rate: float = 0.5, *, seed: int = 0,
-        **strategy_options,
+        diagnostics: bool = False, **strategy_options,
     ) -> None:
         self.select_rate = _check_rate(select_rate)
         self.strategy = strategy if isinstance(strategy, SelectionStrategy) else build_strategy(strategy, **strategy_options)
         self.seed = int(seed)
+        self.diagnostics = bool(diagnostics)
         self.bank: ScoreBank | None = None
-        self.epoch_histograms: list[torch.Tensor] = []  # per finished epoch: [2 (clean, noisy), bins]
+        self._storage: StateNamespace | None = None
+        self.epoch_histograms: list[torch.Tensor] = []  # per finished pass: [2 (clean, noisy), bins]
         self.histogram_epochs: list[int] = []
 
     # ----------------------------------------------------------------------------------------------- state
-    def setup(self, num_samples: int, device: torch.device | str = "cpu") -> None:
-        self.bank = ScoreBank(num_samples, device)
-        self.last_score = torch.full((num_samples,), float("nan"), device=device)
-        self.last_criterion = torch.full((num_samples,), float("nan"), device=device)
-        self.scored_epoch = torch.full((num_samples,), -1, dtype=torch.long, device=device)
-        self.noisy = torch.full((num_samples,), -1, dtype=torch.int8, device=device)  # -1 unknown, 0 clean, 1 noisy
+    def setup(self, num_samples: int, device: torch.device | str = "cpu", storage: StateNamespace | None = None) -> None:
+        if storage is None:
+            storage = PerSampleState(SampleOwnership.single(num_samples), device).namespace("selection")
+        self._storage = storage
+        self.bank = ScoreBank(storage=storage.namespace("bank")) if self.strategy.uses_bank else None
+        if self.diagnostics:
+            self.last_score = storage.add("last_score", torch.float32, float("nan"))
+            self.last_criterion = storage.add("last_criterion", torch.float32, float("nan"))
+            self.scored_epoch = storage.add("scored_epoch", torch.int32, -1)
+            self.noisy = storage.add("noisy", torch.int8, -1)  # -1 unknown, 0 clean, 1 noisy
+        else:
+            self.last_score = self.last_criterion = self.scored_epoch = self.noisy = None
 
-    def _require_setup(self) -> ScoreBank:
-        if self.bank is None:
+    @property
+    def device(self) -> torch.device:
+        return self._require_setup().device
+
+    def _require_setup(self) -> StateNamespace:
+        if self._storage is None:
             raise RuntimeError("SelectionHook.setup(num_samples, device) must be called before the first step")
-        return self.bank
+        return self._storage
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        bank = self._require_setup()
-        state = {f"bank.{k}": v for k, v in bank.state_dict().items()}
-        state.update(
-            last_score=self.last_score.cpu().clone(), last_criterion=self.last_criterion.cpu().clone(),
-            scored_epoch=self.scored_epoch.cpu().clone(), noisy=self.noisy.cpu().clone(),
-            histogram_epochs=torch.tensor(self.histogram_epochs, dtype=torch.long),
-            epoch_histograms=(torch.stack(self.epoch_histograms) if self.epoch_histograms
-                              else torch.zeros(0, 2, _HIST_BINS)),
-        )
+        self._require_setup()
+        state = {f"bank.{k}": v for k, v in self.bank.state_dict().items()} if self.bank is not None else {}
+        if self.diagnostics:
+            state.update(
+                last_score=self.last_score.cpu().clone(), last_criterion=self.last_criterion.cpu().clone(),
+                scored_epoch=self.scored_epoch.cpu().clone(), noisy=self.noisy.cpu().clone(),
+                histogram_epochs=torch.tensor(self.histogram_epochs, dtype=torch.long),
+                epoch_histograms=(torch.stack(self.epoch_histograms) if self.epoch_histograms
+                                  else torch.zeros(0, 2, _HIST_BINS)),
+            )
         return state
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        bank = self._require_setup()
-        bank.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("bank.")})
-        for name in ("last_score", "last_criterion", "scored_epoch", "noisy"):
-            getattr(self, name).copy_(state[name])
-        self.histogram_epochs = [int(e) for e in state["histogram_epochs"]]
-        self.epoch_histograms = list(state["epoch_histograms"].unbind(0))
+        self._require_setup()
+        if self.bank is not None:
+            self.bank.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("bank.")})
+        if self.diagnostics:
+            for name in ("last_score", "last_criterion", "scored_epoch", "noisy"):
+                getattr(self, name).copy_(state[name])
+            self.histogram_epochs = [int(e) for e in state["histogram_epochs"]]
+            self.epoch_histograms = list(state["epoch_histograms"].unbind(0))
 
     # ------------------------------------------------------------------------------------------------ step
     def prepare(self, batch: Mapping[str, torch.Tensor], ctx: StepContext) -> torch.Tensor | None:
-        bank = self._require_setup()
-        device = bank.hist.device
+        storage = self._require_setup()
+        device = storage.device
         sample_idx = batch["sample_idx"].to(device).long()
         size = sample_idx.shape[0]
         strategy = self.strategy
@@ -122,7 +142,9 @@ class SelectionHook(BatchHook):
         if strategy.selects:
             k = num_to_keep(size, self.select_rate)
             generator = selection_generator(self.seed, ctx.step, ctx.dist.rank)
-            crit = strategy.criterion(cand, bank)
+            if self.bank is not None and cand.clip_scores is not None:
+                strategy.before_criterion(self.bank, cand)
+            crit = strategy.criterion(cand, self.bank)
             if crit is None:
                 keep = torch.randperm(size, generator=generator)[:k].to(device)
             else:
@@ -133,25 +155,20 @@ class SelectionHook(BatchHook):
         return keep
 
     def _record(self, batch, cand: Candidates, crit, keep, ctx: StepContext) -> None:
-        """One gather of ``(idx, s, criterion, is_noisy)``; identical table updates on every rank; step logs."""
-        bank = self.bank
+        """Local bank update (this rank owns its candidates), local diagnostics, step logs."""
         size = cand.sample_idx.shape[0]
         noisy = batch.get("is_noisy")
-        nan = torch.full((size,), float("nan"), device=bank.hist.device)
-        noisy_f = noisy.to(bank.hist.device).float() if noisy is not None else nan
-        columns = [cand.clip_scores if cand.clip_scores is not None else nan,
-                   crit.float() if crit is not None else nan, noisy_f]
-        if cand.clip_scores is not None or crit is not None or noisy is not None:
-            idx_all = ctx.dist.gather(cand.sample_idx)
-            s_all, crit_all, noisy_all = ctx.dist.gather(torch.stack(columns, dim=1)).unbind(1)
+        if cand.clip_scores is not None and self.bank is not None:
+            self.strategy.update_bank(self.bank, cand.sample_idx, cand.clip_scores, cand.epoch)
+        if self.diagnostics:
+            slots = self._storage.slots(cand.sample_idx)
             if cand.clip_scores is not None:
-                self.strategy.update_bank(bank, idx_all, s_all, cand.epoch)
-                self.last_score[idx_all] = s_all
-                self.scored_epoch[idx_all] = cand.epoch
+                self.last_score[slots] = cand.clip_scores
+                self.scored_epoch[slots] = cand.epoch
             if crit is not None:
-                self.last_criterion[idx_all] = crit_all
+                self.last_criterion[slots] = crit.float()
             if noisy is not None:
-                self.noisy[idx_all] = noisy_all.to(torch.int8)
+                self.noisy[slots] = noisy.to(self.noisy.device).to(torch.int8)
         ctx.log("selection/kept_fraction", (keep.numel() if keep is not None else size) / size)
         if cand.clip_scores is not None:
             ctx.log("selection/score_mean", cand.clip_scores.mean())
@@ -159,32 +176,50 @@ class SelectionHook(BatchHook):
             if keep is not None:
                 ctx.log("selection/selected_score_mean", cand.clip_scores[keep].mean())
         if noisy is not None:
-            flags = noisy.to(bank.hist.device).float()
+            flags = noisy.to(cand.sample_idx.device).float()
             ctx.log("selection/candidate_noisy_fraction", flags.mean())
             ctx.log("selected_noisy_fraction", flags[keep].mean() if keep is not None else flags.mean())
 
     # ------------------------------------------------------------------------------------------- epochs
     def on_epoch_end(self, epoch: int, dist: Dist) -> dict[str, float]:
-        """Store histograms of this epoch's CLIPScores for clean and noisy pairs (for the end-of-training plot)."""
+        """With diagnostics: histograms of this pass's CLIPScores for clean and noisy pairs (summed over ranks,
+        for the end-of-training plot) and the pass's mean scores."""
         self._require_setup()
-        scored = self.scored_epoch == epoch
-        if not bool(scored.any()):
+        if not self.diagnostics:
             return {}
+        scored = self.scored_epoch == epoch
         edges = torch.linspace(0.0, 100.0, _HIST_BINS + 1)
-        scores, noisy = self.last_score[scored].cpu(), self.noisy[scored].cpu()
-        hist = torch.stack([torch.histogram(scores[noisy == flag].float(), bins=edges).hist for flag in (0, 1)])
-        if bool((noisy < 0).all()):  # no ground truth: everything is shown as one distribution
-            hist[0] = torch.histogram(scores.float(), bins=edges).hist
+        scores, noisy = self.last_score[scored].cpu().float(), self.noisy[scored].cpu()
+        hist = torch.stack([torch.histogram(scores[noisy == flag], bins=edges).hist for flag in (-1, 0, 1)])
+        sums = torch.tensor([[scores[noisy == f].sum().item(), float((noisy == f).sum())] for f in (-1, 0, 1)],
+                            dtype=torch.float64)
+        if dist.world_size > 1:
+            import torch.distributed as tdist
+
+            packed = torch.cat([hist.double().flatten(), sums.flatten()]).to(self.last_score.device)
+            tdist.all_reduce(packed)
+            packed = packed.cpu()
+            hist = packed[: hist.numel()].reshape(hist.shape).float()
+            sums = packed[hist.numel():].reshape(3, 2)
+        total = float(sums[:, 1].sum())
+        if total == 0:
+            return {}
+        if float(sums[1:, 1].sum()) == 0:  # no ground truth: everything is shown as one distribution
+            hist = torch.stack([hist[0], torch.zeros_like(hist[0])])
+        else:
+            hist = torch.stack([hist[0] + hist[1], hist[2]])
         self.epoch_histograms.append(hist)
         self.histogram_epochs.append(int(epoch))
-        logs = {"selection/epoch_score_mean": float(scores.mean())}
-        known = noisy >= 0
-        if bool(known.any()) and bool((noisy == 1).any()) and bool((noisy == 0).any()):
-            logs["selection/epoch_clean_score_mean"] = float(scores[noisy == 0].mean())
-            logs["selection/epoch_noisy_score_mean"] = float(scores[noisy == 1].mean())
+        logs = {"selection/epoch_score_mean": float(sums[:, 0].sum()) / total}
+        if float(sums[1, 1]) > 0 and float(sums[2, 1]) > 0:
+            logs["selection/epoch_clean_score_mean"] = float(sums[1, 0] / sums[1, 1])
+            logs["selection/epoch_noisy_score_mean"] = float(sums[2, 0] / sums[2, 1])
         return logs
 
     def clean_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(criterion[N], noisy[N])`` of each pair's last visit (NaN / -1 where unknown), for detection AUROC."""
+        """``(criterion, noisy)`` of each owned pair's last visit (NaN / -1 where unknown), local slots; needs
+        ``diagnostics=True``."""
         self._require_setup()
+        if not self.diagnostics:
+            raise RuntimeError("SelectionHook.clean_scores needs diagnostics=True (selection_diagnostics)")
         return self.last_criterion.cpu(), self.noisy.cpu()

@@ -69,16 +69,20 @@ class SelectionStrategy:
     requires: ClassVar[str] = "none"  # "none" | "clip_score" | "loss"
     random_ties: ClassVar[bool] = False
     selects: ClassVar[bool] = True  # False: keep every candidate
+    uses_bank: ClassVar[bool] = False  # True: allocate a ScoreBank (5 B/sample)
 
     def needs_scoring(self, epoch: int) -> bool:
         """Whether this epoch needs the no-grad scoring forward of the current model."""
         return self.requires != "none"
 
-    def criterion(self, cand: Candidates, bank: ScoreBank) -> torch.Tensor | None:
+    def criterion(self, cand: Candidates, bank: ScoreBank | None) -> torch.Tensor | None:
         return None
 
+    def before_criterion(self, bank: ScoreBank, cand: Candidates) -> None:
+        """Bank writes needed before this batch's criterion (scored candidates only)."""
+
     def update_bank(self, bank: ScoreBank, sample_idx: torch.Tensor, clip_scores: torch.Tensor, epoch: int) -> None:
-        """Update the replicated bank with the globally gathered ``(sample_idx, s)`` of this step."""
+        """Update the bank with this rank's (owned) ``(sample_idx, s)`` of this step."""
 
 
 class FullData(SelectionStrategy):
@@ -152,11 +156,14 @@ class DissectWarmup(SelectionStrategy):
 
     Epochs ``e < W``: random k. The score of each pair on its visit in epoch ``W-1`` is snapshotted as ``h``;
     from epoch ``W`` on keep the top-k of ``d = h - s``. Scoring is skipped in epochs ``0..W-2`` (their scores
-    would be overwritten). Never-scored pairs use ``h = 0`` as the official code does.
+    would be overwritten). A pair never scored in the snapshot pass (left out by ``drop_last``) is scored before
+    its first selection: its first score becomes its ``h`` (``d = 0``) instead of the official ``h = 0``, which
+    would mark it as the least useful pair for the rest of the run. "Epochs" are passes over the pool.
     """
 
     name = "dissect"
     requires = "clip_score"
+    uses_bank = True
 
     def __init__(self, warmup_epochs: int = 1) -> None:
         if int(warmup_epochs) < 1:
@@ -172,7 +179,13 @@ class DissectWarmup(SelectionStrategy):
     def criterion(self, cand: Candidates, bank: ScoreBank) -> torch.Tensor | None:
         if cand.epoch < self.warmup_epochs:
             return None
-        return bank.lookup(cand.sample_idx, 0.0) - cand.clip_scores
+        return bank.lookup(cand.sample_idx, cand.clip_scores) - cand.clip_scores
+
+    def before_criterion(self, bank: ScoreBank, cand: Candidates) -> None:
+        if cand.epoch >= self.warmup_epochs:
+            unseen = ~bank.is_seen(cand.sample_idx)
+            if bool(unseen.any()):
+                bank.update(cand.sample_idx[unseen], cand.clip_scores[unseen], mode="overwrite")
 
     def update_bank(self, bank: ScoreBank, sample_idx: torch.Tensor, clip_scores: torch.Tensor, epoch: int) -> None:
         if epoch == self.warmup_epochs - 1:
@@ -190,6 +203,7 @@ class DissectEMA(SelectionStrategy):
     name = "dissect_ema"
     requires = "clip_score"
     random_ties = True
+    uses_bank = True
     FALLBACKS = ("zero", "score")
 
     def __init__(self, ema_beta: float = 0.9, first_visit_fallback: str = "zero") -> None:

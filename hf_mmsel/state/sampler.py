@@ -1,0 +1,61 @@
+"""``OwnerStableBatchSampler``: map-style candidate batches drawn only from the samples a rank owns.
+
+Rank ``r`` permutes the dataset rows whose ``sample_idx mod W = r`` with a generator seeded by ``(seed, epoch,
+rank)`` (or keeps their order, ``shuffle=False``) and cuts them into batches of ``B``. Every rank yields the same
+number of batches, ``floor(min_r |owned_r| / B)`` (``drop_last``: equal ``k`` on every rank); the rows left out of
+one pass are covered by the next pass's permutation. Negatives are still gathered from every rank in the loss.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+from .ownership import SampleOwnership
+
+__all__ = ["OwnerStableBatchSampler"]
+
+
+class OwnerStableBatchSampler(Sampler):
+    """Batches of dataset row indices whose ``sample_idx`` this rank owns (rule ``modulo``)."""
+
+    def __init__(self, sample_idx: torch.Tensor, batch_size: int, *, world_size: int = 1, rank: int = 0,
+                 shuffle: bool = True, seed: int = 0) -> None:
+        sample_idx = torch.as_tensor(sample_idx, dtype=torch.long).flatten()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size, self.world_size, self.rank = int(batch_size), int(world_size), int(rank)
+        self.shuffle, self.seed, self.epoch = bool(shuffle), int(seed), 0
+        owner = sample_idx % self.world_size
+        self.rows = torch.nonzero(owner == self.rank).flatten()
+        counts = torch.bincount(owner, minlength=self.world_size)
+        self.num_batches = int(counts.min()) // self.batch_size
+        self.dropped_per_pass = int(counts[self.rank]) - self.num_batches * self.batch_size
+        if self.num_batches == 0:
+            raise ValueError(
+                f"every rank needs at least one full candidate batch of {batch_size}: the smallest rank owns "
+                f"{int(counts.min())} of {sample_idx.numel()} samples (world size {world_size})"
+            )
+
+    @classmethod
+    def for_ownership(cls, sample_idx: torch.Tensor, batch_size: int, ownership: SampleOwnership, **kwargs):
+        if ownership.rule != "modulo":
+            raise ValueError("OwnerStableBatchSampler follows the 'modulo' ownership rule")
+        return cls(sample_idx, batch_size, world_size=ownership.world_size, rank=ownership.rank, **kwargs)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rows = self.rows
+        if self.shuffle:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 4096 + self.rank)
+            rows = rows[torch.randperm(rows.numel(), generator=g)]
+        rows = rows[: self.num_batches * self.batch_size].reshape(self.num_batches, self.batch_size)
+        for batch in rows.tolist():
+            yield batch
