@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "curate_default.yaml"
-STATE_FILE_NAME = "selection_state.safetensors"  # written by ContrastiveTrainer into every checkpoint
+STATE_FILE_NAME = "selection_state.safetensors"  # the hook state of hf_mmsel <= 0.1 checkpoints
 HISTOGRAM_NAME = "score_histogram.png"
 STATS_NAME = "curation_stats.json"
 CONFIG_NAME = "curation_config.json"
@@ -374,20 +374,28 @@ def load_dual_encoder(args: CurateArguments):
 
 
 def read_training_state(path: str, num_rows: int) -> dict[str, Any]:
-    """DISSect bank (``hist``/``seen``) and GSC weights from a ContrastiveTrainer ``selection_state.safetensors``.
+    """DISSect bank (``hist``/``seen``) and GSC weights from a ContrastiveTrainer checkpoint.
 
-    Keys are hook-prefixed (``HookList``: ``"{i}."``): the selection hook's ``{i}.bank.hist``/``{i}.bank.seen``
-    and the GSC hook's ``{i}.buffers.weight`` (plus ``buffers.num_updates``). Raises when the file holds neither
+    A checkpoint folder holds the sharded per-sample state (``hook_state/index.json`` + one file per rank,
+    :mod:`hf_mmsel.state.checkpoint`), read back as full ``[N]`` arrays; a ``selection_state.safetensors`` file
+    (checkpoints of hf_mmsel <= 0.1) is read as is. Keys are hook-prefixed: the selection hook's
+    ``*.bank.hist``/``*.bank.seen`` and the GSC hook's ``*.buffers.weight``. Raises when the state holds neither
     or was written for a different number of samples."""
     from safetensors.torch import load_file
 
+    from hf_mmsel.state.checkpoint import HOOK_STATE_DIR, INDEX_NAME, read_global_arrays
+
     file = Path(path)
-    if file.is_dir():
-        file = file / STATE_FILE_NAME
-    if not file.is_file():
-        raise FileNotFoundError(f"--training_state: {str(file)!r} not found (expected a checkpoint folder holding "
-                                f"{STATE_FILE_NAME} or the file itself)")
-    state = load_file(str(file))
+    if file.is_dir() and (file / HOOK_STATE_DIR / INDEX_NAME).is_file():
+        state = read_global_arrays(file)
+    else:
+        if file.is_dir():
+            file = file / STATE_FILE_NAME
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"--training_state: {str(path)!r} holds neither {HOOK_STATE_DIR}/{INDEX_NAME} (a ContrastiveTrainer "
+                f"checkpoint folder) nor {STATE_FILE_NAME}")
+        state = load_file(str(file))
     out: dict[str, Any] = {}
     hist_keys = sorted(k for k in state if k == "bank.hist" or k.endswith(".bank.hist"))
     for key in hist_keys:
