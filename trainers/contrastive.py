@@ -23,8 +23,8 @@ from typing import Any, Sequence
 import torch
 from transformers import Trainer, TrainerCallback
 
+from hf_mmsel.contrastive_loss import pair_loss_for, prepare_model_for_loss
 from hf_mmsel.hooks import BatchHook, Dist, HookList, PairEmbeddings, StepContext, subset_batch
-from hf_mmsel.losses import clip_loss_per_sample
 from hf_mmsel.models import CoTrainedDualEncoder, check_dual_encoder, encode_pair, logit_scale_of, unwrap_model
 from hf_mmsel.selection import SelectionHook, load_reference_scores
 
@@ -102,6 +102,7 @@ class ContrastiveTrainer(Trainer):
             dataset = kwargs.get(name)
             if dataset is not None:
                 kwargs[name] = self._check_dataset(dataset, name)
+        prepare_model_for_loss(model, args.loss_type, logit_scale_max=args.logit_scale_max)  # sigmoid: t', b
         super().__init__(model=model, args=args, **kwargs)
         self.class_captions = list(class_captions) if class_captions is not None else None
         self._reference_model = reference_model
@@ -341,7 +342,7 @@ class ContrastiveTrainer(Trainer):
         inputs = dict(inputs)
         size = int(inputs["sample_idx"].shape[0])
         ctx = StepContext(self._current_epoch(), self._hook_step, self.dist,
-                          lambda: self._score_batch(model, inputs))
+                          lambda: self._score_batch(model, inputs), loss=pair_loss_for(model, self.args.loss_type))
         training = model.training
         if training:
             keep = self.hook.prepare(inputs, ctx)
@@ -352,14 +353,13 @@ class ContrastiveTrainer(Trainer):
             return self._co_training_loss(model, inputs, ctx, training, return_outputs)
         image, text = self._embed_for_training(model, inputs)
         scale = logit_scale_of(model, max_scale=self.args.logit_scale_max)
-        per_sample = clip_loss_per_sample(image, text, scale, gather_fn=self.dist.gather_with_grad,
-                                          rank=self.dist.rank)
+        per_sample = ctx.loss.per_sample(image, text, scale, gather_fn=self.dist.gather_with_grad, rank=self.dist.rank)
         terms = self.hook.loss_terms(image, text, scale, inputs["sample_idx"], per_sample, ctx)
         loss = (per_sample * terms.weights).mean() if terms.weights is not None else per_sample.mean()
         if terms.extra_loss is not None:
             loss = loss + terms.extra_loss
         if training:
-            self._accumulate_logs({**ctx.logs, **terms.logs, "logit_scale": scale.detach()})
+            self._accumulate_logs({**ctx.logs, **terms.logs, "logit_scale": scale.detach(), **ctx.loss.logs()})
         if return_outputs:
             return loss, {"image_embeds": image, "text_embeds": text, "per_sample_loss": per_sample}
         return loss
@@ -374,9 +374,9 @@ class ContrastiveTrainer(Trainer):
         loss, logs, per_network = 0.0, {}, []
         for k, (image, text) in enumerate(zip(out.image_embeds, out.text_embeds)):
             scale = logit_scale_of(networks[k], max_scale=self.args.logit_scale_max)
-            per_sample = clip_loss_per_sample(image, text, scale, gather_fn=self.dist.gather_with_grad,
-                                              rank=self.dist.rank)
-            ctx.network = k
+            ctx.network, ctx.loss = k, pair_loss_for(networks[k], self.args.loss_type)
+            per_sample = ctx.loss.per_sample(image, text, scale, gather_fn=self.dist.gather_with_grad,
+                                             rank=self.dist.rank)
             try:
                 terms = self.hook.loss_terms(image, text, scale, inputs["sample_idx"], per_sample, ctx)
             finally:

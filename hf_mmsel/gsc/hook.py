@@ -3,7 +3,8 @@
 Thin adapter over the core (gsc.md §12.2). Per training step, on the kept pairs of the local batch:
 weights ``w[sample_idx]`` for the trainer's per-sample InfoNCE, ``extra_loss = γ · structure loss`` (in-batch
 anchors + optional :class:`AnchorBank`), and ``(sample_idx, c, p)`` gathered across ranks into replicated
-:class:`GSCBuffers`; ``p`` uses the local batch's logits, as GSC (B = 128 per step). At epoch end the
+:class:`GSCBuffers`; ``p`` uses the local batch's logits, as GSC (B = 128 per step), or with SigLIP's sigmoid
+loss (``ctx.loss``) the pair's own match probability ``p_i = σ(t·cos_ii + b)``. At epoch end the
 buffers run the GMM/EMA update, a deterministic function of identical buffers, followed by a broadcast from
 rank 0 for safety. Nothing is recorded when gradients are disabled (evaluation).
 
@@ -23,6 +24,7 @@ from ..hooks import BatchHook, Dist, LossTerms, StepContext
 from .anchors import AnchorBank
 from .buffers import GSCBuffers, GSCPlusBuffers
 from .loss import structure_terms
+from .sigmoid import sigmoid_positive_probability
 from .structure import StructureConfig, positive_probability
 
 
@@ -96,7 +98,10 @@ class GSCHook(BatchHook):
         if torch.is_grad_enabled():  # training step: record gathered scores, refresh the bank
             with torch.no_grad():
                 scale = logit_scale if self.prob_logit_scale is None else self.prob_logit_scale
-                p = positive_probability((scale * (v @ u.T)).float())
+                if ctx.loss.is_sigmoid:  # SigLIP: the pair's own match probability σ(t·cos_ii + b)
+                    p = sigmoid_positive_probability(v, u, scale, ctx.loss.detached().logit_bias)
+                else:
+                    p = positive_probability((scale * (v @ u.T)).float())
                 dist = ctx.dist
                 all_idx = dist.gather(sample_idx.to(v.device))
                 buffers.record(all_idx, dist.gather(consistency), dist.gather(p))
