@@ -279,3 +279,40 @@ def test_trainer_owned_bias_is_checkpointed_and_restored_on_resume(tmp_path):
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-4"))
     torch.testing.assert_close(resumed.model.logit_bias, full.model.logit_bias)
     torch.testing.assert_close(resumed.model.logit_scale, full.model.logit_scale)
+
+
+def test_gsc_plus_with_the_sigmoid_loss_trains_each_networks_own_bias(tmp_path):
+    from test_gsc_plus import _co_model, _trainer
+    from hf_mmsel.data import inject_noisy_correspondence, load_easy_vqa_captions, preprocess_image_text
+    from hf_mmsel.models import build_dual_encoder
+
+    raw = inject_noisy_correspondence(load_easy_vqa_captions(max_train=64, max_test=16), 0.4, seed=0)
+    tok = build_dual_encoder(captions=raw["train"]["caption"], image_size=16, patch_size=8, hidden_size=32,
+                             num_layers=1, num_heads=2, projection_dim=16, max_length=12)
+    data = preprocess_image_text(raw, tokenizer=tok.tokenizer, image_transform=tok.image_transform, max_length=12)
+    model = _co_model(data["train"]["caption"])
+    trainer = _trainer(tmp_path, data, model=model, loss_type="sigmoid", num_train_epochs=2)
+    nets = model.networks
+    assert all(float(n.logit_bias.detach()) == SIGLIP_LOGIT_BIAS_INIT for n in nets)
+    bias = pair_loss_for(model, "sigmoid").logit_bias  # the ensemble's scoring bias: the networks' mean
+    torch.testing.assert_close(bias.detach(), torch.tensor(SIGLIP_LOGIT_BIAS_INIT))
+    trainer.train()
+    b0, b1 = (float(n.logit_bias.detach()) for n in nets)
+    assert SIGLIP_LOGIT_BIAS_INIT not in (b0, b1) and b0 != b1
+    for buffers in trainer.gsc_hook.buffers.networks:  # sigmoid p recorded per network
+        p = buffers.positive_prob
+        assert bool(((p > 0) & (p < 1)).all()) and int(buffers.num_updates) == 2
+
+
+def test_one_pass_gsc_scoring_uses_the_sigmoid_probability_with_a_bias():
+    from hf_mmsel.gsc import gsc_clean_probability
+
+    n = 40
+    img = _unit(n, 8, 11, torch.float32)
+    txt = F.normalize(img + 0.3 * _unit(n, 8, 12, torch.float32), dim=-1)
+    txt[::4] = txt[::4].roll(1, dims=0)  # every 4th pair mismatched
+    out = gsc_clean_probability(img, txt, 10.0, logit_bias=-4.0, num_anchors=16, prob_posterior=False)
+    torch.testing.assert_close(out["positive_prob"], torch.sigmoid(10.0 * (img * txt).sum(-1) - 4.0))
+    torch.testing.assert_close(out["clean_prob"], torch.minimum(out["structure_posterior"], out["positive_prob"]))
+    softmax = gsc_clean_probability(img, txt, 10.0, num_anchors=16, prob_posterior=False)
+    assert not torch.allclose(softmax["positive_prob"], out["positive_prob"])
