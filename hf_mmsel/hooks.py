@@ -8,7 +8,8 @@ of ``ContrastiveTrainer`` calls, in order::
     keep = hook.prepare(batch, ctx)            # -> local indices to train on (None: keep all). ctx.score()
                                                #    runs (once, cached) the no-grad scoring forward on demand
     v, u = model(batch[keep]) ; s = logit scale
-    l = clip_loss_per_sample(v, u, s, ...)     # [k] per-pair InfoNCE, negatives gathered across ranks
+    l = ctx.loss.per_sample(v, u, s, ...)      # [k] per-pair loss (InfoNCE or SigLIP sigmoid), negatives
+                                               #    gathered across ranks
     terms = hook.loss_terms(v, u, s, batch["sample_idx"][keep], l, ctx)
     loss = mean(terms.weights * l) + terms.extra_loss
     ...
@@ -36,6 +37,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from .contrastive_loss import PairLoss
 from .losses import gather_no_grad, gather_with_grad
 
 __all__ = ["BatchHook", "Dist", "HookList", "LossTerms", "PairEmbeddings", "StepContext", "subset_batch"]
@@ -93,7 +95,8 @@ class StepContext:
     the current candidate batch from a no-grad forward of the current model (computed at most once).
     ``network``: with a co-trained ensemble (GSC+, :class:`~hf_mmsel.models.CoTrainedDualEncoder`)
     ``loss_terms`` is called once per network with ``network = k`` and that network's embeddings; ``None`` for a
-    single model.
+    single model. ``loss``: the step's contrastive loss (:class:`~hf_mmsel.contrastive_loss.PairLoss`: softmax
+    InfoNCE by default, or SigLIP's sigmoid loss with its bias ``b``), for hooks that rank or weight pairs by it.
     """
 
     epoch: int
@@ -103,6 +106,7 @@ class StepContext:
     logs: dict[str, torch.Tensor] = field(default_factory=dict)
     _cache: PairEmbeddings | None = None
     network: int | None = None
+    loss: PairLoss = field(default_factory=PairLoss)
 
     def score(self) -> PairEmbeddings:
         if self._cache is None:
@@ -121,7 +125,7 @@ class StepContext:
     def subset(self, keep: torch.Tensor) -> "StepContext":
         """A context for the sub-batch ``keep`` (shares logs; scoring is sliced from this context's)."""
         return StepContext(self.epoch, self.step, self.dist, lambda: self.score()[keep], self.logs,
-                           network=self.network)
+                           network=self.network, loss=self.loss)
 
 
 @dataclass

@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from hf_mmsel.contrastive_loss import pair_loss_for
 from hf_mmsel.hooks import LossTerms, StepContext
 from hf_mmsel.models import logit_scale_of, unwrap_model
 
@@ -15,16 +16,18 @@ __all__ = ["co_training_loss"]
 
 
 def co_training_loss(model, inputs, ctx: StepContext, *, per_sample_loss: Callable, loss_terms: Callable | None,
-                     weighted_mean: Callable, logit_scale_max: float):
-    """``(loss, logs, per_network_outputs)`` for one step of GSC+. ``per_sample_loss(image, text, scale)`` is the
-    trainer's contrastive loss; ``loss_terms`` the hook chain's (``None`` outside training)."""
+                     weighted_mean: Callable, logit_scale_max: float, loss_type: str = "softmax"):
+    """``(loss, logs, per_network_outputs)`` for one step of GSC+. ``per_sample_loss(image, text, scale, pair_loss)``
+    is the trainer's contrastive loss (network k's own logit scale and, for the sigmoid loss, its own bias);
+    ``loss_terms`` the hook chain's (``None`` outside training)."""
     out = model(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"],
                 attention_mask=inputs.get("attention_mask"))  # the wrapped forward: per-network embeddings
     networks = unwrap_model(model).networks
     loss, logs, per_network = 0.0, {}, []
     for k, (image, text) in enumerate(zip(out.image_embeds, out.text_embeds)):
         scale = logit_scale_of(networks[k], max_scale=logit_scale_max)
-        per_sample = per_sample_loss(image, text, scale)
+        ctx.loss = pair_loss_for(networks[k], loss_type)
+        per_sample = per_sample_loss(image, text, scale, ctx.loss)
         ctx.network = k
         try:
             terms = (loss_terms(image, text, scale, inputs["sample_idx"], per_sample, ctx) if loss_terms

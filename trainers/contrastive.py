@@ -28,8 +28,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import BatchRebalanceSampler
 
+from hf_mmsel.contrastive_loss import PairLoss, pair_loss_for, prepare_model_for_loss
 from hf_mmsel.hooks import BatchHook, LossTerms, PairEmbeddings, subset_batch
-from hf_mmsel.losses import clip_loss_per_sample
 from hf_mmsel.models import (CoTrainedDualEncoder, check_dual_encoder, encode_pair, logit_scale_of,
                              make_logit_scale_1d, unwrap_model)
 from hf_mmsel.selection import SelectionHook, load_reference_scores
@@ -121,6 +121,7 @@ class ContrastiveTrainer(Trainer):
                 kwargs[name] = self._check_dataset(dataset, name)
         if _is_streaming(kwargs.get("train_dataset")) and args.max_steps <= 0:
             raise ValueError("a streaming train_dataset needs max_steps > 0 (the stream is infinite)")
+        prepare_model_for_loss(model, args.loss_type, logit_scale_max=args.logit_scale_max)  # sigmoid: t', b
         if getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
             make_logit_scale_1d(model)  # DeepSpeed cannot broadcast 0-dim parameters (CLIP's logit_scale)
         super().__init__(model=model, args=args, **kwargs)
@@ -460,10 +461,11 @@ class ContrastiveTrainer(Trainer):
                 scale = logit_scale_of(model, max_scale=self.args.logit_scale_max)
         return PairEmbeddings(image, text, scale.detach())
 
-    def contrastive_loss_per_sample(self, image_embeds, text_embeds, logit_scale) -> torch.Tensor:
-        """THE per-pair contrastive loss of a step (local rows, negatives gathered across ranks)."""
+    def contrastive_loss_per_sample(self, image_embeds, text_embeds, logit_scale, pair_loss: PairLoss) -> torch.Tensor:
+        """THE per-pair contrastive loss of a step (local rows, negatives gathered across ranks): softmax InfoNCE
+        or SigLIP's sigmoid loss (``args.loss_type``; ``pair_loss`` carries the model's bias ``b``)."""
         dist = self.runner.dist if self.runner is not None else None
-        return clip_loss_per_sample(image_embeds, text_embeds, logit_scale,
+        return pair_loss.per_sample(image_embeds, text_embeds, logit_scale,
                                     gather_fn=dist.gather_with_grad if dist else None, rank=dist.rank if dist else 0)
 
     @staticmethod
@@ -477,7 +479,7 @@ class ContrastiveTrainer(Trainer):
         runner = self._build_hooks()
         inputs = dict(inputs)
         size = int(inputs["sample_idx"].shape[0])
-        ctx = runner.context(lambda: self._score_batch(model, inputs))
+        ctx = runner.context(lambda: self._score_batch(model, inputs), loss=pair_loss_for(model, self.args.loss_type))
         training = model.training
         if training:
             keep = runner.prepare(inputs, ctx)
@@ -487,17 +489,18 @@ class ContrastiveTrainer(Trainer):
         if self.co_trained:
             loss, logs, per_network = co_training_loss(
                 model, inputs, ctx, per_sample_loss=self.contrastive_loss_per_sample, loss_terms=loss_terms,
-                weighted_mean=self._weighted_mean, logit_scale_max=self.args.logit_scale_max)
+                weighted_mean=self._weighted_mean, logit_scale_max=self.args.logit_scale_max,
+                loss_type=self.args.loss_type)
             if training:
                 self._accumulate_logs({**ctx.logs, **logs})
             return (loss, {"networks": per_network}) if return_outputs else loss
         image, text = self._embed(model, inputs)
         scale = logit_scale_of(model, max_scale=self.args.logit_scale_max)
-        per_sample = self.contrastive_loss_per_sample(image, text, scale)
+        per_sample = self.contrastive_loss_per_sample(image, text, scale, ctx.loss)
         terms = loss_terms(image, text, scale, inputs["sample_idx"], per_sample, ctx) if training else LossTerms()
         loss = self._weighted_mean(per_sample, terms)
         if training:
-            self._accumulate_logs({**ctx.logs, **terms.logs, "logit_scale": scale.detach()})
+            self._accumulate_logs({**ctx.logs, **terms.logs, "logit_scale": scale.detach(), **ctx.loss.logs()})
         if return_outputs:
             return loss, {"image_embeds": image, "text_embeds": text, "per_sample_loss": per_sample}
         return loss

@@ -8,6 +8,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from hf_mmsel.contrastive_loss import check_loss_type
 from hf_mmsel.selection import SELECTION_STRATEGIES
 
 __all__ = ["ContrastiveTrainingArguments", "SCORE_DTYPES", "SCORE_PLOT_NAME", "GSC_SIMILARITIES", "GSC_MATCHINGS"]
@@ -59,6 +60,12 @@ class ContrastiveTrainingArguments(TrainingArguments):
     )
     selection_seed: int | None = field(default=None, metadata={"help": "seed of selection randomness (default: seed)"})
     logit_scale_max: float = field(default=100.0, metadata={"help": "clamp of exp(logit_scale) (CLIP: 100)"})
+    loss_type: str = field(
+        default="softmax",
+        metadata={"help": "contrastive loss: 'softmax' (CLIP's symmetric InfoNCE) or 'sigmoid' (SigLIP's pairwise "
+                          "sigmoid loss with learnable scale t = exp(t') and bias b: the model's logit_scale / "
+                          "logit_bias, registered on it with t' = log 10, b = -10 when missing)"},
+    )
     plot_score_distributions: bool = field(
         default=True, metadata={"help": f"write {SCORE_PLOT_NAME} (clean vs noisy scores per epoch) at the end"}
     )
@@ -125,6 +132,7 @@ class ContrastiveTrainingArguments(TrainingArguments):
             raise ValueError(f"select_rate must be in (0, 1], got {self.select_rate}")
         if self.score_dtype not in SCORE_DTYPES:
             raise ValueError(f"unknown score_dtype {self.score_dtype!r}; choose one of {list(SCORE_DTYPES)}")
+        check_loss_type(self.loss_type)
         if self.selection_warmup_epochs is not None and self.selection_warmup_epochs < 0:
             raise ValueError(f"selection_warmup_epochs must be >= 0, got {self.selection_warmup_epochs}")
         if (self.selection_strategy == "dissect" and self.selection_warmup_epochs is not None

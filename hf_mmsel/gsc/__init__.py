@@ -6,6 +6,7 @@
 - :mod:`.gmm`: deterministic two-component 1-D GMM.
 - :mod:`.buffers`: :class:`GSCBuffers` (per-sample state, epoch-end GMM/EMA update), :class:`GSCPlusBuffers`.
 - :mod:`.scoring`: :func:`gsc_clean_probability`, one-pass clean probability of a whole dataset (curation).
+- :mod:`.sigmoid`: the positive probability ``p = σ(t·cos_ii + b)`` of a model trained with SigLIP's sigmoid loss.
 
 See ``shared/design/gsc.md`` for the method and its adaptation to CLIP-style models.
 """
@@ -17,6 +18,7 @@ from .buffers import EpochUpdateStats, GSCBuffers, GSCPlusBuffers
 from .gmm import TwoGaussians, fit_two_gaussians, high_mean_posterior
 from .loss import GSCLossOutput, gsc_loss, structure_terms, weighted_bidirectional_infonce
 from .scoring import gsc_clean_probability
+from .sigmoid import sigmoid_positive_probability
 from .structure import (
     StructureConfig,
     StructureProfiles,
@@ -45,6 +47,7 @@ __all__ = [
     "positive_map",
     "positive_probability",
     "self_exclusion_mask",
+    "sigmoid_positive_probability",
     "structure_consistency",
     "structure_infonce",
     "structure_matching",

@@ -3,11 +3,12 @@
 Thin adapter over the core (gsc.md §12.2). Per training step, on the kept pairs of the local batch:
 weights ``w[sample_idx]`` for the trainer's per-sample InfoNCE, ``extra_loss = γ · structure loss`` (in-batch
 anchors + optional :class:`AnchorBank`), and ``(sample_idx, c, p)`` recorded into this rank's shard of the
-:class:`GSCBuffers` (it owns its candidates); ``p`` uses the local batch's logits, as GSC (B = 128 per step). At
-each pass end the buffers run the GMM/EMA update, identical to the single-process result by construction
-(global min/max, hashed subsample, sorted EM). The anchor bank (fixed size, not per-sample) is replicated: its
-pairs are gathered from every rank, and their current weights are looked up from their owners (one all_reduce).
-Nothing is recorded when gradients are disabled (evaluation).
+:class:`GSCBuffers` (it owns its candidates); ``p`` uses the local batch's logits, as GSC (B = 128 per step), or
+with SigLIP's sigmoid loss (``ctx.loss``) the pair's own match probability ``p_i = σ(t·cos_ii + b)``. At each
+pass end the buffers run the GMM/EMA update, identical to the single-process result by construction (global
+min/max, hashed subsample, sorted EM). The anchor bank (fixed size, not per-sample) is replicated: its pairs are
+gathered from every rank, and their current weights are looked up from their owners (one all_reduce). Nothing
+is recorded when gradients are disabled (evaluation).
 
 :class:`GSCPlusHook` is GSC+ (gsc.md §6) for a co-trained ensemble: one :class:`GSCHook` per network (own
 buffers, GMM/EMA, anchor bank), called per network (``ctx.network = k``); network k's losses are weighted by its
@@ -26,6 +27,7 @@ from ..state import StateNamespace
 from .anchors import AnchorBank
 from .buffers import GSCBuffers, GSCPlusBuffers
 from .loss import structure_terms
+from .sigmoid import sigmoid_positive_probability
 from .structure import StructureConfig, positive_probability
 
 
@@ -107,7 +109,10 @@ class GSCHook(BatchHook):
         if torch.is_grad_enabled():  # training step: record gathered scores, refresh the bank
             with torch.no_grad():
                 scale = logit_scale if self.prob_logit_scale is None else self.prob_logit_scale
-                p = positive_probability((scale * (v @ u.T)).float())
+                if ctx.loss.is_sigmoid:  # SigLIP: the pair's own match probability σ(t·cos_ii + b)
+                    p = sigmoid_positive_probability(v, u, scale, ctx.loss.detached().logit_bias)
+                else:
+                    p = positive_probability((scale * (v @ u.T)).float())
                 dist = ctx.dist
                 buffers.record(sample_idx, consistency, p)
                 if bank is not None:

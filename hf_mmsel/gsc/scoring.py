@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .buffers import _clean_posterior
+from .sigmoid import sigmoid_positive_probability
 from .structure import StructureConfig, StructureProfiles, positive_probability, structure_consistency
 
 __all__ = ["DEFAULT_STRUCTURE", "anchor_consistency", "chunked_positive_probability", "gsc_clean_probability"]
@@ -130,6 +131,7 @@ def gsc_clean_probability(
     gmm_reg_covar: float = 5e-4,
     max_fit_samples: int = 200_000,
     seed: int = 0,
+    logit_bias: float | torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """GSC clean probability of every pair from one embedding pass (see the module docstring).
 
@@ -144,6 +146,8 @@ def gsc_clean_probability(
         gmm_*: EM settings of the 2-component GMM (GSC's: 10 iterations, tol 1e-2; 100 / 1e-4 gave a narrow
             high component and lower AUROC on the small test model); ``max_fit_samples``: seeded subsample size.
         seed: seeds the chunk permutation, the random anchors and the GMM subsample.
+        logit_bias: a model trained with SigLIP's sigmoid loss: its bias ``b``; then ``p_i = σ(s·cos_ii + b)``,
+            the model's own match probability (:mod:`hf_mmsel.gsc.sigmoid`), instead of the chunked softmax ``p``.
 
     Returns float32 [N] tensors on the embeddings' device: ``clean_prob``, ``consistency`` (c),
     ``positive_prob`` (raw p), ``structure_posterior`` (π), ``prob_clean`` (the P that entered the min), and
@@ -170,7 +174,10 @@ def gsc_clean_probability(
     def posterior(x: torch.Tensor) -> torch.Tensor:
         return _clean_posterior(x.double(), **fit)[0].float()
 
-    p = chunked_positive_probability(v, u, logit_scale, chunk_size=chunk_size, seed=seed)
+    if logit_bias is not None:  # sigmoid loss: p needs no chunks
+        p = sigmoid_positive_probability(v, u, float(logit_scale), float(logit_bias))
+    else:
+        p = chunked_positive_probability(v, u, logit_scale, chunk_size=chunk_size, seed=seed)
     # the GMM sees log p: raw p is heavily right-skewed (most pairs near 1/chunk), so a GMM on it models the few
     # confident pairs as the "clean" component; log p (the softmax margin) is far closer to two Gaussians
     prob_clean = posterior(torch.log(p.clamp_min(1e-30))) if prob_posterior else p

@@ -1,5 +1,5 @@
-"""``build_dual_encoder``: a small random-init dual encoder (tiny CLIP or :class:`SmallDualEncoderModel`), or a
-``VisionTextDualEncoderModel`` from pretrained towers."""
+"""``build_dual_encoder``: a small random-init dual encoder (tiny CLIP, tiny SigLIP or :class:`SmallDualEncoderModel`),
+a ``VisionTextDualEncoderModel`` from pretrained towers, or a pretrained dual encoder checkpoint."""
 
 from __future__ import annotations
 
@@ -14,7 +14,14 @@ from ..data.image_transform import ImageTransform, default_image_transform
 from .tokenizer import train_caption_tokenizer
 
 
-ARCHITECTURES = ("clip", "small")
+ARCHITECTURES = ("clip", "small", "siglip")
+#: model types of full dual-encoder checkpoints whose towers ``vision_model`` / ``text_model`` can name: the tower
+#: classes to load from them (``VisionTextDualEncoderModel`` itself special-cases only CLIP's vision tower).
+TOWER_CLASSES = {
+    "clip": ("CLIPVisionModel", "CLIPTextModel"),
+    "siglip": ("SiglipVisionModel", "SiglipTextModel"),
+    "siglip2": ("Siglip2VisionModel", "Siglip2TextModel"),
+}
 #: Init of a from-scratch tiny CLIP. With CLIP's own defaults (initializer_factor 1, scale 1/0.07) a 2-layer,
 #: 64-wide CLIP collapses: every image embedding is nearly the same and the loss stays at ln B for hundreds of
 #: steps. A 4x wider init and a softer initial scale (10) learn from the first steps (tests/test_models.py).
@@ -42,6 +49,7 @@ def build_dual_encoder(
     *,
     vision_model: str | os.PathLike | None = None,
     text_model: str | os.PathLike | None = None,
+    model_name_or_path: str | os.PathLike | None = None,
     captions: Iterable[str] | None = None,
     image_size: int = 32,
     patch_size: int = 8,
@@ -71,11 +79,28 @@ def build_dual_encoder(
         ``architecture="small"``: a :class:`~hf_mmsel.models.SmallDualEncoderModel` (CNN with
         ``conv_channels`` and ``image_pooling`` + bag-of-words text tower of width ``hidden_size``, ``text_mlp``), much faster on
         CPU; ``patch_size``/``num_layers``/``num_heads``/``initializer_factor`` do not apply to it.
-    (b) both given (Hub ids or local folders): ``VisionTextDualEncoderModel.from_vision_text_pretrained`` with
-        new projections of size ``projection_dim``, ``AutoTokenizer`` of the text tower and an
-        ``ImageTransform`` from the vision tower's image-processor config.
+        ``architecture="siglip"``: a tiny ``SiglipModel`` (ViT with attention-pooling head + transformer text
+        tower pooling the last position, both ``hidden_size`` wide, which is also the embedding size:
+        ``projection_dim`` does not apply), initialised with SigLIP's ``logit_scale = log 10``, ``logit_bias = -10``
+        (a fresh ``SiglipModel`` has both at 0) and text positions = ``max_length``.
+    (b) both given (Hub ids or local folders): ``VisionTextDualEncoderModel`` with new projections of size
+        ``projection_dim``, ``AutoTokenizer`` of the text tower and an ``ImageTransform`` from the vision tower's
+        image-processor config. A tower may be a full CLIP / SigLIP / SigLIP2 checkpoint: its vision (text) tower
+        is taken from it (``TOWER_CLASSES``).
+    (c) ``model_name_or_path`` (Hub id or local folder of a trained dual encoder: ``CLIPModel``, ``SiglipModel``,
+        ``Siglip2Model``, ``SmallDualEncoderModel``, ...): ``AutoModel`` + ``AutoTokenizer`` from it, and the
+        image transform from its image-processor config or its vision config's image size.
+    SigLIP towers get the input adapters of :func:`~hf_mmsel.models.features.adapt_siglip_inputs`.
     ``freeze_towers=True`` freezes both towers (LiT-style), leaving projections and ``logit_scale`` trainable.
     """
+    if model_name_or_path is not None:
+        if vision_model is not None or text_model is not None:
+            raise ValueError("give model_name_or_path (a trained dual encoder) or vision_model + text_model "
+                             "(pretrained towers), not both")
+        bundle = _build_from_pretrained(str(model_name_or_path))
+        if freeze_towers:
+            freeze_dual_encoder_towers(bundle.model)
+        return bundle
     if (vision_model is None) != (text_model is None):
         raise ValueError(
             "give both vision_model and text_model (pretrained towers) or neither (tiny random-init CLIP); "
@@ -98,6 +123,12 @@ def build_dual_encoder(
             conv_channels=conv_channels,
             text_mlp=text_mlp,
             image_pooling=image_pooling,
+        )
+    elif vision_model is None and architecture == "siglip":
+        bundle = _build_tiny_siglip(
+            captions=_default_captions() if captions is None else list(captions),
+            image_size=image_size, patch_size=patch_size, hidden_size=hidden_size, num_layers=num_layers,
+            num_heads=num_heads, vocab_size=vocab_size, max_length=max_length, seed=seed,
         )
     elif vision_model is None:
         bundle = _build_tiny_clip(
@@ -180,18 +211,96 @@ def _build_small(*, captions, image_size, hidden_size, projection_dim, vocab_siz
     return DualEncoderBundle(model, tokenizer, default_image_transform(image_size))
 
 
+def _vision_image_size(vision_config) -> int:
+    """Square input size of a vision config: ``image_size``, or for SigLIP2 (variable resolution, ``num_patches``
+    positions) ``sqrt(num_patches) * patch_size``."""
+    size = getattr(vision_config, "image_size", None)
+    if size is None and getattr(vision_config, "num_patches", None):
+        size = int(round(math.sqrt(vision_config.num_patches))) * int(vision_config.patch_size)
+    if isinstance(size, (list, tuple)):
+        size = size[0]
+    return int(size or 224)
+
+
+def _image_transform_for(path: str, vision_config) -> ImageTransform:
+    try:
+        return ImageTransform.from_image_processor(path)
+    except (OSError, ValueError):
+        return default_image_transform(_vision_image_size(vision_config))
+
+
+def _load_tower(path: str, kind: str):
+    """A pretrained tower: the ``kind`` ("vision"/"text") tower of a full CLIP/SigLIP/SigLIP2 checkpoint, or
+    ``None`` for a plain tower checkpoint (``VisionTextDualEncoderModel`` loads it with ``AutoModel``)."""
+    import transformers
+    from transformers import AutoConfig
+
+    model_type = AutoConfig.from_pretrained(path).model_type
+    if model_type not in TOWER_CLASSES:
+        return None
+    cls = getattr(transformers, TOWER_CLASSES[model_type][0 if kind == "vision" else 1])
+    return cls.from_pretrained(path)
+
+
 def _build_from_towers(vision_model: str, text_model: str, *, projection_dim: int, seed: int) -> DualEncoderBundle:
     from transformers import AutoTokenizer, VisionTextDualEncoderModel
 
+    towers = {f"{kind}_model": tower for kind, path in (("vision", vision_model), ("text", text_model))
+              if (tower := _load_tower(path, kind)) is not None}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the new projection layers are random
         model = VisionTextDualEncoderModel.from_vision_text_pretrained(
-            vision_model, text_model, projection_dim=projection_dim
+            vision_model, text_model, projection_dim=projection_dim, **towers
         )
+    from .features import adapt_siglip_inputs
+
+    adapt_siglip_inputs(model)
     tokenizer = AutoTokenizer.from_pretrained(text_model)
+    return DualEncoderBundle(model, tokenizer, _image_transform_for(vision_model, model.config.vision_config))
+
+
+def _build_from_pretrained(path: str) -> DualEncoderBundle:
+    from transformers import AutoModel, AutoTokenizer
+
+    from .features import adapt_siglip_inputs, check_dual_encoder
+
+    model = AutoModel.from_pretrained(path)
+    check_dual_encoder(model)
     try:
-        transform = ImageTransform.from_image_processor(vision_model)
-    except (OSError, ValueError):
-        vision_config = model.config.vision_config
-        transform = default_image_transform(int(getattr(vision_config, "image_size", 224)))
-    return DualEncoderBundle(model, tokenizer, transform)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"no tokenizer found with the model {path!r}: save it next to the weights "
+            "(tokenizer.save_pretrained, or Trainer(processing_class=tokenizer))"
+        ) from err
+    adapt_siglip_inputs(model)
+    vision_config = getattr(model.config, "vision_config", model.config)
+    return DualEncoderBundle(model, tokenizer, _image_transform_for(path, vision_config))
+
+
+def _build_tiny_siglip(*, captions, image_size, patch_size, hidden_size, num_layers, num_heads, vocab_size,
+                       max_length, seed) -> DualEncoderBundle:
+    from transformers import SiglipConfig, SiglipModel
+
+    from .features import adapt_siglip_inputs
+    from ..contrastive_loss import init_sigmoid_logit_parameters
+
+    if image_size % patch_size:
+        raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+    tokenizer = train_caption_tokenizer(captions, vocab_size=vocab_size, max_length=max_length)
+    tower = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+                 num_attention_heads=num_heads)
+    config = SiglipConfig(
+        text_config=dict(tower, vocab_size=len(tokenizer), max_position_embeddings=max_length,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id),
+        vision_config=dict(tower, image_size=image_size, patch_size=patch_size),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SiglipModel(config)
+    init_sigmoid_logit_parameters(model)  # a fresh SiglipModel has logit_scale = logit_bias = 0
+    adapt_siglip_inputs(model)
+    return DualEncoderBundle(model, tokenizer, default_image_transform(image_size))

@@ -1,8 +1,16 @@
 """Embedding extraction for any dual encoder with ``get_image_features`` / ``get_text_features``.
 
-Works for ``CLIPModel``, ``VisionTextDualEncoderModel`` and custom models; unwraps DDP / accelerate /
-``torch.compile`` wrappers first. In transformers 5 the feature getters return a ``ModelOutput`` whose
-``pooler_output`` holds the projected embedding; older code and custom models return a tensor: both work.
+Works for ``CLIPModel``, ``SiglipModel``, ``Siglip2Model``, ``VisionTextDualEncoderModel`` and custom models;
+unwraps DDP / accelerate / ``torch.compile`` wrappers first. In transformers 5 the feature getters return a
+``ModelOutput`` whose ``pooler_output`` holds the projected (not normalised) embedding; older code and custom
+models return a tensor: both work, and :func:`encode_pair` L2-normalises.
+
+SigLIP towers (also inside a ``VisionTextDualEncoderModel``) get two input adapters, registered once as forward
+pre-hooks by :func:`adapt_siglip_inputs` so that every call path (feature getters, ``forward`` under DDP) sees
+them: the text tower pools the hidden state at the LAST position, so shorter ``input_ids`` are right-padded to
+``max_position_embeddings`` (SigLIP's ``padding="max_length"`` convention) and the pooled token never depends on
+how a batch was padded; a SigLIP2 vision tower takes patchified pixels, so a ``[B, 3, H, W]`` batch is cut into
+``(H/p)·(W/p)`` patches with an all-ones ``pixel_attention_mask`` and ``spatial_shapes = (H/p, W/p)``.
 """
 
 from __future__ import annotations
@@ -89,14 +97,87 @@ def _as_embedding(output, kind: str) -> torch.Tensor:
     raise TypeError(f"get_{kind}_features returned {type(output).__name__}; expected a tensor or an output with pooler_output")
 
 
+SIGLIP_TEXT_TOWERS = ("SiglipTextModel", "Siglip2TextModel")  # pool the last position
+SIGLIP2_VISION_TOWERS = ("Siglip2VisionModel",)  # take patchified pixels
+_ADAPTED = "_hf_mmsel_siglip_inputs"
+
+
+def _pad_siglip_text(module, args, kwargs):
+    """Forward pre-hook: right-pad ``input_ids`` / ``attention_mask`` to ``max_position_embeddings``."""
+    positional = "input_ids" not in kwargs and len(args) > 0
+    input_ids = args[0] if positional else kwargs.get("input_ids")
+    config = module.config
+    length = int(config.max_position_embeddings)
+    if input_ids is None or input_ids.shape[-1] >= length:
+        return None
+    pad = length - input_ids.shape[-1]
+    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+    kwargs = dict(kwargs)
+    kwargs["input_ids"] = F.pad(input_ids, (0, pad), value=int(pad_id))
+    mask = kwargs.get("attention_mask")
+    if mask is None and positional and len(args) > 1:
+        mask, args = args[1], args[:1] + args[2:]
+    if mask is not None:
+        kwargs["attention_mask"] = F.pad(mask, (0, pad), value=0)
+    return (args[1:] if positional else args), kwargs
+
+
+def siglip2_patches(pixel_values: torch.Tensor, patch_size: int) -> dict[str, torch.Tensor]:
+    """``[B, C, H, W]`` pixels -> SigLIP2 inputs: ``pixel_values [B, N, p*p*C]`` (row-major patches, each
+    ``(p, p, C)``-flattened as ``Siglip2ImageProcessor`` does), ``pixel_attention_mask [B, N]`` (ones) and
+    ``spatial_shapes [B, 2] = (H/p, W/p)``."""
+    b, c, h, w = pixel_values.shape
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"image size {h}x{w} is not a multiple of the SigLIP2 patch size {patch_size}")
+    gh, gw = h // patch_size, w // patch_size
+    patches = pixel_values.reshape(b, c, gh, patch_size, gw, patch_size).permute(0, 2, 4, 3, 5, 1)
+    patches = patches.reshape(b, gh * gw, patch_size * patch_size * c)
+    return {
+        "pixel_values": patches,
+        "pixel_attention_mask": torch.ones(b, gh * gw, dtype=torch.long, device=pixel_values.device),
+        "spatial_shapes": torch.tensor([[gh, gw]] * b, dtype=torch.long, device=pixel_values.device),
+    }
+
+
+def _patchify_siglip2(module, args, kwargs):
+    """Forward pre-hook: a 4-D ``pixel_values`` batch becomes SigLIP2's patch inputs."""
+    positional = "pixel_values" not in kwargs and len(args) > 0
+    pixel_values = args[0] if positional else kwargs.get("pixel_values")
+    if pixel_values is None or pixel_values.dim() != 4:
+        return None
+    if any(kwargs.get(k) is not None for k in ("pixel_attention_mask", "spatial_shapes")) or len(args) > 1:
+        raise ValueError("pass SigLIP2 either patchified pixel_values with pixel_attention_mask and spatial_shapes, "
+                         "or a [B, 3, H, W] batch alone")
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("pixel_attention_mask", "spatial_shapes")}
+    kwargs.update(siglip2_patches(pixel_values, int(module.config.patch_size)))
+    return (), kwargs
+
+
+def adapt_siglip_inputs(model):
+    """Register the SigLIP input adapters (module docstring) on every SigLIP text tower and SigLIP2 vision tower
+    of ``model``; idempotent, a no-op for other models. Returns ``model``."""
+    for module in unwrap_model(model).modules():
+        name = type(module).__name__
+        hook = None
+        if name in SIGLIP_TEXT_TOWERS:
+            hook = _pad_siglip_text
+        elif name in SIGLIP2_VISION_TOWERS:
+            hook = _patchify_siglip2
+        if hook is not None and not getattr(module, _ADAPTED, False):
+            module.register_forward_pre_hook(hook, with_kwargs=True)
+            setattr(module, _ADAPTED, True)
+    return model
+
+
 def image_features(model, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
     """Projected (not normalised) image embeddings ``[B, D]``."""
-    return _as_embedding(unwrap_model(model).get_image_features(pixel_values=pixel_values, **kwargs), "image")
+    inner = adapt_siglip_inputs(unwrap_model(model))
+    return _as_embedding(inner.get_image_features(pixel_values=pixel_values, **kwargs), "image")
 
 
 def text_features(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
     """Projected (not normalised) text embeddings ``[B, D]``."""
-    inner = unwrap_model(model)
+    inner = adapt_siglip_inputs(unwrap_model(model))
     return _as_embedding(inner.get_text_features(input_ids=input_ids, attention_mask=attention_mask, **kwargs), "text")
 
 

@@ -88,6 +88,17 @@ class BenchmarkArguments:
         metadata={"help": "GSC: feed the EMA with the GMM clean posterior of p instead of raw p (gsc.md 12.1: with "
                           "repeated captions in a batch raw p is small even for clean pairs)"},
     )
+    loss_type: str = field(
+        default="softmax",
+        metadata={"help": "contrastive loss: 'softmax' (InfoNCE), 'sigmoid' (SigLIP; t' = log 10, b = -10 added to the "
+                          "model) or a comma list such as 'softmax,sigmoid' (every strategy with every loss, alternated "
+                          "in one process)"},
+    )
+    validation_fraction: float = field(
+        default=0.0,
+        metadata={"help": "> 0: carve this share of the training pairs (seeded) as a validation split and report on it "
+                          "instead of the test split (for choosing hyperparameters; the test split is not touched)"},
+    )
     log_curves: bool = field(
         default=False,
         metadata={"help": "per epoch: test rSum and mean train cosine of clean vs noisy pairs (timed and "
@@ -166,6 +177,10 @@ def _load(args: BenchmarkArguments):
         test_name = "test"
     from hf_mmsel.data import add_sample_idx
 
+    if args.validation_fraction > 0:  # hyperparameter selection: evaluate on pairs carved from train, never test
+        parts = dsd["train"].train_test_split(test_size=args.validation_fraction, seed=0)
+        dsd = DatasetDict(train=parts["train"], validation=parts["test"])
+        test_name = "validation"
     train, test = add_sample_idx(dsd["train"]), add_sample_idx(dsd[test_name])
     if args.max_train:
         train = train.select(range(min(args.max_train, len(train))))
@@ -237,7 +252,7 @@ def _make_trainer_callback(curves: CurveCallback):
     return _OnEpoch()
 
 
-def _training_arguments(args, selection: str, seed: int, out: Path, epochs: int):
+def _training_arguments(args, selection: str, seed: int, out: Path, epochs: int, loss_type: str = "softmax"):
     from hf_mmsel.trainers import ContrastiveTrainingArguments
 
     return ContrastiveTrainingArguments(
@@ -247,7 +262,7 @@ def _training_arguments(args, selection: str, seed: int, out: Path, epochs: int)
         eval_strategy="no", report_to=[], use_cpu=True, seed=seed, disable_tqdm=True,
         selection_strategy=selection, select_rate=args.select_rate,
         selection_warmup_epochs=args.selection_warmup_epochs, plot_score_distributions=False,
-        dataloader_num_workers=0, selection_diagnostics=True,
+        dataloader_num_workers=0, selection_diagnostics=True, loss_type=loss_type,
     )
 
 
@@ -263,7 +278,7 @@ def reference_epochs(args: BenchmarkArguments) -> int:
     return max(1, int(round(float(args.epochs) / 4)))
 
 
-def _train_reference(args, bundle, data, class_captions, seed, out: Path) -> dict[str, Any]:
+def _train_reference(args, bundle, data, class_captions, seed, out: Path, loss_type: str = "softmax") -> dict[str, Any]:
     """Train the fixed reference model of ``reference_clipscore`` (``full``, :func:`reference_epochs` epochs, same
     init and candidate batches) and score every training pair once. Returns the ``[N]`` scores, the wall/CPU seconds
     of training + scoring (charged to the ``reference_clipscore`` run) and the reference model's test rSum."""
@@ -271,7 +286,7 @@ def _train_reference(args, bundle, data, class_captions, seed, out: Path) -> dic
     from hf_mmsel.trainers import ContrastiveTrainer
 
     epochs = reference_epochs(args)
-    targs = _training_arguments(args, "full", seed, out, epochs)
+    targs = _training_arguments(args, "full", seed, out, epochs, loss_type)
     collator = ImageTextCollator(bundle.tokenizer, max_length=args.max_length)
     trainer = ContrastiveTrainer(bundle.model, targs, train_dataset=data["train"], eval_dataset=data["test"],
                                  data_collator=collator, processing_class=bundle.tokenizer,
@@ -287,7 +302,7 @@ def _train_reference(args, bundle, data, class_captions, seed, out: Path) -> dic
             "cpu_seconds": cpu_seconds, "score_seconds": score_seconds, "rsum": metrics["eval_rsum"]}
 
 
-def _warm_up(args, data, captions, out: Path, with_gsc: bool) -> None:
+def _warm_up(args, data, captions, out: Path, with_gsc: bool, loss_types: tuple[str, ...] = ("softmax",)) -> None:
     """Untimed warm-up runs before the timed ones: the first training runs of a process pay one-time costs
     (allocator growth, oneDNN primitives for the ``B`` and ``r*B`` batch shapes, the first no-grad scoring pass),
     which would otherwise be charged to whichever strategy happens to run first (measured on 2 CPU cores: 2-6 s of a
@@ -300,10 +315,11 @@ def _warm_up(args, data, captions, out: Path, with_gsc: bool) -> None:
     from hf_mmsel.trainers import ContrastiveTrainer
 
     warm = replace(args, selection_warmup_epochs=1)
-    for selection, epochs in (("dissect", 3), ("full", 3)):
+    for loss_type, (selection, epochs) in ((lt, run) for lt in loss_types for run in (("dissect", 3), ("full", 3))):
         bundle = _build(args, captions, seed=0)
         trainer = ContrastiveTrainer(
-            bundle.model, _training_arguments(warm, selection, 0, out / f"warmup_{selection}", epochs),
+            bundle.model, _training_arguments(warm, selection, 0, out / f"warmup_{selection}_{loss_type}", epochs,
+                                              loss_type),
             train_dataset=data["train"], data_collator=ImageTextCollator(bundle.tokenizer, max_length=args.max_length),
             processing_class=bundle.tokenizer, hooks=[GSCHook(seed=0)] if with_gsc else None,
         )
@@ -311,7 +327,7 @@ def _warm_up(args, data, captions, out: Path, with_gsc: bool) -> None:
 
 
 def _train_one(args, strategy, bundle, data, class_captions, seed, out: Path,
-               reference: dict[str, Any] | None = None) -> dict[str, Any]:
+               reference: dict[str, Any] | None = None, loss_type: str = "softmax") -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
     from hf_mmsel.data import ImageTextCollator
@@ -324,7 +340,7 @@ def _train_one(args, strategy, bundle, data, class_captions, seed, out: Path,
         raise ValueError("reference_clipscore needs the reference model's scores (see _train_reference)")
     if selection != "reference_clipscore":
         reference = None
-    targs = _training_arguments(args, selection, seed, out, args.epochs)
+    targs = _training_arguments(args, selection, seed, out, args.epochs, loss_type)
     gsc = GSCHook(gamma=args.gsc_gamma, beta=args.gsc_beta, prob_posterior=args.gsc_prob_posterior,
                   seed=seed) if with_gsc else None
     collator = ImageTextCollator(bundle.tokenizer, max_length=args.max_length)
@@ -359,7 +375,7 @@ def _train_one(args, strategy, bundle, data, class_captions, seed, out: Path,
         detection = _detection_auroc(trainer, gsc, emb, auroc)
     selects = selection != "full"
     return {
-        "strategy": strategy, "select_rate": args.select_rate if selects else 1.0,
+        "strategy": strategy, "loss_type": loss_type, "select_rate": args.select_rate if selects else 1.0,
         "i2t_r1": metrics["eval_i2t_r1"], "t2i_r1": metrics["eval_t2i_r1"], "rsum": metrics["eval_rsum"],
         "zero_shot_acc": metrics.get("eval_zero_shot_acc"), "train_seconds": train_seconds,
         "train_cpu_seconds": train_cpu_seconds,
@@ -400,8 +416,8 @@ _AVERAGED = ("i2t_r1", "t2i_r1", "rsum", "zero_shot_acc", "train_seconds", "trai
 
 
 def _aggregate(runs: list[dict[str, Any]], noise_ratio: float, seeds: list[int]) -> dict[str, Any]:
-    row: dict[str, Any] = {"strategy": runs[0]["strategy"], "select_rate": runs[0]["select_rate"],
-                           "noise_ratio": noise_ratio}
+    row: dict[str, Any] = {"strategy": runs[0]["strategy"], "loss_type": runs[0].get("loss_type", "softmax"),
+                           "select_rate": runs[0]["select_rate"], "noise_ratio": noise_ratio}
     for key in _AVERAGED:
         values = [r[key] for r in runs if r.get(key) is not None]
         row[key] = statistics.fmean(values) if values else None
@@ -412,6 +428,12 @@ def _aggregate(runs: list[dict[str, Any]], noise_ratio: float, seeds: list[int])
     return row
 
 
+def _label(row: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """The row's strategy, with its loss type when the rows mix loss types (plot legends)."""
+    mixed = len({r.get("loss_type", "softmax") for r in rows}) > 1
+    return f"{row['strategy']} ({row.get('loss_type', 'softmax')})" if mixed else row["strategy"]
+
+
 def _fmt(value, digits=1) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -420,11 +442,12 @@ def _write_reports(results: list[dict[str, Any]], out: Path, args: BenchmarkArgu
     (out / "results.json").write_text(json.dumps({"config": vars(args), "results": results}, indent=2))
 
     fmt = _fmt
-    lines = ["| noise | strategy | rate | i2t R@1 | t2i R@1 | rSum (± std) | zero-shot | train s | sel. noisy "
-             "| sim. AUROC | det. AUROC | train CPU s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| noise | loss | strategy | rate | i2t R@1 | t2i R@1 | rSum (± std) | zero-shot | train s | sel. noisy "
+             "| sim. AUROC | det. AUROC | train CPU s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(
-            f"| {r['noise_ratio']:.0%} | {r['strategy']} | {r['select_rate']:.2f} | {fmt(r['i2t_r1'])} | "
+            f"| {r['noise_ratio']:.0%} | {r.get('loss_type', 'softmax')} | {r['strategy']} | {r['select_rate']:.2f} | "
+            f"{fmt(r['i2t_r1'])} | "
             f"{fmt(r['t2i_r1'])} | {fmt(r['rsum'])} ± {fmt(r['rsum_std'])} | {fmt(r['zero_shot_acc'], 3)} | "
             f"{fmt(r['train_seconds'])} | {fmt(r['selected_noisy_fraction'], 3)} | {fmt(r['similarity_auroc'], 3)} | "
             f"{fmt(r['detection_auroc'], 3)} | {fmt(r.get('train_cpu_seconds'))} |"
@@ -447,11 +470,12 @@ def _write_reports(results: list[dict[str, Any]], out: Path, args: BenchmarkArgu
     import matplotlib.pyplot as plt
 
     noises = sorted({r["noise_ratio"] for r in results})
-    strategies = list(dict.fromkeys(r["strategy"] for r in results))
+    strategies = list(dict.fromkeys(_label(r, results) for r in results))
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     width = 0.8 / max(1, len(strategies))
     for i, strategy in enumerate(strategies):
-        rows = [next((r for r in results if r["strategy"] == strategy and r["noise_ratio"] == n), None) for n in noises]
+        rows = [next((r for r in results if _label(r, results) == strategy and r["noise_ratio"] == n), None)
+                for n in noises]
         xs = [j + i * width for j, r in enumerate(rows) if r is not None]
         kept = [r for r in rows if r is not None]
         axes[0].bar(xs, [r["rsum"] for r in kept], width, yerr=[r["rsum_std"] for r in kept], label=strategy)
@@ -480,8 +504,8 @@ def _plot_curves(results: list[dict[str, Any]], out: Path, plt) -> None:
             epochs = [c["epoch"] for c in curves[0]]
             rsum = [statistics.fmean(c[i]["rsum"] for c in curves) for i in range(len(epochs))]
             gap = [statistics.fmean(c[i]["clean_cos"] - c[i]["noisy_cos"] for c in curves) for i in range(len(epochs))]
-            axes[0][col].plot(epochs, rsum, label=r["strategy"])
-            axes[1][col].plot(epochs, gap, label=r["strategy"])
+            axes[0][col].plot(epochs, rsum, label=_label(r, rows))
+            axes[1][col].plot(epochs, gap, label=_label(r, rows))
         axes[0][col].set_title(f"{noise:.0%} noise: test rSum per epoch")
         axes[1][col].set_title("train cosine: clean mean - noisy mean")
         axes[1][col].set_xlabel("epoch")
@@ -510,6 +534,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if not 0.0 < args.select_rate <= 1.0:
         raise ValueError(f"select_rate must be in (0, 1], got {args.select_rate}")
     reference_epochs(args)  # raises on a bad --reference_epochs before any training
+    from hf_mmsel.contrastive_loss import check_loss_type
+
+    loss_types = [check_loss_type(lt) for lt in _csv(args.loss_type, str)]
+    if not loss_types:
+        raise ValueError("--loss_type is empty; choose 'softmax', 'sigmoid' or 'softmax,sigmoid'")
+    if not 0.0 <= args.validation_fraction < 1.0:
+        raise ValueError(f"--validation_fraction must be in [0, 1), got {args.validation_fraction}")
     seeds = _csv(args.seeds, int) or [args.seed]
     noise_ratios = _csv(args.noise_ratios, float) or [args.noise_ratio]
     out = Path(args.output_dir)
@@ -520,32 +551,39 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     t0 = time.perf_counter()
     cached = preprocess_image_text(data, tokenizer=tokenizer_bundle.tokenizer,
                                    image_transform=tokenizer_bundle.image_transform, max_length=args.max_length)
-    print(f"cached {len(cached['train'])} train / {len(cached['test'])} test pairs in {time.perf_counter() - t0:.1f}s")
+    held_out = "validation (carved from train)" if args.validation_fraction > 0 else "test"
+    print(f"cached {len(cached['train'])} train / {len(cached['test'])} {held_out} pairs in "
+          f"{time.perf_counter() - t0:.1f}s")
 
     results = []
     warmed_up = False
     for noise in noise_ratios:
-        runs: dict[str, list[dict[str, Any]]] = {s: [] for s in strategies}
+        combos = [(lt, s) for lt in loss_types for s in strategies]
+        runs: dict[tuple[str, str], list[dict[str, Any]]] = {c: [] for c in combos}
         for n_seed, seed in enumerate(seeds):
             noisy = dict(cached)
             noisy["train"] = InMemoryPairs(inject_noisy_correspondence(cached["train"], noise, seed=seed))
-            order = strategies[n_seed % len(strategies):] + strategies[: n_seed % len(strategies)]
+            order = combos[n_seed % len(combos):] + combos[: n_seed % len(combos)]
             if not warmed_up:
                 _warm_up(args, noisy, data["train"]["caption"], out / "runs",
-                         with_gsc=any(parse_strategy(s)[1] for s in strategies))
+                         with_gsc=any(parse_strategy(s)[1] for s in strategies), loss_types=tuple(loss_types))
                 warmed_up = True
-            reference = None
-            if any(parse_strategy(s)[0] == "reference_clipscore" for s in strategies):
-                reference = _train_reference(args, _build(args, data["train"]["caption"], seed=seed), noisy,
-                                             class_captions, seed, out / "runs" / f"noise{noise}_reference_seed{seed}")
-                print(f"noise={noise} seed={seed} reference model ({reference['epochs']} epochs full): "
+            references: dict[str, dict[str, Any]] = {}
+            for lt in loss_types if any(parse_strategy(s)[0] == "reference_clipscore" for s in strategies) else []:
+                tag = "" if lt == "softmax" else f"_{lt}"
+                references[lt] = reference = _train_reference(
+                    args, _build(args, data["train"]["caption"], seed=seed), noisy, class_captions, seed,
+                    out / "runs" / f"noise{noise}_reference{tag}_seed{seed}", loss_type=lt)
+                print(f"noise={noise} seed={seed} {lt} reference model ({reference['epochs']} epochs full): "
                       f"rsum={reference['rsum']:.1f} train+score_s={reference['seconds']:.1f}", flush=True)
-            for strategy in order:  # alternate: the rotation spreads machine-load drift over strategies
+            for loss_type, strategy in order:  # alternate: the rotation spreads machine-load drift over strategies
                 bundle = _build(args, data["train"]["caption"], seed=seed)  # identical init for every strategy
+                tag = "" if loss_type == "softmax" else f"_{loss_type}"
                 row = _train_one(args, strategy, bundle, noisy, class_captions, seed,
-                                 out / "runs" / f"noise{noise}_{strategy}_seed{seed}", reference=reference)
-                runs[strategy].append({"seed": seed, **row})
-                print(f"noise={noise} seed={seed} {strategy}: rsum={row['rsum']:.1f} "
+                                 out / "runs" / f"noise{noise}_{strategy}{tag}_seed{seed}",
+                                 reference=references.get(loss_type), loss_type=loss_type)
+                runs[(loss_type, strategy)].append({"seed": seed, **row})
+                print(f"noise={noise} seed={seed} {loss_type} {strategy}: rsum={row['rsum']:.1f} "
                       f"train_s={row['train_seconds']:.1f} sel_noisy={_fmt(row['selected_noisy_fraction'], 3)} "
                       f"sim_auroc={row['similarity_auroc']:.3f} det_auroc={_fmt(row['detection_auroc'], 3)}",
                       flush=True)
@@ -553,7 +591,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     print("   curve (epoch: rsum clean_cos/noisy_cos): " + ", ".join(
                         f"{c['epoch']}: {c['rsum']:.0f} {c['clean_cos']:.2f}/{c['noisy_cos']:.2f}"
                         for c in row["curve"]), flush=True)
-        results.extend(_aggregate(runs[s], noise, seeds) for s in strategies)
+        results.extend(_aggregate(runs[c], noise, seeds) for c in combos)
         _write_reports(results, out, args)
     return results
 

@@ -7,8 +7,12 @@
 Every field of ``ClipRecipeArguments`` and ``ContrastiveTrainingArguments`` is a flag; ``--config`` reads a YAML
 file of the same names and flags given on the command line override it. Without ``--dataset`` it trains on the
 embedded easy-vqa captions; ``--dataset DIR --streaming true --max_steps S`` streams WebDataset/parquet shards
-(see README "Training at scale"); ``--vision_model``/``--text_model`` start from pretrained towers instead of a small
-random-init CLIP. ``--gsc true`` adds GSC per-sample weighting after selection (``--selection_strategy full``
+(see README "Training at scale"); ``--vision_model``/``--text_model`` start from pretrained towers (a full CLIP /
+SigLIP / SigLIP2 checkpoint lends its tower) and ``--model_name_or_path`` from a whole pretrained dual encoder
+(e.g. a ``SiglipModel``) instead of a small random-init CLIP (``--architecture clip|small|siglip``).
+``--loss_type sigmoid`` trains with SigLIP's pairwise sigmoid loss (the model's ``logit_scale``/``logit_bias``,
+added with t' = log 10, b = -10 when it lacks them) instead of the softmax InfoNCE. ``--gsc true`` adds GSC
+per-sample weighting after selection (``--selection_strategy full``
 for GSC alone), tuned by the ``--gsc_*`` flags; the final weights are saved as ``gsc_weights.safetensors``
 (key ``weights``, indexed by ``sample_idx``). ``--push_to_hub`` uploads the model with a card rendered from
 ``model_cards/contrastive_model_card.md``.
@@ -35,8 +39,11 @@ class ClipRecipeArguments:
     max_test: int | None = field(default=None)
     vision_model: str | None = field(default=None, metadata={"help": "pretrained vision tower (with --text_model)"})
     text_model: str | None = field(default=None)
-    architecture: str = field(default="clip", metadata={"help": "random-init model: 'clip' (tiny CLIPModel) or "
-                                                                  "'small' (CNN + bag-of-words SmallDualEncoderModel)"})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "a whole pretrained dual encoder (CLIPModel, SiglipModel, Siglip2Model, ...)"})
+    architecture: str = field(default="clip", metadata={"help": "random-init model: 'clip' (tiny CLIPModel), "
+                                                                  "'small' (CNN + bag-of-words SmallDualEncoderModel) "
+                                                                  "or 'siglip' (tiny SiglipModel)"})
     image_size: int = field(default=32)
     patch_size: int = field(default=8)
     hidden_size: int = field(default=64)
@@ -61,7 +68,8 @@ def parse_args(argv: list[str] | None = None):
 def _build_model(args: ClipRecipeArguments, captions):
     from hf_mmsel.models import build_dual_encoder
 
-    return build_dual_encoder(vision_model=args.vision_model, text_model=args.text_model, captions=captions,
+    return build_dual_encoder(vision_model=args.vision_model, text_model=args.text_model,
+                              model_name_or_path=args.model_name_or_path, captions=captions,
                               architecture=args.architecture, image_size=args.image_size,
                               patch_size=args.patch_size, hidden_size=args.hidden_size, num_layers=args.num_layers,
                               max_length=args.max_length, initializer_factor=args.initializer_factor,
@@ -196,12 +204,13 @@ def _card(args: ClipRecipeArguments, targs, metrics: dict[str, float]):
         model_id=targs.hub_model_id or Path(targs.output_dir).name,
         method=method,
         method_summary=" ".join(summary),
-        base_model=args.vision_model and f"{args.vision_model} + {args.text_model}" or "random init",
+        base_model=args.model_name_or_path or (args.vision_model and f"{args.vision_model} + {args.text_model}")
+        or "random init",
         selection=selection,
         dataset_name=args.dataset or "embedded easy-vqa captions",
         noise_rate=args.noise_ratio,
         training={"epochs": targs.num_train_epochs, "per_device_batch_size": targs.per_device_train_batch_size,
-                  "learning_rate": targs.learning_rate},
+                  "learning_rate": targs.learning_rate, "loss": targs.loss_type},
         results=results,
     )
 

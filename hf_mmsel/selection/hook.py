@@ -16,7 +16,6 @@ from typing import Mapping
 import torch
 
 from ..hooks import BatchHook, Dist, StepContext
-from ..losses import clip_loss_per_sample
 from ..state import PerSampleState, SampleOwnership, StateNamespace
 from .bank import ScoreBank
 from .strategies import Candidates, SelectionStrategy, build_strategy, top_k
@@ -134,8 +133,8 @@ class SelectionHook(BatchHook):
         if strategy.selects and strategy.needs_scoring(ctx.epoch):
             emb = ctx.score()
             cand.cosine, cand.clip_scores = (t.to(device) for t in clip_score(emb.image_embeds, emb.text_embeds))
-            if strategy.requires == "loss":
-                cand.losses = clip_loss_per_sample(
+            if strategy.requires == "loss":  # the training loss per pair: InfoNCE or SigLIP's sigmoid (ctx.loss)
+                cand.losses = ctx.loss.detached().per_sample(
                     emb.image_embeds.float(), emb.text_embeds.float(), emb.logit_scale.float(),
                     gather_fn=ctx.dist.gather, rank=ctx.dist.rank,
                 ).to(device)

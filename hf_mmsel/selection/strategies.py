@@ -14,7 +14,8 @@ name                     criterion (keep the k largest)                        s
 ``dissect_ema``          ``h - s``, ``h = EMA_beta`` of past scores, first      every epoch
                          visit ``h = fallback``; random tie-breaking
 ``random``               none (uniform k-subset)                               never
-``small_loss``           ``-l_i`` (per-pair InfoNCE, local rows x global cols)  every epoch
+``small_loss``           ``-l_i`` (per-pair training loss, local rows x global  every epoch
+                         cols: InfoNCE, or SigLIP's sigmoid row)
 ``big_loss``             ``l_i``                                               every epoch
 ``clipscore``            ``100 * cos`` of the current model                    every epoch
 ``reference_clipscore``  a fixed reference model's score (oracle baseline)     never (precomputed table)
@@ -49,7 +50,7 @@ class Candidates:
     epoch: int
     clip_scores: torch.Tensor | None = None  # [B] s = 100*max(cos, 0), float32
     cosine: torch.Tensor | None = None  # [B] raw cos, float32
-    losses: torch.Tensor | None = None  # [B] per-pair InfoNCE (local rows vs gathered columns)
+    losses: torch.Tensor | None = None  # [B] per-pair training loss (InfoNCE or sigmoid; local rows vs gathered columns)
 
 
 def top_k(criterion: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -99,7 +100,8 @@ class RandomSelection(SelectionStrategy):
 
 
 class SmallLoss(SelectionStrategy):
-    """Keep the k pairs with the smallest per-pair InfoNCE loss (local rows against gathered columns)."""
+    """Keep the k pairs with the smallest per-pair training loss (InfoNCE or SigLIP's sigmoid; local rows against
+    gathered columns)."""
 
     name = "small_loss"
     requires = "loss"
@@ -109,7 +111,7 @@ class SmallLoss(SelectionStrategy):
 
 
 class BigLoss(SelectionStrategy):
-    """Keep the k pairs with the largest per-pair InfoNCE loss."""
+    """Keep the k pairs with the largest per-pair training loss."""
 
     name = "big_loss"
     requires = "loss"

@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from ..contrastive_loss import PairLoss
 from ..hooks import BatchHook, Dist, HookList, LossTerms, PairEmbeddings, StepContext
 from .checkpoint import load_sharded_state, read_index, save_sharded_state
 from .ownership import SampleOwnership
@@ -89,8 +90,12 @@ class HookRunner:
         return self._require().nbytes()
 
     # -------------------------------------------------------------------------------------------------- step
-    def context(self, scorer: Callable[[], PairEmbeddings]) -> StepContext:
-        return StepContext(self.current_pass, self.step, self.dist, scorer)
+    def context(self, scorer: Callable[[], PairEmbeddings], loss: PairLoss | None = None) -> StepContext:
+        """The step's context; ``loss`` is the step's contrastive loss (default: softmax InfoNCE)."""
+        ctx = StepContext(self.current_pass, self.step, self.dist, scorer)
+        if loss is not None:
+            ctx.loss = loss
+        return ctx
 
     def prepare(self, batch: Mapping[str, torch.Tensor], ctx: StepContext) -> torch.Tensor | None:
         """The hooks' selection for one candidate batch; advances the candidate-batch counter."""
