@@ -213,7 +213,7 @@ def final_table(raw: dict[str, np.ndarray], mixture: CleanMixture, training_stat
     out: dict[str, np.ndarray] = {"key": raw["key"], "sample_idx": raw["sample_idx"],
                                   "gsc_clean_prob": post["gsc_clean_prob"].numpy().astype(np.float32),
                                   "similarity": raw["similarity"]}
-    idx = torch.from_numpy(np.asarray(raw["sample_idx"], dtype=np.int64))
+    idx = torch.from_numpy(np.array(raw["sample_idx"], dtype=np.int64))
     if "dissect_hist" in training_state:
         out["dissect_score"] = dissect_score(t["similarity"], training_state["dissect_hist"][idx],
                                              training_state["dissect_seen"][idx]).numpy().astype(np.float32)
@@ -302,25 +302,31 @@ class CurationScorer:
                 yield emb
 
     # stage 1: anchors
+    def anchor_embeddings(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(sample_idx, image_embeds, text_embeds)`` of the anchor ids that could be read (bad ones skipped
+        under ``on_bad_sample="skip"``), embedded with the model in batches."""
+        from hf_mmsel.models import encode_pair
+
+        rows = self.source.rows_at(ids, on_bad_sample=self.settings.on_bad_sample)
+        v, u, got = [], [], []
+        with torch.no_grad():
+            for start in range(0, len(rows), self.settings.batch_size):
+                chunk = rows[start : start + self.settings.batch_size]
+                b = self.collate_fn(chunk)
+                mask = b.get("attention_mask")
+                vi, ui = encode_pair(self.model, b["pixel_values"].to(self.device), b["input_ids"].to(self.device),
+                                     None if mask is None else mask.to(self.device))
+                v.append(vi.float().cpu())
+                u.append(ui.float().cpu())
+                got.extend(int(r["sample_idx"]) for r in chunk)
+        return torch.tensor(got, dtype=torch.long), torch.cat(v), torch.cat(u)
+
     def prepare_anchors(self) -> AnchorSet:
         path = self.out / ANCHORS_NAME
+        self.out.mkdir(parents=True, exist_ok=True)
         if self.rank == 0 and not path.is_file():
             ids = AnchorSet.draw_ids(self.source.num_samples, self.settings.num_anchors, self.settings.seed)
-            rows = self.source.rows_at(ids, on_bad_sample=self.settings.on_bad_sample)
-            batches = [rows[i : i + self.settings.batch_size] for i in range(0, len(rows), self.settings.batch_size)]
-            v, u, got = [], [], []
-            from hf_mmsel.models import encode_pair
-
-            with torch.no_grad():
-                for chunk in batches:
-                    b = self.collate_fn(chunk)
-                    mask = b.get("attention_mask")
-                    vi, ui = encode_pair(self.model, b["pixel_values"].to(self.device), b["input_ids"].to(self.device),
-                                         None if mask is None else mask.to(self.device))
-                    v.append(vi.float().cpu())
-                    u.append(ui.float().cpu())
-                    got.extend(int(r["sample_idx"]) for r in chunk)
-            AnchorSet.from_embeddings(torch.tensor(got), torch.cat(v), torch.cat(u)).save(_tmp_then(path))
+            AnchorSet.from_embeddings(*self.anchor_embeddings(ids)).save(_tmp_then(path))
             os.replace(_tmp_then(path), path)
         self.barrier()
         self.anchors = AnchorSet.load(path)
