@@ -13,10 +13,11 @@ of ``ContrastiveTrainer`` calls, in order::
     terms = hook.loss_terms(v, u, s, batch["sample_idx"][keep], l, ctx)
     loss = mean(terms.weights * l) + terms.extra_loss
     ...
-    hook.on_epoch_end(epoch, dist)             # end of every epoch (e.g. GSC's GMM fit + broadcast)
+    hook.on_epoch_end(epoch, dist)             # end of every pass over the pool (e.g. GSC's GMM fit)
 
-and saves ``hook.state_dict()`` (a flat ``{name: Tensor}`` dict, written as safetensors) with every checkpoint,
-restoring it with ``load_state_dict`` on resume. Rules every hook follows:
+(through :class:`~hf_mmsel.state.HookRunner`, which also checkpoints: per-sample arrays one file per rank,
+the rest of ``hook.state_dict()`` from rank 0, restored with ``load_state_dict`` on resume). "Epoch" here means
+a pass over the pool (``hf_mmsel.state.PassSchedule``). Rules every hook follows:
 
 * **Same k on every rank.** ``prepare`` returns the same number of indices on every rank (the all-gathered
   negatives need equal shapes).

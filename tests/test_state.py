@@ -157,3 +157,11 @@ def test_zero_dim_logit_scale_becomes_1d_and_state_dicts_keep_the_original_shape
     reloaded = CLIPModel.from_pretrained(tmp_path)
     assert torch.equal(reloaded.logit_scale.reshape(1), model.logit_scale.detach())
     model.load_state_dict(reloaded.state_dict())  # 0-dim -> [1] on load
+
+
+def test_global_of_slots_inverts_local_slot():
+    for own in (SampleOwnership(50, 3, 2), SampleOwnership(50, 2, 1, rule="ranges",
+                                                            ranges=torch.tensor([[3, 9], [20, 31], [40, 41]]))):
+        g = own.global_indices()
+        assert torch.equal(own.global_of_slots(torch.arange(own.num_local)), g)
+        assert torch.equal(own.local_slot(g), torch.arange(own.num_local))

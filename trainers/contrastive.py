@@ -396,7 +396,7 @@ class ContrastiveTrainer(Trainer):
         if self.runner is None:
             return
         logs = self.runner.end_completed_passes()
-        if logs and self.gsc_hook is not None:
+        if logs and self.gsc_hook is not None and self.args.selection_diagnostics:  # O(N) gathers: opt-in
             logs.update(self._gsc_diagnostics())
         self._pending_logs.update(logs)
 

@@ -204,7 +204,7 @@ class GSCBuffers:
             return EpochUpdateStats(0, 0, True, None, None, float("nan"), float("nan"))
         c = self.consistency[seen].to(torch.float64)
         p = self.positive_prob[seen].float()
-        global_idx = self.storage.ownership.global_indices().to(self.device)[seen]
+        global_idx = self.storage.ownership.global_of_slots(seen)
         fit = dict(max_iter=max_iter, tol=tol, reg_covar=reg_covar, max_fit_samples=max_fit_samples, seed=seed,
                    monotone=monotone_posterior, distributed=True)
         posterior, num_fit, means, converged = _clean_posterior(c, global_idx, **fit)

@@ -66,6 +66,15 @@ class SampleOwnership:
             return torch.zeros(0, dtype=torch.long)
         return torch.cat([torch.arange(int(a), int(b)) for a, b in self.ranges.tolist()])
 
+    def global_of_slots(self, slots: torch.Tensor) -> torch.Tensor:
+        """``sample_idx`` of the given local slots (no O(num_local) allocation)."""
+        slots = slots.long()
+        if self.rule == "modulo":
+            return slots * self.world_size + self.rank
+        starts, _, offsets = self._tables(slots.device)
+        j = torch.searchsorted(offsets, slots, right=True) - 1
+        return starts[j] + slots - offsets[j]
+
     def owns(self, idx: torch.Tensor) -> torch.Tensor:
         """Bool mask: which of ``idx`` this rank owns."""
         idx = idx.long()
@@ -95,8 +104,8 @@ class SampleOwnership:
 
     def _tables(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         if device not in self._cache:
-            self._cache[device] = (self.ranges[:, 0].contiguous().to(device), self.ranges[:, 1].contiguous().to(device),
-                                   self._offsets.to(device))
+            self._cache[device] = (self.ranges[:, 0].contiguous().to(device),
+                                   self.ranges[:, 1].contiguous().to(device), self._offsets.contiguous().to(device))
         return self._cache[device]
 
     def to_json(self) -> dict[str, Any]:
