@@ -70,7 +70,8 @@ def test_saved_adapter_files(saved):
     config = json.loads((saved / "task_mlp" / "adapter_config.json").read_text())
     assert config["peft_type"] == "MOLA" and config["num_experts"] == E
     keys = set(load_file(str(saved / "router_mlp" / "adapter_model.safetensors")))
-    assert "base_model.mola_router.net.0.weight" in keys and not any(".default." in k for k in keys)
+    assert "base_model.model.mola_routing.mola_router.net.0.weight" in keys and not any(".default." in k for k in keys)
+    assert "base_model.model.mola_routing.mola_twd_proj.weight" in keys  # the fixed TwD projection (a buffer)
     lora_config = json.loads((saved / "task_mlp_lora1" / "adapter_config.json").read_text())
     assert lora_config["peft_type"] == "LORA" and lora_config["r"] == 2
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from .config import MolaConfig
 from .export import export_expert_as_lora
-from .layer import Conv2d, Linear, MolaLayer
+from .layer import Conv2d, Linear, MolaLayer, MolaMergedTaskError
 from .loading import MOLA_NOT_REGISTERED_MESSAGE, MolaNotRegisteredError, load_mola_adapter
 from .model import MolaModel
 from .registration import register_mola
@@ -25,6 +25,7 @@ __all__ = [
     "MolaConfig",
     "MolaModel",
     "MolaLayer",
+    "MolaMergedTaskError",
     "Linear",
     "Conv2d",
     "MolaRouter",

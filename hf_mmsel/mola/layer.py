@@ -24,6 +24,22 @@ from torch import nn
 from .config import MolaConfig
 
 
+class TransientCache(dict):
+    """A dict of per-forward tensors (gates, router logits) that is dropped, not copied, by ``copy.deepcopy`` and
+    pickling: those tensors are non-leaf graph nodes after a grad-enabled forward, which deepcopy refuses (TRL-style
+    reference-model copies do exactly this), and they are rewritten by the next forward anyway."""
+
+    def __deepcopy__(self, memo):
+        return type(self)()
+
+    def __reduce__(self):
+        return (type(self), ())
+
+
+class MolaMergedTaskError(ValueError):
+    """A batch was routed to a task other than the one whose expert is merged into the base weights."""
+
+
 class MolaLayer(BaseTunerLayer):
     """Common state of MoLA layers: per adapter, the stacked experts and their rank, alpha, scaling, E."""
 
@@ -44,7 +60,7 @@ class MolaLayer(BaseTunerLayer):
         self.merged_task: dict[str, int] = {}
         self._disable_adapters = False
         # adapter name -> (gates [N, E] or [1, E], task_ids [N] or None); written by MolaModel per forward
-        self._routing: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+        self._routing: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]] = TransientCache()
         base = self.get_base_layer()
         if isinstance(base, nn.Linear):
             self.in_features, self.out_features = base.in_features, base.out_features
@@ -135,6 +151,14 @@ class MolaLayer(BaseTunerLayer):
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None, task_id: Optional[int] = None):
         """Add expert ``task_id`` of each adapter to the base weight (one task only: the merged model serves it)."""
+        requested = adapter_names if adapter_names is not None else self.active_adapters
+        for name in requested:  # another task's expert is merged: take it out first (LoRA-style switch)
+            if name in self.merged_adapters and name in self.mola_A:
+                if self.merged_task.get(name) != self._resolve_task(name, task_id):
+                    self.unmerge()
+                    break
+        if self.merged and all(n in self.merged_adapters for n in requested if n in self.mola_A):
+            return  # the requested task is already merged
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
             return

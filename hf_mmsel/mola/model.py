@@ -15,8 +15,10 @@ onto every MoLA layer. The ids are popped, unless the wrapped model's ``forward`
     with model.base_model.routing(task_ids=1):              # generate() and other non-forward paths
         model.generate(...)
 
-The router and TwD projection live in tuner-level ``ModuleDict``s (``mola_router``, ``mola_twd_proj``) keyed by
-adapter; their ``requires_grad`` follows the active adapter / inference mode by hand (peft does not manage them).
+The router and the (fixed, non-parameter) TwD projection live in a ``MolaRouterLayer`` attached to the adapted model
+as ``model.mola_routing`` (``ModuleDict``s ``mola_router``, ``mola_twd_proj`` keyed by adapter). It is a peft
+``BaseTunerLayer``, so ``inject_adapter_in_model``/``model.add_adapter`` keep it and peft's requires-grad, dtype and
+state-dict bookkeeping covers it. ``tuner.mola_router`` / ``tuner.mola_twd_proj`` are views of those dicts.
 ``nn.DataParallel`` is not supported (as for LoRA's ``adapter_names``); DDP/FSDP are.
 """
 
@@ -33,8 +35,8 @@ from peft.utils.other import get_pattern_key
 from torch import nn
 
 from .config import MolaConfig
-from .layer import Conv2d, Linear, MolaLayer
-from .router import MolaRouter, pool_features
+from .layer import Conv2d, Linear, MolaLayer, MolaMergedTaskError, TransientCache
+from .router import ROUTER_LAYER_NAME, MolaRouter, MolaRouterLayer, TwdProjection, pool_features, run_router
 from .twd import task_wise_decorrelation_loss
 
 TASK_IDS_KWARGS = ("task_ids", "mola_task_ids")
@@ -109,16 +111,22 @@ class MolaModel(BaseTuner):
         config = self.peft_config[adapter_name]
         if config.routing == "router":
             kind, in_features = self._router_input_spec(config, adapter_name)
-            device = next(iter(self._mola_layers(adapter_name))).mola_A[adapter_name].device
-            self.mola_router[adapter_name] = MolaRouter(
+            first = next(iter(self._mola_layers(adapter_name))).mola_A[adapter_name]
+            holder = self._ensure_router_layer()
+            holder.mola_router[adapter_name] = MolaRouter(
                 in_features,
                 config.num_experts,
                 hidden=config.router_hidden,
                 kind=kind,
                 temperature=config.router_temperature,
                 top_k=config.router_top_k,
-            ).to(device)
-            self.mola_twd_proj[adapter_name] = nn.Linear(config.num_experts, config.twd_proj_dim).to(device)
+            ).to(first.device, dtype=first.dtype)  # the experts' dtype; peft's autocast upcasts both alike
+            holder.mola_twd_proj[adapter_name] = TwdProjection(
+                config.num_experts, config.twd_proj_dim, torch.Generator().manual_seed(0)
+            ).to(first.device)
+            holder.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+            if not self._adapters_enabled:
+                holder.enable_adapters(False)
             if config.router_input.startswith("module:"):
                 module = self._router_module(config)
                 self._module_hooks[adapter_name] = module.register_forward_hook(
@@ -127,22 +135,46 @@ class MolaModel(BaseTuner):
         if self._pre_hook_handle is None:
             self._forward_accepts = _forward_parameter_names(model)
             self._pre_hook_handle = model.register_forward_pre_hook(self._routing_pre_hook, with_kwargs=True)
-        self._sync_tuner_requires_grad()
+
+    def _ensure_router_layer(self) -> MolaRouterLayer:
+        holder = getattr(self.model, ROUTER_LAYER_NAME, None)
+        if holder is None:
+            holder = MolaRouterLayer()
+            self.model.add_module(ROUTER_LAYER_NAME, holder)
+        return holder
+
+    @property
+    def router_layer(self) -> Optional[MolaRouterLayer]:
+        """The ``MolaRouterLayer`` on the adapted model (None without router adapters)."""
+        holder = self.model._modules.get(ROUTER_LAYER_NAME) if "model" in self._modules else None
+        return holder if isinstance(holder, MolaRouterLayer) else None
+
+    @property
+    def mola_router(self) -> nn.ModuleDict:
+        """Routers per adapter (``model.mola_routing.mola_router``)."""
+        holder = self.router_layer
+        return holder.mola_router if holder is not None else nn.ModuleDict()
+
+    @property
+    def mola_twd_proj(self) -> nn.ModuleDict:
+        """Fixed TwD projections per adapter (``model.mola_routing.mola_twd_proj``)."""
+        holder = self.router_layer
+        return holder.mola_twd_proj if holder is not None else nn.ModuleDict()
 
     def _init_mola_state(self) -> None:
-        if "mola_router" in self._modules:
+        if getattr(self, "_mola_state_ready", False):
             return
-        self.mola_router = nn.ModuleDict()
-        self.mola_twd_proj = nn.ModuleDict()
+        self._mola_state_ready = True
         self._pre_hook_handle = None
         self._forward_accepts: frozenset[str] = frozenset()
         self._module_hooks: dict[str, Any] = {}
-        self._last_router_logits: dict[str, torch.Tensor] = {}
+        self._last_router_logits: dict[str, torch.Tensor] = TransientCache()
         self._last_task_ids: Optional[torch.Tensor] = None
         self._context_task_ids: Optional[torch.Tensor] = None
         self._adapters_enabled = True
 
     def _mola_layers(self, adapter_name: Optional[str] = None) -> Iterator[MolaLayer]:
+        """The MoLA layers of the model (optionally: those holding ``adapter_name``)."""
         for module in self.model.modules():
             if isinstance(module, MolaLayer) and (adapter_name is None or adapter_name in module.mola_A):
                 yield module
@@ -200,8 +232,14 @@ class MolaModel(BaseTuner):
                     "MolaConfig.router_in_features."
                 )
             return kind, channels
-        if isinstance(first, nn.Linear):
-            return kind, first.in_features
+        # the router reads the model input: the first Linear of the model (in module order; usually the one that reads
+        # the input), not the first *adapted* one (a later layer has another width)
+        for name, module in self.model.named_modules():
+            if name.split(".")[0] == ROUTER_LAYER_NAME:
+                continue
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            if isinstance(base, nn.Linear):
+                return kind, base.in_features
         raise ValueError(
             "Cannot infer the input width of the MoLA MLP router (router_input='input'); set "
             "MolaConfig.router_in_features, or router_kind='conv' for image inputs."
@@ -220,37 +258,22 @@ class MolaModel(BaseTuner):
                 return base.in_channels
         return first_adapted.in_channels if isinstance(first_adapted, nn.Conv2d) else None
 
-    # --- requires_grad of tuner-level modules (peft does not manage them) -------------------------------------------
-    def _sync_tuner_requires_grad(self) -> None:
-        if "mola_router" not in self._modules:
-            return
-        for attr in _TUNER_DICTS:
-            for name, module in getattr(self, attr).items():
-                trainable = (
-                    self._adapters_enabled
-                    and name in self.active_adapters
-                    and not self.peft_config[name].inference_mode
-                )
-                module.requires_grad_(trainable)
-
+    # --- peft bookkeeping of the router layer ---------------------------------------------------------------------
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         super().set_adapter(adapter_name, inference_mode=inference_mode)
-        if "mola_router" in self._modules:
-            for attr in _TUNER_DICTS:
-                for name, module in getattr(self, attr).items():
-                    module.requires_grad_(name in self.active_adapters and not inference_mode)
+        holder = self.router_layer
+        if holder is not None:  # peft's set_adapter only visits MolaLayer instances
+            holder.set_adapter(adapter_name, inference_mode=inference_mode)
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
-        super()._enable_adapter_layers(enabled)
+        super()._enable_adapter_layers(enabled)  # visits every BaseTunerLayer, the router layer included
         self._adapters_enabled = enabled
-        self._sync_tuner_requires_grad()
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        for attr in _TUNER_DICTS:
-            container = getattr(self, attr)
-            if adapter_name in container:
-                del container[adapter_name]
+        holder = self.router_layer
+        if holder is not None:  # peft's delete_adapter skips modules whose name contains the prefix
+            holder.delete_adapter(adapter_name)
         handle = self._module_hooks.pop(adapter_name, None)
         if handle is not None:
             handle.remove()
@@ -314,7 +337,7 @@ class MolaModel(BaseTuner):
                 layer.set_routing(name, gates, ids)
 
     def _write_router_gates(self, adapter_name: str, router_input: Any) -> None:
-        logits, gates = self.mola_router[adapter_name](router_input)
+        logits, gates = run_router(self.mola_router[adapter_name], router_input)
         self._last_router_logits[adapter_name] = logits
         for layer in self._mola_layers(adapter_name):
             layer.set_routing(adapter_name, gates.to(layer.mola_A[adapter_name].device), None)
@@ -322,13 +345,21 @@ class MolaModel(BaseTuner):
     @staticmethod
     def _router_input_from(args: tuple, kwargs: dict) -> torch.Tensor:
         if args and isinstance(args[0], torch.Tensor):
-            return args[0]
+            return args[0]  # an integer tensor gets run_router's TypeError (token ids need a module: router)
         for key in _ROUTER_INPUT_KWARGS:
             if isinstance(kwargs.get(key), torch.Tensor):
                 return kwargs[key]
-        for value in kwargs.values():
-            if isinstance(value, torch.Tensor) and value.is_floating_point():
+        tensors = [v for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+        for value in tensors:
+            if value.is_floating_point():
                 return value
+        if tensors:
+            names = [k for k, v in kwargs.items() if any(v is t for t in tensors)]
+            raise TypeError(
+                f"MoLA router (router_input='input') got only integer input tensors ({names}, e.g. token ids): the "
+                "router needs float features or images; use router_input='module:<name>' (e.g. the embedding layer) "
+                "to route on an early module's output."
+            )
         raise ValueError(
             "MoLA router (router_input='input') found no input tensor in the forward call; pass the input as the "
             f"first positional argument or one of {list(_ROUTER_INPUT_KWARGS)}."
@@ -351,8 +382,16 @@ class MolaModel(BaseTuner):
         if not self._adapters_enabled or not configs:
             return args, kwargs
         batch_size = self._batch_size(args, kwargs)
+        for layer in self._mola_layers():  # no gates survive from an earlier forward (stale routing)
+            layer._routing.clear()
         if task_ids is not None:
             task_ids = self._validate_task_ids(task_ids, batch_size)
+        merged = self.merged_tasks()
+        if merged:  # the merged weights serve one task: refuse a batch routed elsewhere, LoRA-style
+            self._check_merged_routing(merged, task_ids)
+            self._last_task_ids = task_ids
+            return args, kwargs
+        if task_ids is not None:
             self._write_task_gates(task_ids)
         elif any(c.routing == "task" for _, c in configs):
             names = [n for n, c in configs if c.routing == "task"]
@@ -379,6 +418,26 @@ class MolaModel(BaseTuner):
 
         return hook
 
+    def merged_tasks(self) -> dict[str, int]:
+        """Adapter name -> the task whose expert is merged into the base weights (empty when nothing is merged)."""
+        merged: dict[str, int] = {}
+        for layer in self._mola_layers():
+            merged.update(layer.merged_task)
+        return merged
+
+    def _check_merged_routing(self, merged: dict[str, int], task_ids: Optional[torch.Tensor]) -> None:
+        if task_ids is None:
+            return
+        for name, task in merged.items():
+            other = task_ids[task_ids != task]
+            if other.numel():
+                raise MolaMergedTaskError(
+                    f"MoLA adapter {name!r} has the expert of task {task} merged into the base weights, but the batch "
+                    f"routes samples to task(s) {sorted(set(other.tolist()))}: the merged model serves task {task} "
+                    "only. Call `unmerge_adapter()` (or `merge_task(<other task>)`) first, or route this batch "
+                    "unmerged."
+                )
+
     @contextmanager
     def routing(self, task_ids: Any = None) -> Iterator[None]:
         """Route every forward inside the block with ``task_ids`` (a scalar id routes the whole batch): for
@@ -386,7 +445,11 @@ class MolaModel(BaseTuner):
         previous = self._context_task_ids
         self._context_task_ids = None if task_ids is None else self._validate_task_ids(task_ids, None)
         if self._context_task_ids is not None:
-            self._write_task_gates(self._context_task_ids)
+            merged = self.merged_tasks()
+            if merged:
+                self._check_merged_routing(merged, self._context_task_ids)
+            else:
+                self._write_task_gates(self._context_task_ids)
         try:
             yield
         finally:
@@ -434,11 +497,25 @@ class MolaModel(BaseTuner):
         return list(names)
 
     def merge_task(self, task_id: int, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
-        """Merge expert ``task_id`` into the base weights (the model then serves task ``task_id`` only)."""
+        """Merge expert ``task_id`` into the base weights (the model then serves task ``task_id`` only; a batch routed
+        to another task raises :class:`MolaMergedTaskError`). Merging another task later swaps the merged expert."""
         names = self._check_mergeable(adapter_names)
         self._check_merge_allowed()
         for layer in self._mola_layers():
             layer.merge(safe_merge=safe_merge, adapter_names=names, task_id=task_id)
+
+    def merge_adapter(
+        self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False, task_id: Optional[int] = None
+    ) -> None:
+        """peft's ``merge_adapter`` for MoLA: merges expert ``task_id`` (may be omitted when E == 1); a router adapter
+        cannot merge (its gates depend on the input)."""
+        names = self._check_mergeable(adapter_names)
+        if task_id is None and any(self.peft_config[n].num_experts > 1 for n in names):
+            raise ValueError(
+                "MoLA merges one task's expert: pass `merge_adapter(task_id=...)`, or use "
+                "`model.base_model.merge_task(task_id)` / `merge_and_unload(task_id=...)`."
+            )
+        self.merge_task(0 if task_id is None else task_id, adapter_names=names, safe_merge=safe_merge)
 
     def merge_and_unload(
         self,
@@ -464,10 +541,12 @@ class MolaModel(BaseTuner):
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
         self._remove_hooks()
+        if ROUTER_LAYER_NAME in model._modules:
+            del model._modules[ROUTER_LAYER_NAME]
         return model
 
     def _remove_hooks(self) -> None:
-        if "mola_router" not in self._modules:
+        if not getattr(self, "_mola_state_ready", False):
             return
         if self._pre_hook_handle is not None:
             self._pre_hook_handle.remove()
