@@ -40,6 +40,11 @@ class MolaMergedTaskError(ValueError):
     """A batch was routed to a task other than the one whose expert is merged into the base weights."""
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``pytorch_utils.Conv1D`` (GPT-2's linear layers), without importing transformers here."""
+    return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.dim() == 2
+
+
 class MolaLayer(BaseTunerLayer):
     """Common state of MoLA layers: per adapter, the stacked experts and their rank, alpha, scaling, E."""
 
@@ -62,8 +67,12 @@ class MolaLayer(BaseTunerLayer):
         # adapter name -> (gates [N, E] or [1, E], task_ids [N] or None); written by MolaModel per forward
         self._routing: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]] = TransientCache()
         base = self.get_base_layer()
+        self.fan_in_fan_out = False
         if isinstance(base, nn.Linear):
             self.in_features, self.out_features = base.in_features, base.out_features
+        elif _is_conv1d(base):  # transformers' GPT-2 style Conv1D: weight [in, out], y = x W + b
+            self.in_features, self.out_features = base.weight.shape
+            self.fan_in_fan_out = True
         elif isinstance(base, nn.Conv2d):
             self.in_features, self.out_features = base.in_channels, base.out_channels
         else:  # pragma: no cover - guarded by MolaModel._create_new_module
@@ -207,7 +216,8 @@ class MolaLayer(BaseTunerLayer):
 
 
 class Linear(nn.Module, MolaLayer):
-    """MoLA experts on an nn.Linear: A stacked [E*r, in], B stacked [out, E*r]."""
+    """MoLA experts on an nn.Linear (or transformers' Conv1D, merged transposed): A stacked [E*r, in], B stacked
+    [out, E*r]."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: MolaConfig, r: int, lora_alpha: float):
         super().__init__()
@@ -228,7 +238,8 @@ class Linear(nn.Module, MolaLayer):
     def get_delta_weight(self, adapter: str, task_id: Optional[int] = None) -> torch.Tensor:
         task = self._resolve_task(adapter, task_id)
         a, b = self.expert_factors(adapter, task)
-        return (b.float() @ a.float()).to(a.dtype) * self.scaling[adapter]
+        delta = (b.float() @ a.float()).to(a.dtype) * self.scaling[adapter]
+        return delta.T if self.fan_in_fan_out else delta
 
     def _delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         if x.dim() < 2:

@@ -35,7 +35,7 @@ from peft.utils.other import get_pattern_key
 from torch import nn
 
 from .config import MolaConfig
-from .layer import Conv2d, Linear, MolaLayer, MolaMergedTaskError, TransientCache
+from .layer import Conv2d, Linear, MolaLayer, MolaMergedTaskError, TransientCache, _is_conv1d
 from .router import ROUTER_LAYER_NAME, MolaRouter, MolaRouterLayer, TwdProjection, pool_features, run_router
 from .twd import task_wise_decorrelation_loss
 
@@ -44,6 +44,7 @@ _ROUTER_INPUT_KWARGS = ("pixel_values", "input_values", "inputs_embeds", "input_
 # names of a root ``forward``'s first parameter that mean "images [N, C, H, W]" (router_kind="auto" -> conv router)
 _IMAGE_INPUT_NAMES = ("pixel_values", "images", "image")
 _TUNER_DICTS = ("mola_router", "mola_twd_proj")
+_PER_POSITION_KWARGS = ("cache_position", "position_ids", "labels")
 
 
 class MolaModel(BaseTuner):
@@ -79,12 +80,12 @@ class MolaModel(BaseTuner):
     @staticmethod
     def _create_new_module(config: MolaConfig, adapter_name: str, target: nn.Module, r: int, alpha: float):
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if isinstance(base, nn.Linear):
+        if isinstance(base, nn.Linear) or _is_conv1d(base):
             return Linear(target, adapter_name, config, r, alpha)
         if isinstance(base, nn.Conv2d):
             return Conv2d(target, adapter_name, config, r, alpha)
         raise TypeError(
-            f"MoLA cannot adapt a {type(base).__name__}; supported modules: nn.Linear, nn.Conv2d. "
+            f"MoLA cannot adapt a {type(base).__name__}; supported modules: nn.Linear, transformers Conv1D, nn.Conv2d. "
             "Check `target_modules`."
         )
 
@@ -135,6 +136,39 @@ class MolaModel(BaseTuner):
         if self._pre_hook_handle is None:
             self._forward_accepts = _forward_parameter_names(model)
             self._pre_hook_handle = model.register_forward_pre_hook(self._routing_pre_hook, with_kwargs=True)
+            self._wrap_generate(model)
+
+    def _wrap_generate(self, model: nn.Module) -> None:
+        """Give a transformers model's ``generate`` a ``task_ids=`` argument (alias ``mola_task_ids``): every
+        generated token of row b is routed to expert ``task_ids[b]`` (KV cache on or off). transformers rejects
+        unknown generate kwargs, so the ids are taken out and applied through :meth:`routing` for the whole decode,
+        repeated like the input rows (``max(num_beams, num_return_sequences)``)."""
+        original = getattr(model, "generate", None)
+        if not callable(original) or getattr(original, "_mola_wrapped", False):
+            return
+        tuner = self
+
+        def generate(*args: Any, **kwargs: Any):
+            given = [kwargs.pop(k) for k in TASK_IDS_KWARGS if kwargs.get(k) is not None]
+            for key in TASK_IDS_KWARGS:
+                kwargs.pop(key, None)
+            if len(given) > 1:
+                raise ValueError("Pass either `task_ids` or `mola_task_ids` to generate, not both.")
+            if not given:
+                return original(*args, **kwargs)
+            task_ids = tuner._validate_task_ids(given[0], None)
+            if task_ids.numel() > 1:
+                config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+                beams = kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1
+                returns = kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", 1) or 1
+                task_ids = task_ids.repeat_interleave(max(int(beams), int(returns)))  # as transformers expands
+            with tuner.routing(task_ids=task_ids):
+                return original(*args, **kwargs)
+
+        generate._mola_wrapped = True
+        generate.__wrapped__ = original
+        generate.__doc__ = (original.__doc__ or "") + "\n\nMoLA: ``task_ids=`` routes each row to its task's expert."
+        model.__dict__["generate"] = generate
 
     def _ensure_router_layer(self) -> MolaRouterLayer:
         holder = getattr(self.model, ROUTER_LAYER_NAME, None)
@@ -296,8 +330,16 @@ class MolaModel(BaseTuner):
 
     @staticmethod
     def _batch_size(args: tuple, kwargs: dict) -> Optional[int]:
-        for value in list(args) + list(kwargs.values()):
+        """Batch size of a forward call: the first positional tensor, else a known input kwarg, else the first
+        tensor kwarg that is not per-position (generation passes ``cache_position`` [T] before ``input_ids``)."""
+        if args and isinstance(args[0], torch.Tensor) and args[0].dim() > 0:
+            return args[0].shape[0]
+        for key in ("input_ids", "inputs_embeds", "attention_mask") + _ROUTER_INPUT_KWARGS:
+            value = kwargs.get(key)
             if isinstance(value, torch.Tensor) and value.dim() > 0:
+                return value.shape[0]
+        for key, value in kwargs.items():
+            if key not in _PER_POSITION_KWARGS and isinstance(value, torch.Tensor) and value.dim() > 0:
                 return value.shape[0]
         return None
 
@@ -554,6 +596,8 @@ class MolaModel(BaseTuner):
         for handle in self._module_hooks.values():
             handle.remove()
         self._module_hooks.clear()
+        if getattr(self.model.__dict__.get("generate"), "_mola_wrapped", False):
+            del self.model.__dict__["generate"]
 
     # --- export -----------------------------------------------------------------------------------------------------
     def export_expert_as_lora(self, task_id: int, save_directory: str, adapter_name: str = "default", **kwargs):
