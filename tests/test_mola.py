@@ -447,6 +447,22 @@ def test_step_benchmark_runs_on_linear_and_vit():
     assert vit["model"] == "vit" and vit["median_step_s"]["mola_grad"] > 0
 
 
+def test_inference_benchmark_compares_the_same_function_as_lora_adapter_names(tmp_path):
+    from hf_mmsel.recipes.benchmark_mola_step import benchmark_mola_inference, main
+
+    result = benchmark_mola_inference(dim=16, num_layers=2, batch_size=12, rank=2, num_experts_list=(2, 3), steps=2,
+                                      warmup=1)
+    assert set(result["per_num_experts"]) == {2, 3}
+    for row in result["per_num_experts"].values():
+        assert row["max_abs_output_diff"] < 1e-4  # expert t == LoRA adapter t: both serve the same outputs
+        assert row["throughput_ratio_mola_over_lora"] == pytest.approx(
+            row["median_forward_s"]["lora_adapter_names"] / row["median_forward_s"]["mola_grad"])
+    both = main(["--mode", "both", "--dim", "16", "--num_layers", "1", "--batch_size", "8", "--rank", "2",
+                 "--steps", "1", "--num_experts_list", "2", "--train_num_experts_list", "2",
+                 "--output_json", str(tmp_path / "b.json")])
+    assert set(both) == {"inference", "train"} and both["train"][2]["num_experts"] == 2
+
+
 def test_export_from_a_transformers_model_keeps_heads_and_matches_the_routed_expert(tmp_path):
     """``peft_model.base_model.export_expert_as_lora`` on a transformers model (whose ``base_model`` attribute is
     the inner trunk, not the tuner) with a trained ``modules_to_save`` head, loaded back with plain peft LoRA."""
