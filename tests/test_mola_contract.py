@@ -228,3 +228,17 @@ def test_integer_input_to_the_router_is_named():
     routed = get_peft_model(TokenModel(), MolaConfig(num_experts=2, routing="router", router_input="module:embed",
                                                      target_modules=["fc"]))
     assert routed(input_ids=ids).shape == (2, 5, 8)
+
+
+# --- grad-free serving path ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["mlp", "vit"])
+def test_grouped_serving_path_equals_the_stacked_path(kind):
+    model = mola(kind)
+    x = make_input(kind, 7)
+    for ids in (torch.tensor([2, 0, 1, 0, 2, 2, 1]), torch.tensor([0, 0, 1, 1, 1, 2, 2]), torch.tensor(1)):
+        stacked = model(x, task_ids=ids)  # grad enabled: one stacked matmul over all experts
+        with torch.no_grad():
+            layer = next(model.base_model._mola_layers())
+            served = model(x, task_ids=ids)
+            assert layer._groups["default"] is not None  # the grouped path was taken
+        torch.testing.assert_close(served, stacked.detach(), rtol=1e-5, atol=1e-6)

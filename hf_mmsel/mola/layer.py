@@ -36,6 +36,27 @@ class TransientCache(dict):
         return (type(self), ())
 
 
+class TaskGroups:
+    """The samples of a batch grouped by task, computed once per forward and shared by every layer: ``perm`` sorts
+    the batch by task (None when it is sorted already), ``inverse`` undoes it, ``segments`` lists
+    ``(task, start, end)`` of the sorted batch. Used by the grad-free serving path (one small matmul pair per task
+    present, no E*r-wide stacked matmul)."""
+
+    def __init__(self, task_ids: torch.Tensor) -> None:
+        ids = task_ids.reshape(-1)
+        order = torch.argsort(ids, stable=True)
+        sorted_ids = ids[order]
+        tasks, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+        identity = bool((order == torch.arange(ids.numel(), device=ids.device)).all())
+        self.perm = None if identity else order
+        self.inverse = None if identity else torch.argsort(order)
+        bounds = [0, *torch.cumsum(counts, 0).tolist()]
+        self.segments = [(int(t), bounds[i], bounds[i + 1]) for i, t in enumerate(tasks.tolist())]
+
+    def __deepcopy__(self, memo):
+        return None
+
+
 class MolaMergedTaskError(ValueError):
     """A batch was routed to a task other than the one whose expert is merged into the base weights."""
 
@@ -66,6 +87,7 @@ class MolaLayer(BaseTunerLayer):
         self._disable_adapters = False
         # adapter name -> (gates [N, E] or [1, E], task_ids [N] or None); written by MolaModel per forward
         self._routing: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]] = TransientCache()
+        self._groups: dict[str, Optional[TaskGroups]] = TransientCache()
         base = self.get_base_layer()
         self.fan_in_fan_out = False
         if isinstance(base, nn.Linear):
@@ -116,9 +138,17 @@ class MolaLayer(BaseTunerLayer):
             b.normal_(0.0, 0.5 / math.sqrt(max(1, b.shape[-1] if b.dim() != 4 else b.shape[1])))
 
     # --- routing --------------------------------------------------------------------------------------------------
-    def set_routing(self, adapter_name: str, gates: torch.Tensor, task_ids: Optional[torch.Tensor] = None) -> None:
-        """Store the per-sample gates ([N, E]; [1, E] broadcasts) used by the next forward of this layer."""
+    def set_routing(
+        self,
+        adapter_name: str,
+        gates: torch.Tensor,
+        task_ids: Optional[torch.Tensor] = None,
+        groups: Optional[TaskGroups] = None,
+    ) -> None:
+        """Store the per-sample gates ([N, E]; [1, E] broadcasts) used by the next forward of this layer (and, for
+        hard routing, the batch grouped by task)."""
         self._routing[adapter_name] = (gates, task_ids)
+        self._groups[adapter_name] = groups
 
     def _gates(self, adapter_name: str, batch_size: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         routing = self._routing.get(adapter_name)
@@ -247,9 +277,26 @@ class Linear(nn.Module, MolaLayer):
         a = self.mola_A[adapter_name]
         gates, _ = self._gates(adapter_name, x.shape[0])
         x = self._cast_input_dtype(self.mola_dropout[adapter_name](x), a.dtype)
+        groups = self._groups.get(adapter_name)
+        if groups is not None and not torch.is_grad_enabled():
+            return self._grouped_delta(x, adapter_name, groups)
         mask = self._slot_mask(adapter_name, gates, a.dtype)
         mask = mask.view(mask.shape[0], *([1] * (x.dim() - 2)), mask.shape[1])
         return F.linear(F.linear(x, a) * mask, self.mola_B[adapter_name])
+
+    def _grouped_delta(self, x: torch.Tensor, adapter_name: str, groups: TaskGroups) -> torch.Tensor:
+        """Serving path (no grad, hard routing): sort the batch by task once, one (A_t, B_t) matmul pair per task
+        present on its contiguous slice, unsort. Cost ~ one LoRA of rank r plus two gathers, flat in E."""
+        xs = x if groups.perm is None else x.index_select(0, groups.perm)
+        scale = self.scaling[adapter_name]
+        if len(groups.segments) == 1:
+            a, b = self.expert_factors(adapter_name, groups.segments[0][0])
+            return F.linear(F.linear(xs, a), b) * scale
+        out = xs.new_empty((*xs.shape[:-1], self.out_features))
+        for task, start, end in groups.segments:
+            a, b = self.expert_factors(adapter_name, task)
+            torch.mul(F.linear(F.linear(xs[start:end], a), b), scale, out=out[start:end])
+        return out if groups.inverse is None else out.index_select(0, groups.inverse)
 
     forward = MolaLayer.forward  # nn.Module comes first in the MRO
 

@@ -35,7 +35,7 @@ from peft.utils.other import get_pattern_key
 from torch import nn
 
 from .config import MolaConfig
-from .layer import Conv2d, Linear, MolaLayer, MolaMergedTaskError, TransientCache, _is_conv1d
+from .layer import Conv2d, Linear, MolaLayer, MolaMergedTaskError, TaskGroups, TransientCache, _is_conv1d
 from .router import ROUTER_LAYER_NAME, MolaRouter, MolaRouterLayer, TwdProjection, pool_features, run_router
 from .twd import task_wise_decorrelation_loss
 
@@ -371,12 +371,14 @@ class MolaModel(BaseTuner):
         for name, config in self._active_configs():
             if config.routing != "task":
                 continue
-            gates = None
+            gates = groups = None
             for layer in self._mola_layers(name):
                 if gates is None or gates.device != layer.mola_A[name].device:
                     ids = task_ids.to(layer.mola_A[name].device)
                     gates = nn.functional.one_hot(ids, config.num_experts).to(layer.mola_A[name].dtype)
-                layer.set_routing(name, gates, ids)
+                    # grouping by task for the grad-free serving path (Linear layers), once per forward
+                    groups = TaskGroups(ids) if not torch.is_grad_enabled() else None
+                layer.set_routing(name, gates, ids, groups)
 
     def _write_router_gates(self, adapter_name: str, router_input: Any) -> None:
         logits, gates = run_router(self.mola_router[adapter_name], router_input)
@@ -426,6 +428,7 @@ class MolaModel(BaseTuner):
         batch_size = self._batch_size(args, kwargs)
         for layer in self._mola_layers():  # no gates survive from an earlier forward (stale routing)
             layer._routing.clear()
+            layer._groups.clear()
         if task_ids is not None:
             task_ids = self._validate_task_ids(task_ids, batch_size)
         merged = self.merged_tasks()
