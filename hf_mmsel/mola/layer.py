@@ -6,8 +6,11 @@ all experts' A are stacked (``[E*r, in]``), one matmul gives every expert's r ac
 them, one matmul with all B stacked (``[out, E*r]``) sums the experts. An expert whose gate is 0 for every sample
 gets exactly zero gradient. Cost is that of one LoRA of rank E*r, not E LoRA passes nor a per-sample gather.
 
-The gates are written onto each layer (``_routing``) by ``MolaModel``'s forward pre-hook and overwritten at the
-next forward (not cleared), so activation-checkpoint recomputation sees the same gates. The batch must be the
+The gates are written onto each layer (``_routing``) by ``MolaModel``'s forward pre-hook at every forward (the
+previous forward's gates are dropped first, never reused), and stay until the next forward, so activation-checkpoint
+recomputation sees the same gates. Without grad (serving) and with hard routing, Linear layers take
+``_grouped_delta``: the batch sorted by task once per forward (``TaskGroups``), one (A_t, B_t) pair per task present.
+A merged layer serves one task (``merged_task``); merging another task swaps the expert. The batch must be the
 first dimension of every adapted layer's input; extra dimensions (tokens, pixels) share the sample's gate.
 """
 
