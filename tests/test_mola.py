@@ -229,7 +229,12 @@ def test_router_mode_trains_router_and_uses_top_k(kind):
     loss.backward()
     router_grads = [p.grad for p in model.base_model.mola_router.parameters()]
     assert all(g is not None for g in router_grads) and any(g.abs().sum() > 0 for g in router_grads)
-    assert model.base_model.mola_twd_proj["default"].weight.grad.abs().sum() > 0
+    # TwD reaches the router through the fixed (non-parameter) projection: it changes the router's gradient
+    assert not any(isinstance(p, nn.Parameter) for p in model.base_model.mola_twd_proj.parameters())
+    model.zero_grad()
+    model(x).square().mean().backward()
+    task_only = [p.grad.clone() for p in model.base_model.mola_router.parameters()]
+    assert any(not torch.allclose(a, b) for a, b in zip(router_grads, task_only))
 
 
 def test_router_on_named_module_features():
@@ -440,6 +445,22 @@ def test_step_benchmark_runs_on_linear_and_vit():
     vit = benchmark_mola_step(model="vit", batch_size=2, rank=2, steps=1, warmup=0, vit_config=dict(
         hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=16, patch_size=8))
     assert vit["model"] == "vit" and vit["median_step_s"]["mola_grad"] > 0
+
+
+def test_inference_benchmark_compares_the_same_function_as_lora_adapter_names(tmp_path):
+    from hf_mmsel.recipes.benchmark_mola_step import benchmark_mola_inference, main
+
+    result = benchmark_mola_inference(dim=16, num_layers=2, batch_size=12, rank=2, num_experts_list=(2, 3), steps=2,
+                                      warmup=1)
+    assert set(result["per_num_experts"]) == {2, 3}
+    for row in result["per_num_experts"].values():
+        assert row["max_abs_output_diff"] < 1e-4  # expert t == LoRA adapter t: both serve the same outputs
+        assert row["throughput_ratio_mola_over_lora"] == pytest.approx(
+            row["median_forward_s"]["lora_adapter_names"] / row["median_forward_s"]["mola_grad"])
+    both = main(["--mode", "both", "--dim", "16", "--num_layers", "1", "--batch_size", "8", "--rank", "2",
+                 "--steps", "1", "--num_experts_list", "2", "--train_num_experts_list", "2",
+                 "--output_json", str(tmp_path / "b.json")])
+    assert set(both) == {"inference", "train"} and both["train"][2]["num_experts"] == 2
 
 
 def test_export_from_a_transformers_model_keeps_heads_and_matches_the_routed_expert(tmp_path):

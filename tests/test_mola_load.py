@@ -70,7 +70,8 @@ def test_saved_adapter_files(saved):
     config = json.loads((saved / "task_mlp" / "adapter_config.json").read_text())
     assert config["peft_type"] == "MOLA" and config["num_experts"] == E
     keys = set(load_file(str(saved / "router_mlp" / "adapter_model.safetensors")))
-    assert "base_model.mola_router.net.0.weight" in keys and not any(".default." in k for k in keys)
+    assert "base_model.model.mola_routing.mola_router.net.0.weight" in keys and not any(".default." in k for k in keys)
+    assert "base_model.model.mola_routing.mola_twd_proj.weight" in keys  # the fixed TwD projection (a buffer)
     lora_config = json.loads((saved / "task_mlp_lora1" / "adapter_config.json").read_text())
     assert lora_config["peft_type"] == "LORA" and lora_config["r"] == 2
 
@@ -153,7 +154,8 @@ def test_helper_explains_missing_registration(saved, monkeypatch):
 
     ref = {k: v.clone() for k, v in load_file(str(saved / "task_mlp_ref.safetensors")).items()}
     model = load_mola_adapter(make_model("mlp"), str(saved / "task_mlp"))
-    assert torch.equal(model(ref["x"], task_ids=ref["task_ids"]), ref["out"])
+    with torch.no_grad():  # the reference was computed without grad (the serving path); bit-exact in the same mode
+        assert torch.equal(model(ref["x"], task_ids=ref["task_ids"]), ref["out"])
     monkeypatch.delitem(PEFT_TYPE_TO_CONFIG_MAPPING, "MOLA")
     with pytest.raises(MolaNotRegisteredError, match="import hf_mmsel") as info:
         load_mola_adapter(make_model("mlp"), str(saved / "task_mlp"), ensure_registered=False)

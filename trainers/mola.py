@@ -103,7 +103,7 @@ class MolaTrainer(Trainer):
         if "task_ids" not in inputs:
             raise KeyError(f"MolaTrainer: batch has no 'task_ids'; keys are {sorted(inputs)}")
         task_ids = inputs["task_ids"]
-        outputs = model(**inputs)
+        outputs = model(**self._model_inputs(model, inputs))
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
         if loss is None:
             raise ValueError("the model returned no loss: pass `labels` in the batch")
@@ -113,6 +113,30 @@ class MolaTrainer(Trainer):
             self._aux_loss_sum = self._aux_loss_sum + aux.detach().float().cpu()
             self._aux_loss_steps += 1
         return (loss, outputs) if return_outputs else loss
+
+    @staticmethod
+    def _model_inputs(model, inputs: dict) -> dict:
+        """The batch as the model takes it. MoLA models get ``task_ids``, renamed ``mola_task_ids`` under a
+        ``PeftModelFor*`` task class (e.g. ``task_type="CAUSAL_LM"``), whose ``forward`` swallows ``task_ids`` for
+        third-party tuners; a model without MoLA gets them only if its own ``forward`` declares ``task_ids`` (e.g.
+        per-task heads), so one collator serves MoLA and a shared-LoRA baseline alike."""
+        import inspect
+
+        inputs = dict(inputs)
+        peft_model = _unwrap_peft(model, keep_peft=True)
+        tuner = getattr(peft_model, "base_model", None)
+        if hasattr(tuner, "merged_tasks") and hasattr(tuner, "routing"):  # a MolaModel
+            if "task_ids" in inspect.signature(type(peft_model).forward).parameters and type(peft_model).__name__ != "PeftModel":
+                inputs["mola_task_ids"] = inputs.pop("task_ids")
+            return inputs
+        root = _unwrap_peft(model)
+        try:
+            accepts = "task_ids" in inspect.signature(root.forward).parameters
+        except (TypeError, ValueError):
+            accepts = True
+        if not accepts:
+            inputs.pop("task_ids")
+        return inputs
 
     @staticmethod
     def _tuner(model) -> Any:

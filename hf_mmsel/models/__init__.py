@@ -45,6 +45,8 @@ _LAZY_MULTITASK = (
     "INVALID_LOGIT",
     "MultiTaskClassifier",
     "MultiTaskHeads",
+    "ViTForMultiTaskImageClassification",
+    "build_vit_for_multitask_classification",
     "build_multitask_vit",
     "load_multitask_vit",
     "multitask_loss",

@@ -25,6 +25,8 @@ __all__ = [
     "multitask_loss",
     "build_multitask_vit",
     "vit_target_modules",
+    "ViTForMultiTaskImageClassification",
+    "build_vit_for_multitask_classification",
     "save_multitask_vit",
     "load_multitask_vit",
 ]
@@ -224,3 +226,82 @@ def load_multitask_vit(directory: str) -> MultiTaskClassifier:
     model = MultiTaskClassifier(backbone, MultiTaskSpec.from_dict(meta["spec"]), meta["feature_dim"], meta["pooling"])
     load_model(model, os.path.join(directory, MULTITASK_WEIGHTS_NAME))
     return model
+
+
+def _vit_for_multitask_class():
+    """``ViTForMultiTaskImageClassification``, built lazily so that importing this module does not import ViT."""
+    from transformers import ViTForImageClassification
+    from transformers.modeling_outputs import ImageClassifierOutput
+
+    class ViTForMultiTaskImageClassification(ViTForImageClassification):
+        """transformers' ``ViTForImageClassification`` with one head per task: ``config.num_labels_per_task`` (list of
+        label-space sizes) replaces the single ``classifier`` by :class:`MultiTaskHeads` on the [CLS] token.
+
+        ``forward(pixel_values, task_ids, labels=None)`` -> ``ImageClassifierOutput`` (padded logits ``[B, C_max]``,
+        multi-task loss). Under MoLA the same ``task_ids`` route each sample to its expert (this ``forward`` declares
+        ``task_ids``, so MoLA hands them on); keep the heads trainable with ``modules_to_save=["classifier"]``.
+        ``save_pretrained``/``from_pretrained`` work as for any transformers model (class in this module).
+        """
+
+        def __init__(self, config) -> None:
+            num_labels = list(getattr(config, "num_labels_per_task", None) or [])
+            if not num_labels:
+                raise ValueError("ViTForMultiTaskImageClassification needs config.num_labels_per_task, e.g. [10, 2]")
+            config.num_labels = max(num_labels)
+            super().__init__(config)
+            self.classifier = MultiTaskHeads(config.hidden_size, num_labels)
+            self.num_tasks = len(num_labels)
+            self.post_init()
+            with torch.no_grad():  # post_init re-initialises Linear-like weights only; redo the heads' init
+                bound = config.hidden_size**-0.5
+                self.classifier.weight.uniform_(-bound, bound)
+                self.classifier.bias.uniform_(-bound, bound)
+
+        def forward(self, pixel_values=None, task_ids=None, labels=None, **kwargs):
+            if task_ids is None:
+                if self.num_tasks != 1:
+                    raise ValueError(f"`task_ids` (LongTensor [batch]) is required to pick one of {self.num_tasks} heads")
+                task_ids = torch.zeros(pixel_values.shape[0], dtype=torch.long, device=pixel_values.device)
+            task_ids = torch.as_tensor(task_ids, device=pixel_values.device).long().reshape(-1)
+            if task_ids.numel() == 1:
+                task_ids = task_ids.expand(pixel_values.shape[0])
+            outputs = self.vit(pixel_values, **{k: v for k, v in kwargs.items() if k in ("interpolate_pos_encoding",)})
+            logits = self.classifier(outputs.last_hidden_state[:, 0], task_ids)
+            loss = None if labels is None else multitask_loss(logits, labels.long(), task_ids, self.num_tasks)
+            return ImageClassifierOutput(loss=loss, logits=logits)
+
+    return ViTForMultiTaskImageClassification
+
+
+def __getattr__(name: str):
+    if name == "ViTForMultiTaskImageClassification":
+        cls = _vit_for_multitask_class()
+        globals()[name] = cls
+        cls.__module__ = __name__
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def build_vit_for_multitask_classification(
+    num_labels_per_task: list[int],
+    *,
+    image_size: int = 28,
+    patch_size: int = 7,
+    hidden_size: int = 64,
+    num_hidden_layers: int = 4,
+    num_attention_heads: int = 4,
+    intermediate_size: int = 128,
+    seed: int | None = 0,
+):
+    """A small random-init :class:`ViTForMultiTaskImageClassification` from a ``ViTConfig`` (no weights needed)."""
+    from transformers import ViTConfig
+
+    config = ViTConfig(
+        image_size=image_size, patch_size=patch_size, num_channels=3, hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+        intermediate_size=intermediate_size, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    config.num_labels_per_task = list(num_labels_per_task)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return __getattr__("ViTForMultiTaskImageClassification")(config)

@@ -5,29 +5,32 @@ Loading a saved MoLA adapter in a fresh process needs that import first, otherwi
 ``load_mola_adapter(base_model, path_or_repo)`` does the import for you and explains the error.
 
 Public API: ``MolaConfig``, ``MolaModel`` (``model.base_model`` of a MoLA PeftModel: ``routing()``,
-``mola_aux_loss()``, ``merge_task()``, ``merge_and_unload(task_id=)``, ``export_expert_as_lora()``), ``MolaLayer``
-(``Linear``, ``Conv2d``), ``MolaRouter``, ``task_wise_decorrelation_loss``, ``export_expert_as_lora``,
-``load_mola_adapter``, ``register_mola``.
+``mola_aux_loss()``, ``merge_task()``, ``merge_adapter(task_id=)``, ``merge_and_unload(task_id=)``,
+``export_expert_as_lora()``; ``generate(..., task_ids=)`` on transformers models), ``MolaLayer`` (``Linear``,
+``Conv2d``), ``MolaMergedTaskError``, ``MolaRouter``, ``MolaRouterLayer``, ``task_wise_decorrelation_loss``,
+``export_expert_as_lora``, ``load_mola_adapter``, ``register_mola``.
 """
 
 from __future__ import annotations
 
 from .config import MolaConfig
 from .export import export_expert_as_lora
-from .layer import Conv2d, Linear, MolaLayer
+from .layer import Conv2d, Linear, MolaLayer, MolaMergedTaskError
 from .loading import MOLA_NOT_REGISTERED_MESSAGE, MolaNotRegisteredError, load_mola_adapter
 from .model import MolaModel
 from .registration import register_mola
-from .router import MolaRouter, gates_from_logits
+from .router import MolaRouter, MolaRouterLayer, gates_from_logits
 from .twd import task_wise_decorrelation_loss
 
 __all__ = [
     "MolaConfig",
     "MolaModel",
     "MolaLayer",
+    "MolaMergedTaskError",
     "Linear",
     "Conv2d",
     "MolaRouter",
+    "MolaRouterLayer",
     "gates_from_logits",
     "task_wise_decorrelation_loss",
     "export_expert_as_lora",

@@ -50,7 +50,8 @@ class MolaConfig(PeftConfig):
         router_top_k: keep the k largest logits and renormalise (masked softmax); None keeps all experts.
         twd_weight, twd_temperature, twd_proj_dim, twd_average: Task-wise Decorrelation loss (paper §3): weight
             (0.1 officially), temperature tau, projection width (32 officially), ``"pairs"`` (official averaging over
-            positive pairs) or ``"anchors"`` (SupCon per-anchor averaging).
+            positive pairs) or ``"anchors"`` (SupCon per-anchor averaging). The projection is a fixed seeded matrix
+            saved with the adapter, not a learned parameter (``hf_mmsel.mola.router.TwdProjection``).
         task_names: optional names of the experts/tasks, index = task id.
     """
 

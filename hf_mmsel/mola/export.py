@@ -100,6 +100,9 @@ def export_expert_as_lora(
     default_r = Counter(ranks.values()).most_common(1)[0][0]
     default_alpha = Counter(alphas.values()).most_common(1)[0][0]
     names = sorted(ranks)
+    conv1d = any(getattr(m, "fan_in_fan_out", False) for m in tuner.model.modules() if isinstance(m, Linear))
+    if conv1d:  # GPT-2 style Conv1D layers: peft LoRA needs fan_in_fan_out (factors are the same)
+        lora_config_kwargs.setdefault("fan_in_fan_out", True)
     lora_config = LoraConfig(
         r=default_r,
         lora_alpha=default_alpha,

@@ -6,8 +6,11 @@ all experts' A are stacked (``[E*r, in]``), one matmul gives every expert's r ac
 them, one matmul with all B stacked (``[out, E*r]``) sums the experts. An expert whose gate is 0 for every sample
 gets exactly zero gradient. Cost is that of one LoRA of rank E*r, not E LoRA passes nor a per-sample gather.
 
-The gates are written onto each layer (``_routing``) by ``MolaModel``'s forward pre-hook and overwritten at the
-next forward (not cleared), so activation-checkpoint recomputation sees the same gates. The batch must be the
+The gates are written onto each layer (``_routing``) by ``MolaModel``'s forward pre-hook at every forward (the
+previous forward's gates are dropped first, never reused), and stay until the next forward, so activation-checkpoint
+recomputation sees the same gates. Without grad (serving) and with hard routing, Linear layers take
+``_grouped_delta``: the batch sorted by task once per forward (``TaskGroups``), one (A_t, B_t) pair per task present.
+A merged layer serves one task (``merged_task``); merging another task swaps the expert. The batch must be the
 first dimension of every adapted layer's input; extra dimensions (tokens, pixels) share the sample's gate.
 """
 
@@ -22,6 +25,48 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from .config import MolaConfig
+
+
+class TransientCache(dict):
+    """A dict of per-forward tensors (gates, router logits) that is dropped, not copied, by ``copy.deepcopy`` and
+    pickling: those tensors are non-leaf graph nodes after a grad-enabled forward, which deepcopy refuses (TRL-style
+    reference-model copies do exactly this), and they are rewritten by the next forward anyway."""
+
+    def __deepcopy__(self, memo):
+        return type(self)()
+
+    def __reduce__(self):
+        return (type(self), ())
+
+
+class TaskGroups:
+    """The samples of a batch grouped by task, computed once per forward and shared by every layer: ``perm`` sorts
+    the batch by task (None when it is sorted already), ``inverse`` undoes it, ``segments`` lists
+    ``(task, start, end)`` of the sorted batch. Used by the grad-free serving path (one small matmul pair per task
+    present, no E*r-wide stacked matmul)."""
+
+    def __init__(self, task_ids: torch.Tensor) -> None:
+        ids = task_ids.reshape(-1)
+        order = torch.argsort(ids, stable=True)
+        sorted_ids = ids[order]
+        tasks, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+        identity = bool((order == torch.arange(ids.numel(), device=ids.device)).all())
+        self.perm = None if identity else order
+        self.inverse = None if identity else torch.argsort(order)
+        bounds = [0, *torch.cumsum(counts, 0).tolist()]
+        self.segments = [(int(t), bounds[i], bounds[i + 1]) for i, t in enumerate(tasks.tolist())]
+
+    def __deepcopy__(self, memo):
+        return None
+
+
+class MolaMergedTaskError(ValueError):
+    """A batch was routed to a task other than the one whose expert is merged into the base weights."""
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``pytorch_utils.Conv1D`` (GPT-2's linear layers), without importing transformers here."""
+    return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.dim() == 2
 
 
 class MolaLayer(BaseTunerLayer):
@@ -44,10 +89,15 @@ class MolaLayer(BaseTunerLayer):
         self.merged_task: dict[str, int] = {}
         self._disable_adapters = False
         # adapter name -> (gates [N, E] or [1, E], task_ids [N] or None); written by MolaModel per forward
-        self._routing: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+        self._routing: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]] = TransientCache()
+        self._groups: dict[str, Optional[TaskGroups]] = TransientCache()
         base = self.get_base_layer()
+        self.fan_in_fan_out = False
         if isinstance(base, nn.Linear):
             self.in_features, self.out_features = base.in_features, base.out_features
+        elif _is_conv1d(base):  # transformers' GPT-2 style Conv1D: weight [in, out], y = x W + b
+            self.in_features, self.out_features = base.weight.shape
+            self.fan_in_fan_out = True
         elif isinstance(base, nn.Conv2d):
             self.in_features, self.out_features = base.in_channels, base.out_channels
         else:  # pragma: no cover - guarded by MolaModel._create_new_module
@@ -91,9 +141,17 @@ class MolaLayer(BaseTunerLayer):
             b.normal_(0.0, 0.5 / math.sqrt(max(1, b.shape[-1] if b.dim() != 4 else b.shape[1])))
 
     # --- routing --------------------------------------------------------------------------------------------------
-    def set_routing(self, adapter_name: str, gates: torch.Tensor, task_ids: Optional[torch.Tensor] = None) -> None:
-        """Store the per-sample gates ([N, E]; [1, E] broadcasts) used by the next forward of this layer."""
+    def set_routing(
+        self,
+        adapter_name: str,
+        gates: torch.Tensor,
+        task_ids: Optional[torch.Tensor] = None,
+        groups: Optional[TaskGroups] = None,
+    ) -> None:
+        """Store the per-sample gates ([N, E]; [1, E] broadcasts) used by the next forward of this layer (and, for
+        hard routing, the batch grouped by task)."""
         self._routing[adapter_name] = (gates, task_ids)
+        self._groups[adapter_name] = groups
 
     def _gates(self, adapter_name: str, batch_size: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         routing = self._routing.get(adapter_name)
@@ -135,6 +193,14 @@ class MolaLayer(BaseTunerLayer):
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None, task_id: Optional[int] = None):
         """Add expert ``task_id`` of each adapter to the base weight (one task only: the merged model serves it)."""
+        requested = adapter_names if adapter_names is not None else self.active_adapters
+        for name in requested:  # another task's expert is merged: take it out first (LoRA-style switch)
+            if name in self.merged_adapters and name in self.mola_A:
+                if self.merged_task.get(name) != self._resolve_task(name, task_id):
+                    self.unmerge()
+                    break
+        if self.merged and all(n in self.merged_adapters for n in requested if n in self.mola_A):
+            return  # the requested task is already merged
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
             return
@@ -183,7 +249,8 @@ class MolaLayer(BaseTunerLayer):
 
 
 class Linear(nn.Module, MolaLayer):
-    """MoLA experts on an nn.Linear: A stacked [E*r, in], B stacked [out, E*r]."""
+    """MoLA experts on an nn.Linear (or transformers' Conv1D, merged transposed): A stacked [E*r, in], B stacked
+    [out, E*r]."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: MolaConfig, r: int, lora_alpha: float):
         super().__init__()
@@ -204,7 +271,8 @@ class Linear(nn.Module, MolaLayer):
     def get_delta_weight(self, adapter: str, task_id: Optional[int] = None) -> torch.Tensor:
         task = self._resolve_task(adapter, task_id)
         a, b = self.expert_factors(adapter, task)
-        return (b.float() @ a.float()).to(a.dtype) * self.scaling[adapter]
+        delta = (b.float() @ a.float()).to(a.dtype) * self.scaling[adapter]
+        return delta.T if self.fan_in_fan_out else delta
 
     def _delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         if x.dim() < 2:
@@ -212,9 +280,26 @@ class Linear(nn.Module, MolaLayer):
         a = self.mola_A[adapter_name]
         gates, _ = self._gates(adapter_name, x.shape[0])
         x = self._cast_input_dtype(self.mola_dropout[adapter_name](x), a.dtype)
+        groups = self._groups.get(adapter_name)
+        if groups is not None and not torch.is_grad_enabled():
+            return self._grouped_delta(x, adapter_name, groups)
         mask = self._slot_mask(adapter_name, gates, a.dtype)
         mask = mask.view(mask.shape[0], *([1] * (x.dim() - 2)), mask.shape[1])
         return F.linear(F.linear(x, a) * mask, self.mola_B[adapter_name])
+
+    def _grouped_delta(self, x: torch.Tensor, adapter_name: str, groups: TaskGroups) -> torch.Tensor:
+        """Serving path (no grad, hard routing): sort the batch by task once, one (A_t, B_t) matmul pair per task
+        present on its contiguous slice, unsort. Cost ~ one LoRA of rank r plus two gathers, flat in E."""
+        xs = x if groups.perm is None else x.index_select(0, groups.perm)
+        scale = self.scaling[adapter_name]
+        if len(groups.segments) == 1:
+            a, b = self.expert_factors(adapter_name, groups.segments[0][0])
+            return F.linear(F.linear(xs, a), b) * scale
+        out = xs.new_empty((*xs.shape[:-1], self.out_features))
+        for task, start, end in groups.segments:
+            a, b = self.expert_factors(adapter_name, task)
+            torch.mul(F.linear(F.linear(xs[start:end], a), b), scale, out=out[start:end])
+        return out if groups.inverse is None else out.index_select(0, groups.inverse)
 
     forward = MolaLayer.forward  # nn.Module comes first in the MRO
 

@@ -15,8 +15,10 @@ onto every MoLA layer. The ids are popped, unless the wrapped model's ``forward`
     with model.base_model.routing(task_ids=1):              # generate() and other non-forward paths
         model.generate(...)
 
-The router and TwD projection live in tuner-level ``ModuleDict``s (``mola_router``, ``mola_twd_proj``) keyed by
-adapter; their ``requires_grad`` follows the active adapter / inference mode by hand (peft does not manage them).
+The router and the (fixed, non-parameter) TwD projection live in a ``MolaRouterLayer`` attached to the adapted model
+as ``model.mola_routing`` (``ModuleDict``s ``mola_router``, ``mola_twd_proj`` keyed by adapter). It is a peft
+``BaseTunerLayer``, so ``inject_adapter_in_model``/``model.add_adapter`` keep it and peft's requires-grad, dtype and
+state-dict bookkeeping covers it. ``tuner.mola_router`` / ``tuner.mola_twd_proj`` are views of those dicts.
 ``nn.DataParallel`` is not supported (as for LoRA's ``adapter_names``); DDP/FSDP are.
 """
 
@@ -33,8 +35,8 @@ from peft.utils.other import get_pattern_key
 from torch import nn
 
 from .config import MolaConfig
-from .layer import Conv2d, Linear, MolaLayer
-from .router import MolaRouter, pool_features
+from .layer import Conv2d, Linear, MolaLayer, MolaMergedTaskError, TaskGroups, TransientCache, _is_conv1d
+from .router import ROUTER_LAYER_NAME, MolaRouter, MolaRouterLayer, TwdProjection, pool_features, run_router
 from .twd import task_wise_decorrelation_loss
 
 TASK_IDS_KWARGS = ("task_ids", "mola_task_ids")
@@ -42,6 +44,7 @@ _ROUTER_INPUT_KWARGS = ("pixel_values", "input_values", "inputs_embeds", "input_
 # names of a root ``forward``'s first parameter that mean "images [N, C, H, W]" (router_kind="auto" -> conv router)
 _IMAGE_INPUT_NAMES = ("pixel_values", "images", "image")
 _TUNER_DICTS = ("mola_router", "mola_twd_proj")
+_PER_POSITION_KWARGS = ("cache_position", "position_ids", "labels")
 
 
 class MolaModel(BaseTuner):
@@ -77,12 +80,12 @@ class MolaModel(BaseTuner):
     @staticmethod
     def _create_new_module(config: MolaConfig, adapter_name: str, target: nn.Module, r: int, alpha: float):
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if isinstance(base, nn.Linear):
+        if isinstance(base, nn.Linear) or _is_conv1d(base):
             return Linear(target, adapter_name, config, r, alpha)
         if isinstance(base, nn.Conv2d):
             return Conv2d(target, adapter_name, config, r, alpha)
         raise TypeError(
-            f"MoLA cannot adapt a {type(base).__name__}; supported modules: nn.Linear, nn.Conv2d. "
+            f"MoLA cannot adapt a {type(base).__name__}; supported modules: nn.Linear, transformers Conv1D, nn.Conv2d. "
             "Check `target_modules`."
         )
 
@@ -109,16 +112,22 @@ class MolaModel(BaseTuner):
         config = self.peft_config[adapter_name]
         if config.routing == "router":
             kind, in_features = self._router_input_spec(config, adapter_name)
-            device = next(iter(self._mola_layers(adapter_name))).mola_A[adapter_name].device
-            self.mola_router[adapter_name] = MolaRouter(
+            first = next(iter(self._mola_layers(adapter_name))).mola_A[adapter_name]
+            holder = self._ensure_router_layer()
+            holder.mola_router[adapter_name] = MolaRouter(
                 in_features,
                 config.num_experts,
                 hidden=config.router_hidden,
                 kind=kind,
                 temperature=config.router_temperature,
                 top_k=config.router_top_k,
-            ).to(device)
-            self.mola_twd_proj[adapter_name] = nn.Linear(config.num_experts, config.twd_proj_dim).to(device)
+            ).to(first.device, dtype=first.dtype)  # the experts' dtype; peft's autocast upcasts both alike
+            holder.mola_twd_proj[adapter_name] = TwdProjection(
+                config.num_experts, config.twd_proj_dim, torch.Generator().manual_seed(0)
+            ).to(first.device)
+            holder.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+            if not self._adapters_enabled:
+                holder.enable_adapters(False)
             if config.router_input.startswith("module:"):
                 module = self._router_module(config)
                 self._module_hooks[adapter_name] = module.register_forward_hook(
@@ -127,22 +136,79 @@ class MolaModel(BaseTuner):
         if self._pre_hook_handle is None:
             self._forward_accepts = _forward_parameter_names(model)
             self._pre_hook_handle = model.register_forward_pre_hook(self._routing_pre_hook, with_kwargs=True)
-        self._sync_tuner_requires_grad()
+            self._wrap_generate(model)
+
+    def _wrap_generate(self, model: nn.Module) -> None:
+        """Give a transformers model's ``generate`` a ``task_ids=`` argument (alias ``mola_task_ids``): every
+        generated token of row b is routed to expert ``task_ids[b]`` (KV cache on or off). transformers rejects
+        unknown generate kwargs, so the ids are taken out and applied through :meth:`routing` for the whole decode,
+        repeated like the input rows (``max(num_beams, num_return_sequences)``)."""
+        original = getattr(model, "generate", None)
+        if not callable(original) or getattr(original, "_mola_wrapped", False):
+            return
+        tuner = self
+
+        def generate(*args: Any, **kwargs: Any):
+            given = [kwargs.pop(k) for k in TASK_IDS_KWARGS if kwargs.get(k) is not None]
+            for key in TASK_IDS_KWARGS:
+                kwargs.pop(key, None)
+            if len(given) > 1:
+                raise ValueError("Pass either `task_ids` or `mola_task_ids` to generate, not both.")
+            if not given:
+                return original(*args, **kwargs)
+            task_ids = tuner._validate_task_ids(given[0], None)
+            if task_ids.numel() > 1:
+                config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+                beams = kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1
+                returns = kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", 1) or 1
+                task_ids = task_ids.repeat_interleave(max(int(beams), int(returns)))  # as transformers expands
+            with tuner.routing(task_ids=task_ids):
+                return original(*args, **kwargs)
+
+        generate._mola_wrapped = True
+        generate.__wrapped__ = original
+        generate.__doc__ = (original.__doc__ or "") + "\n\nMoLA: ``task_ids=`` routes each row to its task's expert."
+        model.__dict__["generate"] = generate
+
+    def _ensure_router_layer(self) -> MolaRouterLayer:
+        holder = getattr(self.model, ROUTER_LAYER_NAME, None)
+        if holder is None:
+            holder = MolaRouterLayer()
+            self.model.add_module(ROUTER_LAYER_NAME, holder)
+        return holder
+
+    @property
+    def router_layer(self) -> Optional[MolaRouterLayer]:
+        """The ``MolaRouterLayer`` on the adapted model (None without router adapters)."""
+        holder = self.model._modules.get(ROUTER_LAYER_NAME) if "model" in self._modules else None
+        return holder if isinstance(holder, MolaRouterLayer) else None
+
+    @property
+    def mola_router(self) -> nn.ModuleDict:
+        """Routers per adapter (``model.mola_routing.mola_router``)."""
+        holder = self.router_layer
+        return holder.mola_router if holder is not None else nn.ModuleDict()
+
+    @property
+    def mola_twd_proj(self) -> nn.ModuleDict:
+        """Fixed TwD projections per adapter (``model.mola_routing.mola_twd_proj``)."""
+        holder = self.router_layer
+        return holder.mola_twd_proj if holder is not None else nn.ModuleDict()
 
     def _init_mola_state(self) -> None:
-        if "mola_router" in self._modules:
+        if getattr(self, "_mola_state_ready", False):
             return
-        self.mola_router = nn.ModuleDict()
-        self.mola_twd_proj = nn.ModuleDict()
+        self._mola_state_ready = True
         self._pre_hook_handle = None
         self._forward_accepts: frozenset[str] = frozenset()
         self._module_hooks: dict[str, Any] = {}
-        self._last_router_logits: dict[str, torch.Tensor] = {}
+        self._last_router_logits: dict[str, torch.Tensor] = TransientCache()
         self._last_task_ids: Optional[torch.Tensor] = None
         self._context_task_ids: Optional[torch.Tensor] = None
         self._adapters_enabled = True
 
     def _mola_layers(self, adapter_name: Optional[str] = None) -> Iterator[MolaLayer]:
+        """The MoLA layers of the model (optionally: those holding ``adapter_name``)."""
         for module in self.model.modules():
             if isinstance(module, MolaLayer) and (adapter_name is None or adapter_name in module.mola_A):
                 yield module
@@ -200,8 +266,14 @@ class MolaModel(BaseTuner):
                     "MolaConfig.router_in_features."
                 )
             return kind, channels
-        if isinstance(first, nn.Linear):
-            return kind, first.in_features
+        # the router reads the model input: the first Linear of the model (in module order; usually the one that reads
+        # the input), not the first *adapted* one (a later layer has another width)
+        for name, module in self.model.named_modules():
+            if name.split(".")[0] == ROUTER_LAYER_NAME:
+                continue
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            if isinstance(base, nn.Linear):
+                return kind, base.in_features
         raise ValueError(
             "Cannot infer the input width of the MoLA MLP router (router_input='input'); set "
             "MolaConfig.router_in_features, or router_kind='conv' for image inputs."
@@ -220,37 +292,22 @@ class MolaModel(BaseTuner):
                 return base.in_channels
         return first_adapted.in_channels if isinstance(first_adapted, nn.Conv2d) else None
 
-    # --- requires_grad of tuner-level modules (peft does not manage them) -------------------------------------------
-    def _sync_tuner_requires_grad(self) -> None:
-        if "mola_router" not in self._modules:
-            return
-        for attr in _TUNER_DICTS:
-            for name, module in getattr(self, attr).items():
-                trainable = (
-                    self._adapters_enabled
-                    and name in self.active_adapters
-                    and not self.peft_config[name].inference_mode
-                )
-                module.requires_grad_(trainable)
-
+    # --- peft bookkeeping of the router layer ---------------------------------------------------------------------
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         super().set_adapter(adapter_name, inference_mode=inference_mode)
-        if "mola_router" in self._modules:
-            for attr in _TUNER_DICTS:
-                for name, module in getattr(self, attr).items():
-                    module.requires_grad_(name in self.active_adapters and not inference_mode)
+        holder = self.router_layer
+        if holder is not None:  # peft's set_adapter only visits MolaLayer instances
+            holder.set_adapter(adapter_name, inference_mode=inference_mode)
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
-        super()._enable_adapter_layers(enabled)
+        super()._enable_adapter_layers(enabled)  # visits every BaseTunerLayer, the router layer included
         self._adapters_enabled = enabled
-        self._sync_tuner_requires_grad()
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        for attr in _TUNER_DICTS:
-            container = getattr(self, attr)
-            if adapter_name in container:
-                del container[adapter_name]
+        holder = self.router_layer
+        if holder is not None:  # peft's delete_adapter skips modules whose name contains the prefix
+            holder.delete_adapter(adapter_name)
         handle = self._module_hooks.pop(adapter_name, None)
         if handle is not None:
             handle.remove()
@@ -273,8 +330,16 @@ class MolaModel(BaseTuner):
 
     @staticmethod
     def _batch_size(args: tuple, kwargs: dict) -> Optional[int]:
-        for value in list(args) + list(kwargs.values()):
+        """Batch size of a forward call: the first positional tensor, else a known input kwarg, else the first
+        tensor kwarg that is not per-position (generation passes ``cache_position`` [T] before ``input_ids``)."""
+        if args and isinstance(args[0], torch.Tensor) and args[0].dim() > 0:
+            return args[0].shape[0]
+        for key in ("input_ids", "inputs_embeds", "attention_mask") + _ROUTER_INPUT_KWARGS:
+            value = kwargs.get(key)
             if isinstance(value, torch.Tensor) and value.dim() > 0:
+                return value.shape[0]
+        for key, value in kwargs.items():
+            if key not in _PER_POSITION_KWARGS and isinstance(value, torch.Tensor) and value.dim() > 0:
                 return value.shape[0]
         return None
 
@@ -306,15 +371,17 @@ class MolaModel(BaseTuner):
         for name, config in self._active_configs():
             if config.routing != "task":
                 continue
-            gates = None
+            gates = groups = None
             for layer in self._mola_layers(name):
                 if gates is None or gates.device != layer.mola_A[name].device:
                     ids = task_ids.to(layer.mola_A[name].device)
                     gates = nn.functional.one_hot(ids, config.num_experts).to(layer.mola_A[name].dtype)
-                layer.set_routing(name, gates, ids)
+                    # grouping by task for the grad-free serving path (Linear layers), once per forward
+                    groups = TaskGroups(ids) if not torch.is_grad_enabled() else None
+                layer.set_routing(name, gates, ids, groups)
 
     def _write_router_gates(self, adapter_name: str, router_input: Any) -> None:
-        logits, gates = self.mola_router[adapter_name](router_input)
+        logits, gates = run_router(self.mola_router[adapter_name], router_input)
         self._last_router_logits[adapter_name] = logits
         for layer in self._mola_layers(adapter_name):
             layer.set_routing(adapter_name, gates.to(layer.mola_A[adapter_name].device), None)
@@ -322,13 +389,21 @@ class MolaModel(BaseTuner):
     @staticmethod
     def _router_input_from(args: tuple, kwargs: dict) -> torch.Tensor:
         if args and isinstance(args[0], torch.Tensor):
-            return args[0]
+            return args[0]  # an integer tensor gets run_router's TypeError (token ids need a module: router)
         for key in _ROUTER_INPUT_KWARGS:
             if isinstance(kwargs.get(key), torch.Tensor):
                 return kwargs[key]
-        for value in kwargs.values():
-            if isinstance(value, torch.Tensor) and value.is_floating_point():
+        tensors = [v for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+        for value in tensors:
+            if value.is_floating_point():
                 return value
+        if tensors:
+            names = [k for k, v in kwargs.items() if any(v is t for t in tensors)]
+            raise TypeError(
+                f"MoLA router (router_input='input') got only integer input tensors ({names}, e.g. token ids): the "
+                "router needs float features or images; use router_input='module:<name>' (e.g. the embedding layer) "
+                "to route on an early module's output."
+            )
         raise ValueError(
             "MoLA router (router_input='input') found no input tensor in the forward call; pass the input as the "
             f"first positional argument or one of {list(_ROUTER_INPUT_KWARGS)}."
@@ -351,8 +426,17 @@ class MolaModel(BaseTuner):
         if not self._adapters_enabled or not configs:
             return args, kwargs
         batch_size = self._batch_size(args, kwargs)
+        for layer in self._mola_layers():  # no gates survive from an earlier forward (stale routing)
+            layer._routing.clear()
+            layer._groups.clear()
         if task_ids is not None:
             task_ids = self._validate_task_ids(task_ids, batch_size)
+        merged = self.merged_tasks()
+        if merged:  # the merged weights serve one task: refuse a batch routed elsewhere, LoRA-style
+            self._check_merged_routing(merged, task_ids)
+            self._last_task_ids = task_ids
+            return args, kwargs
+        if task_ids is not None:
             self._write_task_gates(task_ids)
         elif any(c.routing == "task" for _, c in configs):
             names = [n for n, c in configs if c.routing == "task"]
@@ -379,6 +463,26 @@ class MolaModel(BaseTuner):
 
         return hook
 
+    def merged_tasks(self) -> dict[str, int]:
+        """Adapter name -> the task whose expert is merged into the base weights (empty when nothing is merged)."""
+        merged: dict[str, int] = {}
+        for layer in self._mola_layers():
+            merged.update(layer.merged_task)
+        return merged
+
+    def _check_merged_routing(self, merged: dict[str, int], task_ids: Optional[torch.Tensor]) -> None:
+        if task_ids is None:
+            return
+        for name, task in merged.items():
+            other = task_ids[task_ids != task]
+            if other.numel():
+                raise MolaMergedTaskError(
+                    f"MoLA adapter {name!r} has the expert of task {task} merged into the base weights, but the batch "
+                    f"routes samples to task(s) {sorted(set(other.tolist()))}: the merged model serves task {task} "
+                    "only. Call `unmerge_adapter()` (or `merge_task(<other task>)`) first, or route this batch "
+                    "unmerged."
+                )
+
     @contextmanager
     def routing(self, task_ids: Any = None) -> Iterator[None]:
         """Route every forward inside the block with ``task_ids`` (a scalar id routes the whole batch): for
@@ -386,7 +490,11 @@ class MolaModel(BaseTuner):
         previous = self._context_task_ids
         self._context_task_ids = None if task_ids is None else self._validate_task_ids(task_ids, None)
         if self._context_task_ids is not None:
-            self._write_task_gates(self._context_task_ids)
+            merged = self.merged_tasks()
+            if merged:
+                self._check_merged_routing(merged, self._context_task_ids)
+            else:
+                self._write_task_gates(self._context_task_ids)
         try:
             yield
         finally:
@@ -434,11 +542,25 @@ class MolaModel(BaseTuner):
         return list(names)
 
     def merge_task(self, task_id: int, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
-        """Merge expert ``task_id`` into the base weights (the model then serves task ``task_id`` only)."""
+        """Merge expert ``task_id`` into the base weights (the model then serves task ``task_id`` only; a batch routed
+        to another task raises :class:`MolaMergedTaskError`). Merging another task later swaps the merged expert."""
         names = self._check_mergeable(adapter_names)
         self._check_merge_allowed()
         for layer in self._mola_layers():
             layer.merge(safe_merge=safe_merge, adapter_names=names, task_id=task_id)
+
+    def merge_adapter(
+        self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False, task_id: Optional[int] = None
+    ) -> None:
+        """peft's ``merge_adapter`` for MoLA: merges expert ``task_id`` (may be omitted when E == 1); a router adapter
+        cannot merge (its gates depend on the input)."""
+        names = self._check_mergeable(adapter_names)
+        if task_id is None and any(self.peft_config[n].num_experts > 1 for n in names):
+            raise ValueError(
+                "MoLA merges one task's expert: pass `merge_adapter(task_id=...)`, or use "
+                "`model.base_model.merge_task(task_id)` / `merge_and_unload(task_id=...)`."
+            )
+        self.merge_task(0 if task_id is None else task_id, adapter_names=names, safe_merge=safe_merge)
 
     def merge_and_unload(
         self,
@@ -464,10 +586,12 @@ class MolaModel(BaseTuner):
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
         self._remove_hooks()
+        if ROUTER_LAYER_NAME in model._modules:
+            del model._modules[ROUTER_LAYER_NAME]
         return model
 
     def _remove_hooks(self) -> None:
-        if "mola_router" not in self._modules:
+        if not getattr(self, "_mola_state_ready", False):
             return
         if self._pre_hook_handle is not None:
             self._pre_hook_handle.remove()
@@ -475,6 +599,8 @@ class MolaModel(BaseTuner):
         for handle in self._module_hooks.values():
             handle.remove()
         self._module_hooks.clear()
+        if getattr(self.model.__dict__.get("generate"), "_mola_wrapped", False):
+            del self.model.__dict__["generate"]
 
     # --- export -----------------------------------------------------------------------------------------------------
     def export_expert_as_lora(self, task_id: int, save_directory: str, adapter_name: str = "default", **kwargs):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 
@@ -108,3 +109,101 @@ class MolaRouter(nn.Module):
         x = x.to(self.net[0].weight.dtype)
         logits = self.net(x)
         return logits, gates_from_logits(logits, self.temperature, self.top_k)
+
+
+class TwdProjection(nn.Module):
+    """The TwD projection P (E -> D) of router logits: a fixed random matrix, a saved buffer, **not a parameter**.
+
+    The official code learns P (``map_to_high_dim``). Here P is fixed (seeded normal / sqrt(D), saved with the adapter
+    so a reload is exact) so that every trainable parameter of a MoLA model gets a gradient from the task loss alone:
+    a plain training step without ``mola_aux_loss`` (a bare ``Trainer``, peft's generic tests, DDP without
+    ``find_unused_parameters``) leaves nothing trainable without a gradient. TwD still shapes the router through P.
+    """
+
+    def __init__(self, num_experts: int, proj_dim: int, generator: Optional[torch.Generator] = None) -> None:
+        super().__init__()
+        weight = torch.randn(proj_dim, num_experts, generator=generator) / proj_dim**0.5
+        self.register_buffer("weight", weight)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.float() @ self.weight.float().T
+
+
+class _RecomputedRouter(torch.autograd.Function):
+    """``(logits, gates) = router(x)`` whose backward re-runs the router (no saved graph).
+
+    The gates are shared by every adapted layer. With reentrant activation checkpointing each checkpointed segment
+    runs its own backward, so a router graph saved in the forward would be traversed (and freed) by the first
+    segment and crash the second ("backward through the graph a second time"). This node keeps only references and
+    recomputes the router at each backward call: each segment's contribution reaches the router parameters.
+    """
+
+    @staticmethod
+    def forward(ctx, router: nn.Module, x: torch.Tensor, *params: torch.Tensor):
+        ctx.router, ctx.x, ctx.params = router, x, params
+        with torch.no_grad():
+            logits, gates = router(x)
+        return logits, gates
+
+    @staticmethod
+    def backward(ctx, grad_logits, grad_gates):
+        x = ctx.x.detach().requires_grad_(ctx.x.requires_grad)
+        with torch.enable_grad():
+            logits, gates = ctx.router(x)
+        outputs = [o for o, g in ((logits, grad_logits), (gates, grad_gates)) if g is not None]
+        grads = [g for g in (grad_logits, grad_gates) if g is not None]
+        inputs = ([x] if x.requires_grad else []) + list(ctx.params)
+        if not outputs or not inputs:
+            return (None, None, *([None] * len(ctx.params)))
+        result = list(torch.autograd.grad(outputs, inputs, grads, allow_unused=True))
+        grad_x = result.pop(0) if x.requires_grad else None
+        return (None, grad_x, *result)
+
+
+def run_router(router: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, gates) of ``router(x)``; under autograd through :class:`_RecomputedRouter` (checkpoint-safe)."""
+    if isinstance(x, torch.Tensor) and not torch.is_floating_point(x):
+        raise TypeError(
+            f"MoLA router got a {x.dtype} input (token ids?): a router on the model input needs float features or "
+            "images; use router_input='module:<name>' (e.g. the embedding layer) to route on an early module's output."
+        )
+    params = [p for p in router.parameters() if p.requires_grad]
+    if not torch.is_grad_enabled() or not (params or x.requires_grad):
+        return router(x)
+    return _RecomputedRouter.apply(router, x, *params)
+
+
+class MolaRouterLayer(nn.Module, BaseTunerLayer):
+    """Holder of the model-level MoLA modules, one entry per adapter: ``mola_router`` (gate network) and
+    ``mola_twd_proj`` (fixed TwD projection).
+
+    It is attached to the adapted model itself (attribute :data:`ROUTER_LAYER_NAME`), not to the tuner, and it is a
+    peft ``BaseTunerLayer``: so the router is in ``model.parameters()`` and in ``get_peft_model_state_dict`` also
+    after ``inject_adapter_in_model`` / transformers' ``model.add_adapter``, and peft's own bookkeeping
+    (``set_adapter``, ``set_requires_grad``, ``enable/disable_adapter_layers``, inference mode, dtype autocast,
+    ``load_adapter(..., is_trainable=True)``) covers it like any adapter layer. It has nothing to merge.
+    """
+
+    adapter_layer_names = ("mola_router", "mola_twd_proj")
+    other_param_names = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mola_router = nn.ModuleDict()
+        self.mola_twd_proj = nn.ModuleDict()
+        self._active_adapter = []
+        self.merged_adapters = []
+        self._disable_adapters = False
+        self.kwargs = {}
+
+    def merge(self, safe_merge: bool = False, adapter_names=None, **kwargs) -> None:
+        """Nothing to merge (router adapters are refused by ``MolaModel`` before any layer merges)."""
+
+    def unmerge(self) -> None:
+        """Nothing to unmerge."""
+
+    def forward(self, *args, **kwargs):  # pragma: no cover - a container, never called
+        raise RuntimeError("MolaRouterLayer is a container of MoLA routers; call the routers in `mola_router`.")
+
+
+ROUTER_LAYER_NAME = "mola_routing"

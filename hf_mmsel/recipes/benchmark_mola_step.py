@@ -1,10 +1,19 @@
-"""Step-time benchmark: MoLA-Grad (E experts, mixed-task batch, one pass) vs a peft LoRA of the same rank.
+"""Step-time benchmarks of MoLA-Grad (E experts, mixed-task batch, one pass) against peft LoRA.
 
-Median fwd+bwd+AdamW step time on the same Linear model (default 4 Linear layers d=512, batch 256, r=8, E=4),
-measured interleaved in one process (A, B, A, B, ...) so CPU noise hits both alike. Goal: ratio <= 1.3.
+``--mode train`` (default): median fwd+bwd+AdamW step time on the same model (default 4 Linear layers d=512,
+batch 256, r=8, E=4) vs ONE peft LoRA of the same rank. Goal: ratio <= 1.3.
 
-    python recipes/benchmark_mola_step.py --output_json mola_step.json
-    from recipes.benchmark_mola_step import benchmark_mola_step   # -> dict (benchmark_mola.py records it too)
+``--mode inference``: mixed-batch serving. peft serves a batch whose samples need different adapters only at
+inference, through ``adapter_names`` (LoRA with E adapters; each layer runs the base once, then one sub-batch per
+adapter). MoLA-Grad serves the same batch in one pass (``task_ids``). Same rank per adapter/expert, same base, same
+mixed batch (task of sample b = b mod E), for E in ``--num_experts_list`` (default 2 4 8 16); reports the median
+forward time of each and the throughput ratio ``lora_time / mola_time`` (> 1: MoLA serves more samples/s). Goal:
+>= 1.0 at E = 2, growing with E. ``--mode both`` also runs the training-step ratio at E = 8 and 16.
+
+All timings are interleaved in one process (A, B, A, B, ...) so load changes hit every variant alike.
+
+    python recipes/benchmark_mola_step.py --mode both --output_json mola_step.json
+    from hf_mmsel.recipes.benchmark_mola_step import benchmark_mola_step, benchmark_mola_inference
 """
 
 from __future__ import annotations
@@ -150,6 +159,95 @@ def benchmark_mola_step(
     }
 
 
+def _build_base(model: str, dim: int, num_layers: int, batch_size: int, device: str, vit_config: Optional[dict]):
+    if model == "linear":
+        base = build_linear_model(dim, num_layers)
+        return base, [f"layers.{i}" for i in range(num_layers)], torch.randn(batch_size, dim, device=device)
+    if model == "vit":
+        base, targets = build_vit_model(**(vit_config or {}))
+        size = base.config.image_size
+        return base, targets, torch.randn(batch_size, base.config.num_channels, size, size, device=device)
+    raise ValueError(f"model={model!r} is not valid; choose one of ['linear', 'vit'].")
+
+
+def benchmark_mola_inference(
+    dim: int = 512,
+    num_layers: int = 4,
+    batch_size: int = 256,
+    rank: int = 8,
+    num_experts_list: tuple[int, ...] = (2, 4, 8, 16),
+    steps: int = 30,
+    warmup: int = 3,
+    seed: int = 0,
+    device: Optional[str] = None,
+    model: str = "linear",
+    vit_config: Optional[dict] = None,
+) -> dict:
+    """Mixed-batch inference: MoLA-Grad (``task_ids``) vs peft LoRA with E adapters (``adapter_names``), per E.
+
+    Returns ``{"per_num_experts": {E: {"median_forward_s": {...}, "throughput_ratio_mola_over_lora": float}}, ...}``;
+    the ratio is ``lora_time / mola_time`` (samples/s of MoLA over samples/s of LoRA). Both variants' adapters are
+    non-zero (B random) and their outputs are checked against each other before timing (same factors copied).
+    """
+    import hf_mmsel  # noqa: F401  (registers MOLA)
+    from peft import LoraConfig, get_peft_model
+
+    from hf_mmsel.mola import MolaConfig
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    per_e: dict = {}
+    for num_experts in num_experts_list:
+        torch.manual_seed(seed)
+        base, targets, x = _build_base(model, dim, num_layers, batch_size, device, vit_config)
+        torch.manual_seed(seed + 1)
+        mola = get_peft_model(copy.deepcopy(base), MolaConfig(r=rank, lora_alpha=16, num_experts=num_experts,
+                                                              target_modules=targets, init_weights=False))
+        names = [f"task{t}" for t in range(num_experts)]
+        lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=16, target_modules=targets),
+                              adapter_name=names[0])
+        for name in names[1:]:
+            lora.add_adapter(name, LoraConfig(r=rank, lora_alpha=16, target_modules=targets))
+        with torch.no_grad():  # expert t of MoLA == LoRA adapter t: the two compute the same function
+            for module_name in targets:
+                src = mola.base_model.model.get_submodule(module_name)
+                dst = lora.base_model.model.get_submodule(module_name)
+                for t, name in enumerate(names):
+                    a, b = src.expert_factors("default", t)
+                    dst.lora_A[name].weight.copy_(a)
+                    dst.lora_B[name].weight.copy_(b)
+        mola, lora = mola.to(device).eval(), lora.to(device).eval()
+        task_ids = torch.arange(batch_size, device=device) % num_experts
+        adapter_names = [names[int(t)] for t in task_ids]
+        with torch.inference_mode():
+            ref = _output_tensor(lora(x, adapter_names=adapter_names))
+            got = _output_tensor(mola(x, task_ids=task_ids))
+            max_diff = float((ref - got).abs().max())
+            if max_diff > 1e-3 * max(1.0, float(ref.abs().max())):
+                raise AssertionError(f"MoLA and LoRA mixed-batch outputs differ by {max_diff} at E={num_experts}")
+
+        def lora_fwd() -> None:
+            with torch.inference_mode():
+                lora(x, adapter_names=adapter_names)
+
+        def mola_fwd() -> None:
+            with torch.inference_mode():
+                mola(x, task_ids=task_ids)
+
+        medians = interleaved_median_step_times({"lora_adapter_names": lora_fwd, "mola_grad": mola_fwd},
+                                                steps=steps, warmup=warmup, device=device)
+        per_e[num_experts] = {
+            "median_forward_s": medians,
+            "throughput_ratio_mola_over_lora": medians["lora_adapter_names"] / medians["mola_grad"],
+            "max_abs_output_diff": max_diff,
+        }
+    return {
+        "mode": "inference",
+        "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)",
+        "model": model, "dim": dim, "num_layers": num_layers, "batch_size": batch_size, "rank": rank,
+        "steps": steps, "seed": seed, "per_num_experts": per_e,
+    }
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dim", type=int, default=512)
@@ -161,17 +259,34 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--device", default=None)
     parser.add_argument("--model", default="linear", choices=["linear", "vit"], help="vit = ViT-B/16 from config")
+    parser.add_argument("--mode", default="train", choices=["train", "inference", "both"],
+                        help="train: step time vs one LoRA; inference: mixed batch vs LoRA adapter_names; both")
+    parser.add_argument("--num_experts_list", type=int, nargs="+", default=[2, 4, 8, 16],
+                        help="E values of the inference mode")
+    parser.add_argument("--train_num_experts_list", type=int, nargs="+", default=[8, 16],
+                        help="E values of the training-step ratio in --mode both")
     parser.add_argument("--output_json", default="mola_step_benchmark.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    options = {k: v for k, v in vars(args).items() if k not in ("threads", "output_json")}
-    result = benchmark_mola_step(**options)
+    common = dict(dim=args.dim, num_layers=args.num_layers, batch_size=args.batch_size, rank=args.rank,
+                  steps=args.steps, device=args.device, model=args.model)
+    if args.mode == "train":
+        result = benchmark_mola_step(num_experts=args.num_experts, **common)
+        print(
+            f"MoLA-Grad ({args.num_experts} experts) / LoRA (r={args.rank}) step time: "
+            f"{result['ratio_mola_grad_over_lora']:.3f}x  ({result['median_step_s']}) on {result['device']}"
+        )
+    else:
+        result = {"inference": benchmark_mola_inference(num_experts_list=tuple(args.num_experts_list), **common)}
+        for e, row in result["inference"]["per_num_experts"].items():
+            print(f"E={e}: MoLA-Grad / LoRA adapter_names mixed-batch throughput {row['throughput_ratio_mola_over_lora']:.2f}x "
+                  f"({row['median_forward_s']})")
+        if args.mode == "both":
+            result["train"] = {e: benchmark_mola_step(num_experts=e, **common) for e in args.train_num_experts_list}
+            for e, row in result["train"].items():
+                print(f"E={e}: MoLA-Grad / LoRA training step {row['ratio_mola_grad_over_lora']:.2f}x")
     with open(args.output_json, "w") as f:
         json.dump(result, f, indent=2)
-    print(
-        f"MoLA-Grad ({args.num_experts} experts) / LoRA (r={args.rank}) step time: "
-        f"{result['ratio_mola_grad_over_lora']:.3f}x  ({result['median_step_s']}) on {result['device']}"
-    )
     return result
 
 

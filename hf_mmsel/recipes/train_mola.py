@@ -178,7 +178,24 @@ def push_artifacts(output_dir: str, training_args, token: str) -> None:
                        allow_patterns=PUSHED_FILES, commit_message="Upload MoLA adapter trained with hf_mmsel")
 
 
+def _wants_causal_lm(argv: list[str] | None) -> bool:
+    """``--model causal_lm`` (or ``--model=causal_lm``) selects the causal-LM recipe (``train_mola_causal_lm``)."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(args):
+        if arg == "--model" and i + 1 < len(args):
+            return args[i + 1] == "causal_lm"
+        if arg.startswith("--model="):
+            return arg.split("=", 1)[1] == "causal_lm"
+    return False
+
+
 def main(argv: list[str] | None = None) -> dict:
+    if _wants_causal_lm(argv):  # the causal-LM path: its own arguments and training (branch `mola`)
+        from hf_mmsel.recipes.train_mola_causal_lm import main as causal_lm_main
+
+        return causal_lm_main(argv)
     model_args, data_args, training_args = parse_args(argv)
     from peft import get_peft_model
     from transformers import set_seed
