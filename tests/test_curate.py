@@ -389,3 +389,22 @@ def test_push_to_fake_hub_and_load_back(recipe, assets, tmp_path, fake_hub):
     card = DatasetCard.load("tester/easy-vqa-curated", repo_type="dataset")
     assert "curated" in card.data.tags and "gsc_clean_prob" in card.text and "score_histogram.png" in card.text
     assert card.data.to_dict().get("dataset_info"), "the YAML datasets wrote (features, splits) must survive"
+
+
+def test_push_curated_webdataset_shards_and_load_back(recipe, assets, tmp_path, fake_hub):
+    """WebDataset input: the curated shards go to data/*.tar and load back with datasets' webdataset builder."""
+    import datasets
+
+    out = tmp_path / "cur"
+    stats = recipe.main(_base(assets, out, "wds") + ["--keep_fraction", "0.5", "--push_to_hub", "--hub_dataset_id",
+                                                     "tester/pool-curated"])
+    files = fake_hub.list_repo_files("tester/pool-curated", repo_type="dataset")
+    assert {"README.md", "score_histogram.png", "curation_stats.json"} <= set(files)
+    assert sorted(f for f in files if f.endswith(".tar")) == [f"data/shard-{i:05d}.tar" for i in range(4)]
+    loaded = datasets.load_dataset("tester/pool-curated", split="train")
+    assert len(loaded) == stats["num_kept"] == 100
+    import pandas as pd
+
+    table = pd.read_parquet(out / "scores")
+    kept = table.nlargest(100, "gsc_clean_prob", keep="first")["key"]
+    assert sorted(loaded["__key__"]) == sorted(kept)

@@ -102,7 +102,13 @@ def test_manifest_ids_are_stable_and_changes_are_refused(tmp_path):
     # a shard whose members changed is refused, naming it
     changed = tmp_path / "wds" / "shard-00002.tar"
     _write_tar(changed, [(f"x{i}", {"png": _png(i), "txt": b"c"}) for i in range(5)])
-    with pytest.raises(ValueError, match=r"shard-00002\.tar changed"):
+    # (same byte size: tar pads to 10 KiB records) -> the default check (one stat per shard) passes, the full
+    # check (tar headers) and any read of the shard refuse it
+    ShardManifest.load_or_build(tmp_path / "wds")
+    with pytest.raises(ValueError, match=r"shard-00002\.tar changed .*members_sha256"):
+        ShardManifest.load_or_build(tmp_path / "wds", verify="members")
+    _write_tar(changed, [(f"x{i}", {"png": _png(i) * 40, "txt": b"c"}) for i in range(5)])
+    with pytest.raises(ValueError, match=r"shard-00002\.tar changed .*bytes"):
         ShardManifest.load_or_build(tmp_path / "wds")
     # ... and reading it against the old manifest fails too instead of mis-numbering
     with pytest.raises(ValueError, match=r"shard-00002\.tar changed"):

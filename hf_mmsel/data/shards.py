@@ -238,13 +238,15 @@ class ShardManifest:
 
     @classmethod
     def load_or_build(
-        cls, source, manifest_path: str | os.PathLike | None = None, *, verify: bool = True
+        cls, source, manifest_path: str | os.PathLike | None = None, *, verify: bool | str = "size"
     ) -> ShardManifest:
         """Reuse ``manifest_path`` (default: ``manifest.json`` next to the shards) or build and save it.
 
-        A reused manifest must match the shards: the same files, and (``verify``, re-reading headers only) the
-        same member lists; otherwise ``ValueError`` naming the changed shard. A new manifest is written to
-        ``manifest_path``, else next to the shards (a read-only shard folder needs ``manifest_path``).
+        A reused manifest must match the shards: the same files and, with ``verify="size"`` (default, one
+        ``stat`` per shard) the same byte sizes, with ``verify="members"`` (or ``True``; re-reads every tar header:
+        slow for a web-scale pool) the same member lists; otherwise ``ValueError`` naming the changed shard.
+        Every full read of a shard by :func:`iter_shard` re-checks its member hash anyway. A new manifest is
+        written to ``manifest_path``, else next to the shards (a read-only shard folder needs ``manifest_path``).
         """
         paths = resolve_shard_paths(source)
         if manifest_path is None:
@@ -252,7 +254,11 @@ class ShardManifest:
         manifest_path = Path(manifest_path)
         if manifest_path.is_file():
             manifest = cls.load(manifest_path)
-            manifest.verify(paths if verify else None, members=verify, where=manifest_path)
+            mode = {True: "members", False: "none"}.get(verify, verify)
+            if mode not in ("size", "members", "none"):
+                raise ValueError(f"verify must be 'size', 'members' or 'none', got {verify!r}")
+            if mode != "none":
+                manifest.verify(paths, members=mode == "members", where=manifest_path)
             return manifest
         manifest = cls.build(paths)
         try:
@@ -279,6 +285,12 @@ class ShardManifest:
         for s in self.shards:
             if not os.path.isfile(s.path):
                 raise ValueError(f"{where}: shard {s.path} is missing")
+            if not members and s.num_bytes >= 0 and os.path.getsize(s.path) != s.num_bytes:
+                raise ValueError(
+                    f"{where}: shard {s.path} changed since the manifest was built ({s.num_bytes} -> "
+                    f"{os.path.getsize(s.path)} bytes); sample ids would change: build a new manifest (delete it "
+                    "or pass another manifest_path)"
+                )
             if members:
                 count, digest = scan_shard(s.path)
                 if (count, digest) != (s.count, s.members_sha256):

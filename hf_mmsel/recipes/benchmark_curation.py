@@ -4,7 +4,8 @@
     python recipes/benchmark_curation.py --num_pairs 1e6 --num_processes 2      # accelerate launch, 2 processes
 
 Each pool size runs in a fresh process (or ``accelerate launch`` group), so ``peak_rss_mb`` (``ru_maxrss``) is the
-peak of that run alone. The pool is synthetic *precomputed embeddings* (no images, no model forward):
+peak of that run alone; the runs get ``MALLOC_MMAP_THRESHOLD_=4194304`` (glibc), which keeps RSS flat over
+thousands of shards (recommended for long ``curate.py`` runs too). The pool is synthetic *precomputed embeddings* (no images, no model forward):
 ``samples_per_shard`` pairs per shard, drawn per shard from a seeded generator around ``num_classes`` shared
 class directions, ``noise_ratio`` of the captions pointing at another class. They go through the very
 :class:`~hf_mmsel.curation.CurationScorer` of ``recipes/curate.py`` (anchors, fit pass, mixture, per-shard
@@ -104,13 +105,17 @@ def _scorer_class():
 
         def anchor_embeddings(self, ids):
             shard_of = np.searchsorted([s.offset for s in self.source.shards], ids, side="right") - 1
-            vs, us = [], []
+            # preallocated outputs: small tensors kept alive between the big per-shard ones would pin glibc's
+            # heap and grow RSS with the number of anchor shards (a harness artefact, measured: +670 MB at 1e6)
+            out_v, out_u = torch.empty(len(ids), self.source.args.dim), torch.empty(len(ids), self.source.args.dim)
             for shard in np.unique(shard_of):
                 v, u, _ = self.source.shard_embeddings(int(shard))
-                local = torch.as_tensor(ids[shard_of == shard] - self.source.shards[int(shard)].offset)
-                vs.append(v[local])
-                us.append(u[local])
-            return torch.as_tensor(ids, dtype=torch.long), torch.cat(vs), torch.cat(us)
+                rows = np.flatnonzero(shard_of == shard)
+                local = torch.as_tensor(ids[rows] - self.source.shards[int(shard)].offset)
+                out_v[torch.as_tensor(rows)] = v[local]
+                out_u[torch.as_tensor(rows)] = u[local]
+                del v, u
+            return torch.as_tensor(ids, dtype=torch.long), out_v, out_u
 
     return SyntheticScorer
 
@@ -194,7 +199,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                    "--main_process_port", "0", *script]
         else:
             cmd = [sys.executable, *script]
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        # a fixed mmap threshold returns every large buffer to the OS: glibc's dynamic threshold otherwise lets
+        # freed per-shard buffers fragment the heap and RSS creep up with the number of shards (measured)
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+               "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", str(4 << 20))}
         subprocess.run(cmd, check=True, env=env)
         for r in range(args.num_processes):
             rows.append(json.loads((out / "rows" / f"{n}_w{args.num_processes}_r{r}.json").read_text()))
