@@ -14,7 +14,8 @@ from _helpers import RECIPES, load_recipe
 def test_train_clip_config_flags_override_and_card(tmp_out):
     train_clip = load_recipe("train_clip")
     config = yaml.safe_load((RECIPES / "configs" / "clip_dissect.yaml").read_text())
-    config.update(output_dir=str(tmp_out), num_train_epochs=10, max_train=96, max_test=48,
+    assert "noise_ratio" not in config  # no shipped config shuffles captions unless asked (--noise_ratio)
+    config.update(noise_ratio=0.4, output_dir=str(tmp_out), num_train_epochs=10, max_train=96, max_test=48,
                   per_device_train_batch_size=32, save_strategy="no")
     path = tmp_out / "config.yaml"
     path.write_text(yaml.safe_dump(config))
