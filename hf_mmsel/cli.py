@@ -73,7 +73,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[command][0])
     sys.argv = [f"{PROG} {command}", *rest]
-    module.main(rest)
+    from hf_mmsel.recipes.run_utils import OutputDirExistsError
+
+    try:
+        module.main(rest)
+    except OutputDirExistsError as err:  # a user error, not a crash: one line, no traceback
+        print(f"{PROG} {command}: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -26,7 +26,7 @@ from .easy_vqa import (
     load_easy_vqa_captions,
 )
 from .loading import add_sample_idx, load_image_text_dataset
-from .multitask import MultiTaskSpec, combine_tasks, load_multitask_benchmark
+from .multitask import MultiTaskSpec, combine_tasks, load_multitask_benchmark, load_multitask_datasets
 from .noise import derange_by_key, inject_noisy_correspondence
 
 __all__ = [
@@ -50,5 +50,6 @@ __all__ = [
     "load_easy_vqa_captions",
     "load_image_text_dataset",
     "load_multitask_benchmark",
+    "load_multitask_datasets",
     "preprocess_image_text",
 ]
