@@ -14,11 +14,9 @@ cache (measured in README). Set ``HF_MMSEL_NO_PEFT_HOOK=1`` to disable the start
 
 from __future__ import annotations
 
-import importlib.abc
 import importlib.machinery
 import os
 import sys
-import warnings
 
 __all__ = ["install", "installed"]
 
@@ -26,15 +24,19 @@ _TARGET = "peft"
 
 
 def _register(strict: bool) -> None:
+    import importlib
+
     try:
         importlib.import_module("hf_mmsel.mola")
     except Exception as err:  # noqa: BLE001 - never break `import peft` for an unrelated program
         if strict:
             raise
+        import warnings
+
         warnings.warn(f"hf_mmsel could not register its MoLA tuner with peft: {err}", RuntimeWarning, stacklevel=3)
 
 
-class _LoaderWrapper(importlib.abc.Loader):
+class _LoaderWrapper:  # duck-typed importlib Loader (importlib.abc costs start-up time)
     def __init__(self, loader, strict: bool):
         self._loader = loader
         self._strict = strict
@@ -50,7 +52,7 @@ class _LoaderWrapper(importlib.abc.Loader):
         return getattr(self._loader, name)
 
 
-class _PeftFinder(importlib.abc.MetaPathFinder):
+class _PeftFinder:  # duck-typed MetaPathFinder
     """Finds ``peft`` with the other finders, then wraps its loader. Removes itself after the first hit."""
 
     def __init__(self, strict: bool):

@@ -25,7 +25,8 @@ from typing import Any, Sequence
 
 __all__ = ["COMMANDS", "main", "parse_args_with_config", "serve_cached_help"]
 
-# command -> (module, one-line description); modules are imported only when their command runs
+# command -> (module, one-line description); modules are imported only when their command runs.
+# DEFAULT_CONFIGS: the YAML a command reads without --config (part of its cached --help key).
 COMMANDS: dict[str, tuple[str, str]] = {
     "train-clip": ("hf_mmsel.recipes.train_clip",
                    "train a CLIP-style dual encoder with DISSect selection and/or GSC weighting"),
@@ -39,6 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "benchmark-mola-step": ("hf_mmsel.recipes.benchmark_mola_step",
                             "step time of MoLA-Grad vs a peft LoRA of the same rank"),
 }
+DEFAULT_CONFIGS: dict[str, str] = {"train-mola": "mola_default.yaml", "curate": "curate_default.yaml"}
 PROG = "hf-mmsel"
 
 
@@ -71,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = f" Did you mean {close[0]!r}?" if close else ""
         print(f"{PROG}: unknown command {command!r}.{hint} Commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    if _wants_help(rest):
+        return _command_help(command, rest)
     module = importlib.import_module(COMMANDS[command][0])
     sys.argv = [f"{PROG} {command}", *rest]
     from hf_mmsel.recipes.run_utils import OutputDirExistsError
@@ -85,6 +89,36 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # ------------------------------------------------------------------------------------------ cached --help
 _HELP_FLAGS = ("-h", "--help")
+
+
+def _command_help(command: str, rest: list[str]) -> int:
+    """``hf-mmsel <command> --help``: the cached text when it is current, else the recipe's own help (imports
+    included), which is then cached."""
+    import contextlib
+    import io
+    from importlib.util import find_spec
+
+    module_name = COMMANDS[command][0]
+    prog = f"{PROG} {command}"
+    spec = find_spec(module_name)  # locates the file; runs only the (light) parent packages
+    sources = [spec.origin] if spec is not None and spec.origin else []
+    config = DEFAULT_CONFIGS.get(command)
+    default_config = Path(spec.origin).parent / "configs" / config if config and sources else None
+    serve_cached_help(prog, rest, sources, default_config)  # exits when cached
+    module = importlib.import_module(module_name)
+    sys.argv = [prog, *rest]
+    buffer = io.StringIO()
+    code: Any = 0
+    with contextlib.redirect_stdout(buffer):
+        try:
+            module.main(rest)
+        except SystemExit as exit_:
+            code = exit_.code
+    text = buffer.getvalue()
+    if code in (0, None) and text:
+        _store_help(prog, sources, _config_from_argv(rest, str(default_config) if default_config else None), text)
+    sys.stdout.write(text)
+    return int(code or 0) if not isinstance(code, str) else 1
 
 
 def _help_cache_dir() -> Path:

@@ -161,17 +161,27 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--device", default=None)
     parser.add_argument("--model", default="linear", choices=["linear", "vit"], help="vit = ViT-B/16 from config")
-    parser.add_argument("--output_json", default="mola_step_benchmark.json")
+    parser.add_argument("--output_json", default="outputs/benchmark-mola-step/mola_step_benchmark.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     options = {k: v for k, v in vars(args).items() if k not in ("threads", "output_json")}
     result = benchmark_mola_step(**options)
+    import os
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
     with open(args.output_json, "w") as f:
         json.dump(result, f, indent=2)
     print(
         f"MoLA-Grad ({args.num_experts} experts) / LoRA (r={args.rank}) step time: "
         f"{result['ratio_mola_grad_over_lora']:.3f}x  ({result['median_step_s']}) on {result['device']}"
     )
+    from hf_mmsel.recipes.run_utils import print_run_summary
+
+    print_run_summary("benchmark-mola-step finished",
+                      {"MoLA-Grad / LoRA step time": round(result["ratio_mola_grad_over_lora"], 3),
+                       **{f"median step s ({k})": v for k, v in result["median_step_s"].items()}},
+                      {"result": args.output_json},
+                      load_hint=f"import json; json.load(open({args.output_json!r}))")
     return result
 
 
