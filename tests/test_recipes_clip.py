@@ -41,7 +41,7 @@ def test_benchmark_writes_schema_for_every_strategy(tmp_out):
     results = bench.main(["--strategies", ",".join(names), "--epochs", "2", "--seeds", "0,1",
                           "--max_train", "256", "--max_test", "64", "--batch_size", "32", "--image_size", "16",
                           "--conv_channels", "8,16", "--hidden_size", "16", "--selection_warmup_epochs", "1",
-                          "--log_curves", "--output_dir", str(tmp_out)])
+                          "--log_curves", "--noise_ratio", "0.4", "--output_dir", str(tmp_out)])
     saved = json.loads((tmp_out / "results.json").read_text())["results"]
     assert [r["strategy"] for r in saved] == names == [r["strategy"] for r in results]
     keys = {"strategy", "select_rate", "noise_ratio", "i2t_r1", "t2i_r1", "rsum", "zero_shot_acc", "train_seconds",
@@ -80,7 +80,7 @@ def test_benchmark_parse_strategy():
 
 def test_benchmark_reference_clipscore_trains_a_reference_and_charges_its_time(tmp_out):
     bench = load_recipe("benchmark_selection")
-    results = bench.main(["--strategies", "reference_clipscore,full", "--epochs", "2", "--seed", "0",
+    results = bench.main(["--strategies", "reference_clipscore,full", "--epochs", "2", "--seed", "0", "--noise_ratio", "0.4",
                           "--max_train", "128", "--max_test", "32", "--batch_size", "32", "--image_size", "16",
                           "--conv_channels", "8,16", "--hidden_size", "16", "--selection_warmup_epochs", "1",
                           "--output_dir", str(tmp_out)])
