@@ -172,20 +172,22 @@ def _method(targs) -> str:
 
 def _load_code(model_id: str, co_trained: bool = False) -> str:
     if co_trained:
-        return f"""from hf_mmsel.models import CoTrainedDualEncoder
-model = CoTrainedDualEncoder.from_pretrained("{model_id}")   # the two GSC+ networks; features = their mean"""
+        load = (f'from hf_mmsel.models import CoTrainedDualEncoder\n'
+                f'model = CoTrainedDualEncoder.from_pretrained("{model_id}")  # both GSC+ networks; cosine = their mean')
+    else:
+        load = (f'import hf_mmsel.models  # registers the small dual encoder with AutoModel\n'
+                f'from transformers import AutoModel\n'
+                f'model = AutoModel.from_pretrained("{model_id}")')
     return f"""from PIL import Image
-from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
-import hf_mmsel.models  # registers the small dual encoder with AutoModel
-
-model = AutoModel.from_pretrained("{model_id}")
+from transformers import AutoImageProcessor, AutoTokenizer
+from hf_mmsel.models import encode_pair
+{load}
 tokenizer = AutoTokenizer.from_pretrained("{model_id}")
 image_processor = AutoImageProcessor.from_pretrained("{model_id}")
 pixel_values = image_processor(images=[Image.new("RGB", (64, 64), "red")], return_tensors="pt")["pixel_values"]
 text = tokenizer(["a red circle"], padding=True, return_tensors="pt")
-from hf_mmsel.models import encode_pair
 image_embeds, text_embeds = encode_pair(model, pixel_values, text["input_ids"], text["attention_mask"])
-print((image_embeds @ text_embeds.T).item())  # cosine similarity"""
+print((image_embeds @ text_embeds.T).item())  # cosine similarity of the image and the caption"""
 
 
 def _card(args: ClipRecipeArguments, targs, metrics: dict[str, float], state=None, co_trained: bool = False):
