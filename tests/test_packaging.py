@@ -106,7 +106,8 @@ def _run(venv, args, cwd, **env):
 @pytest.mark.slow
 def test_cli_from_wheel_outside_the_repo(wheel_venv, tmp_path):
     """hf-mmsel from the wheel: command list, a cached --help, a run with its summary, the refusal of a second
-    run into the same folder, and a MoLA adapter loaded by peft alone (the start-up hook)."""
+    run into the same folder, and a MoLA adapter loaded by peft alone (the start-up hook; with the hook switched off
+peft's KeyError is checked in test_mola_load.py)."""
     import json
     import time
 
@@ -142,7 +143,3 @@ def test_cli_from_wheel_outside_the_repo(wheel_venv, tmp_path):
     assert load.returncode == 0, load.stderr[-3000:]
     assert load.stdout.split()[0] == "MOLA" and load.stdout.split()[1] == "MolaModel"
     assert str(wheel_venv) in load.stdout.split()[2]  # the wheel's copy, not the checkout
-    off = _run(wheel_venv, [str(wheel_venv / "bin" / "python"), "-c",
-                            f"from peft import PeftConfig; PeftConfig.from_pretrained({str(out)!r})"], tmp_path,
-               HF_MMSEL_NO_PEFT_HOOK="1")
-    assert off.returncode != 0 and "MOLA" in off.stderr  # without the hook: peft's own KeyError

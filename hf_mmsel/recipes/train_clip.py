@@ -96,9 +96,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args, targs = parse_args(argv)
     push, targs.push_to_hub = targs.push_to_hub, False  # pushed below, with our card
     token = check_push_settings(targs.hub_model_id, targs.hub_token) if push else None  # before training
-    if targs.process_index == 0:
-        prepare_output_dir(targs.output_dir, overwrite_output_dir=args.overwrite_output_dir,
-                           resume_from_checkpoint=targs.resume_from_checkpoint)
+    # every rank checks (same answer everywhere, so a refusal stops all ranks) before any rank writes
+    prepare_output_dir(targs.output_dir, overwrite_output_dir=args.overwrite_output_dir,
+                       resume_from_checkpoint=targs.resume_from_checkpoint)
     data = load_image_text_dataset(args.dataset, image_column=args.image_column, caption_column=args.caption_column,
                                    label_column=args.label_column)
     if "train" not in data:

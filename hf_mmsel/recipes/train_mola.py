@@ -316,9 +316,10 @@ def main(argv: list[str] | None = None) -> dict:
     push = training_args.push_to_hub
     token = check_push_settings(training_args) if push else None
     training_args.push_to_hub = False  # we push the finished artefacts ourselves (not every checkpoint)
-    if training_args.process_index == 0:
-        prepare_output_dir(training_args.output_dir, overwrite_output_dir=data_args.overwrite_output_dir,
-                           resume_from_checkpoint=training_args.resume_from_checkpoint)
+    # every rank checks (same answer everywhere, so a refusal stops all ranks) before the main process writes
+    # base_model/ (after the barrier of main_process_first below)
+    prepare_output_dir(training_args.output_dir, overwrite_output_dir=data_args.overwrite_output_dir,
+                       resume_from_checkpoint=training_args.resume_from_checkpoint)
     set_seed(training_args.seed)
     with training_args.main_process_first(desc="build the multi-task data"):
         data, spec, image_size = load_data(data_args, model_args)
