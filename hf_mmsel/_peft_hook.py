@@ -46,6 +46,7 @@ class _LoaderWrapper:  # duck-typed importlib Loader (importlib.abc costs start-
 
     def exec_module(self, module):
         self._loader.exec_module(module)
+        _uninstall()
         _register(self._strict)
 
     def __getattr__(self, name):  # get_resource_reader, is_package, get_code, ... of the wrapped loader
@@ -53,7 +54,8 @@ class _LoaderWrapper:  # duck-typed importlib Loader (importlib.abc costs start-
 
 
 class _PeftFinder:  # duck-typed MetaPathFinder
-    """Finds ``peft`` with the other finders, then wraps its loader. Removes itself after the first hit."""
+    """Finds ``peft`` with the other finders, then wraps its loader. Stays installed until peft has actually been
+    executed: ``importlib.util.find_spec("peft")`` (availability probes, e.g. transformers') also lands here."""
 
     def __init__(self, strict: bool):
         self.strict = strict
@@ -61,11 +63,11 @@ class _PeftFinder:  # duck-typed MetaPathFinder
     def find_spec(self, fullname, path=None, target=None):
         if fullname != _TARGET:
             return None
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is None:  # another finder (zipimport, a vendored layout): let the normal machinery decide
             for finder in sys.meta_path:
+                if finder is self:
+                    continue
                 find = getattr(finder, "find_spec", None)
                 if find is not None:
                     spec = find(fullname, path, target)
@@ -75,6 +77,10 @@ class _PeftFinder:  # duck-typed MetaPathFinder
             return spec
         spec.loader = _LoaderWrapper(spec.loader, self.strict)
         return spec
+
+
+def _uninstall() -> None:
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _PeftFinder)]
 
 
 def installed() -> bool:

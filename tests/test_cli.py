@@ -96,6 +96,7 @@ def test_progress_logs_numbers_not_strings(capsys):
 def test_import_hf_mmsel_is_light_and_registers_on_peft_import():
     code = ("import sys, hf_mmsel\n"
             "assert 'peft' not in sys.modules and 'torch' not in sys.modules\n"
+            "import importlib.util; assert importlib.util.find_spec('peft')  # a probe (transformers does it)\n"
             "from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING\n"
             "print(PEFT_TYPE_TO_CONFIG_MAPPING['MOLA'].__name__)\n")
     out = subprocess.run([sys.executable, "-S", "-c", f"import sys; sys.path[:0] = {sys.path!r}\n" + code],
