@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 __all__ = ["OutputDirExistsError", "prepare_output_dir", "format_run_summary", "print_run_summary", "check_push_settings",
-           "cpu_dataloader_defaults", "use_numeric_progress"]
+           "cpu_dataloader_defaults", "use_numeric_progress", "hub_ids_only"]
 
 
 class OutputDirExistsError(FileExistsError):
@@ -118,3 +118,11 @@ def use_numeric_progress(trainer) -> None:
     if any(type(cb) is ProgressCallback for cb in trainer.callback_handler.callbacks):
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(_numeric_progress_callback()())
+
+
+def hub_ids_only(*names: str | None) -> list[str]:
+    """The names that look like Hub repo ids (not local folders): what a card's ``base_model`` / ``datasets``
+    metadata may list (the Hub rejects other values)."""
+    import os
+
+    return [n for n in names if n and not os.path.exists(n) and not os.path.isabs(n) and n.count("/") <= 1]

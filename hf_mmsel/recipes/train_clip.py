@@ -192,6 +192,7 @@ print((image_embeds @ text_embeds.T).item())  # cosine similarity of the image a
 
 def _card(args: ClipRecipeArguments, targs, metrics: dict[str, float], state=None, co_trained: bool = False):
     from hf_mmsel.hub import model_card_data, render_card
+    from hf_mmsel.recipes.run_utils import hub_ids_only
 
     strategy = targs.selection_strategy
     selection = {"strategy": strategy}
@@ -237,8 +238,8 @@ def _card(args: ClipRecipeArguments, targs, metrics: dict[str, float], state=Non
         f"{args.image_size} px)")
     return render_card(
         "contrastive_model_card",
-        card_data=model_card_data(tags=tags, datasets=args.dataset, license=args.license,
-                                  base_model=[args.vision_model, args.text_model] if args.vision_model else None),
+        card_data=model_card_data(tags=tags, datasets=hub_ids_only(args.dataset) or None, license=args.license,
+                                  base_model=hub_ids_only(args.vision_model, args.text_model) or None),
         model_id=model_id,
         method=method,
         method_summary=" ".join(summary),

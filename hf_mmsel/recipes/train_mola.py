@@ -229,6 +229,7 @@ def write_card(output_dir: str, *, adapter_id: str, on_hub: bool, model_args: Mo
                results: dict, trainable_params: int, hardware: str, data_args: DataArguments | None = None,
                training_args=None, state=None, image_size: int = 28, license: str = "apache-2.0") -> None:
     from hf_mmsel.hub import model_card_data, render_card
+    from hf_mmsel.recipes.run_utils import hub_ids_only
 
     per_task = {name: results[f"acc_{name}"] for name in spec.task_names}
     per_task["mean"] = results["mean_acc"]
@@ -250,8 +251,8 @@ def write_card(output_dir: str, *, adapter_id: str, on_hub: bool, model_args: Mo
     card = render_card(
         "mola_adapter_card",
         card_data=model_card_data(tags=["mola", "peft", "multi-task", "image-classification"], metrics=["accuracy"],
-                                  datasets=[s for s in _dataset_sources(dataset)] or None, license=license,
-                                  base_model=model_args.model_name_or_path),
+                                  datasets=hub_ids_only(*_dataset_sources(dataset)) or None, license=license,
+                                  base_model=(hub_ids_only(model_args.model_name_or_path) or [None])[0]),
         adapter_id=adapter_id,
         base_model=f"base_model/ ({_backbone_desc(model_args)} + per-task heads; "
                    "hf_mmsel.models.multitask.load_multitask_vit)",
