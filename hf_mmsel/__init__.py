@@ -1,13 +1,14 @@
 """hf_mmsel: DISSect, GSC and MoLA on the Hugging Face stack.
 
-Importing the package registers the ``MOLA`` tuner with peft, so that ``PeftModel.from_pretrained`` can load
-MoLA adapters. Everything else is imported lazily on first attribute access to keep ``import hf_mmsel`` light.
+Importing the package makes sure the ``MOLA`` tuner is registered with peft, so that ``PeftModel.from_pretrained``
+can load MoLA adapters: at once if peft is already imported, otherwise right after peft gets imported (a post-import
+hook, ``hf_mmsel._peft_hook``), so ``import hf_mmsel`` itself stays light. Everything else is imported lazily on
+first attribute access.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (this module runs at start-up)
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,8 @@ def __getattr__(name: str):
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'hf_mmsel' has no attribute {name!r}")
+    import importlib
+
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
@@ -57,5 +60,7 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from .models import DualEncoderBundle, build_dual_encoder  # noqa: F401
 
-# Eager: registers the MOLA tuner with peft (peft_type "MOLA", prefix "mola_") so saved MoLA adapters load.
-from . import mola as _mola  # noqa: E402,F401
+# Registers the MOLA tuner with peft (peft_type "MOLA", prefix "mola_") now or when peft is imported.
+from . import _peft_hook  # noqa: E402
+
+_peft_hook.install()

@@ -1,17 +1,194 @@
-"""Argument parsing shared by the recipes: ``HfArgumentParser`` dataclasses with a YAML ``--config`` of defaults.
+"""The ``hf-mmsel`` command line, and the argument parsing shared by the recipes.
 
-Precedence, as in TRL's ``TrlParser``: dataclass defaults < the YAML file < command-line flags. Unknown YAML keys
-are an error (a typo must not be silently ignored).
+``hf-mmsel <command> [flags]`` runs one recipe (``hf-mmsel train-mola --max_steps 100``); ``hf-mmsel --help``
+lists them and ``hf-mmsel <command> --help`` shows its flags. A recipe's module is imported only when its command
+runs, so the listing costs no torch/transformers import. The same recipes run as ``python -m hf_mmsel <command>``,
+``python -m hf_mmsel.recipes.<name>`` and ``accelerate launch -m hf_mmsel.recipes.<name>`` (or
+``accelerate launch -m hf_mmsel <command>``).
+
+Recipe flags: ``HfArgumentParser`` dataclasses with a YAML ``--config`` of defaults. Precedence, as in TRL's
+``TrlParser``: dataclass defaults < the YAML file < command-line flags. Unknown YAML keys are an error (a typo must
+not be silently ignored). A recipe's ``--help`` text is cached per user (``~/.cache/hf_mmsel/help``, keyed by the
+recipe's sources, its config and the transformers version), so that only the first ``--help`` pays the imports.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import hashlib
+import importlib
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["parse_args_with_config"]
+__all__ = ["COMMANDS", "main", "parse_args_with_config", "serve_cached_help"]
+
+# command -> (module, one-line description); modules are imported only when their command runs.
+# DEFAULT_CONFIGS: the YAML a command reads without --config (part of its cached --help key).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train-clip": ("hf_mmsel.recipes.train_clip",
+                   "train a CLIP-style dual encoder with DISSect selection and/or GSC weighting"),
+    "train-mola": ("hf_mmsel.recipes.train_mola",
+                   "train a MoLA adapter (mixture of LoRA experts) on a multi-task image dataset"),
+    "curate": ("hf_mmsel.recipes.curate", "score a image-text dataset with a trained model and keep the clean pairs"),
+    "benchmark-selection": ("hf_mmsel.recipes.benchmark_selection",
+                            "compare selection / noisy-correspondence strategies on a noisy image-text dataset"),
+    "benchmark-mola": ("hf_mmsel.recipes.benchmark_mola",
+                       "compare MoLA with full fine-tuning and LoRA baselines on a multi-task benchmark"),
+    "benchmark-mola-step": ("hf_mmsel.recipes.benchmark_mola_step",
+                            "step time of MoLA-Grad vs a peft LoRA of the same rank"),
+}
+DEFAULT_CONFIGS: dict[str, str] = {"train-mola": "mola_default.yaml", "curate": "curate_default.yaml"}
+PROG = "hf-mmsel"
+
+
+def _usage() -> str:
+    width = max(len(c) for c in COMMANDS)
+    lines = [f"usage: {PROG} <command> [flags]   ({PROG} <command> --help for its flags)", "",
+             "Faster, noise-robust multimodal and multi-task training on the Hugging Face stack.", "", "commands:"]
+    lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items()]
+    lines += ["", "Each command also runs under Accelerate, e.g.",
+              f"  accelerate launch -m hf_mmsel train-mola --max_steps 300",
+              "Results go to outputs/<command> unless --output_dir says otherwise; a non-empty folder is refused",
+              "unless --overwrite_output_dir true or --resume_from_checkpoint is given."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``hf-mmsel`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from hf_mmsel import __version__
+
+        print(f"{PROG} {__version__}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        close = difflib.get_close_matches(command, list(COMMANDS), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        print(f"{PROG}: unknown command {command!r}.{hint} Commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    if _wants_help(rest):
+        return _command_help(command, rest)
+    module = importlib.import_module(COMMANDS[command][0])
+    sys.argv = [f"{PROG} {command}", *rest]
+    from hf_mmsel.recipes.run_utils import OutputDirExistsError
+
+    try:
+        module.main(rest)
+    except OutputDirExistsError as err:  # a user error, not a crash: one line, no traceback
+        print(f"{PROG} {command}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ cached --help
+_HELP_FLAGS = ("-h", "--help")
+
+
+def _command_help(command: str, rest: list[str]) -> int:
+    """``hf-mmsel <command> --help``: the cached text when it is current, else the recipe's own help (imports
+    included), which is then cached."""
+    import contextlib
+    import io
+    from importlib.util import find_spec
+
+    module_name = COMMANDS[command][0]
+    prog = f"{PROG} {command}"
+    spec = find_spec(module_name)  # locates the file; runs only the (light) parent packages
+    sources = [spec.origin] if spec is not None and spec.origin else []
+    config = DEFAULT_CONFIGS.get(command)
+    default_config = Path(spec.origin).parent / "configs" / config if config and sources else None
+    serve_cached_help(prog, rest, sources, default_config)  # exits when cached
+    module = importlib.import_module(module_name)
+    sys.argv = [prog, *rest]
+    buffer = io.StringIO()
+    code: Any = 0
+    with contextlib.redirect_stdout(buffer):
+        try:
+            module.main(rest)
+        except SystemExit as exit_:
+            code = exit_.code
+    text = buffer.getvalue()
+    if code in (0, None) and text:
+        _store_help(prog, sources, _config_from_argv(rest, str(default_config) if default_config else None), text)
+    sys.stdout.write(text)
+    return int(code or 0) if not isinstance(code, str) else 1
+
+
+def _help_cache_dir() -> Path:
+    root = os.environ.get("HF_MMSEL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "hf_mmsel")
+    return Path(root) / "help"
+
+
+def _help_key(prog: str, sources: Sequence[str | Path], config: str | None) -> str:
+    """What the help text depends on: the recipe's sources, the trainer argument classes, this module, the YAML
+    defaults and the installed transformers (whose ``TrainingArguments`` fields the recipes expose)."""
+    from importlib import metadata
+    from importlib.util import find_spec
+
+    digest = hashlib.sha256(prog.encode())
+    for dist in ("transformers", "hf-mmsel"):
+        try:
+            digest.update(f"{dist}={metadata.version(dist)}".encode())
+        except metadata.PackageNotFoundError:
+            digest.update(f"{dist}=none".encode())
+    files = [Path(__file__), *map(Path, sources)]
+    spec = find_spec("hf_mmsel.trainers")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        files += sorted(Path(location).glob("*.py"))
+    if config:
+        files.append(Path(config))
+    for path in files:
+        digest.update(str(path.name).encode())
+        digest.update(path.read_bytes() if path.is_file() else b"<missing>")
+    return digest.hexdigest()[:32]
+
+
+def _wants_help(argv: Sequence[str]) -> bool:
+    return any(a in _HELP_FLAGS for a in argv)
+
+
+def _config_from_argv(argv: Sequence[str], default: str | None) -> str | None:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=default)
+    known, _ = pre.parse_known_args(list(argv))
+    return known.config or None
+
+
+def serve_cached_help(prog: str, argv: Sequence[str] | None, sources: Sequence[str | Path],
+                      default_config: str | Path | None = None) -> None:
+    """If ``argv`` asks for ``--help`` and its text is cached, print it and exit (before any heavy import)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not _wants_help(argv):
+        return
+    try:
+        config = _config_from_argv(argv, str(default_config) if default_config is not None else None)
+        path = _help_cache_dir() / f"{_help_key(prog, sources, config)}.txt"
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    raise SystemExit(0)
+
+
+def _store_help(prog: str, sources: Sequence[str | Path], config: str | None, text: str) -> None:
+    try:
+        folder = _help_cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{_help_key(prog, sources, config)}.txt"
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:  # a read-only home must not break --help
+        pass
 
 
 def parse_args_with_config(
@@ -20,11 +197,15 @@ def parse_args_with_config(
     *,
     default_config: str | Path | None = None,
     prog: str | None = None,
+    defaults: dict[str, Any] | None = None,
+    help_sources: Sequence[str | Path] = (),
 ) -> tuple[Any, ...]:
     """Parse ``argv`` (default ``sys.argv[1:]``) into instances of ``dataclass_types``.
 
     ``--config PATH`` (default ``default_config``; ``--config ''`` for none) names a YAML mapping of field
-    names to values used as defaults; flags given on the command line override it.
+    names to values used as defaults; flags given on the command line override it. ``defaults`` replaces
+    dataclass defaults below the YAML file (e.g. the recipe's ``output_dir``). With ``prog`` and ``--help`` the
+    help text is cached (see ``serve_cached_help``; ``help_sources`` are the files it depends on).
     """
     import yaml
     from transformers import HfArgumentParser
@@ -38,6 +219,8 @@ def parse_args_with_config(
     types = [dataclass_types] if isinstance(dataclass_types, type) else list(dataclass_types)
     parser = HfArgumentParser(types, prog=prog)
     parser.add_argument("--config", default=default, help="YAML file of defaults (command-line flags override it)")
+    if defaults:
+        parser.set_defaults(**defaults)
     if known.config:
         path = Path(known.config)
         if not path.is_file():
@@ -49,5 +232,15 @@ def parse_args_with_config(
         if unknown:
             raise ValueError(f"{path}: unknown settings {unknown}; see --help for the valid ones")
         parser.set_defaults(**values)
+    if prog and _wants_help(argv):
+        text = parser.format_help()
+        _store_help(prog, help_sources, known.config or None, text)
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        raise SystemExit(0)
     *parsed, _config_namespace = parser.parse_args_into_dataclasses(args=argv)
     return tuple(parsed)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -35,10 +35,13 @@ def build(kind: str, **kw) -> PeftModel:
     return get_peft_model(make_model(kind), MolaConfig(**cfg))
 
 
-def run_fresh(script: str, *args: str) -> subprocess.CompletedProcess:
-    """Run ``script`` in a fresh interpreter (no hf_mmsel import unless the script does it)."""
+def run_fresh(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``script`` in a fresh interpreter (no hf_mmsel import unless the script or the start-up hook does it)."""
+    import os
+
     code = f"import sys; sys.path.insert(0, {TESTS_DIR!r})\n" + textwrap.dedent(script)
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=240)
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=240,
+                          env={**os.environ, **(env or {})})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -138,7 +141,8 @@ print("HF_MMSEL_NOT_IMPORTED")
 
 
 def test_without_import_keyerror_and_vanilla_lora_export(saved):
-    proc = run_fresh(FRESH_WITHOUT_IMPORT, str(saved))
+    # the installed start-up hook (hf_mmsel_peft_hook.pth) is switched off: a process with peft alone
+    proc = run_fresh(FRESH_WITHOUT_IMPORT, str(saved), env={"HF_MMSEL_NO_PEFT_HOOK": "1"})
     assert "KEYERROR KeyError('MOLA')" in proc.stdout
     assert "HF_MMSEL_NOT_IMPORTED" in proc.stdout
     got = load_file(str(saved / "fresh_without_import.safetensors"))

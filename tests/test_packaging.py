@@ -25,7 +25,7 @@ def built(tmp_path_factory):
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
     for name in ("hf_mmsel", "trainers", "model_cards"):
         shutil.copytree(ROOT / name, src / name, ignore=ignore)
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "setup.py", "hf_mmsel_peft_hook.pth"):
         shutil.copy2(ROOT / name, src / name)
     dist = work / "dist"
     # -x: setuptools is what the build needs; the `wheel` package named in build-system.requires is optional
@@ -49,7 +49,11 @@ def test_wheel_contents(built):
     for card in CARDS:
         assert f"hf_mmsel/model_cards/{card}" in names
     top_level = {n.split("/")[0] for n in names}
-    assert top_level <= {"hf_mmsel"} | {n.split("/")[0] for n in names if ".dist-info/" in n}, top_level
+    assert "hf_mmsel_peft_hook.pth" in names  # site-packages root: registers MoLA when peft is imported
+    assert top_level <= {"hf_mmsel", "hf_mmsel_peft_hook.pth"} | {n.split("/")[0] for n in names
+                                                                  if ".dist-info/" in n}, top_level
+    entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    assert "hf-mmsel = hf_mmsel.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
     assert not ({"trainers", "model_cards", "tests", "recipes"} & top_level)
 
 
@@ -75,3 +79,68 @@ def test_import_package_and_trainers():
     code = "import hf_mmsel, hf_mmsel.trainers; print(hf_mmsel.__version__)"
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd="/")
     assert out.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def wheel_venv(built, tmp_path_factory):
+    """A throw-away venv with the wheel installed (``pip install --no-deps``) and this venv's packages visible
+    through a plain path .pth (so the checkout's editable install and its hooks are NOT active there)."""
+    import site
+
+    wheel, _ = built
+    venv = tmp_path_factory.mktemp("venv") / "v"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    (purelib,) = (venv / "lib").glob("python3*/site-packages")
+    (purelib / "zz_reuse_outer_venv.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--no-deps",
+                    "--no-index", "--quiet", str(wheel)], check=True, capture_output=True, text=True)
+    return venv
+
+
+def _run(venv, args, cwd, **env):
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HF_MMSEL_CACHE": str(cwd / "cache"),
+                **env}
+    full_env.pop("PYTHONPATH", None)
+    return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_cli_from_wheel_outside_the_repo(wheel_venv, tmp_path):
+    """hf-mmsel from the wheel: command list, a cached --help, a run with its summary, the refusal of a second
+    run into the same folder, and a MoLA adapter loaded by peft alone (the start-up hook; with the hook switched off
+peft's KeyError is checked in test_mola_load.py)."""
+    import json
+    import time
+
+    cli = str(wheel_venv / "bin" / "hf-mmsel")
+    top = _run(wheel_venv, [cli, "--help"], tmp_path)
+    assert top.returncode == 0 and all(c in top.stdout for c in ("train-clip", "train-mola", "curate",
+                                                                     "benchmark-selection", "benchmark-mola"))
+    first = _run(wheel_venv, [cli, "train-mola", "--help"], tmp_path)
+    start = time.perf_counter()
+    second = _run(wheel_venv, [cli, "train-mola", "--help"], tmp_path)
+    cached_s = time.perf_counter() - start
+    assert first.returncode == second.returncode == 0 and "--model_name_or_path" in first.stdout
+    assert second.stdout == first.stdout and cached_s < 2.0, cached_s
+
+    out = tmp_path / "run"
+    flags = ["train-mola", "--output_dir", str(out), "--max_steps", "2", "--max_per_task", "40", "--hidden_size",
+             "16", "--num_hidden_layers", "1", "--intermediate_size", "32", "--num_attention_heads", "2"]
+    run = _run(wheel_venv, [cli, *flags], tmp_path)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "***** train-mola: MoLA-Grad finished *****" in run.stdout and "eval_mean_acc" in run.stdout
+    assert str(out / "README.md") in run.stdout and "PeftModel.from_pretrained" in run.stdout
+    assert "'loss': '" not in run.stdout + run.stderr  # numbers are logged as numbers
+    again = _run(wheel_venv, [cli, *flags], tmp_path)
+    assert again.returncode == 1 and "--overwrite_output_dir" in again.stderr and "Traceback" not in again.stderr
+
+    code = ("import sys\n"
+            "from peft import PeftConfig, PeftModel\n"
+            f"t = PeftConfig.from_pretrained({str(out)!r}).peft_type; print(getattr(t, 'value', t))\n"  # peft alone
+            "from hf_mmsel.models.multitask import load_multitask_vit\n"
+            f"m = PeftModel.from_pretrained(load_multitask_vit({str(out / 'base_model')!r}), {str(out)!r})\n"
+            "import hf_mmsel; print(type(m.base_model).__name__, hf_mmsel.__file__)\n")
+    load = _run(wheel_venv, [str(wheel_venv / "bin" / "python"), "-c", code], tmp_path)
+    assert load.returncode == 0, load.stderr[-3000:]
+    assert load.stdout.split()[0] == "MOLA" and load.stdout.split()[1] == "MolaModel"
+    assert str(wheel_venv) in load.stdout.split()[2]  # the wheel's copy, not the checkout

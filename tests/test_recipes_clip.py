@@ -14,9 +14,10 @@ from _helpers import RECIPES, load_recipe
 def test_train_clip_config_flags_override_and_card(tmp_out):
     train_clip = load_recipe("train_clip")
     config = yaml.safe_load((RECIPES / "configs" / "clip_dissect.yaml").read_text())
-    config.update(output_dir=str(tmp_out), num_train_epochs=10, max_train=96, max_test=48,
+    assert "noise_ratio" not in config  # no shipped config shuffles captions unless asked (--noise_ratio)
+    config.update(noise_ratio=0.4, output_dir=str(tmp_out), num_train_epochs=10, max_train=96, max_test=48,
                   per_device_train_batch_size=32, save_strategy="no", selection_warmup_epochs=1)  # 2 epochs below
-    path = tmp_out / "config.yaml"
+    path = tmp_out.parent / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     args, targs = train_clip.parse_args(["--config", str(path), "--num_train_epochs", "2", "--use_cpu", "true",
                                          "--image_size", "16", "--patch_size", "8", "--hidden_size", "32"])
@@ -40,7 +41,7 @@ def test_benchmark_writes_schema_for_every_strategy(tmp_out):
     results = bench.main(["--strategies", ",".join(names), "--epochs", "2", "--seeds", "0,1",
                           "--max_train", "256", "--max_test", "64", "--batch_size", "32", "--image_size", "16",
                           "--conv_channels", "8,16", "--hidden_size", "16", "--selection_warmup_epochs", "1",
-                          "--log_curves", "--output_dir", str(tmp_out)])
+                          "--log_curves", "--noise_ratio", "0.4", "--output_dir", str(tmp_out)])
     saved = json.loads((tmp_out / "results.json").read_text())["results"]
     assert [r["strategy"] for r in saved] == names == [r["strategy"] for r in results]
     keys = {"strategy", "select_rate", "noise_ratio", "i2t_r1", "t2i_r1", "rsum", "zero_shot_acc", "train_seconds",
@@ -79,7 +80,7 @@ def test_benchmark_parse_strategy():
 
 def test_benchmark_reference_clipscore_trains_a_reference_and_charges_its_time(tmp_out):
     bench = load_recipe("benchmark_selection")
-    results = bench.main(["--strategies", "reference_clipscore,full", "--epochs", "2", "--seed", "0",
+    results = bench.main(["--strategies", "reference_clipscore,full", "--epochs", "2", "--seed", "0", "--noise_ratio", "0.4",
                           "--max_train", "128", "--max_test", "32", "--batch_size", "32", "--image_size", "16",
                           "--conv_channels", "8,16", "--hidden_size", "16", "--selection_warmup_epochs", "1",
                           "--output_dir", str(tmp_out)])

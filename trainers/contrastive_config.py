@@ -109,7 +109,7 @@ class ContrastiveTrainingArguments(TrainingArguments):
     )
     gsc_prob_posterior: bool = field(
         default=False,
-        metadata={"help": "feed the EMA of p with the GMM posterior of p instead of raw p (gsc.md §12.1 deviation)"},
+        metadata={"help": "feed the EMA of p with the GMM posterior of p instead of raw p"},
     )
     gsc_prob_logit_scale: float | None = field(
         default=None, metadata={"help": "fixed scale (> 0) for the positive probability p (default: the model's)"}
@@ -117,7 +117,7 @@ class ContrastiveTrainingArguments(TrainingArguments):
     gsc_seed: int | None = field(default=None, metadata={"help": "seed of the GMM subsample (default: seed)"})
     gsc_co_training: bool = field(
         default=False,
-        metadata={"help": "GSC+ (gsc.md §6): the model is a CoTrainedDualEncoder; each network's losses are weighted "
+        metadata={"help": "GSC+: the model is a CoTrainedDualEncoder; each network's losses are weighted "
                           "by its peer's w, each network keeps its own buffers/GMM/EMA; needs gsc=True"},
     )
 

@@ -32,7 +32,7 @@ from .loading import (
     load_image_text_dataset,
     load_streaming_image_text_dataset,
 )
-from .multitask import MultiTaskSpec, combine_tasks, load_multitask_benchmark
+from .multitask import MultiTaskSpec, combine_tasks, load_multitask_benchmark, load_multitask_datasets
 from .noise import derange_by_key, inject_noisy_correspondence
 from .shards import (
     BadSampleError,
@@ -80,5 +80,6 @@ __all__ = [
     "load_easy_vqa_captions",
     "load_image_text_dataset",
     "load_multitask_benchmark",
+    "load_multitask_datasets",
     "preprocess_image_text",
 ]

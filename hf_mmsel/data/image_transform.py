@@ -71,6 +71,18 @@ class ImageTransform:
         array = (array - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return np.ascontiguousarray(array.transpose(2, 0, 1))
 
+    def to_image_processor(self):
+        """The equivalent ``CLIPImageProcessor`` (saved next to a trained model so ``AutoImageProcessor`` turns
+        images into the ``pixel_values`` it was trained on)."""
+        from transformers import CLIPImageProcessor
+
+        height, width = self.size
+        edge = {"shortest_edge": self.shortest_edge} if self.shortest_edge is not None else {"height": height,
+                                                                                             "width": width}
+        return CLIPImageProcessor(size=edge, crop_size={"height": height, "width": width},
+                                  do_center_crop=self.shortest_edge is not None, resample=_RESAMPLE[self.resample],
+                                  image_mean=list(self.mean), image_std=list(self.std), do_convert_rgb=True)
+
     @classmethod
     def from_image_processor(cls, processor) -> ImageTransform:
         """Build from an image processor object, or a local folder / Hub id holding ``preprocessor_config.json``."""

@@ -400,3 +400,94 @@ class MultiTaskCollator:
             "labels": torch.tensor([int(f["label"]) for f in features], dtype=torch.long),
             "task_ids": torch.tensor([int(f["task_id"]) for f in features], dtype=torch.long),
         }
+
+
+# ------------------------------------------------------------------------------------------ a user's datasets
+def _load_any_dataset(source: str):
+    """A ``DatasetDict`` from a ``save_to_disk`` folder, a local data folder/file or a Hub id."""
+    import os
+
+    import datasets
+
+    if os.path.isdir(source) and any(os.path.isfile(os.path.join(source, f))
+                                     for f in ("dataset_dict.json", "state.json", "dataset_info.json")):
+        data = datasets.load_from_disk(source)
+    else:
+        data = datasets.load_dataset(source)
+    return data if isinstance(data, datasets.DatasetDict) else datasets.DatasetDict({"train": data})
+
+
+def parse_task_datasets(text: str) -> dict[str, str]:
+    """``"a=path1,b=path2"`` -> ``{"a": "path1", "b": "path2"}``; a single source without ``=`` -> ``{"": source}``."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if len(parts) == 1 and "=" not in parts[0]:
+        return {"": parts[0]}
+    tasks = {}
+    for part in parts:
+        name, sep, source = part.partition("=")
+        if not sep or not name or not source:
+            raise ValueError(f"--dataset {text!r}: several datasets are given as name=source,name=source; "
+                             f"got {part!r}")
+        if name in tasks:
+            raise ValueError(f"--dataset {text!r}: task name {name!r} appears twice")
+        tasks[name] = source
+    return tasks
+
+
+def load_multitask_datasets(
+    dataset: str,
+    *,
+    image_column: str = "image",
+    label_column: str = "label",
+    task_column: str | None = None,
+    image_size: int = 28,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    max_per_task: int | None = None,
+    mean: float | Sequence[float] = 0.5,
+    std: float | Sequence[float] = 0.5,
+):
+    """A user's data as a MoLA multi-task dataset ``({"train", "test"} DatasetDict, MultiTaskSpec)``.
+
+    ``dataset`` is one image-classification dataset (one task, or several when ``task_column`` names the column
+    holding each row's task), or several named datasets ``"name=source,name=source"`` (one task each). A source is
+    a Hub id, a local data folder or a ``save_to_disk`` folder. A source's ``test`` (else ``validation``) split is
+    the test set; without one, ``test_fraction`` of its ``train`` split is held out (seeded).
+    """
+    import datasets
+
+    sources = parse_task_datasets(dataset)
+    per_task: dict[str, dict[str, Any]] = {}
+    for name, source in sources.items():
+        data = _load_any_dataset(source)
+        if "train" not in data:
+            raise ValueError(f"dataset {source!r} has no 'train' split (splits: {list(data)})")
+        test_name = next((s for s in ("test", "validation") if s in data), None)
+        if test_name is None:
+            split = data["train"].train_test_split(test_size=test_fraction, seed=seed)
+            train, test = split["train"], split["test"]
+        else:
+            train, test = data["train"], data[test_name]
+        if task_column is not None:
+            if task_column not in train.column_names:
+                raise ValueError(f"dataset {source!r}: no task column {task_column!r}; columns: {train.column_names}")
+            feature = train.features[task_column]
+            values = sorted(set(train[task_column]))
+            for value in values:
+                label = feature.int2str(value) if isinstance(feature, datasets.ClassLabel) else str(value)
+                task = f"{name}/{label}" if name else label
+                per_task[task] = {"train": train.filter(lambda v, value=value: v == value, input_columns=task_column),
+                                  "test": test.filter(lambda v, value=value: v == value, input_columns=task_column)}
+        else:
+            per_task[name or "task"] = {"train": train, "test": test}
+    if max_per_task is not None:
+        for parts in per_task.values():
+            for key in ("train", "test"):
+                parts[key] = parts[key].select(range(min(max_per_task, len(parts[key]))))
+    train_ds, spec = combine_tasks({t: p["train"] for t, p in per_task.items()}, image_column=image_column,
+                                   label_column=label_column, image_size=image_size, mean=mean, std=std)
+    num_labels = dict(zip(spec.task_names, spec.num_labels))
+    test_ds, _ = combine_tasks({t: p["test"] for t, p in per_task.items()}, image_column=image_column,
+                               label_column=label_column, image_size=image_size, mean=mean, std=std,
+                               num_labels=num_labels)
+    return datasets.DatasetDict({"train": train_ds, "test": test_ds}), spec

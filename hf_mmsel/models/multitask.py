@@ -28,6 +28,8 @@ __all__ = [
     "ViTForMultiTaskImageClassification",
     "build_vit_for_multitask_classification",
     "save_multitask_vit",
+    "load_multitask_backbone",
+    "backbone_feature_dim",
     "load_multitask_vit",
 ]
 
@@ -191,16 +193,18 @@ MULTITASK_WEIGHTS_NAME = "model.safetensors"
 
 
 def save_multitask_vit(model: MultiTaskClassifier, directory: str) -> None:
-    """Save a :func:`build_multitask_vit` model (ViT config, task spec, pooling, weights) to ``directory``: the base
-    model a MoLA/LoRA adapter needs next to it (``multitask_config.json`` + ``model.safetensors``)."""
+    """Save a :class:`MultiTaskClassifier` whose backbone is a transformers model (a :func:`build_multitask_vit`
+    ViT, or any ``AutoModel`` vision backbone) to ``directory``: backbone config, task spec, pooling and weights
+    (``multitask_config.json`` + ``model.safetensors``), the base model a MoLA/LoRA adapter needs next to it."""
     import json
     import os
 
     from safetensors.torch import save_model
 
     config = getattr(model.backbone, "config", None)
-    if config is None or getattr(config, "model_type", None) != "vit":
-        raise ValueError("save_multitask_vit needs a MultiTaskClassifier with a transformers ViTModel backbone")
+    if config is None or not hasattr(config, "to_dict") or not getattr(config, "model_type", None):
+        raise ValueError("save_multitask_vit needs a MultiTaskClassifier with a transformers model as backbone "
+                         f"(with a .config); got {type(model.backbone).__name__}")
     os.makedirs(directory, exist_ok=True)
     meta = {"backbone_config": config.to_dict(), "spec": model.spec.to_dict(), "pooling": model.pooling,
             "feature_dim": model.feature_dim}
@@ -210,19 +214,25 @@ def save_multitask_vit(model: MultiTaskClassifier, directory: str) -> None:
 
 
 def load_multitask_vit(directory: str) -> MultiTaskClassifier:
-    """Inverse of :func:`save_multitask_vit` (bit-exact weights)."""
+    """Inverse of :func:`save_multitask_vit` (bit-exact weights; the backbone is rebuilt from its config)."""
     import json
     import os
 
     from safetensors.torch import load_model
-    from transformers import ViTConfig, ViTModel
+    from transformers import AutoConfig, AutoModel, ViTConfig, ViTModel
 
     path = os.path.join(directory, MULTITASK_CONFIG_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{directory!r} has no {MULTITASK_CONFIG_NAME}: not saved by save_multitask_vit")
     with open(path) as fh:
         meta = json.load(fh)
-    backbone = ViTModel(ViTConfig.from_dict(meta["backbone_config"]), add_pooling_layer=False)
+    backbone_config = dict(meta["backbone_config"])
+    model_type = backbone_config.get("model_type", "vit")
+    if model_type == "vit":
+        backbone = ViTModel(ViTConfig.from_dict(backbone_config), add_pooling_layer=False)
+    else:
+        backbone_config.pop("model_type", None)
+        backbone = AutoModel.from_config(AutoConfig.for_model(model_type, **backbone_config))
     model = MultiTaskClassifier(backbone, MultiTaskSpec.from_dict(meta["spec"]), meta["feature_dim"], meta["pooling"])
     load_model(model, os.path.join(directory, MULTITASK_WEIGHTS_NAME))
     return model
@@ -305,3 +315,29 @@ def build_vit_for_multitask_classification(
     if seed is not None:
         torch.manual_seed(seed)
     return __getattr__("ViTForMultiTaskImageClassification")(config)
+
+
+def backbone_feature_dim(backbone: nn.Module) -> int:
+    """Width of a transformers vision backbone's pooled features (``hidden_size``, or the last of ``hidden_sizes``
+    for convolutional backbones)."""
+    config = getattr(backbone, "config", None)
+    for name in ("hidden_size", "hidden_sizes", "embed_dim", "num_features"):
+        value = getattr(config, name, None)
+        if isinstance(value, (list, tuple)) and value:
+            return int(value[-1])
+        if isinstance(value, int):
+            return value
+    raise ValueError(f"cannot read the feature width of {type(backbone).__name__}: its config has no hidden_size")
+
+
+def load_multitask_backbone(model_name_or_path: str, spec: MultiTaskSpec, pooling: str = "mean") -> MultiTaskClassifier:
+    """Any transformers vision backbone (Hub id or local folder, ``AutoModel.from_pretrained``) with new per-task
+    heads: the base of a MoLA adapter trained on a user's model."""
+    from transformers import AutoConfig, AutoModel
+
+    kwargs = {}
+    config = AutoConfig.from_pretrained(model_name_or_path)
+    if getattr(config, "model_type", None) == "vit":
+        kwargs["add_pooling_layer"] = False  # the heads pool the tokens
+    backbone = AutoModel.from_pretrained(model_name_or_path, **kwargs)
+    return MultiTaskClassifier(backbone, spec, feature_dim=backbone_feature_dim(backbone), pooling=pooling)

@@ -1,6 +1,6 @@
 """Compare MoLA with fine-tuning baselines on the embedded heterogeneous benchmark, under identical budgets.
 
-    python recipes/benchmark_mola.py --seeds 0,1,2 --learning_rates 1e-3,3e-3 --output_dir outputs/benchmarks/mola
+    hf-mmsel benchmark-mola --methods mola_grad,lora_shared --seeds 0,1,2 --learning_rates 1e-3,3e-3
     # the defaults; 30 runs of 600 steps: about 20 min on 2 shared CPU cores (measured 1154 s)
 
 Methods (same frozen random-init ViT base, same number of optimisation steps, batch size, linear schedule, warm-up and
@@ -49,10 +49,19 @@ def _number_list(kind):
     return parse
 
 
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "y"):
+        return True
+    if text.lower() in ("0", "false", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", type=_number_list(str), default=[list(METHODS)],
+                   help=f"comma-separated, from {','.join(METHODS)} (default: all)")
     p.add_argument("--seeds", nargs="+", type=_number_list(int), default=[[0, 1, 2]], help="e.g. 0,1,2")
     p.add_argument("--learning_rates", nargs="+", type=_number_list(float), default=[[1e-3, 3e-3]],
                    help="grid searched per method on the validation split, e.g. 1e-3,3e-3")
@@ -67,8 +76,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split_seed", type=int, default=0, help="seed of the train/validation split")
     p.add_argument("--timing_steps", type=int, default=30, help="interleaved timed steps per method (0: skip)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 gives the most stable step times)")
-    p.add_argument("--output_dir", default="outputs/benchmarks/mola")
+    p.add_argument("--output_dir", default="outputs/benchmark-mola")
+    p.add_argument("--overwrite_output_dir", type=_bool, nargs="?", const=True, default=False,
+                   help="write into a non-empty --output_dir, replacing only the files this run writes")
     args = p.parse_args(argv)
+    args.methods = list(dict.fromkeys(m for group in args.methods for m in group))
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown or not args.methods:
+        p.error(f"--methods: unknown {unknown}; choose from {','.join(METHODS)}")
     args.seeds = [s for group in args.seeds for s in group]
     args.learning_rates = [lr for group in args.learning_rates for lr in group]
     if not args.seeds or not args.learning_rates:
@@ -288,19 +303,20 @@ def write_plot(summary: dict, spec, path: str) -> None:
     labels = list(spec.task_names) + ["mean"]
     x = np.arange(len(labels))
     width = 0.8 / max(len(summary), 1)
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     for i, (method, s) in enumerate(summary.items()):
         values = [s["accuracy"][n] for n in spec.task_names] + [s["mean_acc"]]
         errors = [0.0] * len(spec.task_names) + [s["mean_acc_std"]]
         ax.bar(x + (i - (len(summary) - 1) / 2) * width, values, width, yerr=errors, capsize=2,
                label=f"{method} (lr {s['learning_rate']:g})")
     ax.set_xticks(x, labels)
-    ax.set_ylabel("test accuracy")
+    ax.set_xlabel("task")
+    ax.set_ylabel("test accuracy (mean ± std over seeds)")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.1))
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), title="method")
     ax.set_title("MoLA vs baselines (identical budgets, lr chosen on validation)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -314,7 +330,9 @@ def main(argv: list[str] | None = None) -> dict:
     benchmark, spec = load_multitask_benchmark(max_per_task=args.max_per_task)
     train, validation = split_by_task(benchmark["train"], args.val_fraction, seed=args.split_seed)
     data = {"train": train, "validation": validation, "test": benchmark["test"]}
-    os.makedirs(args.output_dir, exist_ok=True)
+    from hf_mmsel.recipes.run_utils import prepare_output_dir, print_run_summary
+
+    prepare_output_dir(args.output_dir, overwrite_output_dir=args.overwrite_output_dir)
     started = time.perf_counter()
     runs: list[dict] = []
     for seed in args.seeds:  # methods interleaved within each (seed, lr) round
@@ -343,6 +361,14 @@ def main(argv: list[str] | None = None) -> dict:
     write_markdown(payload, spec, args, os.path.join(args.output_dir, "results.md"))
     write_plot(payload["summary"], spec, os.path.join(args.output_dir, "results.png"))
     print(Path(args.output_dir, "results.md").read_text())
+    metrics = {}
+    for method, row in payload["summary"].items():
+        metrics[f"{method}: mean test acc"] = f"{row['mean_acc']:.3f} ± {row['mean_acc_std']:.3f}"
+        metrics[f"{method}: lr"] = row["learning_rate"]
+    out = Path(args.output_dir)
+    print_run_summary(f"benchmark-mola: {len(args.methods)} methods x {len(args.seeds)} seed(s)", metrics,
+                      {"table": out / "results.md", "all runs": out / "results.json", "bar chart": out / "results.png"},
+                      load_hint=f"import json; json.load(open({str(out / 'results.json')!r}))['summary']")
     return payload
 
 

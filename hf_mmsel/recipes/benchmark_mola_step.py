@@ -265,7 +265,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                         help="E values of the inference mode")
     parser.add_argument("--train_num_experts_list", type=int, nargs="+", default=[8, 16],
                         help="E values of the training-step ratio in --mode both")
-    parser.add_argument("--output_json", default="mola_step_benchmark.json")
+    parser.add_argument("--output_json", default="outputs/benchmark-mola-step/mola_step_benchmark.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     common = dict(dim=args.dim, num_layers=args.num_layers, batch_size=args.batch_size, rank=args.rank,
@@ -285,8 +285,22 @@ def main(argv: Optional[list[str]] = None) -> dict:
             result["train"] = {e: benchmark_mola_step(num_experts=e, **common) for e in args.train_num_experts_list}
             for e, row in result["train"].items():
                 print(f"E={e}: MoLA-Grad / LoRA training step {row['ratio_mola_grad_over_lora']:.2f}x")
+    import os
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
     with open(args.output_json, "w") as f:
         json.dump(result, f, indent=2)
+    from hf_mmsel.recipes.run_utils import print_run_summary
+
+    metrics = {}
+    if "ratio_mola_grad_over_lora" in result:
+        metrics["MoLA-Grad / LoRA step time"] = round(result["ratio_mola_grad_over_lora"], 3)
+    for e, row in result.get("inference", {}).get("per_num_experts", {}).items():
+        metrics[f"E={e} MoLA / LoRA adapter_names throughput"] = round(row["throughput_ratio_mola_over_lora"], 3)
+    for e, row in result.get("train", {}).items():
+        metrics[f"E={e} MoLA / LoRA training step"] = round(row["ratio_mola_grad_over_lora"], 3)
+    print_run_summary("benchmark-mola-step finished", metrics, {"result": args.output_json},
+                      load_hint=f"import json; json.load(open({args.output_json!r}))")
     return result
 
 

@@ -11,14 +11,17 @@ machine load hits them alike, after untimed warm-up runs that absorb the process
 ``train_seconds`` is the Trainer's wall-clock training time, every scoring forward and GSC computation included (the optional ``--log_curves`` diagnostics are timed and subtracted). Writes
 ``results.json``, ``results.md`` and ``results.png`` (plus ``curves.png`` with ``--log_curves``) to ``--output_dir``.
 
-    python recipes/benchmark_selection.py --strategies dissect,random,full,gsc,dissect+gsc --seeds 0,1,2
+    hf-mmsel benchmark-selection --strategies dissect,random,full,gsc,dissect+gsc --seeds 0,1,2 --noise_ratio 0.4
+
+No caption is shuffled unless ``--noise_ratio`` (or ``--noise_ratios 0.2,0.4``) is given. Results go to
+``--output_dir`` (default ``outputs/benchmark-selection``; a non-empty folder needs ``--overwrite_output_dir true``).
 
 Defaults (documented choice, README "Results"): the model is :class:`~hf_mmsel.models.SmallDualEncoderModel`
 (``--model small``: a CNN image tower + bag-of-words text tower from scratch at 28 px), trained on cached tensors
 with B = 128, AdamW lr 2e-3, weight decay 0.0 (``--weight_decay``), cosine schedule, 20 epochs, DISSect warm-up of
 a quarter of the epochs. In this regime full-data training fits the clean pairs first and then memorises the
 noisy ones (test rSum peaks early and declines; the clean-vs-noisy train cosine gap shrinks: check with
-``--log_curves``), the regime DISSect and GSC target (dissect.md §0). ``--model clip`` trains a tiny random-init
+``--log_curves``), the regime DISSect and GSC target. ``--model clip`` trains a tiny random-init
 CLIP instead; it underfits at this scale and never memorises the noise.
 
 ``reference_clipscore`` (the paper's oracle baseline: top-k by the CLIPScore of a FIXED reference model): before
@@ -46,6 +49,8 @@ from typing import Any
 
 import torch
 
+PROG = "hf-mmsel benchmark-selection"
+
 
 @dataclass
 class BenchmarkArguments:
@@ -53,7 +58,8 @@ class BenchmarkArguments:
     image_column: str = field(default="image")
     caption_column: str = field(default="caption")
     label_column: str | None = field(default=None, metadata={"help": "optional class column (zero-shot accuracy)"})
-    noise_ratio: float = field(default=0.4, metadata={"help": "fraction of training captions shuffled"})
+    noise_ratio: float = field(default=0.0, metadata={"help": "fraction of training captions shuffled (benchmark "
+                                                              "device; default 0: the data as given)"})
     noise_ratios: str | None = field(default=None, metadata={"help": "comma list; overrides --noise_ratio"})
     strategies: str = field(
         default="dissect,random,full",
@@ -64,7 +70,9 @@ class BenchmarkArguments:
     selection_warmup_epochs: int | None = field(default=None, metadata={"help": "default: a quarter of --epochs"})
     seed: int = field(default=0)
     seeds: str | None = field(default=None, metadata={"help": "comma list, e.g. 0,1,2 (overrides --seed)"})
-    output_dir: str = field(default="benchmark_selection")
+    output_dir: str = field(default="outputs/benchmark-selection")
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "write into a non-empty --output_dir, "
+                                                                        "replacing only the files this run writes"})
     batch_size: int = field(default=128, metadata={"help": "candidate batch B"})
     learning_rate: float = field(default=2e-3)
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (0: lets full-data training "
@@ -85,7 +93,7 @@ class BenchmarkArguments:
     gsc_beta: float = field(default=0.7, metadata={"help": "GSC EMA momentum of the epoch-end update"})
     gsc_prob_posterior: bool = field(
         default=True,
-        metadata={"help": "GSC: feed the EMA with the GMM clean posterior of p instead of raw p (gsc.md 12.1: with "
+        metadata={"help": "GSC: feed the EMA with the GMM clean posterior of p instead of raw p (with "
                           "repeated captions in a batch raw p is small even for clean pairs)"},
     )
     loss_type: str = field(
@@ -471,7 +479,7 @@ def _write_reports(results: list[dict[str, Any]], out: Path, args: BenchmarkArgu
 
     noises = sorted({r["noise_ratio"] for r in results})
     strategies = list(dict.fromkeys(_label(r, results) for r in results))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
     width = 0.8 / max(1, len(strategies))
     for i, strategy in enumerate(strategies):
         rows = [next((r for r in results if _label(r, results) == strategy and r["noise_ratio"] == n), None)
@@ -480,12 +488,19 @@ def _write_reports(results: list[dict[str, Any]], out: Path, args: BenchmarkArgu
         kept = [r for r in rows if r is not None]
         axes[0].bar(xs, [r["rsum"] for r in kept], width, yerr=[r["rsum_std"] for r in kept], label=strategy)
         axes[1].bar(xs, [r["train_seconds"] for r in kept], width, label=strategy)
-    for ax, title in zip(axes, ("test rSum (mean ± std over seeds)", "train seconds (scoring included)")):
+    seeds = results[0].get("seeds", []) if results else []
+    labels = (("test rSum (mean ± std over seeds)", "rSum (sum of R@1/5/10, both directions, %)"),
+              ("training time, scoring included", "train seconds (wall clock)"))
+    for ax, (title, ylabel) in zip(axes, labels):
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(noises))], [f"{n:.0%} noise" for n in noises])
         ax.set_title(title)
-    axes[0].legend(fontsize=8)
+        ax.set_xlabel("injected noisy-correspondence rate")
+        ax.set_ylabel(ylabel)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, title="strategy")
+    fig.suptitle(f"benchmark-selection: {len(strategies)} strategies, seeds {seeds}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(out / "results.png", dpi=90)
+    fig.savefig(out / "results.png", dpi=90, bbox_inches="tight")
     plt.close(fig)
     _plot_curves(results, out, plt)
 
@@ -516,13 +531,14 @@ def _plot_curves(results: list[dict[str, Any]], out: Path, plt) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    from transformers import HfArgumentParser
+    from hf_mmsel.cli import parse_args_with_config
 
+    (args,) = parse_args_with_config(BenchmarkArguments, argv, prog=PROG, help_sources=[__file__])
     from hf_mmsel.data import inject_noisy_correspondence, preprocess_image_text
     from hf_mmsel.models import ARCHITECTURES
+    from hf_mmsel.recipes.run_utils import prepare_output_dir, print_run_summary
     from hf_mmsel.selection import SELECTION_STRATEGIES
 
-    (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses(args=argv)
     torch.set_num_threads(args.threads)
     strategies = _csv(args.strategies, str)
     if not strategies:
@@ -543,8 +559,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         raise ValueError(f"--validation_fraction must be in [0, 1), got {args.validation_fraction}")
     seeds = _csv(args.seeds, int) or [args.seed]
     noise_ratios = _csv(args.noise_ratios, float) or [args.noise_ratio]
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(args.output_dir, overwrite_output_dir=args.overwrite_output_dir)
 
     data, class_captions = _load(args)
     tokenizer_bundle = _build(args, data["train"]["caption"], seed=0)
@@ -593,6 +608,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         for c in row["curve"]), flush=True)
         results.extend(_aggregate(runs[c], noise, seeds) for c in combos)
         _write_reports(results, out, args)
+    summary = {}
+    for row in results:
+        name = f"{row['strategy']} @ {row['noise_ratio']:.0%} noise"
+        summary[f"{name}: rSum"] = f"{row['rsum']:.1f} ± {row['rsum_std']:.1f}"
+        summary[f"{name}: train s"] = round(row["train_seconds"], 1)
+    print_run_summary(f"benchmark-selection: {len(strategies)} strategies x {len(seeds)} seed(s)", summary,
+                      {"table": out / "results.md", "all runs": out / "results.json", "bar chart": out / "results.png"},
+                      load_hint=f"import json; json.load(open({str(out / 'results.json')!r}))['results']")
     return results
 
 

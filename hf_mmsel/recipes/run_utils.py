@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["OutputDirExistsError", "prepare_output_dir", "format_run_summary", "print_run_summary"]
+__all__ = ["OutputDirExistsError", "prepare_output_dir", "format_run_summary", "print_run_summary", "check_push_settings",
+           "cpu_dataloader_defaults", "use_numeric_progress", "hub_ids_only"]
 
 
 class OutputDirExistsError(FileExistsError):
@@ -72,3 +73,56 @@ def print_run_summary(title: str, metrics: Mapping[str, Any] | None = None,
     if is_main_process:
         print(text, flush=True)
     return text
+
+
+def check_push_settings(hub_model_id: str | None, hub_token: str | None = None, *,
+                        flag: str = "--hub_model_id") -> str:
+    """The Hub token for ``--push_to_hub``, checked before any work so nothing is lost: every recipe needs the repo
+    id spelled out (``namespace/name``), none guesses it from the folder name."""
+    if not hub_model_id:
+        raise ValueError(f"--push_to_hub needs {flag} <namespace/name> (the Hub repository to create or update)")
+    from hf_mmsel.hub import resolve_hub_token
+
+    return resolve_hub_token(hub_token, repo_id=hub_model_id)
+
+
+def cpu_dataloader_defaults(training_args) -> None:
+    """No pinned memory without an accelerator: silences torch's ``'pin_memory' ... no accelerator is found``
+    warning, which the DataLoader repeats for every evaluation and epoch."""
+    import torch
+
+    if training_args.dataloader_pin_memory and (training_args.use_cpu or not torch.cuda.is_available()):
+        training_args.dataloader_pin_memory = False
+
+
+def _numeric_progress_callback():
+    from transformers.trainer_callback import ProgressCallback
+
+    class NumericProgressCallback(ProgressCallback):
+        """transformers' progress bar, but logged floats stay numbers (``'loss': 7.567``, not ``'7.567'``)."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None:
+                shown = {k: (float(f"{v:.4g}") if isinstance(v, float) else v)
+                         for k, v in (logs or {}).items() if k != "total_flos"}
+                self.training_bar.write(str(shown))
+
+    return NumericProgressCallback
+
+
+def use_numeric_progress(trainer) -> None:
+    """Replace the Trainer's ``ProgressCallback`` (which prints every float as a string) by one that keeps numbers.
+    A trainer without a progress bar (``disable_tqdm``) keeps its ``PrinterCallback``."""
+    from transformers.trainer_callback import ProgressCallback
+
+    if any(type(cb) is ProgressCallback for cb in trainer.callback_handler.callbacks):
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(_numeric_progress_callback()())
+
+
+def hub_ids_only(*names: str | None) -> list[str]:
+    """The names that look like Hub repo ids (not local folders): what a card's ``base_model`` / ``datasets``
+    metadata may list (the Hub rejects other values)."""
+    import os
+
+    return [n for n in names if n and not os.path.exists(n) and not os.path.isabs(n) and n.count("/") <= 1]

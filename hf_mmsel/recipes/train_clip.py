@@ -1,8 +1,8 @@
 """Train a CLIP-style dual encoder with online sample selection (DISSect by default).
 
-    python recipes/train_clip.py --config recipes/configs/clip_dissect.yaml --noise_ratio 0.4
-    python recipes/train_clip.py --config recipes/configs/clip_gsc.yaml      # dissect selection + GSC weighting
-    accelerate launch --multi_gpu --num_processes 2 recipes/train_clip.py --config ... --use_cpu true
+    hf-mmsel train-clip --config recipes/configs/clip_dissect.yaml --noise_ratio 0.4
+    hf-mmsel train-clip --config recipes/configs/clip_gsc.yaml      # dissect selection + GSC weighting
+    accelerate launch --multi_gpu --num_processes 2 -m hf_mmsel.recipes.train_clip --config ... --use_cpu true
 
 Every field of ``ClipRecipeArguments`` and ``ContrastiveTrainingArguments`` is a flag; ``--config`` reads a YAML
 file of the same names and flags given on the command line override it. Without ``--dataset`` it trains on the
@@ -12,10 +12,13 @@ SigLIP / SigLIP2 checkpoint lends its tower) and ``--model_name_or_path`` from a
 (e.g. a ``SiglipModel``) instead of a small random-init CLIP (``--architecture clip|small|siglip``).
 ``--loss_type sigmoid`` trains with SigLIP's pairwise sigmoid loss (the model's ``logit_scale``/``logit_bias``,
 added with t' = log 10, b = -10 when it lacks them) instead of the softmax InfoNCE. ``--gsc true`` adds GSC
-per-sample weighting after selection (``--selection_strategy full``
-for GSC alone), tuned by the ``--gsc_*`` flags; the final weights are saved as ``gsc_weights.safetensors``
-(key ``weights``, indexed by ``sample_idx``). ``--push_to_hub`` uploads the model with a card rendered from
-``model_cards/contrastive_model_card.md``.
+per-sample weighting after selection (``--selection_strategy full`` for GSC alone), tuned by the ``--gsc_*``
+flags; ``--gsc_co_training true`` trains two networks (GSC+, a ``CoTrainedDualEncoder``, the second initialised
+with ``--seed + 1``). The final weights are saved as ``gsc_weights.safetensors`` (key ``weights``, indexed by
+``sample_idx``). No caption is shuffled unless ``--noise_ratio`` is given. Results go to ``--output_dir``
+(default ``outputs/train-clip``; a non-empty folder needs ``--overwrite_output_dir true`` or
+``--resume_from_checkpoint``): the model, its tokenizer and image processor, ``metrics.json``,
+``score_distributions.png`` and a model card; ``--push_to_hub --hub_model_id <user/name>`` uploads them.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ class ClipRecipeArguments:
     image_column: str = field(default="image")
     caption_column: str = field(default="caption")
     label_column: str | None = field(default=None)
-    noise_ratio: float = field(default=0.0, metadata={"help": "shuffle this fraction of training captions"})
+    noise_ratio: float = field(default=0.0, metadata={"help": "benchmark device: shuffle this fraction of the training "
+                                                              "captions (default 0: the data is used as given)"})
     noise_seed: int = field(default=0)
     max_train: int | None = field(default=None)
     max_test: int | None = field(default=None)
@@ -55,17 +59,31 @@ class ClipRecipeArguments:
                                                              "(needs --max_steps); sample_idx from manifest.json"})
     on_bad_sample: str = field(default="raise", metadata={"help": "streaming: 'raise' or 'skip' (and count) a bad "
                                                                   "sample (truncated tar, missing caption, bad image)"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "write into a non-empty --output_dir, "
+                                                                        "replacing only the files this run writes"})
+    license: str = field(default="apache-2.0", metadata={"help": "license recorded in the model card"})
+
+
+PROG = "hf-mmsel train-clip"
+DEFAULT_OUTPUT_DIR = "outputs/train-clip"
 
 
 def parse_args(argv: list[str] | None = None):
     """``(recipe_args, training_args)`` from a YAML ``--config`` plus command-line flags (flags win)."""
-    from hf_mmsel.cli import parse_args_with_config
+    from hf_mmsel.cli import parse_args_with_config, serve_cached_help
+
+    serve_cached_help(PROG, argv, [__file__])
     from hf_mmsel.trainers import ContrastiveTrainingArguments
 
-    return parse_args_with_config((ClipRecipeArguments, ContrastiveTrainingArguments), argv)
+    args, targs = parse_args_with_config((ClipRecipeArguments, ContrastiveTrainingArguments), argv, prog=PROG,
+                                         defaults={"output_dir": DEFAULT_OUTPUT_DIR}, help_sources=[__file__])
+    from hf_mmsel.recipes.run_utils import cpu_dataloader_defaults
+
+    cpu_dataloader_defaults(targs)
+    return args, targs
 
 
-def _build_model(args: ClipRecipeArguments, captions):
+def _build_model(args: ClipRecipeArguments, captions, seed: int = 0):
     from hf_mmsel.models import build_dual_encoder
 
     return build_dual_encoder(vision_model=args.vision_model, text_model=args.text_model,
@@ -73,7 +91,7 @@ def _build_model(args: ClipRecipeArguments, captions):
                               architecture=args.architecture, image_size=args.image_size,
                               patch_size=args.patch_size, hidden_size=args.hidden_size, num_layers=args.num_layers,
                               max_length=args.max_length, initializer_factor=args.initializer_factor,
-                              logit_scale_init=args.logit_scale_init)
+                              logit_scale_init=args.logit_scale_init, seed=seed)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -84,17 +102,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         load_image_text_dataset,
         preprocess_image_text,
     )
+    from hf_mmsel.recipes.run_utils import check_push_settings, prepare_output_dir, use_numeric_progress
     from hf_mmsel.trainers import ContrastiveTrainer
 
     args, targs = parse_args(argv)
     push, targs.push_to_hub = targs.push_to_hub, False  # pushed below, with our card
-    if push:
-        from hf_mmsel.hub import resolve_hub_token
-
-        repo_id = targs.hub_model_id or Path(targs.output_dir).name
-        token = resolve_hub_token(targs.hub_token, repo_id=repo_id)  # before training: fail fast
+    token = check_push_settings(targs.hub_model_id, targs.hub_token) if push else None  # before training
+    # every rank checks (same answer everywhere, so a refusal stops all ranks) before any rank writes
+    prepare_output_dir(targs.output_dir, overwrite_output_dir=args.overwrite_output_dir,
+                       resume_from_checkpoint=targs.resume_from_checkpoint)
     if args.streaming:
-        return _main_streaming(args, targs, push, token if push else None)
+        return _main_streaming(args, targs, push, token)
     data = load_image_text_dataset(args.dataset, image_column=args.image_column, caption_column=args.caption_column,
                                    label_column=args.label_column)
     if "train" not in data:
@@ -105,34 +123,59 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             data[name] = data[name].select(range(limit))
     if args.noise_ratio > 0:
         data = inject_noisy_correspondence(data, args.noise_ratio, seed=args.noise_seed)
-    bundle = _build_model(args, data["train"]["caption"])
+    bundle = _build_model(args, data["train"]["caption"], seed=targs.seed)
+    model = bundle.model
+    if targs.gsc_co_training:  # GSC+: two networks, each weighted by its peer's clean estimate
+        from hf_mmsel.models import CoTrainedDualEncoder
+
+        model = CoTrainedDualEncoder([bundle.model, _build_model(args, data["train"]["caption"],
+                                                                 seed=targs.seed + 1).model])
     data = preprocess_image_text(data, tokenizer=bundle.tokenizer, image_transform=bundle.image_transform,
                                  max_length=args.max_length)
     class_captions = list(EASY_VQA_CLASS_CAPTIONS) if args.dataset is None else None
     trainer = ContrastiveTrainer(
-        bundle.model, targs, train_dataset=data["train"], eval_dataset=data[test_name] if test_name else None,
+        model, targs, train_dataset=data["train"], eval_dataset=data[test_name] if test_name else None,
         data_collator=ImageTextCollator(bundle.tokenizer, max_length=args.max_length),
         processing_class=bundle.tokenizer, class_captions=class_captions,
     )
+    use_numeric_progress(trainer)
     train_metrics = trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint).metrics
     metrics = trainer.evaluate() if test_name else {}
     trainer.save_model(targs.output_dir)
     gsc_weights = trainer.gsc_weights() if targs.gsc else None  # gathered from every rank's shard: all ranks call
+    out = Path(targs.output_dir)
+    artefacts = {"model": out}
     if trainer.is_world_process_zero():
-        out = Path(targs.output_dir)
+        bundle.tokenizer.save_pretrained(str(out))
+        bundle.image_transform.to_image_processor().save_pretrained(str(out))
         (out / "metrics.json").write_text(json.dumps({**train_metrics, **metrics}, indent=2))
+        artefacts.update({"tokenizer + image processor": out, "metrics": out / "metrics.json"})
         if targs.gsc:
             from safetensors.torch import save_file
 
             save_file({"weights": gsc_weights}, str(out / "gsc_weights.safetensors"))
-        card = _card(args, targs, metrics)
+            artefacts["gsc weights"] = out / "gsc_weights.safetensors"
+        card = _card(args, targs, metrics, trainer.state, co_trained=targs.gsc_co_training)
         card.save(str(out / "README.md"))
+        artefacts["model card"] = out / "README.md"
+        plot = out / "score_distributions.png"
+        if plot.is_file():
+            artefacts["score plot"] = plot
         if push:
             from hf_mmsel.hub import push_folder_to_hub
 
-            push_folder_to_hub(out, repo_id, token=token, private=targs.hub_private_repo,
+            push_folder_to_hub(out, targs.hub_model_id, token=token, private=targs.hub_private_repo,
                                ignore_patterns=["checkpoint-*", "checkpoint-*/**", "training_args.bin"],
                                commit_message="Upload dual encoder trained with hf_mmsel")
+            artefacts["hub"] = f"https://huggingface.co/{targs.hub_model_id}"
+    from hf_mmsel.recipes.run_utils import print_run_summary
+
+    shown = {k: v for k, v in {**train_metrics, **metrics}.items()
+             if k in ("train_loss", "train_runtime", "epoch") or k.startswith("eval_")}
+    shown = {"global_step": trainer.state.global_step, **shown}
+    print_run_summary(f"train-clip: {_method(targs)} finished", shown, artefacts,
+                      load_hint=_load_code(str(out), co_trained=targs.gsc_co_training),
+                      is_main_process=trainer.is_world_process_zero())
     return {**train_metrics, **metrics}
 
 
@@ -141,52 +184,98 @@ def _main_streaming(args: ClipRecipeArguments, targs, push: bool, token) -> dict
     a random-init model comes from the captions of the first shard."""
     from hf_mmsel.data import ImageTextCollator, load_image_text_dataset
     from hf_mmsel.data.shards import iter_shard
+    from hf_mmsel.recipes.run_utils import print_run_summary, use_numeric_progress
     from hf_mmsel.trainers import ContrastiveTrainer
 
     if targs.max_steps <= 0:
         raise ValueError("--streaming true needs --max_steps > 0 (the stream is infinite)")
+    if targs.gsc_co_training:
+        raise ValueError("--gsc_co_training is not supported with --streaming true yet; train GSC+ on map-style data")
     stream = load_image_text_dataset(args.dataset, streaming=True, on_bad_sample=args.on_bad_sample)
     captions = [row["caption"] for row in iter_shard(stream.manifest.shards[0], decode_images=False,
                                                      on_bad_sample="skip")]
-    bundle = _build_model(args, captions)
+    bundle = _build_model(args, captions, seed=targs.seed)
     trainer = ContrastiveTrainer(
         bundle.model, targs, train_dataset=stream, processing_class=bundle.tokenizer,
         data_collator=ImageTextCollator(bundle.tokenizer, image_transform=bundle.image_transform,
                                         max_length=args.max_length),
     )
+    use_numeric_progress(trainer)
     metrics = trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint).metrics
     trainer.save_model(targs.output_dir)
     gsc_weights = trainer.gsc_weights() if targs.gsc else None  # every rank takes part in the gather
     metrics["bad_samples_skipped"] = int(trainer.train_dataset.stats.get("bad_samples", 0))
+    out = Path(targs.output_dir)
+    artefacts = {"model": out}
     if trainer.is_world_process_zero():
-        out = Path(targs.output_dir)
+        bundle.tokenizer.save_pretrained(str(out))
+        bundle.image_transform.to_image_processor().save_pretrained(str(out))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        artefacts.update({"tokenizer + image processor": out, "metrics": out / "metrics.json"})
         if gsc_weights is not None:
             from safetensors.torch import save_file
 
             save_file({"weights": gsc_weights}, str(out / "gsc_weights.safetensors"))
-        _card(args, targs, {}).save(str(out / "README.md"))
+            artefacts["gsc weights"] = out / "gsc_weights.safetensors"
+        _card(args, targs, {}, trainer.state).save(str(out / "README.md"))
+        artefacts["model card"] = out / "README.md"
         if push:
             from hf_mmsel.hub import push_folder_to_hub
 
-            repo_id = targs.hub_model_id or Path(targs.output_dir).name
-            push_folder_to_hub(out, repo_id, token=token, private=targs.hub_private_repo,
+            push_folder_to_hub(out, targs.hub_model_id, token=token, private=targs.hub_private_repo,
                                ignore_patterns=["checkpoint-*", "checkpoint-*/**", "training_args.bin"],
                                commit_message="Upload dual encoder trained with hf_mmsel")
+            artefacts["hub"] = f"https://huggingface.co/{targs.hub_model_id}"
+    shown = {"global_step": trainer.state.global_step,
+             **{k: v for k, v in metrics.items() if k in ("train_loss", "train_runtime", "bad_samples_skipped")}}
+    print_run_summary(f"train-clip (streaming): {_method(targs)} finished", shown, artefacts,
+                      load_hint=_load_code(str(out)), is_main_process=trainer.is_world_process_zero())
     return metrics
 
 
-def _card(args: ClipRecipeArguments, targs, metrics: dict[str, float]):
-    from hf_mmsel.hub import render_card
+def _method(targs) -> str:
+    strategy = targs.selection_strategy
+    return strategy if not targs.gsc else ("gsc" if strategy == "full" else f"{strategy}+gsc") + (
+        " (GSC+, two networks)" if targs.gsc_co_training else "")
+
+
+def _load_code(model_id: str, co_trained: bool = False) -> str:
+    if co_trained:
+        load = (f'from hf_mmsel.models import CoTrainedDualEncoder\n'
+                f'model = CoTrainedDualEncoder.from_pretrained("{model_id}")  # both GSC+ networks; cosine = their mean')
+    else:
+        load = (f'import hf_mmsel.models  # registers the small dual encoder with AutoModel\n'
+                f'from transformers import AutoModel\n'
+                f'model = AutoModel.from_pretrained("{model_id}")')
+    return f"""from PIL import Image
+from transformers import AutoImageProcessor, AutoTokenizer
+from hf_mmsel.models import encode_pair
+{load}
+tokenizer = AutoTokenizer.from_pretrained("{model_id}")
+image_processor = AutoImageProcessor.from_pretrained("{model_id}")
+pixel_values = image_processor(images=[Image.new("RGB", (64, 64), "red")], return_tensors="pt")["pixel_values"]
+text = tokenizer(["a red circle"], padding=True, return_tensors="pt")
+image_embeds, text_embeds = encode_pair(model, pixel_values, text["input_ids"], text["attention_mask"])
+print((image_embeds @ text_embeds.T).item())  # cosine similarity of the image and the caption"""
+
+
+def _card(args: ClipRecipeArguments, targs, metrics: dict[str, float], state=None, co_trained: bool = False):
+    from hf_mmsel.hub import model_card_data, render_card
+    from hf_mmsel.recipes.run_utils import hub_ids_only
 
     strategy = targs.selection_strategy
     selection = {"strategy": strategy}
     if strategy != "full":
         selection["select_rate"] = targs.select_rate
+    epochs_run = float(state.epoch) if state is not None and state.epoch is not None else None
     if strategy == "dissect":
         selection["warmup_epochs"] = targs.resolved_selection_warmup_epochs
     selection.update({f"gsc_{k}": v for k, v in targs.gsc_settings().items()})
-    method = strategy if not targs.gsc else ("gsc" if strategy == "full" else f"{strategy}+gsc")
+    method = _method(targs)
+    if (strategy == "dissect" and epochs_run is not None
+            and epochs_run <= targs.resolved_selection_warmup_epochs):
+        method = (f"random selection (DISSect's {targs.resolved_selection_warmup_epochs}-epoch warm-up covered all "
+                  f"{epochs_run:g} epochs run)" + (" + GSC" if targs.gsc else ""))
     summary = []
     if strategy.startswith("dissect"):
         summary.append("DISSect keeps, from every candidate batch, the pairs whose CLIPScore dropped most "
@@ -197,21 +286,43 @@ def _card(args: ClipRecipeArguments, targs, metrics: dict[str, float]):
                        "every epoch end, and adds a structure-matching loss (Zhao et al., CVPR 2024).")
     tags = ["clip", "contrastive-learning", "sample-selection"] + (["noisy-correspondence", "gsc"] if targs.gsc else [])
     results = [{"setting": "test", **{k.removeprefix("eval_"): round(v, 3) for k, v in metrics.items()
-                                       if isinstance(v, float)}}] if metrics else []
+                                       if isinstance(v, float) and k not in ("eval_runtime", "epoch")
+                                       and not k.endswith("_per_second")}}] if metrics else []
+    model_id = targs.hub_model_id or Path(targs.output_dir).name
+    training = {
+        "optimizer steps": state.global_step if state is not None else targs.max_steps,
+        "epochs": round(epochs_run, 2) if epochs_run is not None else targs.num_train_epochs,
+        "per-device candidate batch": targs.per_device_train_batch_size,
+        "processes": targs.world_size,
+        "learning rate": targs.learning_rate,
+        "schedule": f"{getattr(targs.lr_scheduler_type, 'value', targs.lr_scheduler_type)}, warm-up {targs.warmup_steps}",
+        "weight decay": targs.weight_decay,
+        "loss": targs.loss_type,
+        "seed": targs.seed,
+    }
+    data = args.dataset or "embedded easy-vqa captions (hf_mmsel.data.load_image_text_dataset())"
+    if args.max_train:
+        data += f", first {args.max_train} training pairs"
+    random_init = {"clip": "tiny CLIPModel", "siglip": "tiny SiglipModel"}.get(args.architecture, "SmallDualEncoderModel")
+    base = args.model_name_or_path or (args.vision_model and f"{args.vision_model} + {args.text_model}") or (
+        f"random init ({random_init}, {args.image_size} px)")
     return render_card(
         "contrastive_model_card",
-        card_data={"tags": tags, "datasets": args.dataset} if args.dataset else {"tags": tags},
-        model_id=targs.hub_model_id or Path(targs.output_dir).name,
+        card_data=model_card_data(tags=tags, datasets=hub_ids_only(args.dataset) or None, license=args.license,
+                                  base_model=hub_ids_only(args.model_name_or_path, args.vision_model,
+                                                          args.text_model) or None),
+        model_id=model_id,
         method=method,
         method_summary=" ".join(summary),
-        base_model=args.model_name_or_path or (args.vision_model and f"{args.vision_model} + {args.text_model}")
-        or "random init",
+        base_model=base,
         selection=selection,
-        dataset_name=args.dataset or "embedded easy-vqa captions",
-        noise_rate=args.noise_ratio,
-        training={"epochs": targs.num_train_epochs, "per_device_batch_size": targs.per_device_train_batch_size,
-                  "learning_rate": targs.learning_rate, "loss": targs.loss_type},
+        dataset_name=data,
+        noise_rate=args.noise_ratio if args.noise_ratio > 0 else None,
+        training=training,
         results=results,
+        license=args.license,
+        load_code=_load_code(model_id, co_trained=co_trained),
+        hardware=f"{targs.device.type.upper()}, {targs.world_size} process(es)",
     )
 
 

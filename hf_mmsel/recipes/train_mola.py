@@ -1,12 +1,19 @@
-"""Train a MoLA adapter on the embedded heterogeneous multi-task benchmark.
+"""Train a MoLA adapter on a multi-task image-classification dataset (default: the embedded benchmark).
 
-    accelerate launch recipes/train_mola.py                                   # MoLA-Grad, recipes/configs/mola_default.yaml
-    accelerate launch recipes/train_mola.py --config recipes/configs/mola_router.yaml   # MoLA-Router + TwD
-    python recipes/train_mola.py --max_steps 50 --output_dir /tmp/mola --routing router
+    hf-mmsel train-mola                                                       # MoLA-Grad, configs/mola_default.yaml
+    hf-mmsel train-mola --config recipes/configs/mola_router.yaml            # MoLA-Router + TwD
+    accelerate launch -m hf_mmsel.recipes.train_mola --max_steps 50 --output_dir /tmp/mola --routing router
+    hf-mmsel train-mola --dataset digits=ylecun/mnist,fashion=zalando-datasets/fashion_mnist \
+        --model_name_or_path google/vit-base-patch16-224-in21k --target_modules query,value
+
+``--dataset`` takes one image-classification dataset (Hub id, data folder or ``save_to_disk`` folder; with
+``--task_column`` its rows are split into tasks), or several as ``name=source,name=source`` (one task each);
+``--model_name_or_path`` any transformers vision backbone (``AutoModel``), frozen, with new per-task heads.
 
 Settings come from the YAML ``--config`` (default ``recipes/configs/mola_default.yaml``); command-line flags override
 it. Any ``TrainingArguments`` flag works (``--max_steps``, ``--per_device_train_batch_size``, ``--report_to``,
-``--push_to_hub --hub_model_id``, ...). Writes to ``--output_dir``: the adapter (``adapter_config.json``,
+``--push_to_hub --hub_model_id``, ...). Writes to ``--output_dir`` (refused when non-empty unless
+``--overwrite_output_dir true`` or ``--resume_from_checkpoint``): the adapter (``adapter_config.json``,
 ``adapter_model.safetensors``), the frozen base model it adapts (``base_model/``), ``eval_results.json`` (per-task and
 mean accuracy, world size) and a model card ``README.md``. ``--push_to_hub`` uploads those files.
 """
@@ -19,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "mola_default.yaml"
+PROG = "hf-mmsel train-mola"
 PUSHED_FILES = ["adapter_config.json", "adapter_model.safetensors", "README.md", "eval_results.json", "base_model/*"]
 
 
@@ -28,22 +36,31 @@ import hf_mmsel  # registers the MoLA tuner with peft
 from peft import PeftModel
 from hf_mmsel.models.multitask import load_multitask_vit
 
-# the base (a small random-init ViT with per-task heads) is saved in base_model/ next to the adapter
+# the frozen base ({base_desc}) with its per-task heads is saved in base_model/ next to the adapter
 {path_line}
-model = PeftModel.from_pretrained(load_multitask_vit(os.path.join(path, "base_model")), path)
-logits = model(pixel_values=pixel_values, task_ids=task_ids).logits  # [B, 3, 28, 28] images, one task id each
+model = PeftModel.from_pretrained(load_multitask_vit(os.path.join(path, "base_model")), path).eval()
+logits = model(pixel_values=pixel_values, task_ids=task_ids).logits  # pixel_values [B, 3, {size}, {size}], one task id each
 """
 
 
 @dataclass
 class ModelArguments:
-    """The frozen base model (a small random-init ViT with per-task heads) and the MoLA adapter."""
+    """The frozen base model (a small random-init ViT, or ``--model_name_or_path``, with per-task heads) and the
+    MoLA adapter."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Any transformers vision backbone (Hub id or local folder, loaded with AutoModel); "
+                          "default: a small random-init ViT (the --hidden_size ... flags)."},
+    )
+    pooling: str = field(default="mean", metadata={"help": "Feature pooling of the backbone output: mean, cls, pooler."})
 
     routing: str = field(default="task", metadata={"help": "'task' (MoLA-Grad) or 'router' (MoLA-Router + TwD)."})
     r: int = field(default=8, metadata={"help": "Rank of each expert."})
     lora_alpha: int = field(default=16, metadata={"help": "Expert scaling numerator (s = lora_alpha / r)."})
     target_modules: list[str] | None = field(
-        default=None, metadata={"help": "Modules to adapt; default: every Linear layer of the backbone."}
+        default=None, metadata={"help": "Modules to adapt, comma-separated name suffixes (e.g. query,value); "
+                                        "default: every Linear layer of the backbone."}
     )
     router_input: str = field(
         default="module:backbone.embeddings",
@@ -65,27 +82,96 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    """The embedded benchmark (``hf_mmsel.data.load_multitask_benchmark``)."""
+    """The tasks: the embedded benchmark (``hf_mmsel.data.load_multitask_benchmark``) or ``--dataset``."""
 
-    image_size: int = field(default=28, metadata={"help": "Common image size of all tasks."})
+    dataset: str | None = field(
+        default=None,
+        metadata={"help": "Hub id / data folder / save_to_disk folder of an image-classification dataset (with "
+                          "--task_column: a multi-task one), or several tasks as name=source,name=source. "
+                          "Default: the embedded 4-task benchmark."},
+    )
+    image_column: str = field(default="image", metadata={"help": "Image column of --dataset."})
+    label_column: str = field(default="label", metadata={"help": "Label column of --dataset."})
+    task_column: str | None = field(default=None, metadata={"help": "Column naming each row's task (--dataset)."})
+    image_size: int = field(default=28, metadata={"help": "Common image size of all tasks (default for "
+                                                          "--model_name_or_path: its config's image_size)."})
     max_per_task: int | None = field(default=None, metadata={"help": "Cap on examples per task (train + test)."})
-    test_fraction: float = field(default=0.2, metadata={"help": "Test share of the digit tasks."})
+    test_fraction: float = field(default=0.2, metadata={"help": "Held-out test share when a dataset has no test "
+                                                                "split (and of the embedded digit tasks)."})
     split_seed: int = field(default=0, metadata={"help": "Seed of the train/test split."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Write into a non-empty --output_dir, replacing only what this run writes."}
+    )
 
 
 def parse_args(argv: list[str] | None = None):
     """``(ModelArguments, DataArguments, MolaTrainingArguments)`` from ``--config`` YAML, overridden by flags."""
-    from hf_mmsel.cli import parse_args_with_config
+    from hf_mmsel.cli import parse_args_with_config, serve_cached_help
+
+    serve_cached_help(PROG, argv, [__file__], default_config=DEFAULT_CONFIG)
     from hf_mmsel.trainers import MolaTrainingArguments
 
-    return parse_args_with_config((ModelArguments, DataArguments, MolaTrainingArguments), argv,
-                                  default_config=DEFAULT_CONFIG)
+    model_args, data_args, training_args = parse_args_with_config(
+        (ModelArguments, DataArguments, MolaTrainingArguments), argv, default_config=DEFAULT_CONFIG, prog=PROG,
+        defaults={"output_dir": "outputs/train-mola"}, help_sources=[__file__])
+    if model_args.target_modules:  # "query,value" or --target_modules query value
+        model_args.target_modules = [m for item in model_args.target_modules for m in item.split(",") if m]
+    from hf_mmsel.recipes.run_utils import cpu_dataloader_defaults
+
+    cpu_dataloader_defaults(training_args)
+    return model_args, data_args, training_args
+
+
+def backbone_image_settings(model_name_or_path: str, default_size: int) -> dict:
+    """Image size and normalisation of a pretrained backbone: from its image processor when it has one, else from
+    its config (``image_size``) with mean/std 0.5."""
+    settings = {"image_size": default_size, "mean": 0.5, "std": 0.5}
+    from transformers import AutoConfig
+
+    size = getattr(AutoConfig.from_pretrained(model_name_or_path), "image_size", None)
+    if isinstance(size, int):
+        settings["image_size"] = size
+    try:
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(model_name_or_path)
+    except (OSError, ValueError):
+        return settings
+    if getattr(processor, "image_mean", None) is not None:
+        settings.update(mean=list(processor.image_mean), std=list(processor.image_std))
+    return settings
+
+
+def load_data(data_args: DataArguments, model_args: ModelArguments):
+    """``(DatasetDict with train/test, MultiTaskSpec, image_size)``: ``--dataset`` or the embedded benchmark."""
+    if data_args.dataset is None:
+        from hf_mmsel.data.multitask import load_multitask_benchmark
+
+        data, spec = load_multitask_benchmark(image_size=data_args.image_size, max_per_task=data_args.max_per_task,
+                                              test_fraction=data_args.test_fraction, seed=data_args.split_seed)
+        return data, spec, data_args.image_size
+    from hf_mmsel.data.multitask import load_multitask_datasets
+
+    image = {"image_size": data_args.image_size, "mean": 0.5, "std": 0.5}
+    if model_args.model_name_or_path:
+        image = backbone_image_settings(model_args.model_name_or_path, data_args.image_size)
+    data, spec = load_multitask_datasets(
+        data_args.dataset, image_column=data_args.image_column, label_column=data_args.label_column,
+        task_column=data_args.task_column, test_fraction=data_args.test_fraction, seed=data_args.split_seed,
+        max_per_task=data_args.max_per_task, **image)
+    return data, spec, image["image_size"]
 
 
 def build_base_model(model_args: ModelArguments, spec, image_size: int):
-    """The frozen base: a random-init ``MultiTaskClassifier`` (ViT + per-task heads), seeded."""
-    from hf_mmsel.models.multitask import build_multitask_vit
+    """The frozen base with per-task heads: ``--model_name_or_path`` (any transformers vision backbone), else a
+    random-init ViT (seeded)."""
+    from hf_mmsel.models.multitask import build_multitask_vit, load_multitask_backbone
 
+    if model_args.model_name_or_path:
+        import torch
+
+        torch.manual_seed(model_args.model_seed)  # the new heads
+        return load_multitask_backbone(model_args.model_name_or_path, spec, pooling=model_args.pooling)
     return build_multitask_vit(
         spec,
         image_size=image_size,
@@ -94,6 +180,7 @@ def build_base_model(model_args: ModelArguments, spec, image_size: int):
         num_hidden_layers=model_args.num_hidden_layers,
         num_attention_heads=model_args.num_attention_heads,
         intermediate_size=model_args.intermediate_size,
+        pooling=model_args.pooling,
         seed=model_args.model_seed,
     )
 
@@ -131,17 +218,44 @@ def _path_line(adapter_id: str, on_hub: bool) -> str:
     return f'path = "{adapter_id}"  # the output directory (after a push: huggingface_hub.snapshot_download(repo_id))'
 
 
+def _backbone_desc(model_args: ModelArguments) -> str:
+    if model_args.model_name_or_path:
+        return f"{model_args.model_name_or_path} (frozen)"
+    return (f"ViT {model_args.num_hidden_layers}x{model_args.hidden_size}, patch {model_args.patch_size}"
+            " (random init, frozen)")
+
+
 def write_card(output_dir: str, *, adapter_id: str, on_hub: bool, model_args: ModelArguments, spec,
-               results: dict, trainable_params: int, hardware: str) -> None:
+               results: dict, trainable_params: int, hardware: str, data_args: DataArguments | None = None,
+               training_args=None, state=None, image_size: int = 28, license: str = "apache-2.0") -> None:
     from hf_mmsel.hub import model_card_data, render_card
+    from hf_mmsel.recipes.run_utils import hub_ids_only
 
     per_task = {name: results[f"acc_{name}"] for name in spec.task_names}
     per_task["mean"] = results["mean_acc"]
+    dataset = getattr(data_args, "dataset", None)
+    hyper = {}
+    if training_args is not None:
+        hyper = {
+            "optimizer steps": state.global_step if state is not None else training_args.max_steps,
+            "epochs": round(float(state.epoch), 2) if state is not None and state.epoch is not None
+            else training_args.num_train_epochs,
+            "per-device batch": training_args.per_device_train_batch_size,
+            "processes": training_args.world_size,
+            "learning rate": training_args.learning_rate,
+            "schedule": f"{getattr(training_args.lr_scheduler_type, 'value', training_args.lr_scheduler_type)}, "
+                        f"warm-up {training_args.warmup_steps}",
+            "weight decay": training_args.weight_decay,
+            "seed": training_args.seed,
+        }
     card = render_card(
         "mola_adapter_card",
-        card_data=model_card_data(tags=["mola", "peft", "multi-task", "image-classification"], metrics=["accuracy"]),
+        card_data=model_card_data(tags=["mola", "peft", "multi-task", "image-classification"], metrics=["accuracy"],
+                                  datasets=hub_ids_only(*_dataset_sources(dataset)) or None, license=license,
+                                  base_model=(hub_ids_only(model_args.model_name_or_path) or [None])[0]),
         adapter_id=adapter_id,
-        base_model="base_model/ (hf_mmsel.models.multitask.load_multitask_vit)",
+        base_model=f"base_model/ ({_backbone_desc(model_args)} + per-task heads; "
+                   "hf_mmsel.models.multitask.load_multitask_vit)",
         variant="grad" if model_args.routing == "task" else "router",
         tasks=list(spec.task_names),
         settings={
@@ -149,25 +263,36 @@ def write_card(output_dir: str, *, adapter_id: str, on_hub: bool, model_args: Mo
             "experts": spec.num_tasks,
             "rank per expert": model_args.r,
             "lora_alpha": model_args.lora_alpha,
-            "backbone": f"ViT {model_args.num_hidden_layers}x{model_args.hidden_size}, patch {model_args.patch_size}"
-            " (random init, frozen)",
+            "target modules": ", ".join(model_args.target_modules) if model_args.target_modules
+            else "every Linear layer of the backbone",
+            "backbone": _backbone_desc(model_args),
             "labels per task": dict(zip(spec.task_names, spec.num_labels)),
         },
+        training=hyper,
+        dataset_name=dataset or "embedded heterogeneous benchmark (hf_mmsel.data.load_multitask_benchmark())",
+        license=license,
         results=per_task,
         trainable_params=trainable_params,
         hardware=hardware,
-        load_code=LOAD_CODE.format(path_line=_path_line(adapter_id, on_hub)),
+        load_code=LOAD_CODE.format(path_line=_path_line(adapter_id, on_hub), base_desc=_backbone_desc(model_args),
+                                   size=image_size),
     )
     card.save(os.path.join(output_dir, "README.md"))
 
 
+def _dataset_sources(dataset: str | None) -> list[str]:
+    if not dataset:
+        return []
+    from hf_mmsel.data.multitask import parse_task_datasets
+
+    return list(parse_task_datasets(dataset).values())
+
+
 def check_push_settings(training_args) -> str:
     """The Hub token for ``--push_to_hub``, checked before training so that nothing is lost."""
-    from hf_mmsel.hub import resolve_hub_token
+    from hf_mmsel.recipes.run_utils import check_push_settings as check
 
-    if not training_args.hub_model_id:
-        raise ValueError("--push_to_hub needs --hub_model_id <namespace/name>")
-    return resolve_hub_token(training_args.hub_token, repo_id=training_args.hub_model_id)
+    return check(training_args.hub_model_id, training_args.hub_token)
 
 
 def push_artifacts(output_dir: str, training_args, token: str) -> None:
@@ -200,8 +325,8 @@ def main(argv: list[str] | None = None) -> dict:
     from peft import get_peft_model
     from transformers import set_seed
 
-    from hf_mmsel.data.multitask import load_multitask_benchmark
     from hf_mmsel.models.multitask import save_multitask_vit
+    from hf_mmsel.recipes.run_utils import prepare_output_dir, print_run_summary, use_numeric_progress
     from hf_mmsel.trainers import MolaTrainer
 
     if model_args.routing not in ("task", "router"):
@@ -209,13 +334,22 @@ def main(argv: list[str] | None = None) -> dict:
     push = training_args.push_to_hub
     token = check_push_settings(training_args) if push else None
     training_args.push_to_hub = False  # we push the finished artefacts ourselves (not every checkpoint)
+    # every rank checks (same answer everywhere, so a refusal stops all ranks) before the main process writes
+    # base_model/ (after the barrier of main_process_first below)
+    prepare_output_dir(training_args.output_dir, overwrite_output_dir=data_args.overwrite_output_dir,
+                       resume_from_checkpoint=training_args.resume_from_checkpoint)
     set_seed(training_args.seed)
-    with training_args.main_process_first(desc="build the multi-task benchmark"):
-        data, spec = load_multitask_benchmark(
-            image_size=data_args.image_size, max_per_task=data_args.max_per_task,
-            test_fraction=data_args.test_fraction, seed=data_args.split_seed,
-        )
-    base = build_base_model(model_args, spec, data_args.image_size)
+    with training_args.main_process_first(desc="build the multi-task data"):
+        data, spec, image_size = load_data(data_args, model_args)
+    base = build_base_model(model_args, spec, image_size)
+    if model_args.target_modules:
+        from hf_mmsel.models.multitask import vit_target_modules
+
+        names = {name.rsplit(".", 1)[-1] for name, _ in base.backbone.named_modules() if name}
+        missing = [m for m in model_args.target_modules if m not in names]
+        if missing:
+            raise ValueError(f"--target_modules {missing} match no module of the backbone; its Linear layers are "
+                             f"{vit_target_modules(base)}")
     output_dir = training_args.output_dir
     if training_args.process_index == 0:  # the frozen base, saved before the adapter is injected
         save_multitask_vit(base, os.path.join(output_dir, "base_model"))
@@ -224,7 +358,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     trainer = MolaTrainer(model=model, args=training_args, train_dataset=data["train"], eval_dataset=data["test"],
                           task_names=spec.task_names)
-    train_result = trainer.train()
+    use_numeric_progress(trainer)
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = trainer.evaluate()
     results = {k.removeprefix("eval_"): v for k, v in metrics.items() if k.startswith("eval_acc_") or k == "eval_mean_acc"}
     eval_results = {
@@ -247,10 +382,23 @@ def main(argv: list[str] | None = None) -> dict:
         on_hub = bool(push and training_args.hub_model_id)
         write_card(output_dir, adapter_id=training_args.hub_model_id if on_hub else output_dir, on_hub=on_hub,
                    model_args=model_args, spec=spec, results=results, trainable_params=trainable,
-                   hardware=f"{training_args.device.type.upper()}, {training_args.world_size} process(es)")
+                   hardware=f"{training_args.device.type.upper()}, {training_args.world_size} process(es)",
+                   data_args=data_args, training_args=training_args, state=trainer.state, image_size=image_size)
         if push:
             push_artifacts(output_dir, training_args, token)
     trainer.accelerator.wait_for_everyone()
+    artefacts = {"adapter": output_dir, "base model": os.path.join(output_dir, "base_model"),
+                 "results": os.path.join(output_dir, "eval_results.json"),
+                 "model card": os.path.join(output_dir, "README.md")}
+    if push:
+        artefacts["hub"] = f"https://huggingface.co/{training_args.hub_model_id}"
+    print_run_summary(
+        f"train-mola: MoLA-{'Grad' if model_args.routing == 'task' else 'Router'} finished",
+        {"global_step": trainer.state.global_step, "train_loss": train_result.training_loss,
+         **{f"eval_{k}": v for k, v in results.items()}, "trainable_params": trainable},
+        artefacts, load_hint=LOAD_CODE.format(path_line=_path_line(output_dir, False),
+                                              base_desc=_backbone_desc(model_args), size=image_size).strip(),
+        is_main_process=trainer.is_world_process_zero())
     return eval_results
 
 

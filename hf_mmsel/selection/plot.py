@@ -23,7 +23,8 @@ def plot_score_distributions(histograms: Sequence[torch.Tensor], epochs: Sequenc
     n = len(histograms)
     cols = min(n, 5)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.4 * rows), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.2 * rows + 0.9), squeeze=False, sharex=True,
+                             sharey=True)
     for ax in axes.flat[n:]:
         ax.axis("off")
     for ax, hist, epoch in zip(axes.flat, histograms, epochs):
@@ -33,11 +34,14 @@ def plot_score_distributions(histograms: Sequence[torch.Tensor], epochs: Sequenc
             counts = hist[row].float()
             if counts.sum() > 0:
                 ax.step(centres.numpy(), (counts / counts.sum()).numpy(), where="mid", color=colour, label=label)
-        ax.set_title(f"epoch {epoch}", fontsize=9)
-    axes.flat[0].legend(fontsize=8)
-    fig.supxlabel("CLIPScore 100*max(cos, 0)")
-    fig.supylabel("fraction of pairs")
-    fig.tight_layout()
+        ax.set_title(f"epoch {epoch} ({int(hist.sum())} pairs scored)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper right", fontsize=8, ncol=2, frameon=False)
+    fig.suptitle("CLIPScore of clean vs noisy pairs, per epoch", fontsize=10, x=0.01, ha="left")
+    fig.supxlabel("CLIPScore 100*max(cos, 0)", fontsize=9)
+    fig.supylabel("fraction of pairs", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
