@@ -39,6 +39,7 @@ from hf_mmsel.state.runner import HookRunner, require_process_group
 
 from .co_training import co_training_loss
 from .contrastive_config import SCORE_PLOT_NAME, ContrastiveTrainingArguments
+from .logging_defaults import no_pin_memory_without_accelerator, use_numeric_progress
 from .reference_scoring import compute_reference_scores
 
 __all__ = ["ContrastiveTrainer", "ContrastiveTrainingArguments", "HOOK_STATE_DIR", "SCORE_PLOT_NAME"]
@@ -125,6 +126,8 @@ class ContrastiveTrainer(Trainer):
         if getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
             make_logit_scale_1d(model)  # DeepSpeed cannot broadcast 0-dim parameters (CLIP's logit_scale)
         super().__init__(model=model, args=args, **kwargs)
+        no_pin_memory_without_accelerator(self.args)  # read when the DataLoaders are built
+        use_numeric_progress(self)
         self.class_captions = list(class_captions) if class_captions is not None else None
         self._reference_model = reference_model
         if reference_scores is None and args.reference_scores_path:

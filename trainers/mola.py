@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from transformers import EvalPrediction, Trainer, TrainingArguments
 
+from .logging_defaults import no_pin_memory_without_accelerator, use_numeric_progress
+
 __all__ = ["MolaTrainer", "MolaTrainingArguments", "multitask_compute_metrics"]
 
 
@@ -91,6 +93,8 @@ class MolaTrainer(Trainer):
             if kwargs.get("preprocess_logits_for_metrics") is None:
                 kwargs["preprocess_logits_for_metrics"] = _argmax_logits
         super().__init__(*args, **kwargs)
+        no_pin_memory_without_accelerator(self.args)  # read when the DataLoaders are built
+        use_numeric_progress(self)
         if "task_ids" not in (self.label_names or []):
             raise ValueError(f"MolaTrainer needs 'task_ids' in label_names, got {self.label_names}")
         # the loss is computed by the model; never inject num_items_in_batch into its forward

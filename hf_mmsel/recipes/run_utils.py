@@ -87,37 +87,18 @@ def check_push_settings(hub_model_id: str | None, hub_token: str | None = None, 
 
 
 def cpu_dataloader_defaults(training_args) -> None:
-    """No pinned memory without an accelerator: silences torch's ``'pin_memory' ... no accelerator is found``
-    warning, which the DataLoader repeats for every evaluation and epoch."""
-    import torch
+    """No pinned memory without an accelerator (the trainers do this too; kept for recipes that build arguments
+    before a trainer exists)."""
+    from hf_mmsel.trainers.logging_defaults import no_pin_memory_without_accelerator
 
-    if training_args.dataloader_pin_memory and (training_args.use_cpu or not torch.cuda.is_available()):
-        training_args.dataloader_pin_memory = False
-
-
-def _numeric_progress_callback():
-    from transformers.trainer_callback import ProgressCallback
-
-    class NumericProgressCallback(ProgressCallback):
-        """transformers' progress bar, but logged floats stay numbers (``'loss': 7.567``, not ``'7.567'``)."""
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and self.training_bar is not None:
-                shown = {k: (float(f"{v:.4g}") if isinstance(v, float) else v)
-                         for k, v in (logs or {}).items() if k != "total_flos"}
-                self.training_bar.write(str(shown))
-
-    return NumericProgressCallback
+    no_pin_memory_without_accelerator(training_args)
 
 
 def use_numeric_progress(trainer) -> None:
-    """Replace the Trainer's ``ProgressCallback`` (which prints every float as a string) by one that keeps numbers.
-    A trainer without a progress bar (``disable_tqdm``) keeps its ``PrinterCallback``."""
-    from transformers.trainer_callback import ProgressCallback
+    """Logged floats stay numbers in the progress bar (the trainers do this themselves)."""
+    from hf_mmsel.trainers.logging_defaults import use_numeric_progress as _use
 
-    if any(type(cb) is ProgressCallback for cb in trainer.callback_handler.callbacks):
-        trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(_numeric_progress_callback()())
+    _use(trainer)
 
 
 def hub_ids_only(*names: str | None) -> list[str]:
