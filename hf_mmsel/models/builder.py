@@ -161,10 +161,9 @@ def freeze_dual_encoder_towers(model) -> None:
         tower.requires_grad_(False)
 
 
-def _build_tiny_clip(*, captions, image_size, patch_size, hidden_size, num_layers, num_heads, projection_dim,
-                     vocab_size, max_length, seed, initializer_factor, logit_scale_init) -> DualEncoderBundle:
-    from transformers import CLIPConfig, CLIPModel
-
+def _tiny_tokenizer_and_tower(captions, *, image_size, patch_size, hidden_size, num_layers, num_heads, vocab_size,
+                              max_length):
+    """The caption tokenizer and the shared tower sizes of the tiny random-init CLIP / SigLIP builders."""
     if image_size % patch_size:
         raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
     if hidden_size % num_heads:
@@ -172,6 +171,16 @@ def _build_tiny_clip(*, captions, image_size, patch_size, hidden_size, num_layer
     tokenizer = train_caption_tokenizer(captions, vocab_size=vocab_size, max_length=max_length)
     tower = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
                  num_attention_heads=num_heads)
+    return tokenizer, tower
+
+
+def _build_tiny_clip(*, captions, image_size, patch_size, hidden_size, num_layers, num_heads, projection_dim,
+                     vocab_size, max_length, seed, initializer_factor, logit_scale_init) -> DualEncoderBundle:
+    from transformers import CLIPConfig, CLIPModel
+
+    tokenizer, tower = _tiny_tokenizer_and_tower(captions, image_size=image_size, patch_size=patch_size,
+                                                 hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                                                 vocab_size=vocab_size, max_length=max_length)
     config = CLIPConfig(
         text_config=dict(
             tower,
@@ -285,13 +294,9 @@ def _build_tiny_siglip(*, captions, image_size, patch_size, hidden_size, num_lay
     from .features import adapt_siglip_inputs
     from ..contrastive_loss import init_sigmoid_logit_parameters
 
-    if image_size % patch_size:
-        raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
-    if hidden_size % num_heads:
-        raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
-    tokenizer = train_caption_tokenizer(captions, vocab_size=vocab_size, max_length=max_length)
-    tower = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
-                 num_attention_heads=num_heads)
+    tokenizer, tower = _tiny_tokenizer_and_tower(captions, image_size=image_size, patch_size=patch_size,
+                                                 hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                                                 vocab_size=vocab_size, max_length=max_length)
     config = SiglipConfig(
         text_config=dict(tower, vocab_size=len(tokenizer), max_position_embeddings=max_length,
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,

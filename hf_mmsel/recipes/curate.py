@@ -318,22 +318,15 @@ def load_embedder(model_name_or_path: str, image_size: int | None, max_length: i
 
 
 def load_dual_encoder(args: CurateArguments):
-    """``(model, tokenizer, image_transform, max_length)`` with the model/preprocessing consistency checks."""
-    from transformers import AutoModel, AutoTokenizer
-
-    from hf_mmsel.data.image_transform import ImageTransform, default_image_transform
-    from hf_mmsel.models import check_dual_encoder
+    """``(model, tokenizer, image_transform, max_length)`` with the model/preprocessing consistency checks. The
+    model, tokenizer and image transform come from :func:`hf_mmsel.models.build_dual_encoder` (SigLIP input
+    adapters included); ``--image_size`` / ``--max_length`` may override what the folder says."""
+    from hf_mmsel.data.image_transform import default_image_transform
+    from hf_mmsel.models import build_dual_encoder
 
     path = args.model_name_or_path
-    model = AutoModel.from_pretrained(path)
-    check_dual_encoder(model)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise ValueError(
-            f"no tokenizer found with the model {path!r}: save it next to the weights "
-            "(tokenizer.save_pretrained, or Trainer(processing_class=tokenizer))"
-        ) from err
+    bundle = build_dual_encoder(model_name_or_path=path)
+    model, tokenizer, transform = bundle.model, bundle.tokenizer, bundle.image_transform
     config = model.config
     text_config = getattr(config, "text_config", None)
     vocab = getattr(text_config, "vocab_size", None)
@@ -350,21 +343,13 @@ def load_dual_encoder(args: CurateArguments):
         raise ValueError(f"--max_length {args.max_length} exceeds the text model's {positions} positions")
 
     vision_size = getattr(getattr(config, "vision_config", None), "image_size", None)
-    transform = None
-    if (Path(path) / "preprocessor_config.json").is_file() or not Path(path).exists():
-        try:
-            transform = ImageTransform.from_image_processor(path)
-        except (OSError, ValueError):
-            transform = None
-    if transform is None:
-        size = args.image_size or vision_size
-        if size is None:
-            raise ValueError(f"{path!r} has no image-processor config and no vision_config.image_size: pass --image_size")
-        transform = default_image_transform(int(size))
-    elif args.image_size is not None and tuple(transform.size) != (args.image_size, args.image_size):
-        raise ValueError(
-            f"--image_size {args.image_size} contradicts the image processor of {path!r} (size {transform.size})"
-        )
+    has_processor = (Path(path) / "preprocessor_config.json").is_file() or not Path(path).exists()
+    if args.image_size is not None and tuple(transform.size) != (args.image_size, args.image_size):
+        if has_processor:
+            raise ValueError(
+                f"--image_size {args.image_size} contradicts the image processor of {path!r} (size {transform.size})"
+            )
+        transform = default_image_transform(int(args.image_size))
     if vision_size is not None and tuple(transform.size) != (int(vision_size), int(vision_size)):
         raise ValueError(
             f"image size mismatch: images would be {transform.size[0]}x{transform.size[1]} but the vision model of "
