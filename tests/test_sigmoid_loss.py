@@ -139,7 +139,7 @@ def test_prepare_model_registers_missing_parameters_once(caplog):
 
     bare = _NoScale()
     assert prepare_model_for_loss(bare, "sigmoid") == ["logit_scale", "logit_bias"]
-    assert float(bare.logit_scale) == pytest.approx(SIGLIP_LOGIT_SCALE_INIT)
+    assert float(bare.logit_scale.detach()) == pytest.approx(SIGLIP_LOGIT_SCALE_INIT)
     with pytest.raises(ValueError, match="needs a logit_bias parameter"):
         pair_loss_for(_NoScale(), "sigmoid")
 
