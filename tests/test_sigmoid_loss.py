@@ -220,7 +220,7 @@ def test_siglip_model_trains_with_selection_and_gsc_saves_and_reloads(tmp_path):
 
     bundle = _siglip_bundle()
     model = bundle.model
-    assert isinstance(model, SiglipModel) and float(model.logit_bias) == -10.0
+    assert isinstance(model, SiglipModel) and float(model.logit_bias.detach()) == -10.0
     assert float(model.logit_scale) == pytest.approx(math.log(10.0))
     args = ContrastiveTrainingArguments(
         output_dir=str(tmp_path / "run"), per_device_train_batch_size=16, num_train_epochs=3, learning_rate=5e-3,
