@@ -237,7 +237,7 @@ def test_siglip_model_trains_with_selection_and_gsc_saves_and_reloads(tmp_path):
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert all(math.isfinite(h["loss"]) for h in logs) and "logit_bias" in logs[0]
     assert logs[-1]["loss"] < logs[0]["loss"]
-    assert float(model.logit_bias) != -10.0 and not torch.equal(model.logit_scale, before["logit_scale"])
+    assert float(model.logit_bias.detach()) != -10.0 and not torch.equal(model.logit_scale, before["logit_scale"])
     assert "gsc_epoch_weight_mean" in "".join(json.dumps(h) for h in trainer.state.log_history)
     metrics = trainer.evaluate()
     assert metrics["eval_rsum"] > 0
@@ -249,7 +249,7 @@ def test_siglip_model_trains_with_selection_and_gsc_saves_and_reloads(tmp_path):
     for key, value in model.state_dict().items():
         assert torch.equal(reloaded.state_dict()[key], value), key
     loaded = build_dual_encoder(model_name_or_path=str(out))
-    assert isinstance(loaded.model, SiglipModel) and float(loaded.model.logit_bias) == float(model.logit_bias)
+    assert isinstance(loaded.model, SiglipModel) and float(loaded.model.logit_bias.detach()) == float(model.logit_bias.detach())
     pixels = torch.rand(2, 3, 16, 16)
     enc = loaded.tokenizer(["red circle", "blue square"], padding=True, return_tensors="pt")
     from hf_mmsel.models import encode_pair
