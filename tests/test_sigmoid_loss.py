@@ -139,7 +139,7 @@ def test_prepare_model_registers_missing_parameters_once(caplog):
 
     bare = _NoScale()
     assert prepare_model_for_loss(bare, "sigmoid") == ["logit_scale", "logit_bias"]
-    assert float(bare.logit_scale) == pytest.approx(SIGLIP_LOGIT_SCALE_INIT)
+    assert float(bare.logit_scale.detach()) == pytest.approx(SIGLIP_LOGIT_SCALE_INIT)
     with pytest.raises(ValueError, match="needs a logit_bias parameter"):
         pair_loss_for(_NoScale(), "sigmoid")
 
@@ -220,7 +220,7 @@ def test_siglip_model_trains_with_selection_and_gsc_saves_and_reloads(tmp_path):
 
     bundle = _siglip_bundle()
     model = bundle.model
-    assert isinstance(model, SiglipModel) and float(model.logit_bias) == -10.0
+    assert isinstance(model, SiglipModel) and float(model.logit_bias.detach()) == -10.0
     assert float(model.logit_scale) == pytest.approx(math.log(10.0))
     args = ContrastiveTrainingArguments(
         output_dir=str(tmp_path / "run"), per_device_train_batch_size=16, num_train_epochs=3, learning_rate=5e-3,
@@ -237,7 +237,7 @@ def test_siglip_model_trains_with_selection_and_gsc_saves_and_reloads(tmp_path):
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert all(math.isfinite(h["loss"]) for h in logs) and "logit_bias" in logs[0]
     assert logs[-1]["loss"] < logs[0]["loss"]
-    assert float(model.logit_bias) != -10.0 and not torch.equal(model.logit_scale, before["logit_scale"])
+    assert float(model.logit_bias.detach()) != -10.0 and not torch.equal(model.logit_scale, before["logit_scale"])
     assert "gsc_mean_weight" in "".join(json.dumps(h) for h in trainer.state.log_history)  # the pass-end update ran
     metrics = trainer.evaluate()
     assert metrics["eval_rsum"] > 0
@@ -249,7 +249,7 @@ def test_siglip_model_trains_with_selection_and_gsc_saves_and_reloads(tmp_path):
     for key, value in model.state_dict().items():
         assert torch.equal(reloaded.state_dict()[key], value), key
     loaded = build_dual_encoder(model_name_or_path=str(out))
-    assert isinstance(loaded.model, SiglipModel) and float(loaded.model.logit_bias) == float(model.logit_bias)
+    assert isinstance(loaded.model, SiglipModel) and float(loaded.model.logit_bias.detach()) == float(model.logit_bias.detach())
     pixels = torch.rand(2, 3, 16, 16)
     enc = loaded.tokenizer(["red circle", "blue square"], padding=True, return_tensors="pt")
     from hf_mmsel.models import encode_pair
