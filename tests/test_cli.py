@@ -85,9 +85,9 @@ def test_push_needs_the_repo_id_everywhere():
 def test_progress_logs_numbers_not_strings(capsys):
     from types import SimpleNamespace
 
-    from hf_mmsel.recipes.run_utils import _numeric_progress_callback
+    from hf_mmsel.trainers.logging_defaults import NumericProgressCallback
 
-    callback = _numeric_progress_callback()()
+    callback = NumericProgressCallback()
     callback.training_bar = SimpleNamespace(write=print)
     callback.on_log(None, SimpleNamespace(is_world_process_zero=True), None, logs={"loss": 7.56712, "step": 3})
     assert capsys.readouterr().out.strip() == "{'loss': 7.567, 'step': 3}"

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 __all__ = ["OutputDirExistsError", "prepare_output_dir", "format_run_summary", "print_run_summary", "check_push_settings",
-           "cpu_dataloader_defaults", "use_numeric_progress", "hub_ids_only"]
+           "hub_ids_only"]
 
 
 class OutputDirExistsError(FileExistsError):
@@ -84,21 +84,6 @@ def check_push_settings(hub_model_id: str | None, hub_token: str | None = None, 
     from hf_mmsel.hub import resolve_hub_token
 
     return resolve_hub_token(hub_token, repo_id=hub_model_id)
-
-
-def cpu_dataloader_defaults(training_args) -> None:
-    """No pinned memory without an accelerator (the trainers do this too; kept for recipes that build arguments
-    before a trainer exists)."""
-    from hf_mmsel.trainers.logging_defaults import no_pin_memory_without_accelerator
-
-    no_pin_memory_without_accelerator(training_args)
-
-
-def use_numeric_progress(trainer) -> None:
-    """Logged floats stay numbers in the progress bar (the trainers do this themselves)."""
-    from hf_mmsel.trainers.logging_defaults import use_numeric_progress as _use
-
-    _use(trainer)
 
 
 def hub_ids_only(*names: str | None) -> list[str]:

@@ -77,9 +77,6 @@ def parse_args(argv: list[str] | None = None):
 
     args, targs = parse_args_with_config((ClipRecipeArguments, ContrastiveTrainingArguments), argv, prog=PROG,
                                          defaults={"output_dir": DEFAULT_OUTPUT_DIR}, help_sources=[__file__])
-    from hf_mmsel.recipes.run_utils import cpu_dataloader_defaults
-
-    cpu_dataloader_defaults(targs)
     return args, targs
 
 
@@ -102,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         load_image_text_dataset,
         preprocess_image_text,
     )
-    from hf_mmsel.recipes.run_utils import check_push_settings, prepare_output_dir, use_numeric_progress
+    from hf_mmsel.recipes.run_utils import check_push_settings, prepare_output_dir
     from hf_mmsel.trainers import ContrastiveTrainer
 
     args, targs = parse_args(argv)
@@ -138,7 +135,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data_collator=ImageTextCollator(bundle.tokenizer, max_length=args.max_length),
         processing_class=bundle.tokenizer, class_captions=class_captions,
     )
-    use_numeric_progress(trainer)
     train_metrics = trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint).metrics
     metrics = trainer.evaluate() if test_name else {}
     trainer.save_model(targs.output_dir)
@@ -184,7 +180,7 @@ def _main_streaming(args: ClipRecipeArguments, targs, push: bool, token) -> dict
     a random-init model comes from the captions of the first shard."""
     from hf_mmsel.data import ImageTextCollator, load_image_text_dataset
     from hf_mmsel.data.shards import iter_shard
-    from hf_mmsel.recipes.run_utils import print_run_summary, use_numeric_progress
+    from hf_mmsel.recipes.run_utils import print_run_summary
     from hf_mmsel.trainers import ContrastiveTrainer
 
     if targs.max_steps <= 0:
@@ -200,7 +196,6 @@ def _main_streaming(args: ClipRecipeArguments, targs, push: bool, token) -> dict
         data_collator=ImageTextCollator(bundle.tokenizer, image_transform=bundle.image_transform,
                                         max_length=args.max_length),
     )
-    use_numeric_progress(trainer)
     metrics = trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint).metrics
     trainer.save_model(targs.output_dir)
     gsc_weights = trainer.gsc_weights() if targs.gsc else None  # every rank takes part in the gather

@@ -116,9 +116,6 @@ def parse_args(argv: list[str] | None = None):
         defaults={"output_dir": "outputs/train-mola"}, help_sources=[__file__])
     if model_args.target_modules:  # "query,value" or --target_modules query value
         model_args.target_modules = [m for item in model_args.target_modules for m in item.split(",") if m]
-    from hf_mmsel.recipes.run_utils import cpu_dataloader_defaults
-
-    cpu_dataloader_defaults(training_args)
     return model_args, data_args, training_args
 
 
@@ -326,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import set_seed
 
     from hf_mmsel.models.multitask import save_multitask_vit
-    from hf_mmsel.recipes.run_utils import prepare_output_dir, print_run_summary, use_numeric_progress
+    from hf_mmsel.recipes.run_utils import prepare_output_dir, print_run_summary
     from hf_mmsel.trainers import MolaTrainer
 
     if model_args.routing not in ("task", "router"):
@@ -358,7 +355,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     trainer = MolaTrainer(model=model, args=training_args, train_dataset=data["train"], eval_dataset=data["test"],
                           task_names=spec.task_names)
-    use_numeric_progress(trainer)
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = trainer.evaluate()
     results = {k.removeprefix("eval_"): v for k, v in metrics.items() if k.startswith("eval_acc_") or k == "eval_mean_acc"}
