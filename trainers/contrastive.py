@@ -275,13 +275,16 @@ class ContrastiveTrainer(Trainer):
             seed=args.seed if args.selection_seed is None else args.selection_seed,
             diagnostics=args.selection_diagnostics, warmup_epochs=warmup, ema_beta=args.ema_beta,
             first_visit_fallback=args.first_visit_fallback, reference_scores=self._reference_scores,
+            score_source=args.selection_score_source, exploration=args.selection_exploration,
         )
         if args.gsc:
             self.gsc_hook = self._build_gsc_hook()
         gsc = [self.gsc_hook] if self.gsc_hook is not None else []
         settings = {"selection_strategy": args.selection_strategy, "gsc": bool(args.gsc),
                     "gsc_co_training": bool(args.gsc_co_training),
-                    "selection_diagnostics": bool(args.selection_diagnostics)}
+                    "selection_diagnostics": bool(args.selection_diagnostics),
+                    "selection_score_source": args.selection_score_source,
+                    "selection_exploration": float(args.selection_exploration)}
         runner = HookRunner([self.selection_hook, *gsc, *self._extra_hooks], settings)
         runner.setup(self._num_samples(), self._ownership(), args.device, schedule,
                      dist=require_process_group(args.world_size))

@@ -9,7 +9,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from hf_mmsel.contrastive_loss import check_loss_type
-from hf_mmsel.selection import SELECTION_STRATEGIES
+from hf_mmsel.selection import SCORE_SOURCES, SELECTION_STRATEGIES
 
 __all__ = ["ContrastiveTrainingArguments", "SCORE_DTYPES", "SCORE_PLOT_NAME", "GSC_SIMILARITIES", "GSC_MATCHINGS"]
 
@@ -57,6 +57,17 @@ class ContrastiveTrainingArguments(TrainingArguments):
     reference_scores_path: str | None = field(
         default=None,
         metadata={"help": "reference_clipscore: a .safetensors (key 'scores'), .pt or .npy file of [N] scores"},
+    )
+    selection_score_source: str = field(
+        default="fresh",
+        metadata={"help": "current score s of a candidate: 'fresh' (the paper's no-grad scoring forward on all B "
+                          "candidates) or 'last_visit' (the cos / per-pair loss of its last training forward, "
+                          "2 B/sample, no scoring forward; never-trained pairs are kept first)"},
+    )
+    selection_exploration: float = field(
+        default=0.0,
+        metadata={"help": "share e in [0, 1) of the k kept pairs drawn at random from the candidates the criterion "
+                          "did not keep (re-scores rejected pairs with last_visit scores)"},
     )
     selection_seed: int | None = field(default=None, metadata={"help": "seed of selection randomness (default: seed)"})
     logit_scale_max: float = field(default=100.0, metadata={"help": "clamp of exp(logit_scale) (CLIP: 100)"})
@@ -130,6 +141,19 @@ class ContrastiveTrainingArguments(TrainingArguments):
             )
         if not (0.0 < float(self.select_rate) <= 1.0):
             raise ValueError(f"select_rate must be in (0, 1], got {self.select_rate}")
+        if self.selection_score_source not in SCORE_SOURCES:
+            raise ValueError(f"unknown selection_score_source {self.selection_score_source!r}; choose one of "
+                             f"{list(SCORE_SOURCES)}")
+        requires = SELECTION_STRATEGIES[self.selection_strategy].requires
+        if self.selection_score_source == "last_visit" and requires not in ("clip_score", "loss"):
+            raise ValueError(
+                f"selection_score_source='last_visit' replaces a scoring forward, but selection_strategy "
+                f"{self.selection_strategy!r} runs none; use 'fresh'"
+            )
+        if self.selection_score_source == "last_visit" and self.gsc_co_training:
+            raise ValueError("selection_score_source='last_visit' is not supported with gsc_co_training (GSC+) yet")
+        if not 0.0 <= float(self.selection_exploration) < 1.0:
+            raise ValueError(f"selection_exploration must be in [0, 1), got {self.selection_exploration}")
         if self.score_dtype not in SCORE_DTYPES:
             raise ValueError(f"unknown score_dtype {self.score_dtype!r}; choose one of {list(SCORE_DTYPES)}")
         check_loss_type(self.loss_type)

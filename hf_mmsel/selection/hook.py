@@ -7,6 +7,20 @@ rank's batches, so no collective is needed. Ground-truth diagnostics (last score
 ``is_noisy``, per-pass histograms) are allocated only with ``diagnostics=True``.
 Randomness comes from a generator seeded by ``(seed, step, rank)``, so a resumed run draws exactly what an
 uninterrupted run draws.
+
+**Stale scores** (``score_source="last_visit"``, scale_and_speed.md §D): no scoring forward at all. The current
+score of a pair is the one of its last *training* forward, recorded in ``loss_terms`` into one more per-sample
+float16 array ``last_visit`` (2 B/sample; the positive-pair cosine ``cos(v_i, u_i)`` for CLIPScore strategies, the
+per-pair training loss ``l_i`` for loss strategies). Rules:
+
+* selection is a pure read of the stored state (the bank too: every bank write happens at the training record,
+  :meth:`~hf_mmsel.selection.strategies.SelectionStrategy.update_bank_last_visit`), so it can later move into a
+  sampler;
+* a never-trained pair (``last_visit`` = NaN) ranks above every scored pair (criterion ``+inf``): each pair is
+  trained and scored once before its score can reject it; ties are broken at random;
+* ``exploration`` e: of the ``k`` kept, ``round(e*k)`` are drawn uniformly from the candidates the criterion did
+  not keep (so rejected pairs get re-scored), from the same ``(seed, step, rank)`` generator; same ``k`` on
+  every rank. Exploration also applies to fresh scores when set.
 """
 
 from __future__ import annotations
@@ -15,14 +29,16 @@ from typing import Mapping
 
 import torch
 
-from ..hooks import BatchHook, Dist, StepContext
+from ..hooks import BatchHook, Dist, LossTerms, StepContext
 from ..state import PerSampleState, SampleOwnership, StateNamespace
 from .bank import ScoreBank
 from .strategies import Candidates, SelectionStrategy, build_strategy, top_k
 
-__all__ = ["SelectionHook", "clip_score", "num_to_keep", "selection_generator"]
+__all__ = ["SCORE_SOURCES", "SelectionHook", "clip_score", "keep_with_exploration", "num_to_keep",
+           "selection_generator"]
 
 _HIST_BINS = 25
+SCORE_SOURCES = ("fresh", "last_visit")
 
 
 def num_to_keep(batch_size: int, select_rate: float) -> int:
@@ -42,6 +58,21 @@ def clip_score(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> tuple[t
     return cos, 100.0 * cos.clamp(min=0.0)
 
 
+def keep_with_exploration(criterion: torch.Tensor, k: int, exploration: float = 0.0,
+                          generator: torch.Generator | None = None, random_ties: bool = False) -> torch.Tensor:
+    """``k`` indices: the ``k - round(e*k)`` largest of ``criterion`` (:func:`top_k`), then ``round(e*k)`` drawn
+    uniformly (``generator``) from the rest. ``e = 0``: exactly :func:`top_k`."""
+    n_explore = int(round(float(exploration) * k))
+    top = top_k(criterion, k - n_explore, generator if random_ties else None)
+    if n_explore == 0:
+        return top
+    rest = torch.ones(criterion.numel(), dtype=torch.bool, device=criterion.device)
+    rest[top] = False
+    rest = torch.nonzero(rest).flatten()
+    pick = rest[torch.randperm(rest.numel(), generator=generator)[:n_explore].to(rest.device)]
+    return torch.cat([top, pick])
+
+
 def _check_rate(select_rate: float) -> float:
     if not (0.0 < float(select_rate) <= 1.0):
         raise ValueError(f"select_rate must be in (0, 1], got {select_rate}")
@@ -58,6 +89,9 @@ class SelectionHook(BatchHook):
         diagnostics: also keep (sharded, checkpointed) the last CLIPScore and keep criterion of every pair, the
             pass it was last scored in and the ground-truth ``is_noisy`` flag when batches carry it (never used for
             selection), and per-pass score histograms; off by default (17 B/sample more).
+        score_source: ``"fresh"`` (the paper's: a no-grad scoring forward of the current model on the B
+            candidates) or ``"last_visit"`` (stale scores from the last training forward; see the module docstring).
+        exploration: e in [0, 1): share of k drawn at random from the candidates the criterion did not keep.
         strategy_options: forwarded to :func:`build_strategy` (``warmup_epochs``, ``ema_beta``, ...).
     """
 
@@ -65,10 +99,20 @@ class SelectionHook(BatchHook):
 
     def __init__(
         self, strategy: str | SelectionStrategy = "dissect", select_rate: float = 0.5, *, seed: int = 0,
-        diagnostics: bool = False, **strategy_options,
+        diagnostics: bool = False, score_source: str = "fresh", exploration: float = 0.0, **strategy_options,
     ) -> None:
         self.select_rate = _check_rate(select_rate)
         self.strategy = strategy if isinstance(strategy, SelectionStrategy) else build_strategy(strategy, **strategy_options)
+        if score_source not in SCORE_SOURCES:
+            raise ValueError(f"unknown selection score source {score_source!r}; choose one of {list(SCORE_SOURCES)}")
+        if score_source == "last_visit" and self.strategy.requires not in ("clip_score", "loss"):
+            raise ValueError(
+                f"selection_score_source='last_visit' replaces a scoring forward, but strategy "
+                f"{self.strategy.name!r} uses none (requires={self.strategy.requires!r}); use 'fresh'"
+            )
+        if not 0.0 <= float(exploration) < 1.0:
+            raise ValueError(f"selection_exploration must be in [0, 1), got {exploration}")
+        self.score_source, self.exploration = score_source, float(exploration)
         self.seed = int(seed)
         self.diagnostics = bool(diagnostics)
         self.bank: ScoreBank | None = None
@@ -82,6 +126,8 @@ class SelectionHook(BatchHook):
             storage = PerSampleState(SampleOwnership.single(num_samples), device).namespace("selection")
         self._storage = storage
         self.bank = ScoreBank(storage=storage.namespace("bank")) if self.strategy.uses_bank else None
+        # stale scores: cos (CLIPScore strategies) or l (loss strategies) of the last training forward; NaN = never
+        self.last_visit = (storage.add("last_visit", torch.float16, float("nan")) if self.stale else None)
         if self.diagnostics:
             self.last_score = storage.add("last_score", torch.float32, float("nan"))
             self.last_criterion = storage.add("last_criterion", torch.float32, float("nan"))
@@ -89,6 +135,11 @@ class SelectionHook(BatchHook):
             self.noisy = storage.add("noisy", torch.int8, -1)  # -1 unknown, 0 clean, 1 noisy
         else:
             self.last_score = self.last_criterion = self.scored_epoch = self.noisy = None
+
+    @property
+    def stale(self) -> bool:
+        """Whether scores come from the last training visit (``score_source="last_visit"``)."""
+        return self.score_source == "last_visit"
 
     @property
     def device(self) -> torch.device:
@@ -102,6 +153,8 @@ class SelectionHook(BatchHook):
     def state_dict(self) -> dict[str, torch.Tensor]:
         self._require_setup()
         state = {f"bank.{k}": v for k, v in self.bank.state_dict().items()} if self.bank is not None else {}
+        if self.last_visit is not None:
+            state["last_visit"] = self.last_visit.cpu().clone()
         if self.diagnostics:
             state.update(
                 last_score=self.last_score.cpu().clone(), last_criterion=self.last_criterion.cpu().clone(),
@@ -116,6 +169,8 @@ class SelectionHook(BatchHook):
         self._require_setup()
         if self.bank is not None:
             self.bank.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("bank.")})
+        if self.last_visit is not None:
+            self.last_visit.copy_(state["last_visit"])
         if self.diagnostics:
             for name in ("last_score", "last_criterion", "scored_epoch", "noisy"):
                 getattr(self, name).copy_(state[name])
@@ -130,7 +185,10 @@ class SelectionHook(BatchHook):
         size = sample_idx.shape[0]
         strategy = self.strategy
         cand = Candidates(sample_idx=sample_idx, epoch=ctx.epoch)
-        if strategy.selects and strategy.needs_scoring(ctx.epoch):
+        unscored = None
+        if self.stale:
+            unscored = self._stale_candidates(cand)
+        elif strategy.selects and strategy.needs_scoring(ctx.epoch):
             emb = ctx.score()
             cand.cosine, cand.clip_scores = (t.to(device) for t in clip_score(emb.image_embeds, emb.text_embeds))
             if strategy.requires == "loss":  # the training loss per pair: InfoNCE or SigLIP's sigmoid (ctx.loss)
@@ -141,31 +199,69 @@ class SelectionHook(BatchHook):
         if strategy.selects:
             k = num_to_keep(size, self.select_rate)
             generator = selection_generator(self.seed, ctx.step, ctx.dist.rank)
-            if self.bank is not None and cand.clip_scores is not None:
+            if self.bank is not None and cand.clip_scores is not None and not self.stale:
                 strategy.before_criterion(self.bank, cand)
             crit = strategy.criterion(cand, self.bank)
             if crit is None:
                 keep = torch.randperm(size, generator=generator)[:k].to(device)
             else:
-                keep = top_k(crit, k, generator if strategy.random_ties else None)
+                if unscored is not None:  # never trained: first (each pair is scored once before it can be rejected)
+                    crit = torch.where(unscored, torch.full_like(crit.float(), float("inf")), crit.float())
+                keep = keep_with_exploration(crit, k, self.exploration, generator,
+                                             random_ties=strategy.random_ties or self.stale)
         else:
             crit, keep = None, None
         self._record(batch, cand, crit, keep, ctx)
         return keep
 
+    def _stale_candidates(self, cand: Candidates) -> torch.Tensor:
+        """Fill ``cand`` from the stored last-visit values (0 where never trained); returns the never-trained mask."""
+        stored = self.last_visit[self._storage.slots(cand.sample_idx)].float()
+        unscored = torch.isnan(stored)
+        stored = torch.where(unscored, torch.zeros_like(stored), stored)
+        if self.strategy.requires == "loss":
+            cand.losses = stored
+        else:
+            cand.cosine, cand.clip_scores = stored, 100.0 * stored.clamp(min=0.0)
+        return unscored
+
+    def loss_terms(self, image_embeds, text_embeds, logit_scale, sample_idx, per_sample_loss, ctx):
+        """``last_visit``: record the kept pairs' ``cos(v_i, u_i)`` (or ``l_i``) of this training forward into the
+        owner's state, then the strategy's bank update from it. No weights, no extra loss."""
+        if not self.stale:
+            return LossTerms()
+        if ctx.network is not None:
+            raise RuntimeError("selection_score_source='last_visit' is not supported with GSC+ co-training yet")
+        storage = self._require_setup()
+        idx = sample_idx.to(storage.device).long()
+        slots = storage.slots(idx)
+        with torch.no_grad():
+            cos = (image_embeds.detach().float() * text_embeds.detach().float()).sum(-1).to(storage.device)
+            value = per_sample_loss.detach().float().to(storage.device) if self.strategy.requires == "loss" else cos
+            self.last_visit[slots] = value.to(self.last_visit.dtype)
+            if self.bank is not None:  # the rounded stored value, so h == s exactly until the pair is trained again
+                stored = self.last_visit[slots].float()
+                self.strategy.update_bank_last_visit(self.bank, idx, 100.0 * stored.clamp(min=0.0), ctx.epoch)
+            if self.diagnostics:
+                self.last_score[slots] = 100.0 * cos.clamp(min=0.0)
+                self.scored_epoch[slots] = ctx.epoch
+        return LossTerms()
+
     def _record(self, batch, cand: Candidates, crit, keep, ctx: StepContext) -> None:
         """Local bank update (this rank owns its candidates), local diagnostics, step logs."""
         size = cand.sample_idx.shape[0]
         noisy = batch.get("is_noisy")
-        if cand.clip_scores is not None and self.bank is not None:
+        fresh = not self.stale  # stale: the bank and last_score are written at the training record (loss_terms)
+        if fresh and cand.clip_scores is not None and self.bank is not None:
             self.strategy.update_bank(self.bank, cand.sample_idx, cand.clip_scores, cand.epoch)
         if self.diagnostics:
             slots = self._storage.slots(cand.sample_idx)
-            if cand.clip_scores is not None:
+            if fresh and cand.clip_scores is not None:
                 self.last_score[slots] = cand.clip_scores
                 self.scored_epoch[slots] = cand.epoch
-            if crit is not None:
-                self.last_criterion[slots] = crit.float()
+            if crit is not None:  # +inf of never-trained pairs (stale) is stored as unknown (NaN)
+                crit = crit.float()
+                self.last_criterion[slots] = torch.where(torch.isinf(crit), torch.full_like(crit, float("nan")), crit)
             if noisy is not None:
                 self.noisy[slots] = noisy.to(self.noisy.device).to(torch.int8)
         ctx.log("selection/kept_fraction", (keep.numel() if keep is not None else size) / size)

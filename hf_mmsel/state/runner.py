@@ -56,6 +56,7 @@ class HookRunner:
         self.dist = Dist()
         self.step = 0
         self.passes_ended = 0
+        self.scoring_forwards = 0  # no-grad scoring forwards run (ctx.score() computed), not checkpointed
 
     # ------------------------------------------------------------------------------------------------ set-up
     def setup(self, num_samples: int, ownership: SampleOwnership, device: torch.device | str,
@@ -92,7 +93,11 @@ class HookRunner:
     # -------------------------------------------------------------------------------------------------- step
     def context(self, scorer: Callable[[], PairEmbeddings], loss: PairLoss | None = None) -> StepContext:
         """The step's context; ``loss`` is the step's contrastive loss (default: softmax InfoNCE)."""
-        ctx = StepContext(self.current_pass, self.step, self.dist, scorer)
+        def counted() -> PairEmbeddings:
+            self.scoring_forwards += 1
+            return scorer()
+
+        ctx = StepContext(self.current_pass, self.step, self.dist, counted)
         if loss is not None:
             ctx.loss = loss
         return ctx
