@@ -25,11 +25,13 @@ per-pair training loss ``l_i`` for loss strategies). Rules:
 
 from __future__ import annotations
 
+import contextlib
 from typing import Mapping
 
 import torch
 
 from ..hooks import BatchHook, Dist, LossTerms, StepContext
+from ..state.lagged import LaggedRecords, SelectionLagError, StepRecord
 from ..state import PerSampleState, SampleOwnership, StateNamespace
 from .bank import ScoreBank
 from .strategies import Candidates, SelectionStrategy, build_strategy, top_k
@@ -92,6 +94,9 @@ class SelectionHook(BatchHook):
         score_source: ``"fresh"`` (the paper's: a no-grad scoring forward of the current model on the B
             candidates) or ``"last_visit"`` (stale scores from the last training forward; see the module docstring).
         exploration: e in [0, 1): share of k drawn at random from the candidates the criterion did not keep.
+        lag: L >= 1 (``last_visit``): the selection of candidate batch b reads the state as of step b - L (the
+            training records of batches <= b - L); L = 1 is the newest state.
+        in_sampler: the batch sampler selects (:meth:`select_candidates`); :meth:`prepare` keeps every pair.
         strategy_options: forwarded to :func:`build_strategy` (``warmup_epochs``, ``ema_beta``, ...).
     """
 
@@ -99,7 +104,8 @@ class SelectionHook(BatchHook):
 
     def __init__(
         self, strategy: str | SelectionStrategy = "dissect", select_rate: float = 0.5, *, seed: int = 0,
-        diagnostics: bool = False, score_source: str = "fresh", exploration: float = 0.0, **strategy_options,
+        diagnostics: bool = False, score_source: str = "fresh", exploration: float = 0.0, lag: int = 1,
+        in_sampler: bool = False, **strategy_options,
     ) -> None:
         self.select_rate = _check_rate(select_rate)
         self.strategy = strategy if isinstance(strategy, SelectionStrategy) else build_strategy(strategy, **strategy_options)
@@ -113,6 +119,13 @@ class SelectionHook(BatchHook):
         if not 0.0 <= float(exploration) < 1.0:
             raise ValueError(f"selection_exploration must be in [0, 1), got {exploration}")
         self.score_source, self.exploration = score_source, float(exploration)
+        if int(lag) < 1:
+            raise ValueError(f"selection_lag must be >= 1, got {lag}")
+        if in_sampler and score_source != "last_visit":
+            raise ValueError("selection_in_sampler=True needs selection_score_source='last_visit' (a fresh score "
+                             "needs the images, which the sampler never loads)")
+        self.lag, self.in_sampler = int(lag), bool(in_sampler)
+        self.records = LaggedRecords()
         self.seed = int(seed)
         self.diagnostics = bool(diagnostics)
         self.bank: ScoreBank | None = None
@@ -128,6 +141,7 @@ class SelectionHook(BatchHook):
         self.bank = ScoreBank(storage=storage.namespace("bank")) if self.strategy.uses_bank else None
         # stale scores: cos (CLIPScore strategies) or l (loss strategies) of the last training forward; NaN = never
         self.last_visit = (storage.add("last_visit", torch.float16, float("nan")) if self.stale else None)
+        self.records = LaggedRecords()
         if self.diagnostics:
             self.last_score = storage.add("last_score", torch.float32, float("nan"))
             self.last_criterion = storage.add("last_criterion", torch.float32, float("nan"))
@@ -165,6 +179,15 @@ class SelectionHook(BatchHook):
             )
         return state
 
+    def rank_state_dict(self) -> dict[str, torch.Tensor]:
+        """Per-rank state that is not per sample: the pending (not yet committed) training records."""
+        return self.records.state_dict() if self.stale else {}
+
+    def load_rank_state_dicts(self, states: list[Mapping[str, torch.Tensor]]) -> None:
+        """Restore the pending records (several dicts after a world-size change: the owned entries of all)."""
+        if self.stale:
+            self.records = LaggedRecords.merged(states, self._storage.ownership)
+
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         self._require_setup()
         if self.bank is not None:
@@ -185,10 +208,15 @@ class SelectionHook(BatchHook):
         size = sample_idx.shape[0]
         strategy = self.strategy
         cand = Candidates(sample_idx=sample_idx, epoch=ctx.epoch)
-        unscored = None
+        if self.in_sampler:  # the batch sampler kept these pairs already (select_candidates)
+            self._record(batch, cand, None, None, ctx)
+            return None
         if self.stale:
-            unscored = self._stale_candidates(cand)
-        elif strategy.selects and strategy.needs_scoring(ctx.epoch):
+            with self._lagged_view(ctx.step):
+                crit, keep = self._stale_keep(cand, ctx.step)
+            self._record(batch, cand, crit, keep, ctx)
+            return keep
+        if strategy.selects and strategy.needs_scoring(ctx.epoch):
             emb = ctx.score()
             cand.cosine, cand.clip_scores = (t.to(device) for t in clip_score(emb.image_embeds, emb.text_embeds))
             if strategy.requires == "loss":  # the training loss per pair: InfoNCE or SigLIP's sigmoid (ctx.loss)
@@ -199,21 +227,39 @@ class SelectionHook(BatchHook):
         if strategy.selects:
             k = num_to_keep(size, self.select_rate)
             generator = selection_generator(self.seed, ctx.step, ctx.dist.rank)
-            if self.bank is not None and cand.clip_scores is not None and not self.stale:
+            if self.bank is not None and cand.clip_scores is not None:
                 strategy.before_criterion(self.bank, cand)
             crit = strategy.criterion(cand, self.bank)
             if crit is None:
                 keep = torch.randperm(size, generator=generator)[:k].to(device)
             else:
-                if unscored is not None:  # never trained: first (each pair is scored once before it can be rejected)
-                    crit = torch.where(unscored, torch.full_like(crit.float(), float("inf")), crit.float())
-                keep = keep_with_exploration(crit, k, self.exploration, generator,
-                                             random_ties=strategy.random_ties or self.stale)
+                keep = keep_with_exploration(crit, k, self.exploration, generator, strategy.random_ties)
         else:
             crit, keep = None, None
         self._record(batch, cand, crit, keep, ctx)
         return keep
 
+    def _stale_keep(self, cand: Candidates, step: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``(criterion, keep)`` of candidate batch ``step`` from the stored last-visit state (a pure read)."""
+        size = cand.sample_idx.shape[0]
+        unscored = self._stale_candidates(cand)
+        k = num_to_keep(size, self.select_rate)
+        generator = selection_generator(self.seed, step, self._storage.ownership.rank)
+        crit = self.strategy.criterion(cand, self.bank)
+        if crit is None:
+            return None, torch.randperm(size, generator=generator)[:k].to(cand.sample_idx.device)
+        # never trained: first (each pair is scored once before its score can reject it); ties at random
+        crit = torch.where(unscored, torch.full_like(crit.float(), float("inf")), crit.float())
+        return crit, keep_with_exploration(crit, k, self.exploration, generator, random_ties=True)
+
+    def select_candidates(self, sample_idx: torch.Tensor, step: int, epoch: int) -> torch.Tensor:
+        """``selection_in_sampler``: local keep indices of candidate batch ``step`` (pass ``epoch``) from the view
+        of the state as of step ``step - L``; the same as :meth:`prepare` computes for that batch with the same
+        lag. Raises :class:`SelectionLagError` when step ``step - L`` has not been trained yet."""
+        self._require_setup()
+        cand = Candidates(sample_idx=torch.as_tensor(sample_idx).to(self._storage.device).long(), epoch=epoch)
+        with self._lagged_view(step):
+            return self._stale_keep(cand, step)[1]
     def _stale_candidates(self, cand: Candidates) -> torch.Tensor:
         """Fill ``cand`` from the stored last-visit values (0 where never trained); returns the never-trained mask."""
         stored = self.last_visit[self._storage.slots(cand.sample_idx)].float()
@@ -238,14 +284,44 @@ class SelectionHook(BatchHook):
         with torch.no_grad():
             cos = (image_embeds.detach().float() * text_embeds.detach().float()).sum(-1).to(storage.device)
             value = per_sample_loss.detach().float().to(storage.device) if self.strategy.requires == "loss" else cos
-            self.last_visit[slots] = value.to(self.last_visit.dtype)
-            if self.bank is not None:  # the rounded stored value, so h == s exactly until the pair is trained again
-                stored = self.last_visit[slots].float()
-                self.strategy.update_bank_last_visit(self.bank, idx, 100.0 * stored.clamp(min=0.0), ctx.epoch)
+            self.records.push(ctx.step, ctx.epoch, idx, value.to(self.last_visit.dtype))
+            # the selection of step t+1 reads the state as of step t+1-L: commit what it needs, keep L-1 pending
+            for record in self.records.pop_through(ctx.step + 1 - self.lag):
+                self._apply_record(record)
             if self.diagnostics:
                 self.last_score[slots] = 100.0 * cos.clamp(min=0.0)
                 self.scored_epoch[slots] = ctx.epoch
         return LossTerms()
+
+    def _apply_record(self, record: StepRecord) -> None:
+        """Step ``record.step``'s training record into the state: ``last_visit`` and the strategy's bank update
+        (from the rounded stored value, so ``h == s`` exactly until the pair is trained again)."""
+        slots = self._storage.slots(record.sample_idx)
+        self.last_visit[slots] = record.value.to(self.last_visit.device)
+        if self.bank is not None:
+            stored = self.last_visit[slots].float()
+            self.strategy.update_bank_last_visit(self.bank, record.sample_idx, 100.0 * stored.clamp(min=0.0),
+                                                 record.epoch)
+
+    @contextlib.contextmanager
+    def _lagged_view(self, step: int):
+        """The stored state as of step ``step - L``: the committed arrays plus the pending records of steps
+        ``<= step - L``, applied for the duration of the block and then undone."""
+        self.records.check_trained(step - self.lag, step, self.lag)
+        pending = self.records.through(step - self.lag)
+        if not pending:
+            yield
+            return
+        slots = torch.unique(torch.cat([self._storage.slots(r.sample_idx) for r in pending]))
+        arrays = [self.last_visit] + ([self.bank.hist, self.bank.seen] if self.bank is not None else [])
+        saved = [a[slots].clone() for a in arrays]
+        try:
+            for record in pending:
+                self._apply_record(record)
+            yield
+        finally:
+            for a, v in zip(arrays, saved):
+                a[slots] = v
 
     def _record(self, batch, cand: Candidates, crit, keep, ctx: StepContext) -> None:
         """Local bank update (this rank owns its candidates), local diagnostics, step logs."""
