@@ -305,3 +305,26 @@ def test_two_process_stale_selection_same_k_same_selections_in_sampler_and_train
         for v in values[1:]:
             torch.testing.assert_close(v, values[0], rtol=0, atol=0, equal_nan=True, msg=key)
         assert int((~torch.isnan(values[0])).sum()) > 32 if key == "last_visit" else True
+
+
+def test_resume_with_another_batch_size_commits_the_pending_records(tmp_path):
+    from test_contrastive_trainer import _StateAtTrainBegin
+
+    kw = dict(num_train_epochs=3, save_strategy="steps", save_steps=6, selection_lag=4, selection_in_sampler=True)
+    _, rec = _run(tmp_path, **kw)
+    trained_by_6 = {i for kept in rec.kept[:6] for i in kept}
+    from hf_mmsel.data import ImageTextCollator
+    from hf_mmsel.trainers import ContrastiveTrainer
+    from test_contrastive_trainer import _bundle
+
+    bundle = _bundle()
+    resumed_rec = _Recorder()
+    resumed = ContrastiveTrainer(bundle.model, _args(tmp_path, **{**STALE, **kw, "per_device_train_batch_size": 8}),
+                                 train_dataset=_counting_dataset(bundle.tokenizer, []),
+                                 data_collator=ImageTextCollator(bundle.tokenizer, max_length=12), hooks=[resumed_rec])
+    probe = _StateAtTrainBegin(resumed)
+    resumed.add_callback(probe)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))  # 8 batches per pass now, not 4
+    recorded = torch.nonzero(~torch.isnan(probe.arrays["0.last_visit"].float())).flatten().tolist()
+    assert set(recorded) == trained_by_6  # the 3 pending records (steps 3..5) were committed, none lost
+    assert resumed_rec.kept and all(len(k) == 4 for k in resumed_rec.kept)

@@ -183,10 +183,20 @@ class SelectionHook(BatchHook):
         """Per-rank state that is not per sample: the pending (not yet committed) training records."""
         return self.records.state_dict() if self.stale else {}
 
-    def load_rank_state_dicts(self, states: list[Mapping[str, torch.Tensor]]) -> None:
-        """Restore the pending records (several dicts after a world-size change: the owned entries of all)."""
-        if self.stale:
-            self.records = LaggedRecords.merged(states, self._storage.ownership)
+    def load_rank_state_dicts(self, states: list[Mapping[str, torch.Tensor]], exact: bool = True,
+                              step: int | None = None) -> None:
+        """Restore the pending records. After a world-size or batch-size change (``exact=False``; the data order
+        changes anyway) the owned records of every old rank are committed at once and the lag restarts at the
+        candidate-batch counter ``step``."""
+        if not self.stale:
+            return
+        records = LaggedRecords.merged(states, self._storage.ownership)
+        if not exact:
+            for record in records.pending:
+                self._apply_record(record)
+            records = LaggedRecords()
+            records.trained_through = (int(step) - 1) if step is not None else -1
+        self.records = records
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         self._require_setup()

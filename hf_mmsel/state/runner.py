@@ -175,15 +175,18 @@ class HookRunner:
                              f"resumed at step {global_step}")
         index, replicated = load_sharded_state(checkpoint_dir, state)
         self.hooks.load_state_dict({**{k: v for k, v in state.arrays.items()}, **replicated})
-        rank_local = load_rank_local(checkpoint_dir, state.ownership)
-        for i, hook in enumerate(self.hooks.hooks):
-            if hasattr(hook, "load_rank_state_dicts"):
-                prefix = f"{i}."
-                hook.load_rank_state_dicts([{k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}
-                                            for d in rank_local])
         self.step, self.passes_ended = int(index["hook_step"]), int(index["passes_ended"])
+        renumbered = False
         if self.schedule is not None and index.get("batches_per_pass") not in (None, self.schedule.batches_per_pass):
             # another world size or batch size: continue at the same fraction of the pool
             old = int(index["batches_per_pass"])
             self.step = (self.step * self.schedule.batches_per_pass) // old
+            renumbered = True
+        rank_local = load_rank_local(checkpoint_dir, state.ownership)
+        exact = len(rank_local) == 1 and not renumbered  # same world size and step numbering
+        for i, hook in enumerate(self.hooks.hooks):
+            if hasattr(hook, "load_rank_state_dicts"):
+                prefix = f"{i}."
+                hook.load_rank_state_dicts([{k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}
+                                            for d in rank_local], exact=exact, step=self.step)
         return index
