@@ -14,8 +14,10 @@ float16 array ``last_visit`` (2 B/sample; the positive-pair cosine ``cos(v_i, u_
 per-pair training loss ``l_i`` for loss strategies). Rules:
 
 * selection is a pure read of the stored state (the bank too: every bank write happens at the training record,
-  :meth:`~hf_mmsel.selection.strategies.SelectionStrategy.update_bank_last_visit`), so it can later move into a
-  sampler;
+  :meth:`~hf_mmsel.selection.strategies.SelectionStrategy.update_bank_last_visit`), so it can run in the batch
+  sampler (``in_sampler``, :class:`~hf_mmsel.selection.SelectingBatchSampler`);
+* ``lag`` L: candidate batch b is selected from the state as of step b - L (records of batches <= b - L, the
+  newest L - 1 wait in :class:`~hf_mmsel.state.LaggedRecords`), in the trainer and in the sampler alike;
 * a never-trained pair (``last_visit`` = NaN) ranks above every scored pair (criterion ``+inf``): each pair is
   trained and scored once before its score can reject it; ties are broken at random;
 * ``exploration`` e: of the ``k`` kept, ``round(e*k)`` are drawn uniformly from the candidates the criterion did
@@ -31,7 +33,7 @@ from typing import Mapping
 import torch
 
 from ..hooks import BatchHook, Dist, LossTerms, StepContext
-from ..state.lagged import LaggedRecords, SelectionLagError, StepRecord
+from ..state.lagged import LaggedRecords, StepRecord
 from ..state import PerSampleState, SampleOwnership, StateNamespace
 from .bank import ScoreBank
 from .strategies import Candidates, SelectionStrategy, build_strategy, top_k
@@ -265,7 +267,7 @@ class SelectionHook(BatchHook):
     def select_candidates(self, sample_idx: torch.Tensor, step: int, epoch: int) -> torch.Tensor:
         """``selection_in_sampler``: local keep indices of candidate batch ``step`` (pass ``epoch``) from the view
         of the state as of step ``step - L``; the same as :meth:`prepare` computes for that batch with the same
-        lag. Raises :class:`SelectionLagError` when step ``step - L`` has not been trained yet."""
+        lag. Raises :class:`~hf_mmsel.state.SelectionLagError` when step ``step - L`` has not been trained yet."""
         self._require_setup()
         cand = Candidates(sample_idx=torch.as_tensor(sample_idx).to(self._storage.device).long(), epoch=epoch)
         with self._lagged_view(step):
