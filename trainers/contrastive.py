@@ -13,6 +13,10 @@ sampler (rank r draws only ``sample_idx mod W = r``), a stream through the rank-
 :class:`~hf_mmsel.data.streaming.StreamingImageTextDataset` (rank r reads and owns its shards). The hook state is
 written into every checkpoint before ``Trainer._save_checkpoint`` (one file per rank + ``index.json``) and
 restored in ``on_train_begin``, which every backend (plain, DDP, FSDP, DeepSpeed) calls after loading the model.
+
+Stale scores (``selection_score_source="last_visit"``) are recorded by the selection hook's ``loss_terms`` from the
+training forward; with ``selection_in_sampler`` the owner-stable sampler is a
+:class:`~hf_mmsel.selection.SelectingBatchSampler` that asks the hook (``select_candidates``) which pairs to load.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from hf_mmsel.contrastive_loss import PairLoss, pair_loss_for, prepare_model_for
 from hf_mmsel.hooks import BatchHook, LossTerms, PairEmbeddings, subset_batch
 from hf_mmsel.models import (CoTrainedDualEncoder, check_dual_encoder, encode_pair, logit_scale_of,
                              make_logit_scale_1d, unwrap_model)
-from hf_mmsel.selection import SelectionHook, load_reference_scores
+from hf_mmsel.selection import SelectingBatchSampler, SelectionHook, load_reference_scores, num_to_keep
 from hf_mmsel.state import (HOOK_STATE_DIR, OwnerStableBatchSampler, PassSchedule, SampleOwnership,
                             check_checkpoint_complete, streaming_batches_per_pass)
 from hf_mmsel.state.runner import HookRunner, require_process_group
@@ -59,6 +63,13 @@ class _OwnerStableTrainerSampler(OwnerStableBatchSampler, BatchRebalanceSampler)
 
     def __init__(self, *args, **kwargs) -> None:
         OwnerStableBatchSampler.__init__(self, *args, **kwargs)
+
+
+class _SelectingTrainerSampler(SelectingBatchSampler, BatchRebalanceSampler):
+    """``selection_in_sampler``: the selecting owner-stable sampler, typed for Trainer like the one above."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        SelectingBatchSampler.__init__(self, *args, **kwargs)
 
 
 class _HookCallback(TrainerCallback):
@@ -120,6 +131,8 @@ class ContrastiveTrainer(Trainer):
             dataset = kwargs.get(name)
             if dataset is not None:
                 kwargs[name] = self._check_dataset(dataset, name)
+        if _is_streaming(kwargs.get("train_dataset")) and args.selection_in_sampler:
+            raise ValueError("selection_in_sampler=True needs a map-style train_dataset (streams are not supported yet)")
         if _is_streaming(kwargs.get("train_dataset")) and args.max_steps <= 0:
             raise ValueError("a streaming train_dataset needs max_steps > 0 (the stream is infinite)")
         prepare_model_for_loss(model, args.loss_type, logit_scale_max=args.logit_scale_max)  # sigmoid: t', b
@@ -214,9 +227,12 @@ class ContrastiveTrainer(Trainer):
         """The owner-stable batch sampler: rank r's candidates are the rows whose ``sample_idx mod W = r``."""
         if self._train_sampler is None:
             dist = require_process_group(self.args.world_size)
-            self._train_sampler = _OwnerStableTrainerSampler(
-                self._sample_indices(), self._train_batch_size, world_size=dist.world_size, rank=dist.rank,
-                shuffle=self.args.train_sampling_strategy != "sequential", seed=self.args.seed)
+            kwargs = dict(world_size=dist.world_size, rank=dist.rank, seed=self.args.seed,
+                          shuffle=self.args.train_sampling_strategy != "sequential")
+            if self.args.selection_in_sampler:  # yields the k = round(r*B) kept rows of each candidate batch
+                kwargs["kept_size"] = num_to_keep(self._train_batch_size, self.args.select_rate)
+            cls = _SelectingTrainerSampler if self.args.selection_in_sampler else _OwnerStableTrainerSampler
+            self._train_sampler = cls(self._sample_indices(), self._train_batch_size, **kwargs)
         return self._train_sampler
 
     def _configured_stream(self):
@@ -278,13 +294,20 @@ class ContrastiveTrainer(Trainer):
             seed=args.seed if args.selection_seed is None else args.selection_seed,
             diagnostics=args.selection_diagnostics, warmup_epochs=warmup, ema_beta=args.ema_beta,
             first_visit_fallback=args.first_visit_fallback, reference_scores=self._reference_scores,
+            score_source=args.selection_score_source, exploration=args.selection_exploration,
+            lag=args.resolved_selection_lag, in_sampler=args.selection_in_sampler,
         )
+        if args.selection_in_sampler:  # the sampler built for the schedule selects from this hook's state
+            self._get_train_sampler().select = self.selection_hook.select_candidates
         if args.gsc:
             self.gsc_hook = self._build_gsc_hook()
         gsc = [self.gsc_hook] if self.gsc_hook is not None else []
         settings = {"selection_strategy": args.selection_strategy, "gsc": bool(args.gsc),
                     "gsc_co_training": bool(args.gsc_co_training),
-                    "selection_diagnostics": bool(args.selection_diagnostics)}
+                    "selection_diagnostics": bool(args.selection_diagnostics),
+                    "selection_score_source": args.selection_score_source,
+                    "selection_exploration": float(args.selection_exploration),
+                    "selection_lag": args.resolved_selection_lag if args.selection_score_source != "fresh" else 1}
         runner = HookRunner([self.selection_hook, *gsc, *self._extra_hooks], settings)
         runner.setup(self._num_samples(), self._ownership(), args.device, schedule,
                      dist=require_process_group(args.world_size))

@@ -9,7 +9,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from hf_mmsel.contrastive_loss import check_loss_type
-from hf_mmsel.selection import SELECTION_STRATEGIES
+from hf_mmsel.selection import SCORE_SOURCES, SELECTION_STRATEGIES
 
 __all__ = ["ContrastiveTrainingArguments", "SCORE_DTYPES", "SCORE_PLOT_NAME", "GSC_SIMILARITIES", "GSC_MATCHINGS"]
 
@@ -57,6 +57,29 @@ class ContrastiveTrainingArguments(TrainingArguments):
     reference_scores_path: str | None = field(
         default=None,
         metadata={"help": "reference_clipscore: a .safetensors (key 'scores'), .pt or .npy file of [N] scores"},
+    )
+    selection_score_source: str = field(
+        default="fresh",
+        metadata={"help": "current score s of a candidate: 'fresh' (the paper's no-grad scoring forward on all B "
+                          "candidates) or 'last_visit' (the cos / per-pair loss of its last training forward, "
+                          "2 B/sample, no scoring forward; never-trained pairs are kept first)"},
+    )
+    selection_exploration: float = field(
+        default=0.0,
+        metadata={"help": "share e in [0, 1) of the k kept pairs drawn at random from the candidates the criterion "
+                          "did not keep (re-scores rejected pairs with last_visit scores)"},
+    )
+    selection_in_sampler: bool = field(
+        default=False,
+        metadata={"help": "map-style + last_visit: the batch sampler makes the keep decision from the stored "
+                          "scores, so the DataLoader reads and decodes only the k kept pairs of each candidate batch"},
+    )
+    selection_lag: int | None = field(
+        default=None,
+        metadata={"help": "L >= 1 (last_visit): candidate batch b is selected from the state as of step b - L, in "
+                          "the sampler and in the trainer alike (same L: same selections); default 1 in the "
+                          "trainer, 8 in the sampler; the sampler needs L >= dataloader_num_workers * "
+                          "dataloader_prefetch_factor + gradient_accumulation_steps + 1"},
     )
     selection_seed: int | None = field(default=None, metadata={"help": "seed of selection randomness (default: seed)"})
     logit_scale_max: float = field(default=100.0, metadata={"help": "clamp of exp(logit_scale) (CLIP: 100)"})
@@ -130,6 +153,32 @@ class ContrastiveTrainingArguments(TrainingArguments):
             )
         if not (0.0 < float(self.select_rate) <= 1.0):
             raise ValueError(f"select_rate must be in (0, 1], got {self.select_rate}")
+        if self.selection_score_source not in SCORE_SOURCES:
+            raise ValueError(f"unknown selection_score_source {self.selection_score_source!r}; choose one of "
+                             f"{list(SCORE_SOURCES)}")
+        requires = SELECTION_STRATEGIES[self.selection_strategy].requires
+        if self.selection_score_source == "last_visit" and requires not in ("clip_score", "loss"):
+            raise ValueError(
+                f"selection_score_source='last_visit' replaces a scoring forward, but selection_strategy "
+                f"{self.selection_strategy!r} runs none; use 'fresh'"
+            )
+        if self.selection_score_source == "last_visit" and self.gsc_co_training:
+            raise ValueError("selection_score_source='last_visit' is not supported with gsc_co_training (GSC+) yet")
+        if not 0.0 <= float(self.selection_exploration) < 1.0:
+            raise ValueError(f"selection_exploration must be in [0, 1), got {self.selection_exploration}")
+        if self.selection_in_sampler and self.selection_score_source != "last_visit":
+            raise ValueError("selection_in_sampler=True needs selection_score_source='last_visit' (a fresh score "
+                             "needs the images, which the sampler never loads)")
+        if self.selection_lag is not None and self.selection_lag < 1:
+            raise ValueError(f"selection_lag must be >= 1, got {self.selection_lag}")
+        if self.selection_in_sampler:
+            needed = self.min_sampler_lag
+            if self.resolved_selection_lag < needed:
+                raise ValueError(
+                    f"selection_lag={self.resolved_selection_lag} is shorter than the DataLoader runs ahead "
+                    f"(dataloader_num_workers * dataloader_prefetch_factor + gradient_accumulation_steps + 1 = "
+                    f"{needed}): the sampler would select from scores of steps not trained yet; raise selection_lag"
+                )
         if self.score_dtype not in SCORE_DTYPES:
             raise ValueError(f"unknown score_dtype {self.score_dtype!r}; choose one of {list(SCORE_DTYPES)}")
         check_loss_type(self.loss_type)
@@ -178,6 +227,20 @@ class ContrastiveTrainingArguments(TrainingArguments):
                 "gsc_structure_max_batch_anchors=0 disables in-batch anchors, so GSC needs an anchor bank: "
                 "set gsc_bank_size > 0"
             )
+
+    @property
+    def min_sampler_lag(self) -> int:
+        """The smallest lag the in-sampler selection allows: batches the DataLoader and Trainer draw ahead + 1."""
+        workers = int(self.dataloader_num_workers or 0)
+        prefetch = (self.dataloader_prefetch_factor or 2) if workers > 0 else 0
+        return workers * prefetch + int(self.gradient_accumulation_steps) + 1
+
+    @property
+    def resolved_selection_lag(self) -> int:
+        """``selection_lag``, or 1 (the newest state) in the trainer and 8 in the sampler."""
+        if self.selection_lag is not None:
+            return int(self.selection_lag)
+        return max(8, self.min_sampler_lag) if self.selection_in_sampler else 1
 
     def gsc_settings(self) -> dict[str, Any]:
         """The ``gsc_*`` settings as a dict without the prefix (for model cards and logs); empty when GSC is off."""

@@ -112,6 +112,11 @@ class BenchmarkArguments:
         metadata={"help": "per epoch: test rSum and mean train cosine of clean vs noisy pairs (timed and "
                           "subtracted from train_seconds; written to results.json and curves.png)"},
     )
+    selection_score_source: str = field(
+        default="fresh", metadata={"help": "'fresh' or 'last_visit' (stale scores, no scoring forward) for the "
+                                           "strategies that score (dissect*, clipscore, small_loss, big_loss)"})
+    selection_exploration: float = field(default=0.0, metadata={"help": "share of k drawn from the rejected"})
+    selection_in_sampler: bool = field(default=False, metadata={"help": "last_visit: select in the batch sampler"})
     max_train: int | None = field(default=None, metadata={"help": "use only the first n training pairs"})
     max_test: int | None = field(default=None)
     test_fraction: float = field(default=0.2, metadata={"help": "held-out share when the dataset has one split"})
@@ -270,8 +275,18 @@ def _training_arguments(args, selection: str, seed: int, out: Path, epochs: int,
         eval_strategy="no", report_to=[], use_cpu=True, seed=seed, disable_tqdm=True,
         selection_strategy=selection, select_rate=args.select_rate,
         selection_warmup_epochs=args.selection_warmup_epochs, plot_score_distributions=False,
-        dataloader_num_workers=0, selection_diagnostics=True, loss_type=loss_type,
+        dataloader_num_workers=0, selection_diagnostics=True, loss_type=loss_type, **_score_source_options(args, selection),
     )
+
+
+def _score_source_options(args, selection: str) -> dict[str, Any]:
+    """``--selection_score_source`` etc. for the strategies that score; the others keep the defaults."""
+    from hf_mmsel.selection import SELECTION_STRATEGIES
+
+    if SELECTION_STRATEGIES[selection].requires not in ("clip_score", "loss"):
+        return {}
+    return dict(selection_score_source=args.selection_score_source, selection_exploration=args.selection_exploration,
+                selection_in_sampler=args.selection_in_sampler)
 
 
 def reference_epochs(args: BenchmarkArguments) -> int:
@@ -384,6 +399,7 @@ def _train_one(args, strategy, bundle, data, class_captions, seed, out: Path,
     selects = selection != "full"
     return {
         "strategy": strategy, "loss_type": loss_type, "select_rate": args.select_rate if selects else 1.0,
+        "score_source": trainer.args.selection_score_source, "in_sampler": bool(trainer.args.selection_in_sampler),
         "i2t_r1": metrics["eval_i2t_r1"], "t2i_r1": metrics["eval_t2i_r1"], "rsum": metrics["eval_rsum"],
         "zero_shot_acc": metrics.get("eval_zero_shot_acc"), "train_seconds": train_seconds,
         "train_cpu_seconds": train_cpu_seconds,

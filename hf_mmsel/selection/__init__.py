@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from .bank import ScoreBank
-from .hook import SelectionHook, clip_score, num_to_keep, selection_generator
+from .hook import SCORE_SOURCES, SelectionHook, clip_score, keep_with_exploration, num_to_keep, selection_generator
 from .reference import load_reference_scores
+from .sampler import SelectingBatchSampler
 from .strategies import SELECTION_STRATEGIES, Candidates, SelectionStrategy, build_strategy, top_k
 
 __all__ = [
     "load_reference_scores",
+    "SCORE_SOURCES",
+    "SelectingBatchSampler",
+    "keep_with_exploration",
     "SELECTION_STRATEGIES",
     "Candidates",
     "ScoreBank",

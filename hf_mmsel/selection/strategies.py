@@ -85,6 +85,12 @@ class SelectionStrategy:
     def update_bank(self, bank: ScoreBank, sample_idx: torch.Tensor, clip_scores: torch.Tensor, epoch: int) -> None:
         """Update the bank with this rank's (owned) ``(sample_idx, s)`` of this step."""
 
+    def update_bank_last_visit(self, bank: ScoreBank, sample_idx: torch.Tensor, clip_scores: torch.Tensor,
+                               epoch: int) -> None:
+        """``selection_score_source="last_visit"``: the bank update from the *training* forward's scores ``s`` of
+        the kept pairs (the only scores there are; nothing is written at selection time). Default: ``update_bank``."""
+        self.update_bank(bank, sample_idx, clip_scores, epoch)
+
 
 class FullData(SelectionStrategy):
     """No selection: train on every candidate (the baseline)."""
@@ -191,6 +197,17 @@ class DissectWarmup(SelectionStrategy):
 
     def update_bank(self, bank: ScoreBank, sample_idx: torch.Tensor, clip_scores: torch.Tensor, epoch: int) -> None:
         if epoch == self.warmup_epochs - 1:
+            bank.update(sample_idx, clip_scores, mode="overwrite")
+
+    def update_bank_last_visit(self, bank: ScoreBank, sample_idx: torch.Tensor, clip_scores: torch.Tensor,
+                               epoch: int) -> None:
+        """Stale scores: ``h <- s`` at every training visit of the warm-up (``h`` = the pair's last warm-up score;
+        the warm-up trains only k of B, so pass W-1 alone would leave most pairs without ``h``), and afterwards
+        on a pair's first training visit if it has no ``h`` yet."""
+        if epoch >= self.warmup_epochs:
+            unseen = ~bank.is_seen(sample_idx)
+            sample_idx, clip_scores = sample_idx[unseen], clip_scores[unseen]
+        if sample_idx.numel():
             bank.update(sample_idx, clip_scores, mode="overwrite")
 
 

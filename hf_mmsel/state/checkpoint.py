@@ -25,13 +25,14 @@ from .ownership import SampleOwnership
 from .per_sample import PerSampleState
 
 __all__ = ["HOOK_STATE_DIR", "INDEX_NAME", "FORMAT_VERSION", "IncompleteCheckpointError", "check_checkpoint_complete",
-           "save_sharded_state", "load_sharded_state", "read_index", "read_global_arrays", "rank_file_name"]
+           "save_sharded_state", "load_sharded_state", "load_rank_local", "read_index", "read_global_arrays", "rank_file_name"]
 
 HOOK_STATE_DIR = "hook_state"
 INDEX_NAME = "index.json"
 REPLICATED_NAME = "replicated.safetensors"
 FORMAT_VERSION = 1
 _RANGES_KEY = "__owned_ranges__"
+_RANK_LOCAL = "__rank__."  # prefix of per-rank state that is not per sample (e.g. the lagged-view FIFO)
 
 
 class IncompleteCheckpointError(FileNotFoundError):
@@ -50,9 +51,10 @@ def _barrier() -> None:
 
 
 def save_sharded_state(folder: str | os.PathLike, state: PerSampleState, *, replicated: Mapping[str, torch.Tensor],
-                       meta: Mapping[str, Any]) -> Path:
+                       meta: Mapping[str, Any], rank_local: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Write this rank's shard, barrier, then (rank 0) ``replicated.safetensors`` and ``index.json``.
-    Called on every rank. ``meta`` goes into ``index.json`` (step, hook kinds, manifest fingerprint, ...)."""
+    Called on every rank. ``meta`` goes into ``index.json`` (step, hook kinds, manifest fingerprint, ...);
+    ``rank_local``: this rank's state that is not per sample, in its own file (:func:`load_rank_local`)."""
     from safetensors.torch import save_file
 
     own = state.ownership
@@ -61,6 +63,7 @@ def save_sharded_state(folder: str | os.PathLike, state: PerSampleState, *, repl
     tensors = {name: t.detach().cpu().contiguous() for name, t in state.arrays.items()}
     if own.rule == "ranges":
         tensors[_RANGES_KEY] = own.ranges.clone()
+    tensors.update({_RANK_LOCAL + k: v.detach().cpu().contiguous() for k, v in (rank_local or {}).items()})
     save_file(tensors, str(folder / rank_file_name(own.rank, own.world_size)))
     _barrier()
     if own.rank == 0:
@@ -174,6 +177,22 @@ def load_sharded_state(checkpoint: str | os.PathLike, state: PerSampleState, *,
     replicated_path = folder / REPLICATED_NAME
     replicated = load_file(str(replicated_path)) if replicated_path.is_file() else {}
     return index, replicated
+
+
+def load_rank_local(checkpoint: str | os.PathLike, ownership: SampleOwnership) -> list[dict[str, torch.Tensor]]:
+    """The ``rank_local`` state of :func:`save_sharded_state`: ``[this rank's]`` with the same world size and rule,
+    else the dicts of every old rank (the caller keeps what it now owns)."""
+    from safetensors.torch import load_file
+
+    index = read_index(checkpoint)
+    folder = Path(checkpoint) / HOOK_STATE_DIR
+    same = int(index["world_size"]) == ownership.world_size and index["rule"] == ownership.rule
+    names = [rank_file_name(ownership.rank, ownership.world_size)] if same else list(index["files"])
+    out = []
+    for name in names:
+        tensors = load_file(str(folder / name))
+        out.append({k[len(_RANK_LOCAL):]: v for k, v in tensors.items() if k.startswith(_RANK_LOCAL)})
+    return out
 
 
 def read_global_arrays(checkpoint: str | os.PathLike) -> dict[str, torch.Tensor]:

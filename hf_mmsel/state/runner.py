@@ -22,7 +22,7 @@ import torch
 
 from ..contrastive_loss import PairLoss
 from ..hooks import BatchHook, Dist, HookList, LossTerms, PairEmbeddings, StepContext
-from .checkpoint import load_sharded_state, read_index, save_sharded_state
+from .checkpoint import load_rank_local, load_sharded_state, read_index, save_sharded_state
 from .ownership import SampleOwnership
 from .per_sample import PerSampleState, gather_global
 from .schedule import PassSchedule
@@ -56,6 +56,7 @@ class HookRunner:
         self.dist = Dist()
         self.step = 0
         self.passes_ended = 0
+        self.scoring_forwards = 0  # no-grad scoring forwards run (ctx.score() computed), not checkpointed
 
     # ------------------------------------------------------------------------------------------------ set-up
     def setup(self, num_samples: int, ownership: SampleOwnership, device: torch.device | str,
@@ -92,7 +93,11 @@ class HookRunner:
     # -------------------------------------------------------------------------------------------------- step
     def context(self, scorer: Callable[[], PairEmbeddings], loss: PairLoss | None = None) -> StepContext:
         """The step's context; ``loss`` is the step's contrastive loss (default: softmax InfoNCE)."""
-        ctx = StepContext(self.current_pass, self.step, self.dist, scorer)
+        def counted() -> PairEmbeddings:
+            self.scoring_forwards += 1
+            return scorer()
+
+        ctx = StepContext(self.current_pass, self.step, self.dist, counted)
         if loss is not None:
             ctx.loss = loss
         return ctx
@@ -138,7 +143,13 @@ class HookRunner:
                       "batches_per_pass": self.schedule.batches_per_pass if self.schedule else None,
                       "hooks": self.hooks.state_kinds(), "settings": self.settings,
                       "state_bytes_per_rank": state.nbytes(), **dict(meta or {})}
-        return save_sharded_state(checkpoint_dir, state, replicated=self._replicated_state(), meta=index_meta)
+        return save_sharded_state(checkpoint_dir, state, replicated=self._replicated_state(), meta=index_meta,
+                                  rank_local=self._rank_local_state())
+
+    def _rank_local_state(self) -> dict[str, torch.Tensor]:
+        """Hooks' per-rank state that is not per sample (``rank_state_dict``, e.g. the lagged-view FIFO)."""
+        return {f"{i}.{k}": v for i, hook in enumerate(self.hooks.hooks)
+                for k, v in (hook.rank_state_dict() if hasattr(hook, "rank_state_dict") else {}).items()}
 
     def check_compatible(self, index: Mapping[str, Any]) -> None:
         """Named errors when a checkpoint was written with other hook settings than this run's."""
@@ -165,8 +176,17 @@ class HookRunner:
         index, replicated = load_sharded_state(checkpoint_dir, state)
         self.hooks.load_state_dict({**{k: v for k, v in state.arrays.items()}, **replicated})
         self.step, self.passes_ended = int(index["hook_step"]), int(index["passes_ended"])
+        renumbered = False
         if self.schedule is not None and index.get("batches_per_pass") not in (None, self.schedule.batches_per_pass):
             # another world size or batch size: continue at the same fraction of the pool
             old = int(index["batches_per_pass"])
             self.step = (self.step * self.schedule.batches_per_pass) // old
+            renumbered = True
+        rank_local = load_rank_local(checkpoint_dir, state.ownership)
+        exact = len(rank_local) == 1 and not renumbered  # same world size and step numbering
+        for i, hook in enumerate(self.hooks.hooks):
+            if hasattr(hook, "load_rank_state_dicts"):
+                prefix = f"{i}."
+                hook.load_rank_state_dicts([{k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}
+                                            for d in rank_local], exact=exact, step=self.step)
         return index

@@ -27,6 +27,7 @@ class OwnerStableBatchSampler(Sampler):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size, self.world_size, self.rank = int(batch_size), int(world_size), int(rank)
+        self.candidate_batch_size = self.batch_size  # a selecting subclass yields fewer rows (its batch_size)
         self.shuffle, self.seed, self.epoch = bool(shuffle), int(seed), 0
         owner = sample_idx % self.world_size
         self.rows = torch.nonzero(owner == self.rank).flatten()
@@ -56,6 +57,7 @@ class OwnerStableBatchSampler(Sampler):
         if self.shuffle:
             g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 4096 + self.rank)
             rows = rows[torch.randperm(rows.numel(), generator=g)]
-        rows = rows[: self.num_batches * self.batch_size].reshape(self.num_batches, self.batch_size)
+        size = self.candidate_batch_size
+        rows = rows[: self.num_batches * size].reshape(self.num_batches, size)
         for batch in rows.tolist():
             yield batch
