@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from .bank import ScoreBank
 from .hook import SelectionHook, clip_score, num_to_keep, selection_generator
+from .joint import joint_select
+from .learnability import ReferenceModel, load_reference_model
 from .reference import load_reference_scores
 from .strategies import SELECTION_STRATEGIES, Candidates, SelectionStrategy, build_strategy, top_k
 
 __all__ = [
+    "joint_select",
+    "load_reference_model",
     "load_reference_scores",
+    "ReferenceModel",
     "SELECTION_STRATEGIES",
     "Candidates",
     "ScoreBank",

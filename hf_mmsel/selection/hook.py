@@ -139,6 +139,7 @@ class SelectionHook(BatchHook):
                     gather_fn=ctx.dist.gather, rank=ctx.dist.rank,
                 ).to(device)
         if strategy.selects:
+            strategy.extend_candidates(cand, batch, ctx)
             k = num_to_keep(size, self.select_rate)
             generator = selection_generator(self.seed, ctx.step, ctx.dist.rank)
             if self.bank is not None and cand.clip_scores is not None:
@@ -147,7 +148,7 @@ class SelectionHook(BatchHook):
             if crit is None:
                 keep = torch.randperm(size, generator=generator)[:k].to(device)
             else:
-                keep = top_k(crit, k, generator if strategy.random_ties else None)
+                keep = strategy.select(crit, k, cand, generator, ctx)
         else:
             crit, keep = None, None
         self._record(batch, cand, crit, keep, ctx)

@@ -1,0 +1,200 @@
+"""Learnability selection (RHO-LOSS / JEST) with a frozen reference, and JEST's chunked joint sampling."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_mmsel.contrastive_loss import PairLoss
+from hf_mmsel.hooks import Dist, PairEmbeddings, StepContext
+from hf_mmsel.selection import SELECTION_STRATEGIES, ReferenceModel, SelectionHook, build_strategy, selection_generator
+from hf_mmsel.selection.joint import JointTerm, check_joint_chunks, gumbel_noise, joint_select
+from hf_mmsel.selection.strategies import Candidates
+
+
+class _FixedDual(torch.nn.Module):
+    """A dual encoder whose 'pixels' and 'input_ids' are already the (unnormalised) embeddings."""
+
+    def __init__(self, scale: float, bias: float | None = None):
+        super().__init__()
+        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(scale)))
+        if bias is not None:
+            self.logit_bias = torch.nn.Parameter(torch.tensor([bias]))
+        self.weight = torch.nn.Parameter(torch.ones(1))  # a trainable parameter the reference must freeze
+
+    def get_image_features(self, pixel_values):
+        return pixel_values.float() * self.weight
+
+    def get_text_features(self, input_ids, attention_mask=None):
+        return input_ids.float() * self.weight
+
+
+def _unit(n, d, seed):
+    return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def _ctx(step, emb, loss=None):
+    return StepContext(epoch=0, step=step, dist=Dist(), scorer=lambda: emb, loss=loss or PairLoss())
+
+
+def _hand_infonce(x, y, t):
+    """Per-pair symmetric InfoNCE, written out with math.* loops."""
+    n = len(x)
+    dot = [[t * sum(a * b for a, b in zip(x[i], y[j])) for j in range(n)] for i in range(n)]
+    out = []
+    for i in range(n):
+        i2t = math.log(sum(math.exp(dot[i][j]) for j in range(n))) - dot[i][i]
+        t2i = math.log(sum(math.exp(dot[j][i]) for j in range(n))) - dot[i][i]
+        out.append(0.5 * (i2t + t2i))
+    return out
+
+
+def _hand_sigmoid(x, y, t, b):
+    n = len(x)
+    out = []
+    for i in range(n):
+        total = 0.0
+        for j in range(n):
+            z = 1.0 if i == j else -1.0
+            logit = t * sum(a * c for a, c in zip(x[i], y[j])) + b
+            total += math.log1p(math.exp(-z * logit))
+        out.append(total)
+    return out
+
+
+@pytest.mark.parametrize("loss_type", ["softmax", "sigmoid"])
+def test_learnability_equals_hand_computed_learner_minus_reference(loss_type):
+    b = 6
+    x, y = _unit(b, 3, 0), _unit(b, 3, 1)  # learner embeddings
+    rx, ry = _unit(b, 3, 2), _unit(b, 3, 3)  # reference embeddings (fed through the fixed "model")
+    sigmoid = loss_type == "sigmoid"
+    ref = ReferenceModel(_FixedDual(5.0, bias=-2.0 if sigmoid else None), loss_type=loss_type)
+    assert not any(p.requires_grad for p in ref.model.parameters()) and not ref.model.training
+    learner_bias = torch.tensor(-1.5)
+    loss = PairLoss("sigmoid", learner_bias) if sigmoid else PairLoss()
+    hook = SelectionHook("learnability", 0.5, seed=0, diagnostics=True, reference=ref)
+    hook.setup(b, "cpu")
+    batch = {"sample_idx": torch.arange(b), "pixel_values": 3.0 * rx, "input_ids": ry}  # normalised by encode_pair
+    keep = hook.prepare(batch, _ctx(0, PairEmbeddings(x, y, torch.tensor(8.0)), loss))
+    xs, ys, rxs, rys = (t.tolist() for t in (x, y, rx, ry))
+    if sigmoid:
+        expected = [a - c for a, c in zip(_hand_sigmoid(xs, ys, 8.0, -1.5), _hand_sigmoid(rxs, rys, 5.0, -2.0))]
+    else:
+        expected = [a - c for a, c in zip(_hand_infonce(xs, ys, 8.0), _hand_infonce(rxs, rys, 5.0))]
+    expected = torch.tensor(expected)
+    torch.testing.assert_close(hook.last_criterion, expected, rtol=1e-4, atol=1e-4)
+    assert sorted(keep.tolist()) == sorted(torch.topk(expected, 3).indices.tolist())
+
+
+def test_ablations_order_by_their_own_criterion():
+    learner = torch.tensor([3.0, 2.0, 1.0, 0.5, 2.5])
+    reference = torch.tensor([2.9, 0.1, 0.5, 0.4, 0.2])  # learnability = [0.1, 1.9, 0.5, 0.1, 2.3]
+    ref = ReferenceModel(_FixedDual(5.0))
+    cand = Candidates(sample_idx=torch.arange(5), epoch=0, losses=learner,
+                      extra={"reference_losses": reference})
+    expected = {"learnability": [4, 1], "hard_learnability": [0, 4], "easy_reference": [1, 4]}
+    for name, top2 in expected.items():
+        strategy = build_strategy(name, reference=ref)
+        keep = strategy.select(strategy.criterion(cand, None), 2, cand, torch.Generator().manual_seed(0))
+        assert keep.tolist() == top2, name
+    assert SELECTION_STRATEGIES["easy_reference"].requires == "none"  # no learner scoring forward
+    assert SELECTION_STRATEGIES["hard_learnability"].needs_reference is False
+    with pytest.raises(ValueError, match="needs a reference model"):
+        build_strategy("learnability")
+    with pytest.raises(ValueError, match="own logit_bias"):
+        ReferenceModel(_FixedDual(5.0), loss_type="sigmoid")
+
+
+# --------------------------------------------------------------------------------------------------- JEST
+def _slow_joint_loss(z_list, weights, members, sigmoid, biases):
+    """J(S) = sum_m w_m L_m(S), L the batch loss of the members alone, written out literally."""
+    total = 0.0
+    for z, w, bias in zip(z_list, weights, biases):
+        if sigmoid:
+            batch = sum(math.log1p(math.exp(-(1.0 if i == j else -1.0) * (z[i][j] + bias)))
+                        for i in members for j in members)
+        else:
+            batch = 0.0
+            for a in members:
+                i2t = math.log(sum(math.exp(z[a][j]) for j in members)) - z[a][a]
+                t2i = math.log(sum(math.exp(z[j][a]) for j in members)) - z[a][a]
+                batch += 0.5 * (i2t + t2i)
+        total += w * batch
+    return total
+
+
+def _slow_jest(terms, k, n, seed, first_scores, temperature):
+    """A literal transcription: chunk by chunk, score every remaining pair by J(A + {i}) - J(A), then draw the
+    chunk's pairs one at a time by Gumbel-max (sequential sampling without replacement, p ~ exp(c / tau))."""
+    sigmoid = terms[0].loss.is_sigmoid
+    z_list = [(t.embeddings.logit_scale * t.embeddings.image_embeds @ t.embeddings.text_embeds.T).tolist()
+              for t in terms]
+    biases = [float(t.loss.logit_bias) if t.loss.logit_bias is not None else 0.0 for t in terms]
+    weights = [t.weight for t in terms]
+    size, m = len(z_list[0]), k // n
+    generator = selection_generator(seed, 7, 0)
+    chosen: list[int] = []
+    for c in range(n):
+        gains = []
+        for i in range(size):
+            if i in chosen:
+                gains.append(float("-inf"))
+            elif not chosen and not sigmoid:
+                gains.append(float(first_scores[i]))
+            else:
+                gains.append(_slow_joint_loss(z_list, weights, chosen + [i], sigmoid, biases)
+                             - (_slow_joint_loss(z_list, weights, chosen, sigmoid, biases) if chosen else 0.0))
+        noise = gumbel_noise(size, generator).tolist()
+        perturbed = [g / temperature + e for g, e in zip(gains, noise)]
+        chunk = []
+        for _ in range(m):
+            best = max((i for i in range(size) if i not in chosen and i not in chunk), key=lambda i: perturbed[i])
+            chunk.append(best)
+        chosen += chunk
+    return chosen
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("strategy", ["learnability", "hard_learnability"])
+def test_joint_chunk_sampling_matches_a_literal_transcription(loss_type, strategy):
+    size, k, n = 20, 8, 4
+    sigmoid = loss_type == "sigmoid"
+    learner = JointTerm(1.0, PairEmbeddings(_unit(size, 4, 0), _unit(size, 4, 1), torch.tensor(6.0)),
+                        PairLoss("sigmoid", torch.tensor(-2.0)) if sigmoid else PairLoss())
+    reference = JointTerm(-1.0, PairEmbeddings(_unit(size, 4, 2), _unit(size, 4, 3), torch.tensor(4.0)),
+                          PairLoss("sigmoid", torch.tensor(-1.0)) if sigmoid else PairLoss())
+    terms = [learner, reference] if strategy == "learnability" else [learner]
+    first = torch.randn(size, generator=torch.Generator().manual_seed(9))
+    for seed, tau in ((0, 1.0), (1, 0.5), (2, 3.0)):
+        keep, entropy = joint_select(terms, k, n, selection_generator(seed, 7, 0), first_scores=first,
+                                     temperature=tau)
+        assert keep.tolist() == _slow_jest(terms, k, n, seed, first, tau)
+        assert keep.unique().numel() == k and 0 <= float(entropy) <= math.log(size)
+    again, _ = joint_select(terms, k, n, selection_generator(0, 7, 0), first_scores=first)
+    assert again.tolist() == joint_select(terms, k, n, selection_generator(0, 7, 0), first_scores=first)[0].tolist()
+
+
+def test_joint_selection_through_the_hook_and_chunk_errors():
+    b = 12
+    ref = ReferenceModel(_FixedDual(5.0))
+    hook = SelectionHook("learnability", 0.5, seed=4, reference=ref, joint=True, joint_chunks=3)
+    hook.setup(b, "cpu")
+    batch = {"sample_idx": torch.arange(b), "pixel_values": _unit(b, 3, 5), "input_ids": _unit(b, 3, 6)}
+    ctx = _ctx(2, PairEmbeddings(_unit(b, 3, 0), _unit(b, 3, 1), torch.tensor(8.0)))
+    keep = hook.prepare(batch, ctx)
+    assert keep.numel() == 6 and keep.unique().numel() == 6 and "selection/joint_entropy" in ctx.logs
+    ctx2 = _ctx(2, PairEmbeddings(_unit(b, 3, 0), _unit(b, 3, 1), torch.tensor(8.0)))
+    assert hook.prepare(batch, ctx2).tolist() == keep.tolist()  # a pure function of (seed, step, rank)
+    with pytest.raises(ValueError, match="selection_joint_chunks = 4 must divide"):
+        check_joint_chunks(6, 4)
+    with pytest.raises(ValueError, match="selection_joint_chunks = 7 exceeds"):
+        check_joint_chunks(6, 7)
+    with pytest.raises(ValueError, match="selection_joint_chunks must be >= 1"):
+        check_joint_chunks(6, 0)
+    bad = SelectionHook("learnability", 0.5, seed=4, reference=ref, joint=True, joint_chunks=4)
+    bad.setup(b, "cpu")
+    with pytest.raises(ValueError, match="must divide"):
+        bad.prepare(batch, _ctx(0, PairEmbeddings(_unit(b, 3, 0), _unit(b, 3, 1), torch.tensor(8.0))))
