@@ -198,3 +198,82 @@ def test_joint_selection_through_the_hook_and_chunk_errors():
     bad.setup(b, "cpu")
     with pytest.raises(ValueError, match="must divide"):
         bad.prepare(batch, _ctx(0, PairEmbeddings(_unit(b, 3, 0), _unit(b, 3, 1), torch.tensor(8.0))))
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+def _saved_reference(folder, sigmoid=False):
+    from test_contrastive_trainer import _bundle
+
+    from hf_mmsel.contrastive_loss import prepare_model_for_loss
+
+    model = _bundle(seed=5).model
+    if sigmoid:
+        prepare_model_for_loss(model, "sigmoid")
+        with torch.no_grad():
+            model.logit_bias.fill_(-7.0)
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_trainer_learnability_with_a_local_reference_folder_keeps_top_learnability(tmp_path):
+    from safetensors import safe_open
+    from test_contrastive_trainer import B, N, _Recorder, _trainer
+
+    from hf_mmsel.data import ImageTextCollator
+    from hf_mmsel.losses import clip_loss_per_sample
+    from hf_mmsel.models import encode_pair, logit_scale_of
+    from hf_mmsel.selection import load_reference_model
+
+    ref_dir = _saved_reference(tmp_path / "reference")
+    out = tmp_path / "out"
+    recorder = _Recorder()
+    trainer = _trainer(out, hooks=[recorder], selection_strategy="learnability", num_train_epochs=1,
+                       selection_reference_model=str(ref_dir), learning_rate=0.0, logging_steps=1,
+                       train_sampling_strategy="sequential", save_strategy="steps", save_steps=4)
+    trainer.train()
+    reference = load_reference_model(ref_dir).eval()
+    collate = ImageTextCollator(trainer.processing_class, max_length=12)
+    assert len(recorder.kept) == N // B
+    for start, kept in zip(range(0, N, B), recorder.kept):  # lr 0: the learner is the initial model
+        batch = collate([trainer.train_dataset[i] for i in range(start, start + B)])
+        with torch.no_grad():
+            losses = []
+            for model in (trainer.model, reference):
+                v, u = encode_pair(model, batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+                losses.append(clip_loss_per_sample(v, u, logit_scale_of(model)))
+        expected = torch.topk(losses[0] - losses[1], B // 2).indices + start
+        assert kept == sorted(expected.tolist())
+    assert any("selection/reference_loss_mean" in h for h in trainer.state.log_history)
+    with safe_open(str(out / "checkpoint-4" / "model.safetensors"), framework="pt") as f:  # reference not saved
+        assert set(f.keys()) == set(trainer.model.state_dict())
+
+
+def test_trainer_joint_sigmoid_learnability_trains_with_a_frozen_reference(tmp_path):
+    from test_contrastive_trainer import _bundle, _trainer
+
+    ref_dir = _saved_reference(tmp_path / "reference", sigmoid=True)
+    bundle = _bundle()
+    trainer = _trainer(tmp_path / "out", bundle=bundle, selection_strategy="learnability", num_train_epochs=1,
+                       selection_reference_model=str(ref_dir), loss_type="sigmoid", selection_joint=True,
+                       selection_joint_chunks=4, logging_steps=1)
+    before = {k: v.clone() for k, v in bundle.model.state_dict().items()}
+    trainer.train()
+    reference = trainer.selection_hook.strategy.reference
+    assert float(reference.loss.logit_bias) == pytest.approx(-7.0)  # restored from the folder
+    assert all(not p.requires_grad for p in reference.model.parameters())
+    saved = _bundle(seed=5).model.state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in reference.model.state_dict().items() if k in saved)
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs and all(math.isfinite(h["loss"]) and "selection/joint_entropy" in h for h in logs)
+
+
+def test_trainer_arguments_reject_bad_joint_settings(tmp_path):
+    from test_contrastive_trainer import _args, _trainer
+
+    with pytest.raises(ValueError, match="selection_joint=True needs selection_strategy in"):
+        _args(tmp_path, selection_strategy="dissect", selection_joint=True)
+    with pytest.raises(ValueError, match="selection_joint_chunks = 3 must divide"):  # k = 8
+        _args(tmp_path, selection_strategy="learnability", selection_joint=True, selection_joint_chunks=3)
+    with pytest.raises(ValueError, match="needs a reference model"):
+        _trainer(tmp_path, selection_strategy="learnability").train()

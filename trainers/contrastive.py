@@ -32,14 +32,14 @@ from hf_mmsel.contrastive_loss import PairLoss, pair_loss_for, prepare_model_for
 from hf_mmsel.hooks import BatchHook, LossTerms, PairEmbeddings, subset_batch
 from hf_mmsel.models import (CoTrainedDualEncoder, check_dual_encoder, encode_pair, logit_scale_of,
                              make_logit_scale_1d, unwrap_model)
-from hf_mmsel.selection import SelectionHook, load_reference_scores
+from hf_mmsel.selection import SELECTION_STRATEGIES, SelectionHook, load_reference_model, load_reference_scores
 from hf_mmsel.state import (HOOK_STATE_DIR, OwnerStableBatchSampler, PassSchedule, SampleOwnership,
                             check_checkpoint_complete, streaming_batches_per_pass)
 from hf_mmsel.state.runner import HookRunner, require_process_group
 
 from .co_training import co_training_loss
 from .contrastive_config import SCORE_PLOT_NAME, ContrastiveTrainingArguments
-from .reference_scoring import compute_reference_scores
+from .reference_scoring import build_reference_model, compute_reference_scores
 
 __all__ = ["ContrastiveTrainer", "ContrastiveTrainingArguments", "HOOK_STATE_DIR", "SCORE_PLOT_NAME"]
 
@@ -260,12 +260,20 @@ class ContrastiveTrainer(Trainer):
             return self.runner
         args = self.args
         if args.selection_strategy == "reference_clipscore" and self._reference_scores is None:
+            if self._reference_model is None and args.selection_reference_model:
+                self._reference_model = load_reference_model(args.selection_reference_model)
             if self._reference_model is None:
                 raise ValueError(
                     "selection_strategy 'reference_clipscore' needs reference scores: pass reference_scores=, "
                     "reference_model= or --reference_scores_path"
                 )
             self._reference_scores = self.compute_reference_scores(self._reference_model)
+        reference = None
+        if SELECTION_STRATEGIES[args.selection_strategy].needs_reference:  # learnability: a frozen forward per batch
+            reference = build_reference_model(
+                self._reference_model, args.selection_reference_model, strategy=args.selection_strategy,
+                loss_type=args.loss_type, logit_scale_max=args.logit_scale_max, device=args.device,
+                dtype=self._score_dtype())
         schedule = self._schedule()
         warmup = args.selection_warmup_passes(schedule.total_passes)
         if args.selection_strategy == "dissect":
@@ -275,6 +283,8 @@ class ContrastiveTrainer(Trainer):
             seed=args.seed if args.selection_seed is None else args.selection_seed,
             diagnostics=args.selection_diagnostics, warmup_epochs=warmup, ema_beta=args.ema_beta,
             first_visit_fallback=args.first_visit_fallback, reference_scores=self._reference_scores,
+            reference=reference, joint=args.selection_joint, joint_chunks=args.selection_joint_chunks,
+            joint_temperature=args.selection_joint_temperature,
         )
         if args.gsc:
             self.gsc_hook = self._build_gsc_hook()
