@@ -277,3 +277,41 @@ def test_trainer_arguments_reject_bad_joint_settings(tmp_path):
         _args(tmp_path, selection_strategy="learnability", selection_joint=True, selection_joint_chunks=3)
     with pytest.raises(ValueError, match="needs a reference model"):
         _trainer(tmp_path, selection_strategy="learnability").train()
+
+
+@pytest.mark.slow
+def test_two_process_learnability_uses_gathered_negatives_for_learner_and_reference(tmp_path):
+    import json
+    from pathlib import Path
+
+    from _helpers import accelerate_launch, run_checked
+    from contrastive_dist_worker import make_bundle, make_dataset
+
+    from hf_mmsel.data import ImageTextCollator
+    from hf_mmsel.losses import clip_loss_per_sample
+    from hf_mmsel.models import encode_pair, logit_scale_of
+    from hf_mmsel.selection import load_reference_model
+
+    _saved_reference(tmp_path / "reference")
+    run_checked(accelerate_launch(2) + [str(Path(__file__).with_name("learnability_dist_worker.py")), str(tmp_path)])
+    ranks = [json.loads((tmp_path / f"independent_rank{r}.json").read_text()) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 4
+    bundle, reference = make_bundle(), load_reference_model(tmp_path / "reference").eval()
+    dataset, collate = make_dataset(bundle.tokenizer), ImageTextCollator(bundle.tokenizer, max_length=12)
+    for step0, step1 in zip(*ranks):  # lr 0: learner = initial model; negatives = both ranks' candidates
+        assert all(i % 2 == 0 for i in step0["candidates"]) and all(i % 2 == 1 for i in step1["candidates"])
+        order = step0["candidates"] + step1["candidates"]
+        batch = collate([dataset[i] for i in order])
+        with torch.no_grad():
+            losses = []
+            for model in (bundle.model, reference):
+                v, u = encode_pair(model, batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+                losses.append(clip_loss_per_sample(v, u, logit_scale_of(model)))
+        learnability = losses[0] - losses[1]
+        for r, record in enumerate((step0, step1)):
+            local = learnability[8 * r: 8 * r + 8]
+            expected = [record["candidates"][i] for i in torch.topk(local, 4).indices.tolist()]
+            assert sorted(record["kept"]) == sorted(expected)
+    joint = [json.loads((tmp_path / f"joint_rank{r}.json").read_text()) for r in range(2)]
+    assert [len(s["kept"]) for s in joint[0]] == [len(s["kept"]) for s in joint[1]] == [4] * 4  # same k per rank
+    assert all(len(set(s["kept"])) == 4 and set(s["kept"]) <= set(s["candidates"]) for r in joint for s in r)
