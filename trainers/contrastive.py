@@ -91,7 +91,8 @@ class ContrastiveTrainer(Trainer):
     Args (besides ``Trainer``'s): ``hooks``: extra :class:`BatchHook`s run after selection (and GSC);
     ``class_captions``: prompts for zero-shot accuracy in :meth:`evaluate`; ``reference_scores`` /
     ``reference_model``: the fixed reference for ``reference_clipscore`` (a ``[N]`` tensor, or a model scored once
-    over the training set). Batches need ``pixel_values``, ``input_ids``, ``attention_mask``, ``sample_idx``; a
+    over the training set); ``reference_model`` is also the frozen reference of ``learnability`` / ``easy_reference``
+    (else ``args.selection_reference_model``), run no-grad on every candidate batch. Batches need ``pixel_values``, ``input_ids``, ``attention_mask``, ``sample_idx``; a
     ground-truth ``is_noisy`` is only logged (``selected_noisy_fraction``), never used for training.
     ``train_dataset`` may be a map-style dataset or a :class:`~hf_mmsel.data.streaming.StreamingImageTextDataset`
     (then ``max_steps`` is required).

@@ -21,6 +21,9 @@ name                     criterion (keep the k largest)                        s
 ``reference_clipscore``  a fixed reference model's score (oracle baseline)     never (precomputed table)
 ``full``                 no selection (all B pairs)                            never
 =======================  ====================================================  ==============================
+
+``learnability``, ``hard_learnability`` and ``easy_reference`` (a frozen reference model's per-batch loss, and
+JEST's joint sampling) are registered by :mod:`hf_mmsel.selection.learnability`.
 """
 
 from __future__ import annotations
@@ -252,7 +255,8 @@ def build_strategy(name: str, **options) -> SelectionStrategy:
     """Instantiate strategy ``name``; ``options`` not used by that strategy are ignored.
 
     Options: ``warmup_epochs`` (dissect), ``ema_beta`` and ``first_visit_fallback`` (dissect_ema),
-    ``reference_scores`` (reference_clipscore).
+    ``reference_scores`` (reference_clipscore), ``reference``, ``joint``, ``joint_chunks``, ``joint_temperature``
+    (learnability family).
     """
     if name not in SELECTION_STRATEGIES:
         raise ValueError(f"unknown selection strategy {name!r}; choose one of {sorted(SELECTION_STRATEGIES)}")
