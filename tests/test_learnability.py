@@ -315,3 +315,19 @@ def test_two_process_learnability_uses_gathered_negatives_for_learner_and_refere
     joint = [json.loads((tmp_path / f"joint_rank{r}.json").read_text()) for r in range(2)]
     assert [len(s["kept"]) for s in joint[0]] == [len(s["kept"]) for s in joint[1]] == [4] * 4  # same k per rank
     assert all(len(set(s["kept"])) == 4 and set(s["kept"]) <= set(s["candidates"]) for r in joint for s in r)
+
+
+def test_benchmark_learnability_uses_the_early_stopped_reference_and_charges_its_training(tmp_out):
+    from _helpers import load_recipe
+
+    bench = load_recipe("benchmark_selection")
+    results = bench.main(["--strategies", "learnability,easy_reference", "--epochs", "2", "--seed", "0",
+                          "--max_train", "128", "--max_test", "32", "--batch_size", "32", "--image_size", "16",
+                          "--conv_channels", "8,16", "--hidden_size", "16", "--selection_warmup_epochs", "1",
+                          "--output_dir", str(tmp_out)])
+    for row in results:
+        run = row["per_seed"][0]
+        assert row["select_rate"] == 0.5 and run["reference_epochs"] == 1
+        assert 0 < run["reference_seconds"] < run["train_seconds"]  # the reference's training is charged
+        assert 0 <= row["detection_auroc"] <= 1  # the AUROC of the run's own criterion
+    assert results[0]["per_seed"][0]["reference_seconds"] == results[1]["per_seed"][0]["reference_seconds"]

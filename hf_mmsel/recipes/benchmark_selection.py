@@ -31,7 +31,9 @@ over those epochs), then scores every training pair once (``ContrastiveTrainer.c
 ``train_seconds`` / ``train_cpu_seconds`` INCLUDE the reference model's training and scoring time (reported
 separately as ``reference_seconds`` / ``reference_cpu_seconds``), and its ``detection_auroc`` is the AUROC of the
 reference scores over all training pairs (clean = positive). The reference model's own test rSum is
-``reference_rsum``.
+``reference_rsum``. ``learnability`` and ``easy_reference`` use the same early-stopped reference model itself
+(``ContrastiveTrainer(reference_model=...)``): its no-grad forward on every candidate batch is inside their own
+``train_seconds``, and their ``reference_seconds`` / ``reference_cpu_seconds`` charge its training (no scoring pass).
 """
 
 from __future__ import annotations
@@ -266,6 +268,9 @@ def _training_arguments(args, selection: str, seed: int, out: Path, epochs: int,
     )
 
 
+REFERENCE_STRATEGIES = ("reference_clipscore", "learnability", "easy_reference")  # need the fixed reference model
+
+
 def reference_epochs(args: BenchmarkArguments) -> int:
     """``--reference_epochs`` or the selection warm-up epochs (``ContrastiveTrainingArguments``' rule: a quarter of
     ``--epochs``, at least 1)."""
@@ -293,13 +298,16 @@ def _train_reference(args, bundle, data, class_captions, seed, out: Path, loss_t
                                  class_captions=class_captions)
     cpu0 = time.process_time()
     output = trainer.train()
+    train_cpu_seconds = time.process_time() - cpu0
     t0 = time.perf_counter()
     scores = trainer.compute_reference_scores(trainer.model)
     score_seconds = time.perf_counter() - t0
     cpu_seconds = time.process_time() - cpu0
     metrics = trainer.evaluate()  # diagnostic only, not timed
-    return {"scores": scores, "epochs": epochs, "seconds": float(output.metrics["train_runtime"]) + score_seconds,
-            "cpu_seconds": cpu_seconds, "score_seconds": score_seconds, "rsum": metrics["eval_rsum"]}
+    train_seconds = float(output.metrics["train_runtime"])
+    return {"scores": scores, "epochs": epochs, "seconds": train_seconds + score_seconds,
+            "cpu_seconds": cpu_seconds, "score_seconds": score_seconds, "rsum": metrics["eval_rsum"],
+            "model": trainer.model, "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds}
 
 
 def _warm_up(args, data, captions, out: Path, with_gsc: bool, loss_types: tuple[str, ...] = ("softmax",)) -> None:
@@ -336,10 +344,12 @@ def _train_one(args, strategy, bundle, data, class_captions, seed, out: Path,
     from hf_mmsel.trainers import ContrastiveTrainer
 
     selection, with_gsc = parse_strategy(strategy)
-    if selection == "reference_clipscore" and reference is None:
-        raise ValueError("reference_clipscore needs the reference model's scores (see _train_reference)")
-    if selection != "reference_clipscore":
+    if selection in REFERENCE_STRATEGIES and reference is None:
+        raise ValueError(f"{selection} needs the fixed reference model (see _train_reference)")
+    if selection not in REFERENCE_STRATEGIES:
         reference = None
+    elif selection != "reference_clipscore":  # learnability family: the model itself, run on every candidate batch
+        reference = {**reference, "seconds": reference["train_seconds"], "cpu_seconds": reference["train_cpu_seconds"]}
     targs = _training_arguments(args, selection, seed, out, args.epochs, loss_type)
     gsc = GSCHook(gamma=args.gsc_gamma, beta=args.gsc_beta, prob_posterior=args.gsc_prob_posterior,
                   seed=seed) if with_gsc else None
@@ -347,7 +357,8 @@ def _train_one(args, strategy, bundle, data, class_captions, seed, out: Path,
     trainer = ContrastiveTrainer(bundle.model, targs, train_dataset=data["train"], eval_dataset=data["test"],
                                  data_collator=collator, processing_class=bundle.tokenizer,
                                  class_captions=class_captions, hooks=[gsc] if gsc is not None else None,
-                                 reference_scores=reference["scores"] if reference is not None else None)
+                                 reference_scores=reference["scores"] if selection == "reference_clipscore" else None,
+                                 reference_model=reference["model"] if reference is not None else None)
     curves = None
     if args.log_curves:
         curves = CurveCallback(data, collator, bundle.tokenizer)
@@ -356,7 +367,7 @@ def _train_one(args, strategy, bundle, data, class_captions, seed, out: Path,
     output = trainer.train()
     train_cpu_seconds = time.process_time() - cpu0 - (curves.cpu_seconds if curves is not None else 0.0)
     train_seconds = float(output.metrics["train_runtime"]) - (curves.seconds if curves is not None else 0.0)
-    if reference is not None:  # the oracle's cost: training and scoring its reference model
+    if reference is not None:  # the reference's cost: its training (+ the scoring pass for reference_clipscore)
         train_seconds += reference["seconds"]
         train_cpu_seconds += reference["cpu_seconds"]
     metrics = trainer.evaluate()
@@ -368,7 +379,7 @@ def _train_one(args, strategy, bundle, data, class_captions, seed, out: Path,
     emb = embed_dataset(trainer.model, DataLoader(data["train"], batch_size=512, collate_fn=collator))
     cos = (emb["image_embeds"] * emb["text_embeds"]).sum(-1)
     clean = ~emb["is_noisy"].bool()
-    if reference is not None:  # AUROC of the fixed reference scores over every training pair
+    if selection == "reference_clipscore":  # AUROC of the fixed reference scores over every training pair
         detection = auroc(reference["scores"][emb["sample_idx"].long()], clean)
         detection = None if math.isnan(detection) else detection
     else:
@@ -569,7 +580,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                          with_gsc=any(parse_strategy(s)[1] for s in strategies), loss_types=tuple(loss_types))
                 warmed_up = True
             references: dict[str, dict[str, Any]] = {}
-            for lt in loss_types if any(parse_strategy(s)[0] == "reference_clipscore" for s in strategies) else []:
+            for lt in loss_types if any(parse_strategy(s)[0] in REFERENCE_STRATEGIES for s in strategies) else []:
                 tag = "" if lt == "softmax" else f"_{lt}"
                 references[lt] = reference = _train_reference(
                     args, _build(args, data["train"]["caption"], seed=seed), noisy, class_captions, seed,
