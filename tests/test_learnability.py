@@ -321,7 +321,8 @@ def test_benchmark_learnability_uses_the_early_stopped_reference_and_charges_its
     from _helpers import load_recipe
 
     bench = load_recipe("benchmark_selection")
-    results = bench.main(["--strategies", "learnability,easy_reference", "--epochs", "2", "--seed", "0",
+    results = bench.main(["--strategies", "learnability,easy_reference,learnability+joint", "--joint_chunks", "4",
+                          "--epochs", "2", "--seed", "0",
                           "--max_train", "128", "--max_test", "32", "--batch_size", "32", "--image_size", "16",
                           "--conv_channels", "8,16", "--hidden_size", "16", "--selection_warmup_epochs", "1",
                           "--output_dir", str(tmp_out)])
@@ -331,3 +332,8 @@ def test_benchmark_learnability_uses_the_early_stopped_reference_and_charges_its
         assert 0 < run["reference_seconds"] < run["train_seconds"]  # the reference's training is charged
         assert 0 <= row["detection_auroc"] <= 1  # the AUROC of the run's own criterion
     assert results[0]["per_seed"][0]["reference_seconds"] == results[1]["per_seed"][0]["reference_seconds"]
+    assert [r["strategy"] for r in results] == ["learnability", "easy_reference", "learnability+joint"]
+    assert results[2]["per_seed"][0]["rsum"] != results[0]["per_seed"][0]["rsum"]  # joint draws other pairs
+    assert bench.is_joint("learnability+joint") and not bench.is_joint("learnability")
+    with pytest.raises(ValueError, match=r"\+joint needs one of"):
+        bench.parse_strategy("dissect+joint")

@@ -34,6 +34,7 @@ reference scores over all training pairs (clean = positive). The reference model
 ``reference_rsum``. ``learnability`` and ``easy_reference`` use the same early-stopped reference model itself
 (``ContrastiveTrainer(reference_model=...)``): its no-grad forward on every candidate batch is inside their own
 ``train_seconds``, and their ``reference_seconds`` / ``reference_cpu_seconds`` charge its training (no scoring pass).
+``<strategy>+joint`` (e.g. ``learnability+joint``) runs it with JEST joint selection in ``--joint_chunks`` chunks.
 """
 
 from __future__ import annotations
@@ -109,6 +110,9 @@ class BenchmarkArguments:
     max_train: int | None = field(default=None, metadata={"help": "use only the first n training pairs"})
     max_test: int | None = field(default=None)
     test_fraction: float = field(default=0.2, metadata={"help": "held-out share when the dataset has one split"})
+    joint_chunks: int = field(
+        default=16, metadata={"help": "JEST chunks n of the '<strategy>+joint' runs (must divide k = r * B)"}
+    )
     threads: int = field(default=1, metadata={"help": "torch threads (1 gives the steadiest timings)"})
     reference_epochs: int | None = field(
         default=None,
@@ -118,16 +122,28 @@ class BenchmarkArguments:
 
 
 GSC_SUFFIX = "+gsc"
+JOINT_SUFFIX = "+joint"  # JEST joint selection (--joint_chunks chunks) of a learnability-family strategy
+
+
+def is_joint(name: str) -> bool:
+    """Whether benchmark strategy ``name`` (e.g. ``learnability+joint``) uses JEST joint selection."""
+    return (name[: -len(GSC_SUFFIX)] if name.endswith(GSC_SUFFIX) else name).endswith(JOINT_SUFFIX)
 
 
 def parse_strategy(name: str) -> tuple[str, bool]:
     """``(selection strategy, with GSC weighting)`` of a benchmark strategy name: ``gsc`` -> ``("full", True)``,
-    ``dissect+gsc`` -> ``("dissect", True)``, ``random`` -> ``("random", False)``."""
+    ``dissect+gsc`` -> ``("dissect", True)``, ``random`` -> ``("random", False)``, ``learnability+joint`` ->
+    ``("learnability", False)`` (joint: :func:`is_joint`)."""
     from hf_mmsel.selection import SELECTION_STRATEGIES
+    from hf_mmsel.selection.learnability import JOINT_STRATEGIES
 
     if name == "gsc":
         return "full", True
     selection, gsc = (name[: -len(GSC_SUFFIX)], True) if name.endswith(GSC_SUFFIX) else (name, False)
+    if selection.endswith(JOINT_SUFFIX):
+        selection = selection[: -len(JOINT_SUFFIX)]
+        if selection not in JOINT_STRATEGIES:
+            raise ValueError(f"{name!r}: {JOINT_SUFFIX} needs one of {list(JOINT_STRATEGIES)}")
     if selection not in SELECTION_STRATEGIES:
         choices = sorted(SELECTION_STRATEGIES) + ["gsc"] + [f"{s}{GSC_SUFFIX}" for s in sorted(SELECTION_STRATEGIES)
                                                             if s != "full"]
@@ -254,7 +270,8 @@ def _make_trainer_callback(curves: CurveCallback):
     return _OnEpoch()
 
 
-def _training_arguments(args, selection: str, seed: int, out: Path, epochs: int, loss_type: str = "softmax"):
+def _training_arguments(args, selection: str, seed: int, out: Path, epochs: int, loss_type: str = "softmax",
+                        joint: bool = False):
     from hf_mmsel.trainers import ContrastiveTrainingArguments
 
     return ContrastiveTrainingArguments(
@@ -265,6 +282,7 @@ def _training_arguments(args, selection: str, seed: int, out: Path, epochs: int,
         selection_strategy=selection, select_rate=args.select_rate,
         selection_warmup_epochs=args.selection_warmup_epochs, plot_score_distributions=False,
         dataloader_num_workers=0, selection_diagnostics=True, loss_type=loss_type,
+        selection_joint=joint, selection_joint_chunks=args.joint_chunks,
     )
 
 
@@ -350,7 +368,7 @@ def _train_one(args, strategy, bundle, data, class_captions, seed, out: Path,
         reference = None
     elif selection != "reference_clipscore":  # learnability family: the model itself, run on every candidate batch
         reference = {**reference, "seconds": reference["train_seconds"], "cpu_seconds": reference["train_cpu_seconds"]}
-    targs = _training_arguments(args, selection, seed, out, args.epochs, loss_type)
+    targs = _training_arguments(args, selection, seed, out, args.epochs, loss_type, joint=is_joint(strategy))
     gsc = GSCHook(gamma=args.gsc_gamma, beta=args.gsc_beta, prob_posterior=args.gsc_prob_posterior,
                   seed=seed) if with_gsc else None
     collator = ImageTextCollator(bundle.tokenizer, max_length=args.max_length)
