@@ -8,13 +8,13 @@ with ``w = +1``, reference ``theta*`` with ``w = -1`` for ``learnability``; one 
 
 * **sigmoid** (SigLIP): ``L(S) = sum_{i, j in S} l_ij`` with ``l_ij = -log sigmoid(z_ij (t x_i.y_j + b))``, so
   ``c_i = J(A + {i}) - J(A) = S_ii + sum_{a in A} (S_ia + S_ai)``, exact (``S = sum_m w_m l^m``); the first chunk
-  (``A`` empty) uses ``S_ii``. Only the ``B x m`` blocks of each new chunk are built (``m = k / n``).
+  (``A`` empty) uses ``S_ii``. Only the ``B x m`` blocks of each chosen chunk are built (``m = k / n``).
 * **softmax** (InfoNCE): ``L(S) = sum_{a in S} l_a(S)``, ``l_a(S)`` the symmetric InfoNCE of ``a`` against the
   negatives in ``S``. ``c_i`` is again the exact gain ``J(A + {i}) - J(A)``: ``i``'s own InfoNCE against
   ``A + {i}`` plus the increase ``softplus(z_ai - R_a)`` (and the text->image twin) of every member's loss from the
   new negative ``i``, with ``R_a`` the member's log-sum-exp over ``A``. The InfoNCE of a single pair is 0, so the
   first chunk instead uses ``first_scores`` (the independent per-pair learnability, negatives = all candidates).
-  Blocks of ``B x m`` per chosen chunk (recomputed, never ``B x B``).
+  Blocks of ``B x m`` per chosen chunk (computed once, never ``B x B``).
 
 In both cases the pairs *within* one chunk are drawn independently of each other (JEST's chunk approximation).
 Sampling without replacement uses the Gumbel-top-m trick (``topk(c/tau + G)``, ``G = -log E``, ``E ~ Exp(1)``
@@ -81,34 +81,52 @@ def _bias(term: JointTerm, device) -> torch.Tensor:
     return torch.zeros((), device=device) if b is None else torch.as_tensor(b).float().reshape(()).to(device)
 
 
-def _sigmoid_gain(term: JointTerm, chunks: list[torch.Tensor]) -> torch.Tensor:
+class _Blocks:
+    """Per term, the ``B x m`` logit blocks ``t x @ y[c]^T`` and ``t x[c] @ y^T`` of each chosen chunk ``c``,
+    computed once when the chunk is chosen (memory ``O(B |A|)``, never ``B x B``)."""
+
+    def __init__(self, term: JointTerm) -> None:
+        self.x, self.y, self.t = _scaled(term)
+        self.rows: list[torch.Tensor] = []  # [B, m]: z_ij, j in chunk
+        self.cols: list[torch.Tensor] = []  # [B, m]: z_ji, j in chunk (transposed)
+        self.chunks: list[torch.Tensor] = []
+
+    def extend(self, chunks: list[torch.Tensor]) -> None:
+        for chunk in chunks[len(self.chunks):]:
+            self.rows.append(self.t * self.x @ self.y[chunk].T)
+            self.cols.append((self.t * self.x[chunk] @ self.y.T).T)
+            self.chunks.append(chunk)
+
+
+def _sigmoid_gain(term: JointTerm, blocks: _Blocks) -> torch.Tensor:
     """``l_ii + sum_{a in A} (l_ia + l_ai)`` for every candidate ``i`` (off-diagonal: negative pairs)."""
-    x, y, t = _scaled(term)
+    x, y, t = blocks.x, blocks.y, blocks.t
     b = _bias(term, x.device)
     gain = F.softplus(-(t * (x * y).sum(-1) + b))  # l_ii = -log sigmoid(t x_i.y_i + b)
-    for chunk in chunks:
-        gain = gain + F.softplus(t * x @ y[chunk].T + b).sum(1) + F.softplus(t * x[chunk] @ y.T + b).sum(0)
+    for rows, cols in zip(blocks.rows, blocks.cols):
+        gain = gain + F.softplus(rows + b).sum(1) + F.softplus(cols + b).sum(1)
     return gain
 
 
-def _softmax_gain(term: JointTerm, chunks: list[torch.Tensor]) -> torch.Tensor:
+def _softmax_gain(term: JointTerm, blocks: _Blocks) -> torch.Tensor:
     """Exact ``L(A + {i}) - L(A)`` of the summed symmetric InfoNCE (module docstring); ``A`` non-empty."""
-    x, y, t = _scaled(term)
+    x, y, t = blocks.x, blocks.y, blocks.t
     diag = t * (x * y).sum(-1)
-    rows = torch.stack([torch.logsumexp(t * x @ y[c].T, dim=1) for c in chunks]).logsumexp(0)  # lse_{j in A} z_ij
-    cols = torch.stack([torch.logsumexp(t * x[c] @ y.T, dim=0) for c in chunks]).logsumexp(0)  # lse_{j in A} z_ji
+    rows = torch.cat(blocks.rows, dim=1).logsumexp(1)  # lse_{j in A} z_ij
+    cols = torch.cat(blocks.cols, dim=1).logsumexp(1)  # lse_{j in A} z_ji
     own = 0.5 * (torch.logaddexp(rows, diag) - diag + torch.logaddexp(cols, diag) - diag)
     members = torch.zeros_like(own)
-    for c in chunks:  # member a's i2t loss gains softplus(z_ai - R_a), its t2i loss softplus(z_ia - C_a)
-        members = members + 0.5 * (F.softplus(t * x[c] @ y.T - rows[c, None]).sum(0)
-                                   + F.softplus(t * x @ y[c].T - cols[None, c]).sum(1))
+    for c, z_row, z_col in zip(blocks.chunks, blocks.rows, blocks.cols):
+        # member a's i2t loss gains softplus(z_ai - R_a) (z_ai = z_col[i, a]), its t2i loss softplus(z_ia - C_a)
+        members = members + 0.5 * (F.softplus(z_col - rows[None, c]).sum(1) + F.softplus(z_row - cols[None, c]).sum(1))
     return own + members
 
 
 def conditional_gains(terms: list[JointTerm], chunks: list[torch.Tensor],
-                      first_scores: torch.Tensor | None = None) -> torch.Tensor:
+                      first_scores: torch.Tensor | None = None, blocks: list[_Blocks] | None = None) -> torch.Tensor:
     """``c_i = J(A + {i}) - J(A)`` for every candidate (``A`` = the union of ``chunks``; chosen ones included,
-    the caller masks them). Softmax with ``A`` empty: ``first_scores`` (module docstring)."""
+    the caller masks them). Softmax with ``A`` empty: ``first_scores`` (module docstring). ``blocks``: the
+    per-term logit blocks of earlier calls with a prefix of ``chunks`` (reused and extended in place)."""
     if not terms:
         raise ValueError("joint selection needs at least one loss term")
     sigmoid = terms[0].loss.is_sigmoid
@@ -118,8 +136,14 @@ def conditional_gains(terms: list[JointTerm], chunks: list[torch.Tensor],
         if first_scores is None:
             raise ValueError("softmax joint selection needs first_scores for its first chunk")
         return first_scores.float()
+    if blocks is None:
+        blocks = [_Blocks(term) for term in terms]
     gain_fn = _sigmoid_gain if sigmoid else _softmax_gain
-    return sum(term.weight * gain_fn(term, chunks) for term in terms)
+    total = 0.0
+    for term, block in zip(terms, blocks):
+        block.extend(chunks)
+        total = total + term.weight * gain_fn(term, block)
+    return total
 
 
 @torch.no_grad()
@@ -140,8 +164,9 @@ def joint_select(terms: list[JointTerm], k: int, num_chunks: int, generator: tor
     chosen = torch.zeros(size, dtype=torch.bool, device=device)
     chunks: list[torch.Tensor] = []
     entropies = []
+    blocks = [_Blocks(term) for term in terms]
     for _ in range(int(num_chunks)):
-        logits = conditional_gains(terms, chunks, first_scores).double() / float(temperature)
+        logits = conditional_gains(terms, chunks, first_scores, blocks).double() / float(temperature)
         logits = logits.masked_fill(chosen, float("-inf"))
         noise = gumbel_noise(size, generator).to(device)
         new = torch.topk(logits + noise, m).indices
