@@ -333,6 +333,7 @@ def test_benchmark_learnability_uses_the_early_stopped_reference_and_charges_its
         assert 0 <= row["detection_auroc"] <= 1  # the AUROC of the run's own criterion
     assert results[0]["per_seed"][0]["reference_seconds"] == results[1]["per_seed"][0]["reference_seconds"]
     assert [r["strategy"] for r in results] == ["learnability", "easy_reference", "learnability+joint"]
+    assert "forward on every candidate batch is in the run" in (tmp_out / "results.md").read_text()
     assert results[2]["per_seed"][0]["rsum"] != results[0]["per_seed"][0]["rsum"]  # joint draws other pairs
     assert bench.is_joint("learnability+joint") and not bench.is_joint("learnability")
     with pytest.raises(ValueError, match=r"\+joint needs one of"):
