@@ -36,7 +36,8 @@ from hf_mmsel.contrastive_loss import PairLoss, pair_loss_for, prepare_model_for
 from hf_mmsel.hooks import BatchHook, LossTerms, PairEmbeddings, subset_batch
 from hf_mmsel.models import (CoTrainedDualEncoder, check_dual_encoder, encode_pair, logit_scale_of,
                              make_logit_scale_1d, unwrap_model)
-from hf_mmsel.selection import SelectingBatchSampler, SelectionHook, load_reference_scores, num_to_keep
+from hf_mmsel.selection import (SELECTION_STRATEGIES, SelectingBatchSampler, SelectionHook, load_reference_model,
+                                load_reference_scores, num_to_keep)
 from hf_mmsel.state import (HOOK_STATE_DIR, OwnerStableBatchSampler, PassSchedule, SampleOwnership,
                             check_checkpoint_complete, streaming_batches_per_pass)
 from hf_mmsel.state.runner import HookRunner, require_process_group
@@ -44,7 +45,7 @@ from hf_mmsel.state.runner import HookRunner, require_process_group
 from .co_training import co_training_loss
 from .contrastive_config import SCORE_PLOT_NAME, ContrastiveTrainingArguments
 from .logging_defaults import no_pin_memory_without_accelerator, use_numeric_progress
-from .reference_scoring import compute_reference_scores
+from .reference_scoring import build_reference_model, compute_reference_scores
 
 __all__ = ["ContrastiveTrainer", "ContrastiveTrainingArguments", "HOOK_STATE_DIR", "SCORE_PLOT_NAME"]
 
@@ -103,7 +104,8 @@ class ContrastiveTrainer(Trainer):
     Args (besides ``Trainer``'s): ``hooks``: extra :class:`BatchHook`s run after selection (and GSC);
     ``class_captions``: prompts for zero-shot accuracy in :meth:`evaluate`; ``reference_scores`` /
     ``reference_model``: the fixed reference for ``reference_clipscore`` (a ``[N]`` tensor, or a model scored once
-    over the training set). Batches need ``pixel_values``, ``input_ids``, ``attention_mask``, ``sample_idx``; a
+    over the training set); ``reference_model`` is also the frozen reference of ``learnability`` / ``easy_reference``
+    (else ``args.selection_reference_model``), run no-grad on every candidate batch. Batches need ``pixel_values``, ``input_ids``, ``attention_mask``, ``sample_idx``; a
     ground-truth ``is_noisy`` is only logged (``selected_noisy_fraction``), never used for training.
     ``train_dataset`` may be a map-style dataset or a :class:`~hf_mmsel.data.streaming.StreamingImageTextDataset`
     (then ``max_steps`` is required).
@@ -279,12 +281,20 @@ class ContrastiveTrainer(Trainer):
             return self.runner
         args = self.args
         if args.selection_strategy == "reference_clipscore" and self._reference_scores is None:
+            if self._reference_model is None and args.selection_reference_model:
+                self._reference_model = load_reference_model(args.selection_reference_model)
             if self._reference_model is None:
                 raise ValueError(
                     "selection_strategy 'reference_clipscore' needs reference scores: pass reference_scores=, "
                     "reference_model= or --reference_scores_path"
                 )
             self._reference_scores = self.compute_reference_scores(self._reference_model)
+        reference = None
+        if SELECTION_STRATEGIES[args.selection_strategy].needs_reference:  # learnability: a frozen forward per batch
+            reference = build_reference_model(
+                self._reference_model, args.selection_reference_model, strategy=args.selection_strategy,
+                loss_type=args.loss_type, logit_scale_max=args.logit_scale_max, device=args.device,
+                dtype=self._score_dtype())
         schedule = self._schedule()
         warmup = args.selection_warmup_passes(schedule.total_passes)
         if args.selection_strategy == "dissect":
@@ -296,6 +306,8 @@ class ContrastiveTrainer(Trainer):
             first_visit_fallback=args.first_visit_fallback, reference_scores=self._reference_scores,
             score_source=args.selection_score_source, exploration=args.selection_exploration,
             lag=args.resolved_selection_lag, in_sampler=args.selection_in_sampler,
+            reference=reference, joint=args.selection_joint, joint_chunks=args.selection_joint_chunks,
+            joint_temperature=args.selection_joint_temperature,
         )
         if args.selection_in_sampler:  # the sampler built for the schedule selects from this hook's state
             self._get_train_sampler().select = self.selection_hook.select_candidates

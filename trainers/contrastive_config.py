@@ -81,6 +81,22 @@ class ContrastiveTrainingArguments(TrainingArguments):
                           "trainer, 8 in the sampler; the sampler needs L >= dataloader_num_workers * "
                           "dataloader_prefetch_factor + gradient_accumulation_steps + 1"},
     )
+    selection_reference_model: str | None = field(
+        default=None,
+        metadata={"help": "learnability / easy_reference (and reference_clipscore): path or Hub id of a frozen dual "
+                          "encoder reading the same inputs; it runs a no-grad forward on every candidate batch"},
+    )
+    selection_joint: bool = field(
+        default=False,
+        metadata={"help": "JEST joint selection (learnability family): draw the k kept pairs of the candidate batch "
+                          "(the super-batch) in selection_joint_chunks chunks, each sampled prop. to exp(gain)"},
+    )
+    selection_joint_chunks: int = field(
+        default=1, metadata={"help": "JEST's number of chunks n; must divide k = round(select_rate * B)"}
+    )
+    selection_joint_temperature: float = field(
+        default=1.0, metadata={"help": "temperature tau > 0 of the joint sampling softmax(gain / tau)"}
+    )
     selection_seed: int | None = field(default=None, metadata={"help": "seed of selection randomness (default: seed)"})
     logit_scale_max: float = field(default=100.0, metadata={"help": "clamp of exp(logit_scale) (CLIP: 100)"})
     loss_type: str = field(
@@ -182,6 +198,7 @@ class ContrastiveTrainingArguments(TrainingArguments):
         if self.score_dtype not in SCORE_DTYPES:
             raise ValueError(f"unknown score_dtype {self.score_dtype!r}; choose one of {list(SCORE_DTYPES)}")
         check_loss_type(self.loss_type)
+        self._check_joint()
         if self.selection_warmup_epochs is not None and self.selection_warmup_epochs < 0:
             raise ValueError(f"selection_warmup_epochs must be >= 0, got {self.selection_warmup_epochs}")
         if (self.selection_strategy == "dissect" and self.selection_warmup_epochs is not None
@@ -193,6 +210,25 @@ class ContrastiveTrainingArguments(TrainingArguments):
             )
         self._check_gsc()
         super().__post_init__()
+
+    def _check_joint(self) -> None:
+        """JEST settings: only for the learnability family, n divides k, tau > 0 (before a long run starts)."""
+        from hf_mmsel.selection.learnability import JOINT_STRATEGIES
+        from hf_mmsel.selection.joint import check_joint_chunks
+
+        if self.selection_joint_temperature <= 0:
+            raise ValueError(f"selection_joint_temperature must be > 0, got {self.selection_joint_temperature}")
+        if self.selection_joint_chunks < 1:
+            raise ValueError(f"selection_joint_chunks must be >= 1, got {self.selection_joint_chunks}")
+        if not self.selection_joint:
+            return
+        if self.selection_strategy not in JOINT_STRATEGIES:
+            raise ValueError(f"selection_joint=True needs selection_strategy in {list(JOINT_STRATEGIES)}, "
+                             f"got {self.selection_strategy!r}")
+        from hf_mmsel.selection import num_to_keep
+
+        check_joint_chunks(num_to_keep(self.per_device_train_batch_size, self.select_rate),
+                           self.selection_joint_chunks, self.per_device_train_batch_size)
 
     def _check_gsc(self) -> None:
         """Range checks of the ``gsc_*`` settings (always, so a typo fails before a long run)."""

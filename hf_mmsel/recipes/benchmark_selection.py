@@ -34,7 +34,10 @@ over those epochs), then scores every training pair once (``ContrastiveTrainer.c
 ``train_seconds`` / ``train_cpu_seconds`` INCLUDE the reference model's training and scoring time (reported
 separately as ``reference_seconds`` / ``reference_cpu_seconds``), and its ``detection_auroc`` is the AUROC of the
 reference scores over all training pairs (clean = positive). The reference model's own test rSum is
-``reference_rsum``.
+``reference_rsum``. ``learnability`` and ``easy_reference`` use the same early-stopped reference model itself
+(``ContrastiveTrainer(reference_model=...)``): its no-grad forward on every candidate batch is inside their own
+``train_seconds``, and their ``reference_seconds`` / ``reference_cpu_seconds`` charge its training (no scoring pass).
+``<strategy>+joint`` (e.g. ``learnability+joint``) runs it with JEST joint selection in ``--joint_chunks`` chunks.
 """
 
 from __future__ import annotations
@@ -120,6 +123,9 @@ class BenchmarkArguments:
     max_train: int | None = field(default=None, metadata={"help": "use only the first n training pairs"})
     max_test: int | None = field(default=None)
     test_fraction: float = field(default=0.2, metadata={"help": "held-out share when the dataset has one split"})
+    joint_chunks: int = field(
+        default=16, metadata={"help": "JEST chunks n of the '<strategy>+joint' runs (must divide k = r * B)"}
+    )
     threads: int = field(default=1, metadata={"help": "torch threads (1 gives the steadiest timings)"})
     reference_epochs: int | None = field(
         default=None,
@@ -129,16 +135,28 @@ class BenchmarkArguments:
 
 
 GSC_SUFFIX = "+gsc"
+JOINT_SUFFIX = "+joint"  # JEST joint selection (--joint_chunks chunks) of a learnability-family strategy
+
+
+def is_joint(name: str) -> bool:
+    """Whether benchmark strategy ``name`` (e.g. ``learnability+joint``) uses JEST joint selection."""
+    return (name[: -len(GSC_SUFFIX)] if name.endswith(GSC_SUFFIX) else name).endswith(JOINT_SUFFIX)
 
 
 def parse_strategy(name: str) -> tuple[str, bool]:
     """``(selection strategy, with GSC weighting)`` of a benchmark strategy name: ``gsc`` -> ``("full", True)``,
-    ``dissect+gsc`` -> ``("dissect", True)``, ``random`` -> ``("random", False)``."""
+    ``dissect+gsc`` -> ``("dissect", True)``, ``random`` -> ``("random", False)``, ``learnability+joint`` ->
+    ``("learnability", False)`` (joint: :func:`is_joint`)."""
     from hf_mmsel.selection import SELECTION_STRATEGIES
+    from hf_mmsel.selection.learnability import JOINT_STRATEGIES
 
     if name == "gsc":
         return "full", True
     selection, gsc = (name[: -len(GSC_SUFFIX)], True) if name.endswith(GSC_SUFFIX) else (name, False)
+    if selection.endswith(JOINT_SUFFIX):
+        selection = selection[: -len(JOINT_SUFFIX)]
+        if selection not in JOINT_STRATEGIES:
+            raise ValueError(f"{name!r}: {JOINT_SUFFIX} needs one of {list(JOINT_STRATEGIES)}")
     if selection not in SELECTION_STRATEGIES:
         choices = sorted(SELECTION_STRATEGIES) + ["gsc"] + [f"{s}{GSC_SUFFIX}" for s in sorted(SELECTION_STRATEGIES)
                                                             if s != "full"]
@@ -265,7 +283,8 @@ def _make_trainer_callback(curves: CurveCallback):
     return _OnEpoch()
 
 
-def _training_arguments(args, selection: str, seed: int, out: Path, epochs: int, loss_type: str = "softmax"):
+def _training_arguments(args, selection: str, seed: int, out: Path, epochs: int, loss_type: str = "softmax",
+                        joint: bool = False):
     from hf_mmsel.trainers import ContrastiveTrainingArguments
 
     return ContrastiveTrainingArguments(
@@ -275,18 +294,24 @@ def _training_arguments(args, selection: str, seed: int, out: Path, epochs: int,
         eval_strategy="no", report_to=[], use_cpu=True, seed=seed, disable_tqdm=True,
         selection_strategy=selection, select_rate=args.select_rate,
         selection_warmup_epochs=args.selection_warmup_epochs, plot_score_distributions=False,
-        dataloader_num_workers=0, selection_diagnostics=True, loss_type=loss_type, **_score_source_options(args, selection),
+        dataloader_num_workers=0, selection_diagnostics=True, loss_type=loss_type,
+        selection_joint=joint, selection_joint_chunks=args.joint_chunks, **_score_source_options(args, selection),
     )
 
 
 def _score_source_options(args, selection: str) -> dict[str, Any]:
-    """``--selection_score_source`` etc. for the strategies that score; the others keep the defaults."""
+    """``--selection_score_source`` etc. for the strategies that score from the learner alone; the others keep the
+    defaults."""
     from hf_mmsel.selection import SELECTION_STRATEGIES
 
-    if SELECTION_STRATEGIES[selection].requires not in ("clip_score", "loss"):
+    strategy = SELECTION_STRATEGIES[selection]
+    if strategy.requires not in ("clip_score", "loss") or strategy.needs_reference:
         return {}
     return dict(selection_score_source=args.selection_score_source, selection_exploration=args.selection_exploration,
                 selection_in_sampler=args.selection_in_sampler)
+
+
+REFERENCE_STRATEGIES = ("reference_clipscore", "learnability", "easy_reference")  # need the fixed reference model
 
 
 def reference_epochs(args: BenchmarkArguments) -> int:
@@ -316,13 +341,16 @@ def _train_reference(args, bundle, data, class_captions, seed, out: Path, loss_t
                                  class_captions=class_captions)
     cpu0 = time.process_time()
     output = trainer.train()
+    train_cpu_seconds = time.process_time() - cpu0
     t0 = time.perf_counter()
     scores = trainer.compute_reference_scores(trainer.model)
     score_seconds = time.perf_counter() - t0
     cpu_seconds = time.process_time() - cpu0
     metrics = trainer.evaluate()  # diagnostic only, not timed
-    return {"scores": scores, "epochs": epochs, "seconds": float(output.metrics["train_runtime"]) + score_seconds,
-            "cpu_seconds": cpu_seconds, "score_seconds": score_seconds, "rsum": metrics["eval_rsum"]}
+    train_seconds = float(output.metrics["train_runtime"])
+    return {"scores": scores, "epochs": epochs, "seconds": train_seconds + score_seconds,
+            "cpu_seconds": cpu_seconds, "score_seconds": score_seconds, "rsum": metrics["eval_rsum"],
+            "model": trainer.model, "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds}
 
 
 def _warm_up(args, data, captions, out: Path, with_gsc: bool, loss_types: tuple[str, ...] = ("softmax",)) -> None:
@@ -359,18 +387,21 @@ def _train_one(args, strategy, bundle, data, class_captions, seed, out: Path,
     from hf_mmsel.trainers import ContrastiveTrainer
 
     selection, with_gsc = parse_strategy(strategy)
-    if selection == "reference_clipscore" and reference is None:
-        raise ValueError("reference_clipscore needs the reference model's scores (see _train_reference)")
-    if selection != "reference_clipscore":
+    if selection in REFERENCE_STRATEGIES and reference is None:
+        raise ValueError(f"{selection} needs the fixed reference model (see _train_reference)")
+    if selection not in REFERENCE_STRATEGIES:
         reference = None
-    targs = _training_arguments(args, selection, seed, out, args.epochs, loss_type)
+    elif selection != "reference_clipscore":  # learnability family: the model itself, run on every candidate batch
+        reference = {**reference, "seconds": reference["train_seconds"], "cpu_seconds": reference["train_cpu_seconds"]}
+    targs = _training_arguments(args, selection, seed, out, args.epochs, loss_type, joint=is_joint(strategy))
     gsc = GSCHook(gamma=args.gsc_gamma, beta=args.gsc_beta, prob_posterior=args.gsc_prob_posterior,
                   seed=seed) if with_gsc else None
     collator = ImageTextCollator(bundle.tokenizer, max_length=args.max_length)
     trainer = ContrastiveTrainer(bundle.model, targs, train_dataset=data["train"], eval_dataset=data["test"],
                                  data_collator=collator, processing_class=bundle.tokenizer,
                                  class_captions=class_captions, hooks=[gsc] if gsc is not None else None,
-                                 reference_scores=reference["scores"] if reference is not None else None)
+                                 reference_scores=reference["scores"] if selection == "reference_clipscore" else None,
+                                 reference_model=reference["model"] if reference is not None else None)
     curves = None
     if args.log_curves:
         curves = CurveCallback(data, collator, bundle.tokenizer)
@@ -379,7 +410,7 @@ def _train_one(args, strategy, bundle, data, class_captions, seed, out: Path,
     output = trainer.train()
     train_cpu_seconds = time.process_time() - cpu0 - (curves.cpu_seconds if curves is not None else 0.0)
     train_seconds = float(output.metrics["train_runtime"]) - (curves.seconds if curves is not None else 0.0)
-    if reference is not None:  # the oracle's cost: training and scoring its reference model
+    if reference is not None:  # the reference's cost: its training (+ the scoring pass for reference_clipscore)
         train_seconds += reference["seconds"]
         train_cpu_seconds += reference["cpu_seconds"]
     metrics = trainer.evaluate()
@@ -391,7 +422,7 @@ def _train_one(args, strategy, bundle, data, class_captions, seed, out: Path,
     emb = embed_dataset(trainer.model, DataLoader(data["train"], batch_size=512, collate_fn=collator))
     cos = (emb["image_embeds"] * emb["text_embeds"]).sum(-1)
     clean = ~emb["is_noisy"].bool()
-    if reference is not None:  # AUROC of the fixed reference scores over every training pair
+    if selection == "reference_clipscore":  # AUROC of the fixed reference scores over every training pair
         detection = auroc(reference["scores"][emb["sample_idx"].long()], clean)
         detection = None if math.isnan(detection) else detection
     else:
@@ -479,12 +510,15 @@ def _write_reports(results: list[dict[str, Any]], out: Path, args: BenchmarkArgu
     refs = [r for r in results if r.get("reference_seconds") is not None]
     if refs:
         lines.append("")
+        oracle = [parse_strategy(r["strategy"])[0] == "reference_clipscore" for r in refs]
         lines.extend(
             f"{r['noise_ratio']:.0%} noise, {r['strategy']}: train s includes the fixed reference model (full data, "
-            f"{r['reference_epochs']:.0f} epochs, then one scoring pass): {fmt(r['reference_seconds'])} s "
-            f"({fmt(r['reference_cpu_seconds'])} CPU s); reference model test rSum {fmt(r['reference_rsum'])}; "
-            f"det. AUROC = AUROC of its scores over all training pairs."
-            for r in refs
+            f"{r['reference_epochs']:.0f} epochs" + (", then one scoring pass" if is_oracle else
+                                                      "; its forward on every candidate batch is in the run") +
+            f"): {fmt(r['reference_seconds'])} s ({fmt(r['reference_cpu_seconds'])} CPU s); reference model test "
+            f"rSum {fmt(r['reference_rsum'])}; det. AUROC = AUROC of "
+            + ("its scores over all training pairs." if is_oracle else "the run's own criterion (last visit).")
+            for r, is_oracle in zip(refs, oracle)
         )
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
@@ -600,7 +634,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                          with_gsc=any(parse_strategy(s)[1] for s in strategies), loss_types=tuple(loss_types))
                 warmed_up = True
             references: dict[str, dict[str, Any]] = {}
-            for lt in loss_types if any(parse_strategy(s)[0] == "reference_clipscore" for s in strategies) else []:
+            for lt in loss_types if any(parse_strategy(s)[0] in REFERENCE_STRATEGIES for s in strategies) else []:
                 tag = "" if lt == "softmax" else f"_{lt}"
                 references[lt] = reference = _train_reference(
                     args, _build(args, data["train"]["caption"], seed=seed), noisy, class_captions, seed,

@@ -118,8 +118,16 @@ class SelectionHook(BatchHook):
                 f"selection_score_source='last_visit' replaces a scoring forward, but strategy "
                 f"{self.strategy.name!r} uses none (requires={self.strategy.requires!r}); use 'fresh'"
             )
+        if score_source == "last_visit" and self.strategy.needs_reference:
+            raise ValueError(
+                f"strategy {self.strategy.name!r} needs a reference model's forward on every candidate batch, so "
+                "stale (last_visit) scores save nothing: use selection_score_source='fresh'"
+            )
         if not 0.0 <= float(exploration) < 1.0:
             raise ValueError(f"selection_exploration must be in [0, 1), got {exploration}")
+        if float(exploration) > 0 and type(self.strategy).select is not SelectionStrategy.select:
+            raise ValueError(f"selection_exploration draws part of k at random; it does not combine with the "
+                             f"{self.strategy.name!r} strategy's own sampling (e.g. JEST joint selection)")
         self.score_source, self.exploration = score_source, float(exploration)
         if int(lag) < 1:
             raise ValueError(f"selection_lag must be >= 1, got {lag}")
@@ -237,6 +245,7 @@ class SelectionHook(BatchHook):
                     gather_fn=ctx.dist.gather, rank=ctx.dist.rank,
                 ).to(device)
         if strategy.selects:
+            strategy.extend_candidates(cand, batch, ctx)
             k = num_to_keep(size, self.select_rate)
             generator = selection_generator(self.seed, ctx.step, ctx.dist.rank)
             if self.bank is not None and cand.clip_scores is not None:
@@ -244,8 +253,10 @@ class SelectionHook(BatchHook):
             crit = strategy.criterion(cand, self.bank)
             if crit is None:
                 keep = torch.randperm(size, generator=generator)[:k].to(device)
-            else:
+            elif self.exploration > 0:
                 keep = keep_with_exploration(crit, k, self.exploration, generator, strategy.random_ties)
+            else:  # top-k, or the strategy's own sampling (JEST joint selection)
+                keep = strategy.select(crit, k, cand, generator, ctx)
         else:
             crit, keep = None, None
         self._record(batch, cand, crit, keep, ctx)

@@ -21,13 +21,16 @@ name                     criterion (keep the k largest)                        s
 ``reference_clipscore``  a fixed reference model's score (oracle baseline)     never (precomputed table)
 ``full``                 no selection (all B pairs)                            never
 =======================  ====================================================  ==============================
+
+``learnability``, ``hard_learnability`` and ``easy_reference`` (a frozen reference model's per-batch loss, and
+JEST's joint sampling) are registered by :mod:`hf_mmsel.selection.learnability`.
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 
@@ -51,6 +54,7 @@ class Candidates:
     clip_scores: torch.Tensor | None = None  # [B] s = 100*max(cos, 0), float32
     cosine: torch.Tensor | None = None  # [B] raw cos, float32
     losses: torch.Tensor | None = None  # [B] per-pair training loss (InfoNCE or sigmoid; local rows vs gathered columns)
+    extra: dict[str, Any] = field(default_factory=dict)  # strategy-specific (e.g. a reference model's losses)
 
 
 def top_k(criterion: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -71,6 +75,7 @@ class SelectionStrategy:
     random_ties: ClassVar[bool] = False
     selects: ClassVar[bool] = True  # False: keep every candidate
     uses_bank: ClassVar[bool] = False  # True: allocate a ScoreBank (5 B/sample)
+    needs_reference: ClassVar[bool] = False  # True: needs a frozen reference model (learnability.py)
 
     def needs_scoring(self, epoch: int) -> bool:
         """Whether this epoch needs the no-grad scoring forward of the current model."""
@@ -78,6 +83,13 @@ class SelectionStrategy:
 
     def criterion(self, cand: Candidates, bank: ScoreBank | None) -> torch.Tensor | None:
         return None
+
+    def extend_candidates(self, cand: Candidates, batch, ctx) -> None:
+        """Per-step inputs beyond the learner's scores (into ``cand.extra``), e.g. a reference model's forward."""
+
+    def select(self, crit: torch.Tensor, k: int, cand: Candidates, generator: torch.Generator, ctx=None) -> torch.Tensor:
+        """The ``k`` kept indices given the criterion (default: top-k; JEST's joint sampling overrides it)."""
+        return top_k(crit, k, generator if self.random_ties else None)
 
     def before_criterion(self, bank: ScoreBank, cand: Candidates) -> None:
         """Bank writes needed before this batch's criterion (scored candidates only)."""
@@ -253,7 +265,8 @@ def build_strategy(name: str, **options) -> SelectionStrategy:
     """Instantiate strategy ``name``; ``options`` not used by that strategy are ignored.
 
     Options: ``warmup_epochs`` (dissect), ``ema_beta`` and ``first_visit_fallback`` (dissect_ema),
-    ``reference_scores`` (reference_clipscore).
+    ``reference_scores`` (reference_clipscore), ``reference``, ``joint``, ``joint_chunks``, ``joint_temperature``
+    (learnability family).
     """
     if name not in SELECTION_STRATEGIES:
         raise ValueError(f"unknown selection strategy {name!r}; choose one of {sorted(SELECTION_STRATEGIES)}")
