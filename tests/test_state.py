@@ -4,7 +4,6 @@ completeness checks, the owner-stable sampler, pass schedules, backend-independe
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
