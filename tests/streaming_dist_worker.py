@@ -9,6 +9,7 @@ resumed from checkpoint-6 (mid-pass). Every call of the per-sample state updates
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -33,7 +34,8 @@ def make_trainer(shards: str, out: Path, world: int):
         output_dir=str(out), per_device_train_batch_size=8 if world == 2 else 16, max_steps=STEPS,
         learning_rate=2e-3, logging_steps=3, save_strategy="steps", save_steps=SAVE, report_to=[], use_cpu=True,
         seed=0, selection_strategy="dissect", select_rate=0.5, selection_warmup_epochs=1, gsc=True,
-        gsc_bank_size=8, ddp_find_unused_parameters=False, disable_tqdm=True, dataloader_num_workers=0,
+        gsc_bank_size=8, ddp_find_unused_parameters=False, disable_tqdm=True,
+        dataloader_num_workers=int(os.environ.get("STREAM_WORKERS", "0")),
         plot_score_distributions=False,
     )
     data = load_image_text_dataset(shards, streaming=True)
@@ -67,8 +69,6 @@ def install_logger(log: list, runner_of):
 
 def main(shards: str, out: Path) -> None:
     import torch.distributed as dist
-
-    import os
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     log: list = []

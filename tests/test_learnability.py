@@ -322,6 +322,7 @@ def test_benchmark_learnability_uses_the_early_stopped_reference_and_charges_its
 
     bench = load_recipe("benchmark_selection")
     results = bench.main(["--strategies", "learnability,easy_reference,learnability+joint", "--joint_chunks", "4",
+                          "--noise_ratio", "0.4",
                           "--epochs", "2", "--seed", "0",
                           "--max_train", "128", "--max_test", "32", "--batch_size", "32", "--image_size", "16",
                           "--conv_channels", "8,16", "--hidden_size", "16", "--selection_warmup_epochs", "1",

@@ -4,7 +4,6 @@ completeness checks, the owner-stable sampler, pass schedules, backend-independe
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -165,3 +164,16 @@ def test_global_of_slots_inverts_local_slot():
         g = own.global_indices()
         assert torch.equal(own.global_of_slots(torch.arange(own.num_local)), g)
         assert torch.equal(own.local_slot(g), torch.arange(own.num_local))
+
+
+def test_benchmark_scale_writes_the_issue_schema(tmp_path):
+    from _helpers import load_recipe
+
+    rows = load_recipe("benchmark_scale").main(["--num_samples", "2e4", "--world_sizes", "1", "--steps", "3",
+                                                "--warmup_steps", "1", "--output_dir", str(tmp_path / "out")])
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved == rows and len(rows) == 1
+    row = rows[0]
+    assert row["num_samples"] == 20_000 and row["world_size"] == 1
+    assert row["state_bytes_per_sample_per_rank"] == 15.0 and row["hook_ms_per_step"] > 0
+    assert row["checkpoint_save_s"] > 0 and row["checkpoint_load_s"] > 0

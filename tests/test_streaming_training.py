@@ -72,7 +72,9 @@ def _check(out: Path, world: int) -> None:
 
 
 @pytest.mark.slow
-def test_streaming_one_process_replay_and_exact_resume(shards, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streaming_one_process_replay_and_exact_resume(shards, tmp_path, workers, monkeypatch):
+    monkeypatch.setenv("STREAM_WORKERS", str(workers))  # 2 dataloader workers: stream position per worker
     run_checked([sys.executable, str(WORKER), shards, str(tmp_path)])
     _check(tmp_path, 1)
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
-
 from hf_mmsel.contrastive_loss import pair_loss_for
 from hf_mmsel.hooks import LossTerms, StepContext
 from hf_mmsel.models import logit_scale_of, unwrap_model
