@@ -3,7 +3,7 @@
 ``read_webdataset`` / ``read_parquet`` (encoded bytes, ``include_paths``) -> ``map_batches`` with an
 ``ActorPoolStrategy`` pool of :class:`EmbedActor` (each holds one model, e.g. one per GPU with
 ``num_gpus=1``) -> ``groupby(path).map_groups`` that turns one shard's embeddings into its score file through
-the very functions of the local engine (:func:`~hf_mmsel.curation.pipeline.raw_table`,
+the very methods of the local engine (:meth:`~hf_mmsel.curation.pipeline.CurationScorer.write_raw`, then
 :meth:`~hf_mmsel.curation.pipeline.CurationScorer.write_final`). Per-shard files are sorted by ``sample_idx``
 and replaced atomically, so Ray's retries and the output order of its blocks do not matter (scale_and_speed.md
 §G). Anchors and the mixture are prepared by the driver exactly as in the local engine.
@@ -27,7 +27,7 @@ from hf_mmsel.data.shards import (
     _tar_groups,
 )
 
-from .pipeline import CurationScorer, ShardEmbeddings, raw_table
+from .pipeline import CurationScorer, ShardEmbeddings
 
 
 def _image_bytes(batch: dict[str, np.ndarray], i: int, image_columns: list[str]) -> bytes | None:

@@ -156,6 +156,13 @@ def vit_target_modules(model: nn.Module, include_patch_embedding: bool = False) 
     return sorted({name.rsplit(".", 1)[-1] for name, mod in backbone.named_modules() if isinstance(mod, kinds) and name})
 
 
+def _small_vit_config(**sizes):
+    """The ``ViTConfig`` of the small random-init multi-task ViTs: RGB input, no dropout, ``sizes`` as given."""
+    from transformers import ViTConfig
+
+    return ViTConfig(num_channels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **sizes)
+
+
 def build_multitask_vit(
     spec: MultiTaskSpec,
     *,
@@ -169,19 +176,11 @@ def build_multitask_vit(
     seed: int | None = 0,
 ) -> MultiTaskClassifier:
     """A small random-init ``ViTModel`` (from ``ViTConfig``, no weights needed) with per-task heads."""
-    from transformers import ViTConfig, ViTModel
+    from transformers import ViTModel
 
-    config = ViTConfig(
-        image_size=image_size,
-        patch_size=patch_size,
-        num_channels=3,
-        hidden_size=hidden_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        intermediate_size=intermediate_size,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
+    config = _small_vit_config(image_size=image_size, patch_size=patch_size, hidden_size=hidden_size,
+                               num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+                               intermediate_size=intermediate_size)
     if seed is not None:
         torch.manual_seed(seed)
     backbone = ViTModel(config, add_pooling_layer=False)
@@ -304,13 +303,9 @@ def build_vit_for_multitask_classification(
     seed: int | None = 0,
 ):
     """A small random-init :class:`ViTForMultiTaskImageClassification` from a ``ViTConfig`` (no weights needed)."""
-    from transformers import ViTConfig
-
-    config = ViTConfig(
-        image_size=image_size, patch_size=patch_size, num_channels=3, hidden_size=hidden_size,
-        num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
-        intermediate_size=intermediate_size, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
+    config = _small_vit_config(image_size=image_size, patch_size=patch_size, hidden_size=hidden_size,
+                               num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+                               intermediate_size=intermediate_size)
     config.num_labels_per_task = list(num_labels_per_task)
     if seed is not None:
         torch.manual_seed(seed)

@@ -477,7 +477,6 @@ def plot_histograms(scores: dict[str, np.ndarray], is_noisy: np.ndarray | None, 
 def _write_curated_shards(source, keep_idx: np.ndarray, out: Path) -> list[str]:
     """The kept samples of every input shard, as the same format (``curated/<shard>.tar|.parquet``): tar members
     are copied byte for byte, parquet rows taken as stored. Shards with no kept sample are not written."""
-    import io
     import tarfile
 
     import pyarrow.parquet as pq
