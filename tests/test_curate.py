@@ -296,6 +296,20 @@ def test_bad_shards_raise_or_skip(recipe, assets, tmp_path):
 
 
 @pytest.mark.slow
+def test_rerun_removes_temp_files_a_killed_write_left(recipe, assets, tmp_path):
+    """A kill during an atomic write leaves ``<file>.tmp<pid>``; the re-run deletes it (and only such files)."""
+    out = tmp_path / "cur"
+    args = _base(assets, out, "wds") + ["--threshold", "0.5"]
+    recipe.main(args)
+    orphans = [out / "scores" / "shard-00001.parquet.tmp12345", out / "mixture.json.tmp"]
+    for path in orphans:
+        path.write_bytes(b"partial")
+    before = _scores(out)
+    recipe.main(args)
+    assert not any(path.exists() for path in orphans)
+    assert _scores(out) == before
+
+
 def test_kill_and_resume_gives_identical_outputs(recipe, assets, tmp_path):
     """kill -9 a run after some shards are written; the re-run skips them and ends byte-identical."""
     from hf_mmsel.data import write_webdataset_shards

@@ -386,6 +386,8 @@ class CurationScorer:
         self.barrier()
 
     def run(self) -> None:
+        if self.rank == 0:  # before any process writes (the others wait at prepare_anchors' barrier)
+            self.remove_orphaned_temp_files()
         self.prepare_anchors()
         self.fit_pass()
         self.score_pass()
@@ -394,6 +396,18 @@ class CurationScorer:
         self.barrier()
 
     # bookkeeping
+    def remove_orphaned_temp_files(self) -> list[Path]:
+        """Delete the ``*.tmp*`` files a killed run left behind (a kill during an atomic write leaves its temporary
+        file; the finished file is rewritten by this run). Only this layout's folders are touched."""
+        removed = []
+        for folder in (self.out, self.out / FIT_DIR, self.out / RAW_DIR, self.out / SCORES_DIR):
+            if folder.is_dir():
+                for path in folder.glob("*.tmp*"):
+                    if path.is_file():
+                        path.unlink()
+                        removed.append(path)
+        return removed
+
     def write_manifest(self) -> dict[str, Any]:
         """``manifest.json`` of finished shards (raises if one is missing)."""
         shards, bad, examples, rows = [], 0, [], 0

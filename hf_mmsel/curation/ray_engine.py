@@ -202,6 +202,7 @@ def run_ray(scorer: CurationScorer, *, embedder_factory: Callable, num_actors: i
     mixture, add training-state columns) -> manifest. Same files as the local engine."""
     from .pipeline import MIXTURE_NAME, CleanMixture, read_table
 
+    scorer.remove_orphaned_temp_files()  # the driver alone writes before the pipeline starts
     scorer.prepare_anchors()
     pending = scorer.pending_shards()
     has_raw = lambda i: scorer.fit_path(scorer.source.shards[i]).is_file() or scorer.raw_path(  # noqa: E731
