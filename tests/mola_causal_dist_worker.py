@@ -46,3 +46,5 @@ if dist.get_rank() == 0:
     with open(f"{out_dir}/result.json", "w") as fh:
         json.dump({"world_size": dist.get_world_size(), "changed": changed, "steps": trainer.state.global_step,
                    "aux_loss": [e.get("aux_loss") for e in logs]}, fh)
+dist.barrier()
+dist.destroy_process_group()  # clean gloo shutdown (an undestroyed group can abort the process at exit)
