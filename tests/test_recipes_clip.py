@@ -128,3 +128,54 @@ def test_train_clip_push_without_token_fails_before_training(tmp_path):
     with pytest.raises(RuntimeError, match="no Hugging Face token"):
         train_clip.main(_tiny_clip_flags(out) + ["--push_to_hub", "true", "--hub_model_id", "tester/x"])
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_benchmark_validation_curve_time_to_full_best_and_run_options(tmp_out):
+    """A validation split carved from train (test untouched), a validation rSum curve every half epoch against train
+    CPU time, time-to-full's-best per strategy, and per-run options in the strategy name."""
+    bench = load_recipe("benchmark_selection")
+    names = ["full", "dissect:r=0.25:score_source=last_visit", "random:r=0.25"]
+    results = bench.main(["--strategies", ",".join(names), "--epochs", "2", "--seed", "0", "--noise_ratio", "0.4",
+                          "--max_train", "256", "--max_test", "64", "--batch_size", "32", "--image_size", "16",
+                          "--conv_channels", "8,16", "--hidden_size", "16", "--selection_warmup_epochs", "1",
+                          "--eval_every_epochs", "0.5", "--output_dir", str(tmp_out)])
+    by_name = {r["strategy"]: r for r in results}
+    assert list(by_name) == names
+    stale = by_name["dissect:r=0.25:score_source=last_visit"]
+    assert stale["select_rate"] == 0.25 and stale["score_source"] == "last_visit" and stale["in_sampler"] is False
+    assert by_name["full"]["score_source"] == "fresh" and by_name["random:r=0.25"]["select_rate"] == 0.25
+    for row in results:
+        curve = row["per_seed"][0]["curve"]
+        assert [c["step"] for c in curve] == [4, 8, 12, 16]  # 8 steps per epoch, every 0.5 epochs
+        times = [c["train_cpu_seconds"] for c in curve]
+        assert times == sorted(times) and times[0] > 0 and all("val_rsum" in c for c in curve)
+        assert row["best_val_rsum"] == max(c["val_rsum"] for c in curve)
+    full = by_name["full"]["per_seed"][0]
+    best = max(c["val_rsum"] for c in full["curve"])
+    first = next(c["train_cpu_seconds"] for c in full["curve"] if c["val_rsum"] >= best)
+    assert full["full_best_val_rsum"] == best and full["time_to_full_best_cpu_seconds"] == first
+    assert full["time_to_full_best_ratio"] == 1.0
+    for row in results:
+        run = row["per_seed"][0]
+        expect = next((c["train_cpu_seconds"] for c in run["curve"] if c["val_rsum"] >= best), None)
+        assert run["time_to_full_best_cpu_seconds"] == expect
+        assert row["time_to_full_best_cpu_seconds"] == expect
+    saved = json.loads((tmp_out / "results.json").read_text())["results"]
+    assert {"score_source", "in_sampler", "time_to_full_best_cpu_seconds"} <= set(saved[0])
+    assert (tmp_out / "time_to_quality.png").stat().st_size > 1000
+    assert "CPU s to full's best val" in (tmp_out / "results.md").read_text()
+    with pytest.raises(ValueError, match="bad run option"):
+        bench.main(["--strategies", "dissect:rate=0.3", "--output_dir", str(tmp_out), "--overwrite_output_dir", "true"])
+    with pytest.raises(ValueError, match="select rate"):
+        bench.main(["--strategies", "dissect:r=1.5", "--output_dir", str(tmp_out), "--overwrite_output_dir", "true"])
+
+
+def test_benchmark_validation_split_is_carved_from_train_and_kept_clean():
+    bench = load_recipe("benchmark_selection")
+    args = bench.BenchmarkArguments(validation_fraction=0.1)
+    data, _ = bench._load(args)
+    assert set(data) == {"train", "validation", "test"} and len(data["test"]) == 888
+    assert len(data["validation"]) == round(0.1 * 3578) and len(data["train"]) + len(data["validation"]) == 3578
+    digits, prompts = bench._load(bench.BenchmarkArguments(dataset="digits"))
+    assert [len(digits[s]) for s in ("train", "validation", "test")] == [4997, 800, 1000]  # its own validation split
+    assert prompts[7] == "the digit seven"

@@ -8,10 +8,24 @@ the selection keeps k pairs, GSC weights them).
 Every strategy gets the same model initialisation, the same candidate batches (same sampler seed) and the same
 number of optimizer steps; strategies run alternately in one process (the order rotates with the seed) so that
 machine load hits them alike, after untimed warm-up runs that absorb the process's one-time costs.
-``train_seconds`` is the Trainer's wall-clock training time, every scoring forward and GSC computation included (the optional ``--log_curves`` diagnostics are timed and subtracted). Writes
-``results.json``, ``results.md`` and ``results.png`` (plus ``curves.png`` with ``--log_curves``) to ``--output_dir``.
+``train_seconds`` is the Trainer's wall-clock training time, every scoring forward and GSC computation included (the
+validation evaluations and the optional ``--log_curves`` diagnostics are timed and subtracted). Writes
+``results.json``, ``results.md``, ``results.png`` and ``time_to_quality.png`` (plus ``curves.png`` with
+``--log_curves``) to ``--output_dir``.
 
     hf-mmsel benchmark-selection --strategies dissect,random,full,gsc,dissect+gsc --seeds 0,1,2 --noise_ratio 0.4
+
+Splits: ``test`` is only reported (``rsum``); tune on ``validation``: the dataset's own split (digits) or
+``--validation_fraction`` of train carved before any noise is injected (easy-vqa; 10 % by default). Every
+``--eval_every_epochs`` the validation rSum is logged against the run's train CPU / wall seconds so far (the
+time-to-quality curve, reference-model cost included); ``time_to_full_best_cpu_seconds`` is the first train CPU time
+at which a strategy's validation rSum reaches the best one of ``full`` in the same seed (``None``: never) and
+``time_to_full_best_ratio`` its ratio to the time ``full`` needs for it.
+
+A strategy name may carry per-run options, so rates and score sources are compared in one process under the same
+machine load: ``dissect:r=0.3:score_source=last_visit``, ``random:r=0.3``, ``clipscore:score_source=last_visit:
+exploration=0.1:in_sampler=true`` (keys: ``r``/``select_rate``, ``score_source``, ``exploration``, ``in_sampler``;
+the global flags are the defaults).
 
 No caption is shuffled unless ``--noise_ratio`` (or ``--noise_ratios 0.2,0.4``) is given. Results go to
 ``--output_dir`` (default ``outputs/benchmark-selection``; a non-empty folder needs ``--overwrite_output_dir true``).
@@ -106,14 +120,20 @@ class BenchmarkArguments:
                           "in one process)"},
     )
     validation_fraction: float = field(
-        default=0.0,
-        metadata={"help": "> 0: carve this share of the training pairs (seeded) as a validation split and report on it "
-                          "instead of the test split (for choosing hyperparameters; the test split is not touched)"},
+        default=0.1,
+        metadata={"help": "share of the training pairs carved (seed 0, before noise injection, so it stays clean) as "
+                          "the validation split when the dataset has none; tune on it, test is only reported "
+                          "(0: no validation split, no time-to-quality)"},
+    )
+    eval_every_epochs: float = field(
+        default=1.0,
+        metadata={"help": "validation rSum every this many epochs (fractions allowed; 0: off): the time-to-quality "
+                          "curve against train CPU and wall time (evaluation time excluded)"},
     )
     log_curves: bool = field(
         default=False,
-        metadata={"help": "per epoch: test rSum and mean train cosine of clean vs noisy pairs (timed and "
-                          "subtracted from train_seconds; written to results.json and curves.png)"},
+        metadata={"help": "also log, at every validation point, the mean train cosine of clean vs noisy pairs (the "
+                          "memorisation diagnostic; timed and subtracted from train_seconds; curves.png)"},
     )
     selection_score_source: str = field(
         default="fresh", metadata={"help": "'fresh' or 'last_visit' (stale scores, no scoring forward) for the "
@@ -121,7 +141,7 @@ class BenchmarkArguments:
     selection_exploration: float = field(default=0.0, metadata={"help": "share of k drawn from the rejected"})
     selection_in_sampler: bool = field(default=False, metadata={"help": "last_visit: select in the batch sampler"})
     max_train: int | None = field(default=None, metadata={"help": "use only the first n training pairs"})
-    max_test: int | None = field(default=None)
+    max_test: int | None = field(default=None, metadata={"help": "use only the first n test (and validation) pairs"})
     test_fraction: float = field(default=0.2, metadata={"help": "held-out share when the dataset has one split"})
     joint_chunks: int = field(
         default=16, metadata={"help": "JEST chunks n of the '<strategy>+joint' runs (must divide k = r * B)"}
@@ -140,16 +160,49 @@ JOINT_SUFFIX = "+joint"  # JEST joint selection (--joint_chunks chunks) of a lea
 
 def is_joint(name: str) -> bool:
     """Whether benchmark strategy ``name`` (e.g. ``learnability+joint``) uses JEST joint selection."""
+    name = name.split(":")[0]
     return (name[: -len(GSC_SUFFIX)] if name.endswith(GSC_SUFFIX) else name).endswith(JOINT_SUFFIX)
+
+
+#: Per-run options of a benchmark strategy name (``dissect:r=0.3:score_source=last_visit``): alias -> flag.
+RUN_OPTIONS: dict[str, str] = {
+    "r": "select_rate", "select_rate": "select_rate",
+    "score_source": "selection_score_source", "selection_score_source": "selection_score_source",
+    "exploration": "selection_exploration", "selection_exploration": "selection_exploration",
+    "in_sampler": "selection_in_sampler", "selection_in_sampler": "selection_in_sampler",
+}
+
+
+def run_options(name: str) -> tuple[str, dict[str, Any]]:
+    """Split ``dissect+gsc:r=0.3:score_source=last_visit`` into the strategy (``dissect+gsc``) and its flag
+    overrides (``{"select_rate": 0.3, "selection_score_source": "last_visit"}``), so that one benchmark process can
+    compare rates and score sources of the same strategy alternately, under the same machine load."""
+    base, *parts = name.split(":")
+    options: dict[str, Any] = {}
+    for part in parts:
+        key, sep, value = part.partition("=")
+        if not sep or key not in RUN_OPTIONS:
+            raise ValueError(f"{name!r}: bad run option {part!r}; use key=value with key in {sorted(RUN_OPTIONS)}")
+        flag = RUN_OPTIONS[key]
+        if flag == "selection_in_sampler":
+            if value.lower() not in ("1", "0", "true", "false"):
+                raise ValueError(f"{name!r}: in_sampler must be true/false, got {value!r}")
+            options[flag] = value.lower() in ("1", "true")
+        elif flag == "selection_score_source":
+            options[flag] = value
+        else:
+            options[flag] = float(value)
+    return base, options
 
 
 def parse_strategy(name: str) -> tuple[str, bool]:
     """``(selection strategy, with GSC weighting)`` of a benchmark strategy name: ``gsc`` -> ``("full", True)``,
     ``dissect+gsc`` -> ``("dissect", True)``, ``random`` -> ``("random", False)``, ``learnability+joint`` ->
-    ``("learnability", False)`` (joint: :func:`is_joint`)."""
+    ``("learnability", False)`` (joint: :func:`is_joint`); run options (:func:`run_options`) are ignored."""
     from hf_mmsel.selection import SELECTION_STRATEGIES
     from hf_mmsel.selection.learnability import JOINT_STRATEGIES
 
+    name = run_options(name)[0]
     if name == "gsc":
         return "full", True
     selection, gsc = (name[: -len(GSC_SUFFIX)], True) if name.endswith(GSC_SUFFIX) else (name, False)
@@ -193,34 +246,41 @@ def _csv(text: str | None, cast) -> list:
 
 
 def _load(args: BenchmarkArguments):
+    """``DatasetDict(train, test[, validation])`` and the zero-shot class prompts. ``test`` is the dataset's test
+    split (or ``--test_fraction`` carved from train); ``validation`` its validation split, or ``--validation_fraction``
+    carved from train (seed 0, before any noise is injected, so it is clean like test)."""
     from datasets import DatasetDict
 
-    from hf_mmsel.data import EASY_VQA_CLASS_CAPTIONS, load_image_text_dataset
+    from hf_mmsel.data import DIGITS_CLASS_CAPTIONS, EASY_VQA_CLASS_CAPTIONS, add_sample_idx, load_image_text_dataset
 
     dsd = load_image_text_dataset(args.dataset, image_column=args.image_column, caption_column=args.caption_column,
                                   label_column=args.label_column)
     if "train" not in dsd:
         raise ValueError(f"the dataset needs a 'train' split; it has {list(dsd)}")
-    test_name = next((s for s in ("test", "validation", "val") if s in dsd), None)
-    if test_name is None:
-        parts = dsd["train"].train_test_split(test_size=args.test_fraction, seed=0)
-        dsd = DatasetDict(train=parts["train"], test=parts["test"])
-        test_name = "test"
-    from hf_mmsel.data import add_sample_idx
-
-    if args.validation_fraction > 0:  # hyperparameter selection: evaluate on pairs carved from train, never test
-        parts = dsd["train"].train_test_split(test_size=args.validation_fraction, seed=0)
-        dsd = DatasetDict(train=parts["train"], validation=parts["test"])
-        test_name = "validation"
-    train, test = add_sample_idx(dsd["train"]), add_sample_idx(dsd[test_name])
+    train = dsd["train"]
+    test = dsd["test"] if "test" in dsd else None
+    if test is None:
+        parts = train.train_test_split(test_size=args.test_fraction, seed=0)
+        train, test = parts["train"], parts["test"]
+    validation = next((dsd[s] for s in ("validation", "val") if s in dsd), None)
+    if validation is None and args.validation_fraction > 0:
+        parts = train.train_test_split(test_size=args.validation_fraction, seed=0)
+        train, validation = parts["train"], parts["test"]
+    splits = {"train": add_sample_idx(train), "test": add_sample_idx(test)}
+    if validation is not None:
+        splits["validation"] = add_sample_idx(validation)
     if args.max_train:
-        train = train.select(range(min(args.max_train, len(train))))
-    if args.max_test:
-        test = test.select(range(min(args.max_test, len(test))))
+        splits["train"] = splits["train"].select(range(min(args.max_train, len(splits["train"]))))
+    for name in ("test", "validation"):
+        if args.max_test and name in splits:
+            splits[name] = splits[name].select(range(min(args.max_test, len(splits[name]))))
+    train = splits["train"]
     class_captions = None
     if "label" in train.column_names:
-        if args.dataset is None:
+        if args.dataset in (None, "easy-vqa"):
             class_captions = list(EASY_VQA_CLASS_CAPTIONS)
+        elif args.dataset == "digits":
+            class_captions = list(DIGITS_CLASS_CAPTIONS)
         else:  # the most frequent caption of each class serves as its prompt
             from collections import Counter
 
@@ -229,7 +289,7 @@ def _load(args: BenchmarkArguments):
                 counts.setdefault(int(label), Counter())[caption] += 1
             if sorted(counts) == list(range(len(counts))):
                 class_captions = [counts[i].most_common(1)[0][0] for i in range(len(counts))]
-    return DatasetDict(train=train, test=test), class_captions
+    return DatasetDict(splits), class_captions
 
 
 def _build(args: BenchmarkArguments, captions, seed: int):
@@ -245,42 +305,80 @@ def _build(args: BenchmarkArguments, captions, seed: int):
     )
 
 
-class CurveCallback:
-    """``--log_curves``: after every epoch, test rSum and the mean image-text cosine of clean and of noisy training
-    pairs (the memorisation diagnostic). Its own wall/CPU time is accumulated in ``seconds``/``cpu_seconds`` and
-    subtracted from the reported ``train_seconds``/``train_cpu_seconds``."""
+class ValidationCurve:
+    """The time-to-quality curve of one run: every ``interval_steps`` optimizer steps (and at the last), the
+    validation rSum against the train wall / CPU seconds spent so far (``offset_*``: a reference model's cost charged
+    to the run; this callback's own time excluded). ``log_cosines`` (``--log_curves``) adds the mean image-text
+    cosine of clean and of noisy training pairs (the memorisation diagnostic). Its own time is accumulated in
+    ``seconds`` / ``cpu_seconds`` and subtracted from the run's reported ``train_seconds`` / ``train_cpu_seconds``."""
 
-    def __init__(self, data, collator, tokenizer) -> None:
+    def __init__(self, data, collator, tokenizer, interval_steps: int, log_cosines: bool = False,
+                 offset_seconds: float = 0.0, offset_cpu_seconds: float = 0.0) -> None:
         from torch.utils.data import DataLoader
 
-        self.test, self.collator, self.tokenizer = data["test"], collator, tokenizer
-        self.train_loader = DataLoader(data["train"], batch_size=512, collate_fn=collator)
+        self.validation, self.collator, self.tokenizer = data.get("validation"), collator, tokenizer
+        self.train_loader = DataLoader(data["train"], batch_size=512, collate_fn=collator) if log_cosines else None
+        self.interval_steps = max(1, int(interval_steps))
+        self.offset_seconds, self.offset_cpu_seconds = offset_seconds, offset_cpu_seconds
         self.rows: list[dict[str, float]] = []
         self.seconds = 0.0
         self.cpu_seconds = 0.0
+        self.start()
 
-    def __call__(self, model, epoch: int) -> None:
+    def start(self) -> None:
+        """Zero the clocks (call right before ``trainer.train()``)."""
+        self.t0, self.cpu0 = time.perf_counter(), time.process_time()
+
+    def __call__(self, model, step: int, epoch: float) -> None:
         from hf_mmsel.metrics import embed_dataset, evaluate_retrieval
 
         t0, cpu0 = time.perf_counter(), time.process_time()
-        metrics = evaluate_retrieval(model, self.test, self.collator, batch_size=512, tokenizer=self.tokenizer)
-        emb = embed_dataset(model, self.train_loader)
-        cos = (emb["image_embeds"] * emb["text_embeds"]).sum(-1)
-        noisy = emb["is_noisy"].bool()
-        self.rows.append({"epoch": epoch + 1, "rsum": metrics["rsum"], "clean_cos": float(cos[~noisy].mean()),
-                          "noisy_cos": float(cos[noisy].mean()) if bool(noisy.any()) else float("nan")})
+        row = {"step": step, "epoch": round(epoch, 4),
+               "train_seconds": t0 - self.t0 - self.seconds + self.offset_seconds,
+               "train_cpu_seconds": cpu0 - self.cpu0 - self.cpu_seconds + self.offset_cpu_seconds}
+        if self.validation is not None:
+            row["val_rsum"] = evaluate_retrieval(model, self.validation, self.collator, batch_size=512,
+                                                 tokenizer=self.tokenizer)["rsum"]
+        if self.train_loader is not None:
+            emb = embed_dataset(model, self.train_loader)
+            cos = (emb["image_embeds"] * emb["text_embeds"]).sum(-1)
+            noisy = emb["is_noisy"].bool()
+            row.update(clean_cos=float(cos[~noisy].mean()),
+                       noisy_cos=float(cos[noisy].mean()) if bool(noisy.any()) else float("nan"))
+        self.rows.append(row)
         self.seconds += time.perf_counter() - t0
         self.cpu_seconds += time.process_time() - cpu0
 
 
-def _make_trainer_callback(curves: CurveCallback):
+def _make_trainer_callback(curve: ValidationCurve):
     from transformers import TrainerCallback
 
-    class _OnEpoch(TrainerCallback):
-        def on_epoch_end(self, args, state, control, model=None, **kwargs):
-            curves(model, int(round(state.epoch)) - 1)
+    class _EveryInterval(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step % curve.interval_steps == 0 or state.global_step >= state.max_steps:
+                curve(model, state.global_step, float(state.epoch))
 
-    return _OnEpoch()
+    return _EveryInterval()
+
+
+def time_to_reach(curve: list[dict[str, float]], target: float, key: str = "train_cpu_seconds") -> float | None:
+    """The first ``key`` time at which the curve's validation rSum reaches ``target`` (``None``: never)."""
+    return next((row[key] for row in curve if row.get("val_rsum", -math.inf) >= target), None)
+
+
+def add_time_to_full_best(rows: list[dict[str, Any]]) -> None:
+    """Per run of one seed and loss type: ``time_to_full_best_cpu_seconds`` (first train CPU time at which its validation rSum
+    reaches the best validation rSum of the seed's ``full`` run; ``None`` if never) and ``time_to_full_best_ratio``
+    (that time over the time ``full`` itself needs to reach its best). ``None`` throughout without a ``full`` run
+    or a validation curve."""
+    full = next((r for r in rows if r["strategy"] == "full" and r.get("curve")), None)
+    best = max((c["val_rsum"] for c in full["curve"] if "val_rsum" in c), default=None) if full else None
+    full_time = time_to_reach(full["curve"], best) if best is not None else None
+    for row in rows:
+        reached = time_to_reach(row["curve"], best) if best is not None and row.get("curve") else None
+        row["full_best_val_rsum"] = best
+        row["time_to_full_best_cpu_seconds"] = reached
+        row["time_to_full_best_ratio"] = reached / full_time if reached is not None and full_time else None
 
 
 def _training_arguments(args, selection: str, seed: int, out: Path, epochs: int, loss_type: str = "softmax",
@@ -353,7 +451,8 @@ def _train_reference(args, bundle, data, class_captions, seed, out: Path, loss_t
             "model": trainer.model, "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds}
 
 
-def _warm_up(args, data, captions, out: Path, with_gsc: bool, loss_types: tuple[str, ...] = ("softmax",)) -> None:
+def _warm_up(args, data, captions, out: Path, with_gsc: bool, loss_types: tuple[str, ...] = ("softmax",),
+             rates: tuple[float, ...] = ()) -> None:
     """Untimed warm-up runs before the timed ones: the first training runs of a process pay one-time costs
     (allocator growth, oneDNN primitives for the ``B`` and ``r*B`` batch shapes, the first no-grad scoring pass),
     which would otherwise be charged to whichever strategy happens to run first (measured on 2 CPU cores: 2-6 s of a
@@ -365,12 +464,14 @@ def _warm_up(args, data, captions, out: Path, with_gsc: bool, loss_types: tuple[
     from hf_mmsel.gsc.hook import GSCHook
     from hf_mmsel.trainers import ContrastiveTrainer
 
-    warm = replace(args, selection_warmup_epochs=1)
-    for loss_type, (selection, epochs) in ((lt, run) for lt in loss_types for run in (("dissect", 3), ("full", 3))):
+    runs = [(lt, rate, ("dissect", 3)) for lt in loss_types for rate in (rates or (args.select_rate,))]
+    runs += [(lt, args.select_rate, ("full", 3)) for lt in loss_types]
+    for loss_type, rate, (selection, epochs) in runs:
+        warm = replace(args, selection_warmup_epochs=1, select_rate=rate)
         bundle = _build(args, captions, seed=0)
         trainer = ContrastiveTrainer(
-            bundle.model, _training_arguments(warm, selection, 0, out / f"warmup_{selection}_{loss_type}", epochs,
-                                              loss_type),
+            bundle.model, _training_arguments(warm, selection, 0, out / f"warmup_{selection}_{loss_type}_{rate}",
+                                              epochs, loss_type),
             train_dataset=data["train"], data_collator=ImageTextCollator(bundle.tokenizer, max_length=args.max_length),
             processing_class=bundle.tokenizer, hooks=[GSCHook(seed=0)] if with_gsc else None,
         )
@@ -403,10 +504,16 @@ def _train_one(args, strategy, bundle, data, class_captions, seed, out: Path,
                                  reference_scores=reference["scores"] if selection == "reference_clipscore" else None,
                                  reference_model=reference["model"] if reference is not None else None)
     curves = None
-    if args.log_curves:
-        curves = CurveCallback(data, collator, bundle.tokenizer)
+    if args.eval_every_epochs > 0 and ("validation" in data or args.log_curves):
+        steps_per_epoch = max(1, len(data["train"]) // args.batch_size)
+        curves = ValidationCurve(data, collator, bundle.tokenizer, round(args.eval_every_epochs * steps_per_epoch),
+                                 log_cosines=args.log_curves,
+                                 offset_seconds=reference["seconds"] if reference is not None else 0.0,
+                                 offset_cpu_seconds=reference["cpu_seconds"] if reference is not None else 0.0)
         trainer.add_callback(_make_trainer_callback(curves))
     cpu0 = time.process_time()
+    if curves is not None:
+        curves.start()
     output = trainer.train()
     train_cpu_seconds = time.process_time() - cpu0 - (curves.cpu_seconds if curves is not None else 0.0)
     train_seconds = float(output.metrics["train_runtime"]) - (curves.seconds if curves is not None else 0.0)
@@ -439,6 +546,9 @@ def _train_one(args, strategy, bundle, data, class_captions, seed, out: Path,
         "similarity_auroc": auroc(cos, clean),
         "detection_auroc": detection,
         "optimizer_steps": trainer.state.global_step,
+        "val_rsum": curves.rows[-1].get("val_rsum") if curves is not None and curves.rows else None,
+        "best_val_rsum": max((c["val_rsum"] for c in curves.rows if "val_rsum" in c), default=None)
+        if curves is not None else None,
         "curve": curves.rows if curves is not None else None,
         "reference_epochs": reference["epochs"] if reference is not None else None,
         "reference_seconds": reference["seconds"] if reference is not None else None,
@@ -467,15 +577,24 @@ def _detection_auroc(trainer, gsc, emb, auroc) -> float | None:
 _AVERAGED = ("i2t_r1", "t2i_r1", "rsum", "zero_shot_acc", "train_seconds", "train_cpu_seconds",
              "selected_noisy_fraction",
              "selected_noisy_fraction_after_warmup", "similarity_auroc", "detection_auroc", "reference_epochs",
-             "reference_seconds", "reference_cpu_seconds", "reference_rsum")
+             "reference_seconds", "reference_cpu_seconds", "reference_rsum", "val_rsum", "best_val_rsum",
+             "full_best_val_rsum")
+_REACHED = ("time_to_full_best_cpu_seconds", "time_to_full_best_ratio")  # None in a seed that never reaches it
 
 
 def _aggregate(runs: list[dict[str, Any]], noise_ratio: float, seeds: list[int]) -> dict[str, Any]:
+    """Mean over seeds (of the seeds with a value). ``time_to_full_best_*`` is the mean over every seed when each
+    reached full's best validation rSum, else ``None`` (``time_to_full_best_reached`` counts the seeds that did)."""
     row: dict[str, Any] = {"strategy": runs[0]["strategy"], "loss_type": runs[0].get("loss_type", "softmax"),
-                           "select_rate": runs[0]["select_rate"], "noise_ratio": noise_ratio}
+                           "select_rate": runs[0]["select_rate"], "noise_ratio": noise_ratio,
+                           "score_source": runs[0].get("score_source"), "in_sampler": runs[0].get("in_sampler")}
     for key in _AVERAGED:
         values = [r[key] for r in runs if r.get(key) is not None]
         row[key] = statistics.fmean(values) if values else None
+    reached = [r for r in runs if r.get("time_to_full_best_cpu_seconds") is not None]
+    for key in _REACHED:
+        row[key] = statistics.fmean(r[key] for r in runs) if reached and len(reached) == len(runs) else None
+    row["time_to_full_best_reached"] = len(reached)
     rsums = [r["rsum"] for r in runs]
     row["rsum_std"] = statistics.stdev(rsums) if len(rsums) > 1 else 0.0
     row["seeds"] = seeds
@@ -497,15 +616,21 @@ def _write_reports(results: list[dict[str, Any]], out: Path, args: BenchmarkArgu
     (out / "results.json").write_text(json.dumps({"config": vars(args), "results": results}, indent=2))
 
     fmt = _fmt
-    lines = ["| noise | loss | strategy | rate | i2t R@1 | t2i R@1 | rSum (± std) | zero-shot | train s | sel. noisy "
-             "| sim. AUROC | det. AUROC | train CPU s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| noise | loss | strategy | rate | i2t R@1 | t2i R@1 | test rSum (± std) | zero-shot | train s "
+             "| sel. noisy | sim. AUROC | det. AUROC | train CPU s | best val rSum | CPU s to full's best val (x full) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        reached = r.get("time_to_full_best_cpu_seconds")
+        to_best = (f"{fmt(reached)} ({fmt(r.get('time_to_full_best_ratio'), 2)}x)" if reached is not None else
+                   f"never in {len(r['seeds']) - r.get('time_to_full_best_reached', 0)} of {len(r['seeds'])} seeds"
+                   if r.get("full_best_val_rsum") is not None else "n/a")
         lines.append(
             f"| {r['noise_ratio']:.0%} | {r.get('loss_type', 'softmax')} | {r['strategy']} | {r['select_rate']:.2f} | "
             f"{fmt(r['i2t_r1'])} | "
             f"{fmt(r['t2i_r1'])} | {fmt(r['rsum'])} ± {fmt(r['rsum_std'])} | {fmt(r['zero_shot_acc'], 3)} | "
             f"{fmt(r['train_seconds'])} | {fmt(r['selected_noisy_fraction'], 3)} | {fmt(r['similarity_auroc'], 3)} | "
-            f"{fmt(r['detection_auroc'], 3)} | {fmt(r.get('train_cpu_seconds'))} |"
+            f"{fmt(r['detection_auroc'], 3)} | {fmt(r.get('train_cpu_seconds'))} | {fmt(r.get('best_val_rsum'))} | "
+            f"{to_best} |"
         )
     refs = [r for r in results if r.get("reference_seconds") is not None]
     if refs:
@@ -555,25 +680,55 @@ def _write_reports(results: list[dict[str, Any]], out: Path, args: BenchmarkArgu
     _plot_curves(results, out, plt)
 
 
+def _mean_curve(row: dict[str, Any], key: str) -> tuple[list[float], list[float]]:
+    """(time ``key``, validation rSum) averaged over the row's seeds point by point (same eval steps per seed)."""
+    curves = [[c for c in run["curve"] if "val_rsum" in c] for run in row["per_seed"] if run.get("curve")]
+    n = min((len(c) for c in curves), default=0)
+    return ([statistics.fmean(c[i][key] for c in curves) for i in range(n)],
+            [statistics.fmean(c[i]["val_rsum"] for c in curves) for i in range(n)])
+
+
 def _plot_curves(results: list[dict[str, Any]], out: Path, plt) -> None:
-    """``curves.png`` (with ``--log_curves``): per noise level, test rSum and the clean - noisy train cosine gap
-    per epoch, averaged over seeds, one line per strategy."""
-    rows = [r for r in results if r["per_seed"] and r["per_seed"][0].get("curve")]
+    """``time_to_quality.png``: per noise level, validation rSum against train CPU time and wall time (mean over
+    seeds), one line per strategy, with full's best validation rSum dashed. ``curves.png`` (``--log_curves``): the
+    clean - noisy train cosine gap per epoch."""
+    rows = [r for r in results if any(c.get("val_rsum") is not None for run in r["per_seed"] for c in
+                                      run.get("curve") or [])]
+    noises = sorted({r["noise_ratio"] for r in rows})
+    if rows:
+        fig, axes = plt.subplots(len(noises), 2, figsize=(12, 4.2 * len(noises)), squeeze=False)
+        for n, noise in enumerate(noises):
+            for col, (key, xlabel) in enumerate((("train_cpu_seconds", "train CPU seconds"),
+                                                 ("train_seconds", "train wall seconds"))):
+                ax = axes[n][col]
+                for r in (r for r in rows if r["noise_ratio"] == noise):
+                    xs, ys = _mean_curve(r, key)
+                    ax.plot(xs, ys, marker=".", label=_label(r, rows))
+                best = [r["full_best_val_rsum"] for r in rows if r["noise_ratio"] == noise
+                        and r.get("full_best_val_rsum") is not None]
+                if best:
+                    ax.axhline(best[0], color="grey", linestyle="--", linewidth=1, label="full's best (mean)")
+                ax.set_title(f"{noise:.0%} noise: validation rSum vs {xlabel}")
+                ax.set_xlabel(xlabel + " (scoring and reference cost included)")
+                ax.set_ylabel("validation rSum")
+        axes[0][1].legend(fontsize=8, loc="lower right")
+        fig.tight_layout()
+        fig.savefig(out / "time_to_quality.png", dpi=90)
+        plt.close(fig)
+    rows = [r for r in results if r["per_seed"] and (r["per_seed"][0].get("curve") or [{}])[0].get("clean_cos")
+            is not None]
     if not rows:
         return
     noises = sorted({r["noise_ratio"] for r in rows})
-    fig, axes = plt.subplots(2, len(noises), figsize=(5 * len(noises), 7), squeeze=False)
+    fig, axes = plt.subplots(1, len(noises), figsize=(5 * len(noises), 4), squeeze=False)
     for col, noise in enumerate(noises):
         for r in (r for r in rows if r["noise_ratio"] == noise):
             curves = [run["curve"] for run in r["per_seed"]]
             epochs = [c["epoch"] for c in curves[0]]
-            rsum = [statistics.fmean(c[i]["rsum"] for c in curves) for i in range(len(epochs))]
             gap = [statistics.fmean(c[i]["clean_cos"] - c[i]["noisy_cos"] for c in curves) for i in range(len(epochs))]
-            axes[0][col].plot(epochs, rsum, label=_label(r, rows))
-            axes[1][col].plot(epochs, gap, label=_label(r, rows))
-        axes[0][col].set_title(f"{noise:.0%} noise: test rSum per epoch")
-        axes[1][col].set_title("train cosine: clean mean - noisy mean")
-        axes[1][col].set_xlabel("epoch")
+            axes[0][col].plot(epochs, gap, label=_label(r, rows))
+        axes[0][col].set_title(f"{noise:.0%} noise: train cosine, clean mean - noisy mean")
+        axes[0][col].set_xlabel("epoch")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=90)
@@ -581,6 +736,8 @@ def _plot_curves(results: list[dict[str, Any]], out: Path, plt) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    from dataclasses import replace
+
     from hf_mmsel.cli import parse_args_with_config
 
     (args,) = parse_args_with_config(BenchmarkArguments, argv, prog=PROG, help_sources=[__file__])
@@ -607,6 +764,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         raise ValueError("--loss_type is empty; choose 'softmax', 'sigmoid' or 'softmax,sigmoid'")
     if not 0.0 <= args.validation_fraction < 1.0:
         raise ValueError(f"--validation_fraction must be in [0, 1), got {args.validation_fraction}")
+    if args.eval_every_epochs < 0:
+        raise ValueError(f"--eval_every_epochs must be >= 0, got {args.eval_every_epochs}")
+    for strategy in strategies:
+        rate = run_options(strategy)[1].get("select_rate", args.select_rate)
+        if not 0.0 < rate <= 1.0:
+            raise ValueError(f"{strategy!r}: select rate must be in (0, 1], got {rate}")
     seeds = _csv(args.seeds, int) or [args.seed]
     noise_ratios = _csv(args.noise_ratios, float) or [args.noise_ratio]
     out = prepare_output_dir(args.output_dir, overwrite_output_dir=args.overwrite_output_dir)
@@ -616,8 +779,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     t0 = time.perf_counter()
     cached = preprocess_image_text(data, tokenizer=tokenizer_bundle.tokenizer,
                                    image_transform=tokenizer_bundle.image_transform, max_length=args.max_length)
-    held_out = "validation (carved from train)" if args.validation_fraction > 0 else "test"
-    print(f"cached {len(cached['train'])} train / {len(cached['test'])} {held_out} pairs in "
+    held_out = f"{len(cached['validation'])} validation" if "validation" in cached else "no validation"
+    print(f"cached {len(cached['train'])} train / {held_out} / {len(cached['test'])} test pairs in "
           f"{time.perf_counter() - t0:.1f}s")
 
     results = []
@@ -631,7 +794,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             order = combos[n_seed % len(combos):] + combos[: n_seed % len(combos)]
             if not warmed_up:
                 _warm_up(args, noisy, data["train"]["caption"], out / "runs",
-                         with_gsc=any(parse_strategy(s)[1] for s in strategies), loss_types=tuple(loss_types))
+                         with_gsc=any(parse_strategy(s)[1] for s in strategies), loss_types=tuple(loss_types),
+                         rates=tuple(sorted({run_options(s)[1].get("select_rate", args.select_rate)
+                                             for s in strategies})))
                 warmed_up = True
             references: dict[str, dict[str, Any]] = {}
             for lt in loss_types if any(parse_strategy(s)[0] in REFERENCE_STRATEGIES for s in strategies) else []:
@@ -641,21 +806,27 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     out / "runs" / f"noise{noise}_reference{tag}_seed{seed}", loss_type=lt)
                 print(f"noise={noise} seed={seed} {lt} reference model ({reference['epochs']} epochs full): "
                       f"rsum={reference['rsum']:.1f} train+score_s={reference['seconds']:.1f}", flush=True)
+            seed_rows: dict[str, list[dict[str, Any]]] = {lt: [] for lt in loss_types}
             for loss_type, strategy in order:  # alternate: the rotation spreads machine-load drift over strategies
                 bundle = _build(args, data["train"]["caption"], seed=seed)  # identical init for every strategy
                 tag = "" if loss_type == "softmax" else f"_{loss_type}"
-                row = _train_one(args, strategy, bundle, noisy, class_captions, seed,
-                                 out / "runs" / f"noise{noise}_{strategy}{tag}_seed{seed}",
+                run_dir = strategy.replace(":", "_").replace("=", "")
+                row = _train_one(replace(args, **run_options(strategy)[1]), strategy, bundle, noisy, class_captions,
+                                 seed, out / "runs" / f"noise{noise}_{run_dir}{tag}_seed{seed}",
                                  reference=references.get(loss_type), loss_type=loss_type)
-                runs[(loss_type, strategy)].append({"seed": seed, **row})
+                row = {"seed": seed, **row}
+                runs[(loss_type, strategy)].append(row)
+                seed_rows[loss_type].append(row)
                 print(f"noise={noise} seed={seed} {loss_type} {strategy}: rsum={row['rsum']:.1f} "
                       f"train_s={row['train_seconds']:.1f} sel_noisy={_fmt(row['selected_noisy_fraction'], 3)} "
                       f"sim_auroc={row['similarity_auroc']:.3f} det_auroc={_fmt(row['detection_auroc'], 3)}",
                       flush=True)
-                if row["curve"]:
-                    print("   curve (epoch: rsum clean_cos/noisy_cos): " + ", ".join(
-                        f"{c['epoch']}: {c['rsum']:.0f} {c['clean_cos']:.2f}/{c['noisy_cos']:.2f}"
+                if row["curve"] and args.log_curves:
+                    print("   curve (epoch: val rsum clean_cos/noisy_cos): " + ", ".join(
+                        f"{c['epoch']:g}: {c.get('val_rsum', math.nan):.0f} {c['clean_cos']:.2f}/{c['noisy_cos']:.2f}"
                         for c in row["curve"]), flush=True)
+            for rows_of_loss in seed_rows.values():
+                add_time_to_full_best(rows_of_loss)
         results.extend(_aggregate(runs[c], noise, seeds) for c in combos)
         _write_reports(results, out, args)
     summary = {}
@@ -663,8 +834,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         name = f"{row['strategy']} @ {row['noise_ratio']:.0%} noise"
         summary[f"{name}: rSum"] = f"{row['rsum']:.1f} ± {row['rsum_std']:.1f}"
         summary[f"{name}: train s"] = round(row["train_seconds"], 1)
-    print_run_summary(f"benchmark-selection: {len(strategies)} strategies x {len(seeds)} seed(s)", summary,
-                      {"table": out / "results.md", "all runs": out / "results.json", "bar chart": out / "results.png"},
+        if row.get("time_to_full_best_ratio") is not None:
+            summary[f"{name}: CPU to full's best val (x full)"] = round(row["time_to_full_best_ratio"], 2)
+    files = {"table": out / "results.md", "all runs": out / "results.json", "bar chart": out / "results.png"}
+    if (out / "time_to_quality.png").is_file():
+        files["time to quality"] = out / "time_to_quality.png"
+    print_run_summary(f"benchmark-selection: {len(strategies)} strategies x {len(seeds)} seed(s)", summary, files,
                       load_hint=f"import json; json.load(open({str(out / 'results.json')!r}))['results']")
     return results
 
