@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .bank import ScoreBank
 from .hook import SCORE_SOURCES, SelectionHook, clip_score, keep_with_exploration, num_to_keep, selection_generator
+from .hardest_clean import RECOMMENDED, HardestClean, hardest_clean_criterion
 from .joint import joint_select
 from .learnability import ReferenceModel, load_reference_model
 from .reference import load_reference_scores
@@ -12,6 +13,9 @@ from .strategies import SELECTION_STRATEGIES, Candidates, SelectionStrategy, bui
 
 __all__ = [
     "joint_select",
+    "HardestClean",
+    "RECOMMENDED",
+    "hardest_clean_criterion",
     "load_reference_model",
     "load_reference_scores",
     "ReferenceModel",
