@@ -1,6 +1,7 @@
 """GSC as a :class:`~hf_mmsel.hooks.BatchHook`: per-sample weights + structure loss at the data boundary.
 
-Thin adapter over the core (gsc.md §12.2). Per training step, on the kept pairs of the local batch:
+Thin adapter over the core :func:`~hf_mmsel.gsc.loss.gsc_terms` (gsc.md §12.2; the same function
+:func:`~hf_mmsel.gsc.loss.gsc_loss` uses). Per training step, on the kept pairs of the local batch:
 weights ``w[sample_idx]`` for the trainer's per-sample InfoNCE, ``extra_loss = γ · structure loss`` (in-batch
 anchors + optional :class:`AnchorBank`), and ``(sample_idx, c, p)`` recorded into this rank's shard of the
 :class:`GSCBuffers` (it owns its candidates); ``p`` uses the local batch's logits, as GSC (B = 128 per step), or
@@ -26,9 +27,8 @@ from ..hooks import BatchHook, Dist, LossTerms, StepContext
 from ..state import StateNamespace
 from .anchors import AnchorBank
 from .buffers import GSCBuffers, GSCPlusBuffers
-from .loss import structure_terms
-from .sigmoid import sigmoid_positive_probability
-from .structure import StructureConfig, positive_probability
+from .loss import gsc_terms
+from .structure import StructureConfig
 
 
 class GSCHook(BatchHook):
@@ -102,19 +102,15 @@ class GSCHook(BatchHook):
             bank_v, bank_u, _, bank_idx = bank.anchors()
             bank_w = _owner_weights(source, bank_idx, ctx.dist).to(bank_v.dtype)
             anchor_kwargs = dict(anchor_embeds=(bank_v, bank_u), anchor_weights=bank_w, anchor_sample_idx=bank_idx)
-        structure_loss, consistency = structure_terms(
-            v, u, weights, sample_idx=sample_idx, structure=self.structure, **anchor_kwargs
-        )
+        scale = logit_scale if self.prob_logit_scale is None else self.prob_logit_scale
+        terms = gsc_terms(v, u, weights, scale, sample_idx=sample_idx, structure=self.structure, pair_loss=ctx.loss,
+                          **anchor_kwargs)
+        structure_loss, p = terms.structure_loss, terms.positive_prob
         logs = {"gsc_weight_mean": weights.mean().detach(), "gsc_structure_loss": structure_loss.detach()}
-        if torch.is_grad_enabled():  # training step: record gathered scores, refresh the bank
+        if torch.is_grad_enabled():  # training step: record this rank's scores, refresh the bank from all ranks
             with torch.no_grad():
-                scale = logit_scale if self.prob_logit_scale is None else self.prob_logit_scale
-                if ctx.loss.is_sigmoid:  # SigLIP: the pair's own match probability σ(t·cos_ii + b)
-                    p = sigmoid_positive_probability(v, u, scale, ctx.loss.detached().logit_bias)
-                else:
-                    p = positive_probability((scale * (v @ u.T)).float())
                 dist = ctx.dist
-                buffers.record(sample_idx, consistency, p)
+                buffers.record(sample_idx, terms.consistency, p)
                 if bank is not None:
                     all_idx = dist.gather(sample_idx.to(v.device))
                     all_w = dist.gather(weights)

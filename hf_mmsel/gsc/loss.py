@@ -1,12 +1,17 @@
 """The GSC training objective for a dual encoder (gsc.md §3 step 8, §12.1-12.2).
 
-    L = (1/B) Σ_i w_i · ½(ℓ^i2t_i + ℓ^t2i_i) + γ · (1/B) Σ_i w_i · ℓ^str_i
+    L = (1/B) Σ_i w_i · ℓ_i + γ · (1/B) Σ_i w_i · ℓ^str_i
 
-with ``ℓ^i2t, ℓ^t2i`` the per-sample InfoNCE terms of ``S = s · V Uᵀ`` and ``ℓ^str`` the structure InfoNCE over
-anchor-weighted intra-modal profiles (see :mod:`hf_mmsel.gsc.structure`). Weights only remove a pair as a
-positive and (through ``w_k``) as an anchor; it still serves as a negative in other rows, as in GSC. Gradients
-flow through the embeddings (both as queries and as in-batch anchors); weights and bank anchors are detached.
-The detached consistency ``c`` and positive probability ``p`` are returned for the buffers.
+with ``ℓ_i`` the trainer's per-pair contrastive loss (``½(ℓ^i2t_i + ℓ^t2i_i)`` of ``S = s · V Uᵀ`` for
+InfoNCE, or SigLIP's sigmoid loss) and ``ℓ^str`` the structure InfoNCE over anchor-weighted intra-modal profiles
+(see :mod:`hf_mmsel.gsc.structure`). Weights only remove a pair as a positive and (through ``w_k``) as an anchor; it
+still serves as a negative in other rows, as in GSC. Gradients flow through the embeddings (both as queries and as
+in-batch anchors); weights and bank anchors are detached.
+
+One implementation: :func:`gsc_terms` (structure loss, detached ``c`` and ``p``) is what
+:class:`~hf_mmsel.gsc.hook.GSCHook` computes in the trainer, whose ``ℓ_i`` is
+:meth:`~hf_mmsel.contrastive_loss.PairLoss.per_sample` with negatives gathered across ranks. :func:`gsc_loss`
+is the same objective for one process (local negatives): exactly the trainer's loss at world size 1.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..contrastive_loss import PairLoss
+from .sigmoid import sigmoid_positive_probability
 from .structure import (
     StructureConfig,
     positive_probability,
@@ -25,6 +32,16 @@ from .structure import (
     structure_matching,
     structure_profiles,
 )
+
+
+@dataclass
+class GSCTerms:
+    """One step's GSC terms: ``structure_loss`` ``(1/B) Σ_a w_a ℓ^str_a`` (differentiable), ``consistency`` ``c``
+    and ``positive_prob`` ``p``, detached float32 (B,) tensors for :meth:`GSCBuffers.record`."""
+
+    structure_loss: torch.Tensor
+    consistency: torch.Tensor
+    positive_prob: torch.Tensor
 
 
 @dataclass
@@ -40,7 +57,9 @@ class GSCLossOutput:
 
 
 def weighted_bidirectional_infonce(logits_per_image: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``(1/B) Σ_i w_i · ½(ℓ^i2t_i + ℓ^t2i_i)`` for square logits (gsc.md §3 step 2; divided by B, not Σw)."""
+    """``(1/B) Σ_i w_i · ½(ℓ^i2t_i + ℓ^t2i_i)`` for given square logits (gsc.md §3 step 2; divided by B, not
+    Σw). A logits-level helper; :func:`gsc_loss` and the trainer compute ``ℓ_i`` with
+    :meth:`~hf_mmsel.contrastive_loss.PairLoss.per_sample`."""
     target = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
     per_sample = 0.5 * (
         F.cross_entropy(logits_per_image, target, reduction="none")
@@ -100,6 +119,37 @@ def structure_terms(
     return structure_loss, consistency.detach()
 
 
+def gsc_terms(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    weights: torch.Tensor,
+    prob_logit_scale: torch.Tensor | float,
+    anchor_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
+    anchor_weights: torch.Tensor | None = None,
+    *,
+    sample_idx: torch.Tensor | None = None,
+    anchor_sample_idx: torch.Tensor | None = None,
+    structure: StructureConfig | None = None,
+    pair_loss: PairLoss | None = None,
+) -> GSCTerms:
+    """GSC's per-step terms for L2-normalised local (B, d) embeddings with weights ``w`` (gsc.md §3 steps 3-7):
+    the structure loss and ``c`` (:func:`structure_terms`), and ``p`` from the local B×B logits
+    ``s_p · V Uᵀ`` (``s_p = prob_logit_scale``; GSC scores ``p`` inside its B = 128 batch), or with SigLIP's sigmoid
+    ``pair_loss`` the pair's own match probability ``σ(s_p·cos_ii + b)``. Used by :class:`GSCHook` and
+    :func:`gsc_loss`."""
+    structure_loss, consistency = structure_terms(
+        image_embeds, text_embeds, weights, anchor_embeds, anchor_weights, sample_idx=sample_idx,
+        anchor_sample_idx=anchor_sample_idx, structure=structure,
+    )
+    with torch.no_grad():
+        v, u = image_embeds.detach(), text_embeds.detach()
+        if pair_loss is not None and pair_loss.is_sigmoid:
+            p = sigmoid_positive_probability(v, u, prob_logit_scale, pair_loss.detached().logit_bias)
+        else:
+            p = positive_probability((prob_logit_scale * (v @ u.T)).float())
+    return GSCTerms(structure_loss, consistency.detach(), p.detach())
+
+
 def gsc_loss(
     image_embeds: torch.Tensor,
     text_embeds: torch.Tensor,
@@ -113,8 +163,11 @@ def gsc_loss(
     anchor_sample_idx: torch.Tensor | None = None,
     structure: StructureConfig | None = None,
     prob_logit_scale: torch.Tensor | float | None = None,
+    logit_bias: torch.Tensor | float | None = None,
 ) -> GSCLossOutput:
-    """Weighted bi-InfoNCE + ``gamma`` · structure loss, plus detached ``c`` and ``p`` (gsc.md §3, §12.2).
+    """Weighted contrastive loss + ``gamma`` · structure loss, plus detached ``c`` and ``p`` (gsc.md §3, §12.2):
+    the trainer's ``ContrastiveTrainingArguments(gsc=True)`` objective for one process (local negatives; the
+    trainer gathers them across ranks), built from the same :func:`gsc_terms`.
 
     Args:
         image_embeds, text_embeds: (B, d) embeddings of the B pairs (normalised here).
@@ -129,6 +182,8 @@ def gsc_loss(
         structure: profile / matching settings; default :class:`StructureConfig`.
         prob_logit_scale: scale used for ``p`` only (``None``: ``logit_scale``); a fixed ``1/0.07`` keeps ``p``
             comparable when the learned scale grows (gsc.md §12.1, "p with big batches").
+        logit_bias: the bias ``b`` of SigLIP's sigmoid loss: then ``ℓ_i`` is the sigmoid loss and
+            ``p_i = σ(s·cos_ii + b)`` (``None``: softmax InfoNCE).
     """
     cfg = structure or StructureConfig()
     if image_embeds.ndim != 2 or image_embeds.shape != text_embeds.shape:
@@ -143,22 +198,19 @@ def gsc_loss(
         raise ValueError(f"weights must have shape ({b},), got {tuple(weights.shape)}")
     weights = weights.detach().to(image_embeds.dtype)
 
+    pair_loss = PairLoss() if logit_bias is None else PairLoss("sigmoid", torch.as_tensor(logit_bias))
     v = F.normalize(image_embeds, dim=-1)
     u = F.normalize(text_embeds, dim=-1)
-    logits = logit_scale * (v @ u.T)
-    contrastive = weighted_bidirectional_infonce(logits, weights)
-    with torch.no_grad():
-        p_logits = logits if prob_logit_scale is None else prob_logit_scale * (v @ u.T)
-        positive_prob = positive_probability(p_logits.float())
-
-    structure_loss, consistency = structure_terms(
-        v, u, weights, anchor_embeds, anchor_weights, sample_idx=sample_idx, anchor_sample_idx=anchor_sample_idx,
-        structure=cfg,
+    contrastive = (pair_loss.per_sample(v, u, logit_scale) * weights).mean()  # the trainer's weighted mean
+    terms = gsc_terms(
+        v, u, weights, logit_scale if prob_logit_scale is None else prob_logit_scale, anchor_embeds,
+        anchor_weights, sample_idx=sample_idx, anchor_sample_idx=anchor_sample_idx, structure=cfg,
+        pair_loss=pair_loss,
     )
     return GSCLossOutput(
-        loss=contrastive + gamma * structure_loss,
+        loss=contrastive + gamma * terms.structure_loss,
         contrastive_loss=contrastive,
-        structure_loss=structure_loss,
-        consistency=consistency.detach(),
-        positive_prob=positive_prob.detach(),
+        structure_loss=terms.structure_loss,
+        consistency=terms.consistency,
+        positive_prob=terms.positive_prob,
     )

@@ -30,7 +30,13 @@ import torch.nn.functional as F
 
 from .buffers import _clean_posterior
 from .sigmoid import sigmoid_positive_probability
-from .structure import StructureConfig, StructureProfiles, positive_probability, structure_consistency
+from .structure import (
+    StructureConfig,
+    StructureProfiles,
+    positive_map,
+    positive_probability,
+    structure_consistency,
+)
 
 __all__ = ["DEFAULT_STRUCTURE", "anchor_consistency", "chunked_positive_probability", "gsc_clean_probability"]
 
@@ -93,16 +99,13 @@ def anchor_consistency(
     if weights.shape != (m,):
         raise ValueError(f"anchor_weights must have shape ({m},), got {tuple(weights.shape)}")
     va, ua = image_embeds[anchor_idx].float(), text_embeds[anchor_idx].float()
+    mu_v = mu_u = None
     if mu is not None:
         mu_v, mu_u = mu
     elif structure.similarity == "sigmoid":
         mu_v = _mean_valid_cosine(image_embeds, anchor_idx, row_chunk)
         mu_u = _mean_valid_cosine(text_embeds, anchor_idx, row_chunk)
-
-    def fmap(cos: torch.Tensor, mu: torch.Tensor | None) -> torch.Tensor:
-        if structure.similarity == "affine":
-            return (1.0 + cos) / 2.0
-        return torch.sigmoid((cos - mu) / structure.temperature)
+    fmap = dict(similarity=structure.similarity, temperature=structure.temperature)
 
     n = image_embeds.shape[0] if num_rows is None else int(num_rows)
     out = torch.empty(n, dtype=torch.float32, device=device)
@@ -110,8 +113,8 @@ def anchor_consistency(
         rows = torch.arange(start, min(start + row_chunk, n), device=device)
         valid = rows.reshape(-1, 1) != anchor_idx.reshape(1, -1)
         keep = valid.float() * weights.reshape(1, -1)
-        image = fmap(image_embeds[rows].float() @ va.T, mu_v if structure.similarity == "sigmoid" else None) * keep
-        text = fmap(text_embeds[rows].float() @ ua.T, mu_u if structure.similarity == "sigmoid" else None) * keep
+        image = positive_map(image_embeds[rows].float() @ va.T, valid, mu=mu_v, **fmap) * keep
+        text = positive_map(text_embeds[rows].float() @ ua.T, valid, mu=mu_u, **fmap) * keep
         out[rows] = structure_consistency(StructureProfiles(image, text, valid), centered=structure.centered)
     return out
 

@@ -79,14 +79,19 @@ class StructureProfiles:
     valid: torch.Tensor
 
 
-def positive_map(cos: torch.Tensor, valid: torch.Tensor, similarity: SimilarityMap, temperature: float) -> torch.Tensor:
-    """``f(cos)`` of gsc.md §12.1, a positive monotone map; the sigmoid's centre ``mu`` is the (detached) mean of
-    the valid entries, so the map adapts to how spread-out the embedding space currently is."""
+def positive_map(
+    cos: torch.Tensor, valid: torch.Tensor, similarity: SimilarityMap, temperature: float,
+    mu: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """``f(cos)`` of gsc.md §12.1, a positive monotone map: ``(1 + cos)/2`` or ``σ((cos - μ)/t)``. The sigmoid's
+    centre ``μ`` is, by default, the (detached) mean of the ``valid`` entries, so the map adapts to how spread-out
+    the embedding space currently is; one-pass scoring passes a fixed ``mu`` (one frame for every chunk)."""
     if similarity == "affine":
         return (1.0 + cos) / 2.0
     if similarity == "sigmoid":
-        validf = valid.to(cos.dtype)
-        mu = (cos.detach() * validf).sum() / validf.sum().clamp_min(1.0)
+        if mu is None:
+            validf = valid.to(cos.dtype)
+            mu = (cos.detach() * validf).sum() / validf.sum().clamp_min(1.0)
         return torch.sigmoid((cos - mu) / temperature)
     raise ValueError(f"similarity must be 'sigmoid' or 'affine', got {similarity!r}")
 

@@ -2,8 +2,8 @@
 
 Strategies: every selection strategy of ``hf_mmsel.selection`` (``dissect``, ``dissect_ema``, ``random``,
 ``small_loss``, ``big_loss``, ``clipscore``, ``reference_clipscore``, ``full``), ``gsc`` (full data with GSC
-per-sample weighting, ``ContrastiveTrainer(hooks=[GSCHook(...)])``) and ``<selection>+gsc`` (e.g. ``dissect+gsc``:
-the selection keeps k pairs, GSC weights them).
+per-sample weighting through the user path ``ContrastiveTrainingArguments(gsc=True, gsc_gamma=..., ...)``) and
+``<selection>+gsc`` (e.g. ``dissect+gsc``: the selection keeps k pairs, GSC weights them).
 
 Every strategy gets the same model initialisation, the same candidate batches (same sampler seed) and the same
 number of optimizer steps; strategies run alternately in one process (the order rotates with the seed) so that
@@ -381,8 +381,15 @@ def add_time_to_full_best(rows: list[dict[str, Any]]) -> None:
         row["time_to_full_best_ratio"] = reached / full_time if reached is not None and full_time else None
 
 
+def _gsc_options(args, with_gsc: bool) -> dict[str, Any]:
+    """The ``gsc*`` training arguments of a ``+gsc`` run (its GSC seed is the run's ``seed``), else none."""
+    if not with_gsc:
+        return {}
+    return dict(gsc=True, gsc_gamma=args.gsc_gamma, gsc_beta=args.gsc_beta, gsc_prob_posterior=args.gsc_prob_posterior)
+
+
 def _training_arguments(args, selection: str, seed: int, out: Path, epochs: int, loss_type: str = "softmax",
-                        joint: bool = False):
+                        joint: bool = False, gsc: bool = False):
     from hf_mmsel.trainers import ContrastiveTrainingArguments
 
     return ContrastiveTrainingArguments(
@@ -394,6 +401,7 @@ def _training_arguments(args, selection: str, seed: int, out: Path, epochs: int,
         selection_warmup_epochs=args.selection_warmup_epochs, plot_score_distributions=False,
         dataloader_num_workers=0, selection_diagnostics=True, loss_type=loss_type,
         selection_joint=joint, selection_joint_chunks=args.joint_chunks, **_score_source_options(args, selection),
+        **_gsc_options(args, gsc),
     )
 
 
@@ -461,7 +469,6 @@ def _warm_up(args, data, captions, out: Path, with_gsc: bool, loss_types: tuple[
     from dataclasses import replace
 
     from hf_mmsel.data import ImageTextCollator
-    from hf_mmsel.gsc.hook import GSCHook
     from hf_mmsel.trainers import ContrastiveTrainer
 
     runs = [(lt, rate, ("dissect", 3)) for lt in loss_types for rate in (rates or (args.select_rate,))]
@@ -471,9 +478,9 @@ def _warm_up(args, data, captions, out: Path, with_gsc: bool, loss_types: tuple[
         bundle = _build(args, captions, seed=0)
         trainer = ContrastiveTrainer(
             bundle.model, _training_arguments(warm, selection, 0, out / f"warmup_{selection}_{loss_type}_{rate}",
-                                              epochs, loss_type),
+                                              epochs, loss_type, gsc=with_gsc),
             train_dataset=data["train"], data_collator=ImageTextCollator(bundle.tokenizer, max_length=args.max_length),
-            processing_class=bundle.tokenizer, hooks=[GSCHook(seed=0)] if with_gsc else None,
+            processing_class=bundle.tokenizer,
         )
         trainer.train()
 
@@ -483,7 +490,6 @@ def _train_one(args, strategy, bundle, data, class_captions, seed, out: Path,
     from torch.utils.data import DataLoader
 
     from hf_mmsel.data import ImageTextCollator
-    from hf_mmsel.gsc.hook import GSCHook
     from hf_mmsel.metrics import auroc, embed_dataset
     from hf_mmsel.trainers import ContrastiveTrainer
 
@@ -494,13 +500,12 @@ def _train_one(args, strategy, bundle, data, class_captions, seed, out: Path,
         reference = None
     elif selection != "reference_clipscore":  # learnability family: the model itself, run on every candidate batch
         reference = {**reference, "seconds": reference["train_seconds"], "cpu_seconds": reference["train_cpu_seconds"]}
-    targs = _training_arguments(args, selection, seed, out, args.epochs, loss_type, joint=is_joint(strategy))
-    gsc = GSCHook(gamma=args.gsc_gamma, beta=args.gsc_beta, prob_posterior=args.gsc_prob_posterior,
-                  seed=seed) if with_gsc else None
+    targs = _training_arguments(args, selection, seed, out, args.epochs, loss_type, joint=is_joint(strategy),
+                                gsc=with_gsc)
     collator = ImageTextCollator(bundle.tokenizer, max_length=args.max_length)
     trainer = ContrastiveTrainer(bundle.model, targs, train_dataset=data["train"], eval_dataset=data["test"],
                                  data_collator=collator, processing_class=bundle.tokenizer,
-                                 class_captions=class_captions, hooks=[gsc] if gsc is not None else None,
+                                 class_captions=class_captions,
                                  reference_scores=reference["scores"] if selection == "reference_clipscore" else None,
                                  reference_model=reference["model"] if reference is not None else None)
     curves = None
@@ -533,7 +538,7 @@ def _train_one(args, strategy, bundle, data, class_captions, seed, out: Path,
         detection = auroc(reference["scores"][emb["sample_idx"].long()], clean)
         detection = None if math.isnan(detection) else detection
     else:
-        detection = _detection_auroc(trainer, gsc, emb, auroc)
+        detection = _detection_auroc(trainer, emb, auroc)
     selects = selection != "full"
     return {
         "strategy": strategy, "loss_type": loss_type, "select_rate": args.select_rate if selects else 1.0,
@@ -557,15 +562,15 @@ def _train_one(args, strategy, bundle, data, class_captions, seed, out: Path,
     }
 
 
-def _detection_auroc(trainer, gsc, emb, auroc) -> float | None:
+def _detection_auroc(trainer, emb, auroc) -> float | None:
     """AUROC (clean = positive) of the run's own clean estimate at the end of training: GSC's weight ``w`` when
     GSC runs (a pair GSC never saw keeps its initial w = 1), else the selection criterion of each pair's last visit
     (strategies without one, such as random and full, give None)."""
-    if gsc is not None:
-        flags = torch.full((gsc.buffers.num_samples,), -1, dtype=torch.long)
+    if trainer.args.gsc:
+        weight = trainer.gsc_weights()
+        flags = torch.full((weight.numel(),), -1, dtype=torch.long)
         flags[emb["sample_idx"].long()] = emb["is_noisy"].long()
         known = flags >= 0
-        weight = gsc.buffers.weight.cpu()
         value = auroc(weight[known], flags[known] == 0) if bool(known.any()) else float("nan")
     else:
         criterion, flags = trainer.selection_hook.clean_scores()
