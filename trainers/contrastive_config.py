@@ -115,7 +115,13 @@ class ContrastiveTrainingArguments(TrainingArguments):
                           "weights w, gamma * structure loss, GMM/EMA update of w at every epoch end"},
     )
     gsc_gamma: float = field(default=0.05, metadata={"help": "weight gamma >= 0 of the GSC structure loss"})
-    gsc_beta: float = field(default=0.7, metadata={"help": "EMA factor beta in (0, 1] of the epoch-end update"})
+    gsc_beta: float = field(default=0.9, metadata={"help": "EMA factor beta in (0, 1] of the epoch-end update (GSC's "
+                                                          "code: 0.7; 0.9 chosen on the easy-vqa validation split)"})
+    gsc_weight_threshold: float = field(
+        default=0.5,
+        metadata={"help": "pairs whose w is below this train with weight 0 (filtered out; the stored w stays soft); "
+                          "0: GSC's soft weighting of every pair. 0.5 chosen on the easy-vqa validation split"},
+    )
     gsc_bank_size: int = field(
         default=0, metadata={"help": "size of the bank of confident-clean anchor pairs (0: in-batch anchors only)"}
     )
@@ -147,7 +153,7 @@ class ContrastiveTrainingArguments(TrainingArguments):
         default=200_000, metadata={"help": "fit the GMM on a seeded subsample of at most this many (>= 2) scores"}
     )
     gsc_prob_posterior: bool = field(
-        default=False,
+        default=True,
         metadata={"help": "feed the EMA of p with the GMM posterior of p instead of raw p"},
     )
     gsc_prob_logit_scale: float | None = field(
@@ -235,6 +241,7 @@ class ContrastiveTrainingArguments(TrainingArguments):
         checks = [
             ("gsc_gamma", self.gsc_gamma >= 0, ">= 0"),
             ("gsc_beta", 0.0 < self.gsc_beta <= 1.0, "in (0, 1]"),
+            ("gsc_weight_threshold", 0.0 <= self.gsc_weight_threshold < 1.0, "in [0, 1)"),
             ("gsc_bank_size", self.gsc_bank_size >= 0, ">= 0"),
             ("gsc_bank_min_weight", 0.0 <= self.gsc_bank_min_weight <= 1.0, "in [0, 1]"),
             ("gsc_structure_similarity", self.gsc_structure_similarity in GSC_SIMILARITIES,

@@ -107,7 +107,8 @@ class BenchmarkArguments:
     initializer_factor: float = field(default=4.0, metadata={"help": "clip model only: init scale"})
     logit_scale_init: float = field(default=10.0, metadata={"help": "initial exp(logit_scale) (CLIP: 1/0.07)"})
     gsc_gamma: float = field(default=0.05, metadata={"help": "GSC structure-loss weight"})
-    gsc_beta: float = field(default=0.7, metadata={"help": "GSC EMA momentum of the epoch-end update"})
+    gsc_beta: float = field(default=0.9, metadata={"help": "GSC EMA momentum of the epoch-end update"})
+    gsc_weight_threshold: float = field(default=0.5, metadata={"help": "GSC: pairs with w below it train with weight 0"})
     gsc_prob_posterior: bool = field(
         default=True,
         metadata={"help": "GSC: feed the EMA with the GMM clean posterior of p instead of raw p (with "
@@ -385,7 +386,8 @@ def _gsc_options(args, with_gsc: bool) -> dict[str, Any]:
     """The ``gsc*`` training arguments of a ``+gsc`` run (its GSC seed is the run's ``seed``), else none."""
     if not with_gsc:
         return {}
-    return dict(gsc=True, gsc_gamma=args.gsc_gamma, gsc_beta=args.gsc_beta, gsc_prob_posterior=args.gsc_prob_posterior)
+    return dict(gsc=True, gsc_gamma=args.gsc_gamma, gsc_beta=args.gsc_beta, gsc_prob_posterior=args.gsc_prob_posterior,
+                gsc_weight_threshold=args.gsc_weight_threshold)
 
 
 def _training_arguments(args, selection: str, seed: int, out: Path, epochs: int, loss_type: str = "softmax",
