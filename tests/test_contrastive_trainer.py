@@ -86,7 +86,9 @@ def test_trains_selects_logs_and_evaluates(tmp_out):
     assert (tmp_out / "checkpoint-12" / HOOK_STATE_DIR / "rank00000-of-00001.safetensors").is_file()
     metrics = trainer.evaluate()
     assert {"eval_i2t_r1", "eval_t2i_r10", "eval_rsum", "eval_zero_shot_acc"} <= set(metrics)
-    assert 0 <= metrics["eval_rsum"] <= 600
+    recalls = [metrics[f"eval_{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)]
+    assert all(0 <= r <= 100 for r in recalls) and metrics["eval_rsum"] == pytest.approx(sum(recalls))
+    assert metrics["eval_i2t_r1"] <= metrics["eval_i2t_r5"] <= metrics["eval_i2t_r10"]
 
 
 def test_full_strategy_and_extra_hook_weights(tmp_out):

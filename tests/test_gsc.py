@@ -376,3 +376,73 @@ def test_gsc_hook_with_fake_embeddings_records_updates_and_round_trips():
     restored.load_state_dict(hook.state_dict())
     for key, value in hook.state_dict().items():
         torch.testing.assert_close(restored.state_dict()[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
+
+
+# --------------------------------------------------------------------------------------- one objective
+@pytest.mark.parametrize("loss_type", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("bank_size", [0, 8])
+def test_public_gsc_loss_is_the_trainer_objective_at_world_size_1(loss_type, bank_size):
+    """gsc_loss (local negatives) == the trainer's loss with GSCHook (PairLoss.per_sample, weighted mean + extra
+    loss) on the same batch (to float32 rounding), with the same gradient and bit-identical c and p."""
+    from hf_mmsel.contrastive_loss import PairLoss
+    from hf_mmsel.gsc.buffers import STATE_DTYPE
+    from hf_mmsel.gsc.hook import GSCHook
+    from hf_mmsel.hooks import Dist, StepContext
+
+    torch.manual_seed(11)
+    bias = torch.tensor(-2.0) if loss_type == "sigmoid" else None
+    pair_loss = PairLoss(loss_type, bias)
+    hook = GSCHook(gamma=0.3, bank_size=bank_size, bank_min_weight=0.0)
+    hook.setup(40, torch.device("cpu"))
+    hook.buffers.weight.copy_(torch.rand(40))
+    for step in range(2):  # step 1 also uses the bank filled by step 0
+        idx = torch.randperm(40)[:10]
+        image, text = torch.randn(10, 6, requires_grad=True), torch.randn(10, 6, requires_grad=True)
+        v, u = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+        scale = torch.tensor(12.0)
+        anchors = {}
+        if hook.bank is not None and len(hook.bank):
+            bv, bu, _, bidx = hook.bank.anchors()
+            anchors = dict(anchor_embeds=(bv.clone(), bu.clone()), anchor_weights=hook.buffers.weights_for(bidx),
+                           anchor_sample_idx=bidx.clone())  # views: the hook refreshes the bank
+        ctx = StepContext(0, step, Dist(), scorer=None, loss=pair_loss)
+        per_sample = pair_loss.per_sample(v, u, scale)
+        terms = hook.loss_terms(v, u, scale, idx, per_sample, ctx)
+        trainer_loss = (per_sample * terms.weights).mean() + terms.extra_loss
+        grad_trainer = torch.autograd.grad(trainer_loss, image, retain_graph=True)[0]
+        out = gsc_loss(v, u, scale, hook.buffers.weights_for(idx), gamma=0.3, sample_idx=idx, logit_bias=bias,
+                       **anchors)
+        # gsc_loss re-normalises the trainer's (already unit) rows: equal up to float32 rounding
+        torch.testing.assert_close(out.loss, trainer_loss, rtol=1e-6, atol=0)
+        torch.testing.assert_close(torch.autograd.grad(out.loss, image)[0], grad_trainer, rtol=1e-5, atol=1e-7)
+        assert torch.equal(hook.buffers.consistency[idx], out.consistency.to(STATE_DTYPE))
+        assert torch.equal(hook.buffers.positive_prob[idx], out.positive_prob.to(STATE_DTYPE))
+        assert bool(anchors) == (step == 1 and bank_size > 0)
+
+
+def test_gsc_state_keeps_its_dtypes_under_bf16_autocast():
+    """A GSC step and pass end under CPU bf16 autocast: c and p leave the core as float32, the per-sample buffers
+    keep their storage dtype (never bf16), w is read back as float32."""
+    from hf_mmsel.gsc.buffers import BUFFER_NAMES, STATE_DTYPE
+    from hf_mmsel.gsc.hook import GSCHook
+    from hf_mmsel.hooks import Dist, StepContext
+
+    torch.manual_seed(12)
+    hook = GSCHook(bank_size=4, bank_min_weight=0.0)
+    hook.setup(16, torch.device("cpu"))
+    proj = torch.nn.Linear(8, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for step in range(2):
+            idx = torch.arange(8) + 8 * step
+            image, text = proj(torch.randn(8, 8)), proj(torch.randn(8, 8))
+            assert image.dtype == torch.bfloat16
+            terms = hook.loss_terms(image, text, torch.tensor(10.0), idx, None, StepContext(0, step, Dist(), None))
+            terms.extra_loss.backward()
+            out = gsc_loss(image, text, 10.0, hook.buffers.weights_for(idx), sample_idx=idx)
+            assert out.consistency.dtype == out.positive_prob.dtype == torch.float32
+        hook.on_epoch_end(0, Dist())
+    for name in BUFFER_NAMES:
+        assert getattr(hook.buffers, name).dtype == STATE_DTYPE != torch.bfloat16
+    assert hook.bank.image_embeds.dtype == hook.bank.weights.dtype == torch.float32
+    w = hook.buffers.weights_for(torch.arange(16))
+    assert w.dtype == torch.float32 and bool(torch.isfinite(w).all()) and not torch.equal(w, torch.ones(16))
