@@ -152,7 +152,7 @@ def test_cheap_scoring_option_errors(tmp_out):
         _args(tmp_out, score_patch_drop=0.5, selection_score_source="last_visit")
     with pytest.raises(ValueError, match="score_image_size.*last_visit"):
         _args(tmp_out, score_image_size=16, selection_score_source="last_visit")
-    for strategy in ("random", "full"):
+    for strategy in ("random", "full", "reference_clipscore", "easy_reference"):
         with pytest.raises(ValueError, match=f"score_image_size.*{strategy!r} runs none"):
             _args(tmp_out, score_image_size=16, selection_strategy=strategy)
 
