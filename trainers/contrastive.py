@@ -22,6 +22,7 @@ training forward; with ``selection_in_sampler`` the owner-stable sampler is a
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import os
@@ -34,10 +35,11 @@ from transformers.trainer_pt_utils import BatchRebalanceSampler
 
 from hf_mmsel.contrastive_loss import PairLoss, pair_loss_for, prepare_model_for_loss
 from hf_mmsel.hooks import BatchHook, LossTerms, PairEmbeddings, subset_batch
-from hf_mmsel.models import (CoTrainedDualEncoder, check_dual_encoder, encode_pair, logit_scale_of,
-                             make_logit_scale_1d, unwrap_model)
+from hf_mmsel.models import (CoTrainedDualEncoder, check_dual_encoder, encode_pair, image_features, logit_scale_of,
+                             make_logit_scale_1d, text_features, unwrap_model)
 from hf_mmsel.selection import (SELECTION_STRATEGIES, SelectingBatchSampler, SelectionHook, load_reference_model,
                                 load_reference_scores, num_to_keep)
+from hf_mmsel.selection.cheap_scoring import patch_drop, resize_for_scoring, spearman, vision_embeddings
 from hf_mmsel.state import (HOOK_STATE_DIR, OwnerStableBatchSampler, PassSchedule, SampleOwnership,
                             check_checkpoint_complete, streaming_batches_per_pass)
 from hf_mmsel.state.runner import HookRunner, require_process_group
@@ -468,13 +470,15 @@ class ContrastiveTrainer(Trainer):
         """DDP (gradient all-reduce), FSDP (parameter all-gather) and DeepSpeed need their wrapper's ``forward``."""
         return model is not unwrap_model(model) or self.args.world_size > 1 or self.is_fsdp_enabled
 
-    def _embed(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    def _embed(self, model, inputs, image_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """L2-normalised embeddings (with gradient unless called under ``no_grad``), through the wrapper's
         ``forward`` where the backend needs it (its output must carry ``image_embeds``/``text_embeds``, as
-        CLIPModel's and VisionTextDualEncoderModel's do); ``get_*_features`` otherwise."""
+        CLIPModel's and VisionTextDualEncoderModel's do); ``get_*_features`` otherwise. ``image_kwargs`` (the
+        scoring forward's ``interpolate_pos_encoding``) go to the image side."""
+        image_kwargs = image_kwargs or {}
         if self._uses_wrapper_forward(model):
             out = model(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"],
-                        attention_mask=inputs.get("attention_mask"))
+                        attention_mask=inputs.get("attention_mask"), **image_kwargs)
             image, text = getattr(out, "image_embeds", None), getattr(out, "text_embeds", None)
             if image is None or text is None:
                 raise TypeError(
@@ -482,21 +486,81 @@ class ContrastiveTrainer(Trainer):
                     "multi-process / sharded training (the backend needs the forward call)"
                 )
             return torch.nn.functional.normalize(image, dim=-1), torch.nn.functional.normalize(text, dim=-1)
+        if image_kwargs:
+            check_dual_encoder(model)
+            image = image_features(model, inputs["pixel_values"], **image_kwargs)
+            text = text_features(model, inputs["input_ids"], inputs.get("attention_mask"))
+            return torch.nn.functional.normalize(image, dim=-1), torch.nn.functional.normalize(text, dim=-1)
         return encode_pair(model, inputs["pixel_values"], inputs["input_ids"], inputs.get("attention_mask"))
 
     def _score_batch(self, model, inputs) -> PairEmbeddings:
-        """The no-grad scoring forward of the current model on the full candidate batch."""
+        """The no-grad scoring forward of the current model on the full candidate batch; cheap with
+        ``score_image_size`` / ``score_patch_drop`` (then, on the last step of each logging window, also the exact
+        forward, logging the Spearman rank agreement of the positive-pair cosines as ``score_spearman``)."""
+        if not self.args.cheap_scoring:
+            return self._score_forward(model, inputs)
+        emb = self._cheap_score_forward(model, inputs)
+        every = max(1, int(getattr(self.state, "logging_steps", 0) or self.args.logging_steps or 1))
+        if (self.state.global_step + 1) % every == 0:  # the step that ends this logging window
+            exact = self._score_forward(model, inputs)
+            cheap_cos = (emb.image_embeds.float() * emb.text_embeds.float()).sum(-1)
+            exact_cos = (exact.image_embeds.float() * exact.text_embeds.float()).sum(-1)
+            rho = spearman(cheap_cos, exact_cos)
+            if math.isfinite(rho):
+                self._accumulate_logs({"score_spearman": torch.tensor(rho)})
+        return emb
+
+    def _score_image_kwargs(self, model, pixel_values: torch.Tensor) -> dict:
+        """``interpolate_pos_encoding=True`` where the image size differs from the model's and the forward takes
+        it; a named error for a ViT tower that cannot take another size; nothing for other (convolutional) towers."""
+        inner = unwrap_model(model)
+        vision_config = getattr(getattr(inner, "config", None), "vision_config", None)
+        native = getattr(vision_config, "image_size", None)
+        if native is not None and int(native) == int(pixel_values.shape[-1]) == int(pixel_values.shape[-2]):
+            return {}
+        fn = inner.forward if self._uses_wrapper_forward(model) else getattr(inner, "get_image_features", None)
+        try:
+            accepts = fn is not None and "interpolate_pos_encoding" in inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            accepts = False
+        if accepts:
+            return {"interpolate_pos_encoding": True}
+        if vision_embeddings(inner):
+            raise ValueError(
+                f"score_image_size={self.args.score_image_size}: {type(inner).__name__} has a ViT vision tower "
+                "with fixed position embeddings and its forward takes no interpolate_pos_encoding; unset "
+                "score_image_size (or use score_patch_drop)")
+        return {}
+
+    def _cheap_score_forward(self, model, inputs) -> PairEmbeddings:
+        args = self.args
+        if args.score_image_size is not None:
+            inputs = {**inputs, "pixel_values": resize_for_scoring(inputs["pixel_values"], args.score_image_size)}
+        image_kwargs = self._score_image_kwargs(model, inputs["pixel_values"])
+        drop = contextlib.nullcontext()
+        if float(args.score_patch_drop) > 0.0:
+            step = self.runner.step if self.runner is not None else 0
+            seed = args.seed if args.selection_seed is None else args.selection_seed
+            generator = torch.Generator().manual_seed((int(seed) * 1_000_003 + step) * 997 + args.process_index)
+            drop = patch_drop(model, args.score_patch_drop, generator)
+        with drop:
+            return self._score_forward(model, inputs, image_kwargs)
+
+    def _score_forward(self, model, inputs, image_kwargs: dict | None = None) -> PairEmbeddings:
         dtype = self._score_dtype()
         autocast = (torch.autocast(device_type=self.args.device.type, dtype=dtype) if dtype is not None
                     else contextlib.nullcontext())
         with torch.no_grad(), autocast:
             if self.co_trained:  # ensemble embeddings (mean cosine); scale: the networks' mean
+                if image_kwargs:
+                    raise ValueError("score_image_size with interpolate_pos_encoding is not supported for a "
+                                     "CoTrainedDualEncoder (GSC+) yet; unset score_image_size")
                 image, text = encode_pair(model, inputs["pixel_values"], inputs["input_ids"],
                                           inputs.get("attention_mask"))
                 scale = torch.stack([logit_scale_of(net, max_scale=self.args.logit_scale_max).reshape(())
                                      for net in unwrap_model(model).networks]).mean()
             else:
-                image, text = self._embed(model, inputs)
+                image, text = self._embed(model, inputs, image_kwargs)
                 scale = logit_scale_of(model, max_scale=self.args.logit_scale_max)
         return PairEmbeddings(image, text, scale.detach())
 

@@ -54,6 +54,18 @@ class ContrastiveTrainingArguments(TrainingArguments):
         metadata={"help": f"autocast dtype of the no-grad scoring forward, one of {SCORE_DTYPES}; "
                           "auto = bfloat16 on GPU, float32 on CPU"},
     )
+    score_image_size: int | None = field(
+        default=None,
+        metadata={"help": "cheaper fresh scoring: resize the candidate images to this size (bilinear, antialias) "
+                          "in the no-grad scoring forward only (a CLIP ViT gets interpolate_pos_encoding=True); "
+                          "logs score_spearman (one extra exact scoring forward per logged step)"},
+    )
+    score_patch_drop: float = field(
+        default=0.0,
+        metadata={"help": "cheaper fresh scoring for ViT towers: drop this fraction in [0, 1) of the patch tokens "
+                          "(FLIP-style, per sample, CLS kept) in the no-grad scoring forward only; logs "
+                          "score_spearman (one extra exact scoring forward per logged step)"},
+    )
     reference_scores_path: str | None = field(
         default=None,
         metadata={"help": "reference_clipscore: a .safetensors (key 'scores'), .pt or .npy file of [N] scores"},
@@ -201,6 +213,7 @@ class ContrastiveTrainingArguments(TrainingArguments):
                     f"(dataloader_num_workers * dataloader_prefetch_factor + gradient_accumulation_steps + 1 = "
                     f"{needed}): the sampler would select from scores of steps not trained yet; raise selection_lag"
                 )
+        self._check_cheap_scoring()
         if self.score_dtype not in SCORE_DTYPES:
             raise ValueError(f"unknown score_dtype {self.score_dtype!r}; choose one of {list(SCORE_DTYPES)}")
         check_loss_type(self.loss_type)
@@ -216,6 +229,32 @@ class ContrastiveTrainingArguments(TrainingArguments):
             )
         self._check_gsc()
         super().__post_init__()
+
+    @property
+    def cheap_scoring(self) -> bool:
+        """Whether the scoring forward is a cheap variant (``score_image_size`` / ``score_patch_drop``)."""
+        return self.score_image_size is not None or float(self.score_patch_drop) > 0.0
+
+    def _check_cheap_scoring(self) -> None:
+        """``score_image_size`` > 0, ``score_patch_drop`` in [0, 1), and a learner scoring forward to make cheap."""
+        if self.score_image_size is not None and (isinstance(self.score_image_size, bool)
+                                                  or int(self.score_image_size) != self.score_image_size
+                                                  or self.score_image_size <= 0):
+            raise ValueError(f"score_image_size must be a positive integer, got {self.score_image_size!r}")
+        if not 0.0 <= float(self.score_patch_drop) < 1.0:
+            raise ValueError(f"score_patch_drop must be in [0, 1), got {self.score_patch_drop}")
+        if not self.cheap_scoring:
+            return
+        names = ", ".join(n for n, on in (("score_image_size", self.score_image_size is not None),
+                                          ("score_patch_drop", float(self.score_patch_drop) > 0.0)) if on)
+        if self.selection_score_source == "last_visit":
+            raise ValueError(f"{names} makes the fresh scoring forward cheaper, but selection_score_source="
+                             "'last_visit' runs none (its scores come from the training forward); use 'fresh'")
+        strategy = SELECTION_STRATEGIES[self.selection_strategy]
+        if strategy.requires == "none" or not strategy.selects:
+            raise ValueError(f"{names} makes the learner's scoring forward cheaper, but selection_strategy "
+                             f"{self.selection_strategy!r} runs none; use a scoring strategy (e.g. 'dissect', "
+                             "'clipscore')")
 
     def _check_joint(self) -> None:
         """JEST settings: only for the learnability family, n divides k, tau > 0 (before a long run starts)."""
