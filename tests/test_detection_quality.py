@@ -57,18 +57,28 @@ def test_dissect_clean_scores_beat_chance(tmp_out, noisy_train):
 
 @pytest.fixture(scope="module")
 def gsc_run(tmp_path_factory, noisy_train):
-    trainer, cos = _train(tmp_path_factory.mktemp("gsc"), noisy_train, selection_strategy="full", gsc=True)
+    """GSC's soft weighting of every pair (``gsc_weight_threshold=0``, the paper's), else the defaults."""
+    trainer, cos = _train(tmp_path_factory.mktemp("gsc"), noisy_train, selection_strategy="full", gsc=True,
+                          gsc_weight_threshold=0.0)
     clean = ~torch.as_tensor(noisy_train["is_noisy"]).bool()
     return auroc(trainer.gsc_weights(), clean), auroc(cos, clean)
 
 
 def test_gsc_weights_beat_chance(gsc_run):
     w_auroc, _ = gsc_run
-    assert w_auroc > 0.7  # measured 0.795
+    assert w_auroc > 0.7  # measured 0.791 (beta 0.9, posterior of p)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: with the current defaults GSC's w (AUROC 0.795 here) does not "
-                   "beat its own model's image-text cosine (0.806); the method fix is open research")
+@pytest.mark.xfail(strict=True, reason="issue 12: on this 1,024-pair toy set GSC's soft w (AUROC 0.791) does not "
+                   "beat its own model's image-text cosine (0.796); on the embedded benchmarks the filter does")
 def test_gsc_weights_beat_their_own_model_cosine(gsc_run):
     w_auroc, cos_auroc = gsc_run
     assert w_auroc > cos_auroc
+
+
+@pytest.mark.xfail(strict=True, reason="issue 12: with the default filter (w < 0.5 trains with weight 0 from the "
+                   "first pass end) a small pool's early wrong split is self-reinforcing: AUROC 0.58 measured here")
+def test_default_filtered_gsc_beats_chance_on_a_small_pool(tmp_out, noisy_train):
+    trainer, _ = _train(tmp_out, noisy_train, selection_strategy="full", gsc=True)
+    clean = ~torch.as_tensor(noisy_train["is_noisy"]).bool()
+    assert auroc(trainer.gsc_weights(), clean) > 0.7
