@@ -130,9 +130,9 @@ class ContrastiveTrainingArguments(TrainingArguments):
     gsc_beta: float = field(default=0.9, metadata={"help": "EMA factor beta in (0, 1] of the epoch-end update (GSC's "
                                                           "code: 0.7; 0.9 chosen on the easy-vqa validation split)"})
     gsc_weight_threshold: float = field(
-        default=0.5,
+        default=0.0,
         metadata={"help": "pairs whose w is below this train with weight 0 (filtered out; the stored w stays soft); "
-                          "0: GSC's soft weighting of every pair. 0.5 chosen on the easy-vqa validation split"},
+                          "0: GSC's soft weighting of every pair (default; see README Results before raising it)"},
     )
     gsc_bank_size: int = field(
         default=0, metadata={"help": "size of the bank of confident-clean anchor pairs (0: in-batch anchors only)"}

@@ -108,7 +108,7 @@ class BenchmarkArguments:
     logit_scale_init: float = field(default=10.0, metadata={"help": "initial exp(logit_scale) (CLIP: 1/0.07)"})
     gsc_gamma: float = field(default=0.05, metadata={"help": "GSC structure-loss weight"})
     gsc_beta: float = field(default=0.9, metadata={"help": "GSC EMA momentum of the epoch-end update"})
-    gsc_weight_threshold: float = field(default=0.5, metadata={"help": "GSC: pairs with w below it train with weight 0"})
+    gsc_weight_threshold: float = field(default=0.0, metadata={"help": "GSC: pairs with w below it train with weight 0"})
     gsc_prob_posterior: bool = field(
         default=True,
         metadata={"help": "GSC: feed the EMA with the GMM clean posterior of p instead of raw p (with "
