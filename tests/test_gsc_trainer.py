@@ -217,7 +217,7 @@ def test_train_clip_recipe_gsc_config_and_card(tmp_out):
              "--hidden_size", "32", "--num_layers", "1", "--selection_warmup_epochs", "1", "--gsc_gamma", "0.01",
              "--plot_score_distributions", "false"]
     _, targs = module.parse_args(flags)
-    assert targs.gsc and targs.gsc_gamma == 0.01 and targs.gsc_beta == 0.7  # flag wins over the config
+    assert targs.gsc and targs.gsc_gamma == 0.01 and targs.gsc_beta == 0.9  # flag wins over the config (beta from it)
     metrics = module.main(flags)
     assert "eval_rsum" in metrics
     card = (tmp_out / "README.md").read_text()
