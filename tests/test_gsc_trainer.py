@@ -221,7 +221,7 @@ def test_train_clip_recipe_gsc_config_and_card(tmp_out):
     metrics = module.main(flags)
     assert "eval_rsum" in metrics
     card = (tmp_out / "README.md").read_text()
-    assert "dissect+gsc" in card and "| gsc_gamma | 0.01 |" in card and "| gsc_beta | 0.7 |" in card
+    assert "dissect+gsc" in card and "| gsc_gamma | 0.01 |" in card and "| gsc_beta | 0.9 |" in card
     w = load_file(str(tmp_out / "gsc_weights.safetensors"))["weights"]
     assert w.shape == (64,) and not torch.equal(w, torch.ones(64))
     with pytest.raises(ValueError, match="gsc_beta must be in"):
