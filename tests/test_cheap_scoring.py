@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
-from datasets import Dataset
 from transformers import CLIPConfig, CLIPModel
 
-from hf_mmsel.data import EASY_VQA_CLASS_CAPTIONS, ImageTextCollator
+from hf_mmsel.data import ImageTextCollator
 from hf_mmsel.models import build_dual_encoder
 from hf_mmsel.selection.cheap_scoring import num_kept_patches, patch_drop, resize_for_scoring, spearman
 from hf_mmsel.trainers import ContrastiveTrainer, ContrastiveTrainingArguments
+from test_contrastive_trainer import _dataset as _tiny_pairs
 
 N, B, SIZE = 32, 8, 32
 
@@ -92,16 +92,7 @@ def _bundle(seed=0):
 
 
 def _dataset(tokenizer, n=N, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, len(EASY_VQA_CLASS_CAPTIONS), (n,), generator=g)
-    enc = tokenizer([EASY_VQA_CLASS_CAPTIONS[i] for i in labels], padding="max_length", max_length=12,
-                    truncation=True)
-    colour = torch.rand(n, 3, 1, 1, generator=g)
-    pixels = colour * torch.ones(n, 3, SIZE, SIZE) + 0.3 * torch.randn(n, 3, SIZE, SIZE, generator=g)
-    return Dataset.from_dict({
-        "pixel_values": pixels.numpy(), "input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-        "sample_idx": list(range(n)),
-    }).with_format("torch")
+    return _tiny_pairs(tokenizer, n, seed=seed, size=SIZE, pixel_noise=0.3)
 
 
 def _args(out, **kw):

@@ -24,13 +24,15 @@ def _bundle(seed=0):
                               projection_dim=16, max_length=12, seed=seed)
 
 
-def _dataset(tokenizer, n=N, seed=0):
+def _dataset(tokenizer, n=N, seed=0, size=16, pixel_noise=0.1):
+    """``n`` tiny pairs: a random colour per image plus Gaussian pixel noise, easy-vqa class captions, 40 % flagged
+    ``is_noisy``."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, len(EASY_VQA_CLASS_CAPTIONS), (n,), generator=g)
     enc = tokenizer([EASY_VQA_CLASS_CAPTIONS[i] for i in labels], padding="max_length", max_length=12,
                     truncation=True)
     colour = torch.rand(n, 3, 1, 1, generator=g)
-    pixels = colour * torch.ones(n, 3, 16, 16) + 0.1 * torch.randn(n, 3, 16, 16, generator=g)
+    pixels = colour * torch.ones(n, 3, size, size) + pixel_noise * torch.randn(n, 3, size, size, generator=g)
     return Dataset.from_dict({
         "pixel_values": pixels.numpy(), "input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
         "label": labels.tolist(), "sample_idx": list(range(n)),
