@@ -190,7 +190,7 @@ def _filled_buffers(n=300, seed=0, **kwargs):
 
 
 def test_epoch_one_weights_are_min_of_shrunk_p_and_posterior():
-    buf, x, p = _filled_buffers()
+    buf, x, p = _filled_buffers(bias_correction=False)  # GSC's code: both EMAs start at 1
     assert torch.equal(buf.weight, torch.ones(300, dtype=buf.weight.dtype))
     assert buf.storage.state.nbytes() == 12 * 300  # five float16 arrays + the diagnostic posterior
     stats = buf.epoch_update(beta=0.7)
@@ -213,8 +213,69 @@ def test_epoch_one_weights_are_min_of_shrunk_p_and_posterior():
     assert torch.equal(buf.weight[odd], w1[odd])
 
 
+def test_bias_corrected_ema_is_the_normalised_weighted_mean_of_each_pairs_own_estimates():
+    """E_n = Σ_s β(1-β)^(n-s) x_s / (1-(1-β)^n) over the passes that saw the pair (n counted per pair): the first
+    estimate replaces the prior 1; pairs skipped in a pass (selection) keep E and n."""
+    n, beta = 300, 0.3
+    buf, x, p = _filled_buffers(n)
+    assert buf.storage.state.nbytes() == 13 * n  # + the uint8 pass count
+    gen = torch.Generator().manual_seed(1)
+    history_p: list[list[float]] = [[] for _ in range(n)]
+    history_pi: list[list[float]] = [[] for _ in range(n)]
+    for step in range(6):
+        if step:  # a random subset seen, with new p
+            idx = torch.randperm(n, generator=gen)[: n // 2 + 20 * step]
+            p_new = torch.rand(idx.numel(), generator=gen)
+            buf.record(idx, x[idx].float() + 0.05 * torch.randn(idx.numel(), generator=gen), p_new)
+        else:
+            idx, p_new = torch.arange(n), p
+        buf.epoch_update(beta=beta)
+        for j, i in enumerate(idx.tolist()):
+            history_p[i].append(float(p_new[j]))
+            history_pi[i].append(float(buf.clean_posterior[i]))
+
+    def corrected(values):
+        k = len(values)
+        weights = [beta * (1 - beta) ** (k - 1 - s) for s in range(k)]
+        return sum(w * v for w, v in zip(weights, values)) / (1 - (1 - beta) ** k)
+
+    expected_pred = torch.tensor([corrected(h) for h in history_p])
+    expected_topo = torch.tensor([corrected(h) for h in history_pi])
+    torch.testing.assert_close(buf.ema_pred.float(), expected_pred, atol=5e-3, rtol=0)
+    torch.testing.assert_close(buf.ema_topo.float(), expected_topo, atol=5e-3, rtol=0)
+    assert buf.num_estimates.tolist() == [len(h) for h in history_p]
+    torch.testing.assert_close(buf.weight.float(), torch.minimum(expected_pred, expected_topo), atol=5e-3, rtol=0)
+    # after one pass the weight is min(p, π) itself: no prior of 1 left (GSC's code: 0.3 + 0.7·x)
+    first, _, p1 = _filled_buffers(n)
+    first.epoch_update(beta=beta)
+    torch.testing.assert_close(first.weight.float(), torch.minimum(p1, first.clean_posterior.float()), atol=2e-3,
+                               rtol=0)
+    # prior_beta = beta is GSC's EMA (started at 1) exactly; prior_beta < 1 keeps the prior's share in w
+    for prior_beta in (0.3, 0.9):
+        plain, _, _ = _filled_buffers(n, bias_correction=False)
+        split, _, _ = _filled_buffers(n)
+        for step in range(3):
+            plain.epoch_update(beta=beta)
+            split.epoch_update(beta=beta, prior_beta=prior_beta)
+            plain.record(torch.arange(n), x.float(), p.flip(0))
+            split.record(torch.arange(n), x.float(), p.flip(0))
+        if prior_beta == beta:
+            torch.testing.assert_close(split.weight.float(), plain.weight.float(), atol=3e-3, rtol=0)
+        else:  # w = (1-β₀)^n + (1 - (1-β₀)^n) min(E_pred, E_topo), here n = 3
+            share = (1 - prior_beta) ** 3
+            expected = share + (1 - share) * torch.minimum(split.ema_pred.float(), split.ema_topo.float())
+            torch.testing.assert_close(split.weight.float(), expected, atol=3e-3, rtol=0)
+    with pytest.raises(ValueError, match="prior_beta"):
+        buf.epoch_update(prior_beta=0.0)
+    # the count is state: a checkpoint of one kind does not load into the other
+    with pytest.raises(ValueError, match="gsc_ema_bias_correction=True"):
+        GSCBuffers(n, bias_correction=False).load_state_dict(buf.state_dict())
+    with pytest.raises(ValueError, match="gsc_ema_bias_correction=False"):
+        GSCBuffers(n).load_state_dict(GSCBuffers(n, bias_correction=False).state_dict())
+
+
 def test_degenerate_scores_give_defined_weights():
-    buf = GSCBuffers(10)
+    buf = GSCBuffers(10, bias_correction=False)
     buf.record(torch.arange(10), torch.full((10,), 0.42), torch.full((10,), 0.2))
     stats = buf.epoch_update()
     assert stats.degenerate

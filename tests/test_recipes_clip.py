@@ -97,6 +97,23 @@ def test_benchmark_reference_clipscore_trains_a_reference_and_charges_its_time(t
         bench.main(["--strategies", "reference_clipscore", "--reference_epochs", "0", "--output_dir", str(tmp_out)])
 
 
+def test_benchmark_curate_scores_each_runs_noisy_split_with_the_curate_recipe(tmp_out):
+    """--curate: the run's final model scores the run's own noisy training split through recipes/curate.py; the
+    pool is the same shuffle (curate's cosine AUROC is the benchmark's own) and curate's outputs are kept."""
+    bench = load_recipe("benchmark_selection")
+    (row,) = bench.main(["--strategies", "gsc", "--epochs", "2", "--seed", "0", "--noise_ratio", "0.4",
+                         "--max_train", "160", "--max_test", "32", "--batch_size", "32", "--image_size", "16",
+                         "--conv_channels", "8,16", "--hidden_size", "16", "--eval_every_epochs", "0",
+                         "--curate", "true", "--output_dir", str(tmp_out)])
+    run = row["per_seed"][0]
+    assert run["curation_similarity_auroc"] == pytest.approx(run["similarity_auroc"], abs=1e-5)
+    assert 0.0 < run["curation_auroc"] < 1.0 and row["curation_auroc"] == run["curation_auroc"]
+    folder = tmp_out / "runs" / "noise0.4_gsc_seed0"
+    stats = json.loads((folder / "curation" / "curation_stats.json").read_text())
+    assert stats["num_scored"] == 160 and stats["true_noise_rate"] == pytest.approx(0.4, abs=0.01)
+    assert (folder / "final_model" / "config.json").is_file() and (tmp_out / "pools" / "noise0.4_seed0").is_dir()
+
+
 def _tiny_clip_flags(out) -> list[str]:
     return ["--config", str(RECIPES / "configs" / "clip_dissect.yaml"), "--output_dir", str(out),
             "--num_train_epochs", "2", "--max_train", "64", "--max_test", "32", "--per_device_train_batch_size", "32",

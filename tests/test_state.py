@@ -62,14 +62,15 @@ def test_per_rank_files_reshard_to_any_world_size(tmp_path, rule):
     assert index["files"] == ["rank00000-of-00002.safetensors", "rank00001-of-00002.safetensors"]
     assert index["arrays"] == {"0.bank.hist": "float32", "0.bank.seen": "bool", "1.buffers.weight": "float16",
                                "1.buffers.consistency": "float16", "1.buffers.positive_prob": "float16",
-                               "1.buffers.ema_topo": "float16", "1.buffers.ema_pred": "float16"}
+                               "1.buffers.ema_topo": "float16", "1.buffers.ema_pred": "float16",
+                               "1.buffers.num_estimates": "uint8"}
     full = read_global_arrays(tmp_path)
     idx = torch.arange(n)
     assert torch.equal(full["0.bank.seen"], idx % 3 != 0)
     assert torch.equal(full["0.bank.hist"], torch.where(idx % 3 != 0, idx.float() * 1.5, torch.zeros(n)))
     assert torch.equal(full["1.buffers.weight"], (idx.float() / n).half())
-    # bytes per sample, summed over ranks: DISSect 5, GSC 10
-    assert sum(s.nbytes() for s in states) == 15 * n
+    # bytes per sample, summed over ranks: DISSect 5, GSC 11 (five float16 arrays + the uint8 EMA count)
+    assert sum(s.nbytes() for s in states) == 16 * n
     for world in (1, 3):  # another world size re-shards: every rank gets exactly its slices
         for rank in range(world):
             fresh = _filled_shards(n, world)[rank]
@@ -175,5 +176,5 @@ def test_benchmark_scale_writes_the_issue_schema(tmp_path):
     assert saved == rows and len(rows) == 1
     row = rows[0]
     assert row["num_samples"] == 20_000 and row["world_size"] == 1
-    assert row["state_bytes_per_sample_per_rank"] == 15.0 and row["hook_ms_per_step"] > 0
+    assert row["state_bytes_per_sample_per_rank"] == 16.0 and row["hook_ms_per_step"] > 0
     assert row["checkpoint_save_s"] > 0 and row["checkpoint_load_s"] > 0

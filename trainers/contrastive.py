@@ -340,7 +340,8 @@ class ContrastiveTrainer(Trainer):
             max_batch_anchors=a.gsc_structure_max_batch_anchors,
         )
         kwargs = dict(
-            gamma=a.gsc_gamma, structure=structure, beta=a.gsc_beta, weight_threshold=a.gsc_weight_threshold,
+            gamma=a.gsc_gamma, structure=structure, beta=a.gsc_beta, ema_bias_correction=a.gsc_ema_bias_correction,
+            prior_beta=a.gsc_prior_beta, weight_threshold=a.gsc_weight_threshold,
             bank_size=a.gsc_bank_size,
             bank_min_weight=a.gsc_bank_min_weight, gmm_max_iter=a.gsc_gmm_max_iter, gmm_tol=a.gsc_gmm_tol,
             gmm_reg_covar=a.gsc_gmm_reg_covar, max_fit_samples=a.gsc_max_fit_samples,

@@ -127,8 +127,20 @@ class ContrastiveTrainingArguments(TrainingArguments):
                           "weights w, gamma * structure loss, GMM/EMA update of w at every epoch end"},
     )
     gsc_gamma: float = field(default=0.05, metadata={"help": "weight gamma >= 0 of the GSC structure loss"})
-    gsc_beta: float = field(default=0.9, metadata={"help": "EMA factor beta in (0, 1] of the epoch-end update (GSC's "
-                                                          "code: 0.7; 0.9 chosen on the easy-vqa validation split)"})
+    gsc_beta: float = field(default=0.3, metadata={"help": "EMA factor beta in (0, 1] of the epoch-end update (GSC's "
+                                                          "code: 0.7; 0.3 with the bias-corrected EMA chosen on "
+                                                          "easy-vqa, README Results)"})
+    gsc_ema_bias_correction: bool = field(
+        default=True,
+        metadata={"help": "bias-corrected EMAs of the evidence (Adam's), the prior w = 1 forgotten at its own rate "
+                          "gsc_prior_beta, so a small gsc_beta is a long memory, not a slow start (+1 B/sample); "
+                          "False: GSC's code (one EMA started at 1)"},
+    )
+    gsc_prior_beta: float = field(
+        default=0.9,
+        metadata={"help": "with gsc_ema_bias_correction: the prior 1 keeps weight (1 - gsc_prior_beta)^n in w after n "
+                          "passes, in (0, 1] (1: none; = gsc_beta: GSC's EMA exactly)"},
+    )
     gsc_weight_threshold: float = field(
         default=0.0,
         metadata={"help": "pairs whose w is below this train with weight 0 (filtered out; the stored w stays soft); "
@@ -280,6 +292,7 @@ class ContrastiveTrainingArguments(TrainingArguments):
         checks = [
             ("gsc_gamma", self.gsc_gamma >= 0, ">= 0"),
             ("gsc_beta", 0.0 < self.gsc_beta <= 1.0, "in (0, 1]"),
+            ("gsc_prior_beta", 0.0 < self.gsc_prior_beta <= 1.0, "in (0, 1]"),
             ("gsc_weight_threshold", 0.0 <= self.gsc_weight_threshold < 1.0, "in [0, 1)"),
             ("gsc_bank_size", self.gsc_bank_size >= 0, ">= 0"),
             ("gsc_bank_min_weight", 0.0 <= self.gsc_bank_min_weight <= 1.0, "in [0, 1]"),

@@ -1,12 +1,21 @@
 """Per-sample GSC state and the epoch-end label inference (gsc.md §2, §4, §12.2).
 
 Per-sample arrays, float16 (10 B/sample, in the sharded :class:`~hf_mmsel.state.PerSampleState`): weight ``w``,
-consistency ``c`` (NaN = not seen this pass), positive probability ``p``, ``ema_topo``, ``ema_pred``; the last
-clean posterior ``π`` only with ``keep_posterior`` (diagnostics). During a pass each rank records its own
+consistency ``c`` (NaN = not seen this pass), positive probability ``p``, ``ema_topo``, ``ema_pred``; with the
+bias-corrected EMA (default) a uint8 count ``n`` of the pass ends that updated the sample (1 B/sample more); the
+last clean posterior ``π`` only with ``keep_posterior`` (diagnostics). During a pass each rank records its own
 ``(sample_idx, c, p)`` (it owns its candidates); at the pass end, over the samples seen this pass only:
 
     ĉ = minmax(c);  π = posterior of the higher-mean component of a 2-component 1-D GMM fitted on ĉ
-    ema_topo ← β·π + (1-β)·ema_topo;  ema_pred ← β·p + (1-β)·ema_pred;  w = min(ema_pred, ema_topo)
+    E ← β·x + (1-β)·E   for (E, x) = (ema_topo, π) and (ema_pred, p);   w = min(ema_pred, ema_topo)
+
+GSC's code starts both EMAs at 1 ("all clean"), so one β sets both how fast that prior is forgotten, (1-β)^n,
+and how long the pair's past evidence is remembered. With ``bias_correction`` (a deviation, README "Deviations
+from the paper") the two are separate: the EMAs are Adam's bias-corrected ones of the evidence alone,
+``E_n = Σ_s β(1-β)^(n-s) x_s / (1 - (1-β)^n)`` (updated in place from the stored ``E`` and ``n``:
+``E ← (β·x + (1-β)·d_(n-1)·E) / d_n``, ``d_n = 1 - (1-β)^n``), and the prior enters ``w`` alone, with its own
+rate β₀: ``w = (1-β₀)^n + (1 - (1-β₀)^n)·min(E_pred, E_topo)``. β₀ = β is GSC's EMA exactly; a small β with a
+large β₀ is a long memory with GSC's fast start.
 
 Identical to the single-process result by construction (scale_and_speed.md §B): global min/max of ``c``
 (all_reduce), a subsample chosen by a hash of ``(seed, sample_idx)`` (the ``max_fit_samples`` smallest hashes
@@ -28,6 +37,9 @@ from .gmm import fit_two_gaussians, high_mean_posterior
 
 BUFFER_NAMES = ("weight", "consistency", "positive_prob", "ema_topo", "ema_pred")
 STATE_DTYPE = torch.float16
+COUNT_NAME = "num_estimates"  # uint8 pass-end count n of the bias-corrected EMA (saturates at 255)
+
+
 @dataclass
 class EpochUpdateStats:
     """Summary of one :meth:`GSCBuffers.epoch_update`."""
@@ -123,7 +135,8 @@ class GSCBuffers:
     ``storage`` (a namespace of the sharded per-sample state) only the owned samples, indexed globally."""
 
     def __init__(self, num_samples: int | None = None, device: torch.device | str | None = None, *,
-                 storage: StateNamespace | None = None, keep_posterior: bool = True) -> None:
+                 storage: StateNamespace | None = None, keep_posterior: bool = True,
+                 bias_correction: bool = True) -> None:
         if storage is None:
             if num_samples is None or num_samples <= 0:
                 raise ValueError(f"num_samples must be positive, got {num_samples}")
@@ -133,6 +146,7 @@ class GSCBuffers:
         for name in BUFFER_NAMES:
             setattr(self, name, storage.add(name, STATE_DTYPE, float("nan") if name == "consistency" else 1.0))
         self.clean_posterior = storage.add("clean_posterior", STATE_DTYPE, 1.0) if keep_posterior else None
+        self.num_estimates = storage.add(COUNT_NAME, torch.uint8, 0) if bias_correction else None
         self.num_updates = torch.zeros((), dtype=torch.long)
 
     @property
@@ -188,6 +202,7 @@ class GSCBuffers:
         seed: int = 0,
         monotone_posterior: bool = True,
         prob_posterior: bool = False,
+        prior_beta: float = 1.0,
         broadcast_fn: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
     ) -> EpochUpdateStats:
         """Pass-end label inference (gsc.md §4) over the samples seen this pass on every rank (call on every
@@ -195,9 +210,13 @@ class GSCBuffers:
         :func:`sample_hash` with ``seed``) and predicts for all seen samples. ``prob_posterior`` (a deviation,
         gsc.md §12.1) feeds ``ema_pred`` with the GMM clean posterior of ``p`` instead of raw ``p``: raw ``p`` is
         small even for clean pairs when the batch is large, the scale high or captions repeat within a batch,
-        which drags ``w = min(...)`` down for everyone. Returns global summary statistics."""
+        which drags ``w = min(...)`` down for everyone. ``prior_beta`` (bias-corrected buffers only): ``w`` keeps
+        the prior 1 with weight ``(1 - prior_beta)^n``, ``w = (1-β₀)^n + (1 - (1-β₀)^n)·min(E_pred, E_topo)``
+        (1.0: no prior). Returns global summary statistics."""
         if not 0.0 < beta <= 1.0:
             raise ValueError(f"beta must be in (0, 1], got {beta}")
+        if not 0.0 < prior_beta <= 1.0:
+            raise ValueError(f"prior_beta must be in (0, 1], got {prior_beta}")
         seen = self.seen.nonzero().flatten()
         num_seen = int(_all_reduce(torch.tensor([seen.numel()], dtype=torch.long, device=self.device), "sum"))
         if num_seen == 0:
@@ -212,9 +231,12 @@ class GSCBuffers:
         if prob_posterior:
             p = _clean_posterior(p.to(torch.float64), global_idx, **fit)[0].float()
         posterior = posterior.float()
-        ema_topo = beta * posterior + (1 - beta) * self.ema_topo[seen].float()
-        ema_pred = beta * p + (1 - beta) * self.ema_pred[seen].float()
+        ema_topo = self._ema(self.ema_topo[seen], posterior, beta, seen)
+        ema_pred = self._ema(self.ema_pred[seen], p, beta, seen)
         weight = torch.minimum(ema_pred, ema_topo)
+        if self.num_estimates is not None and prior_beta < 1.0:  # the prior 1, weighted (1 - β₀)^n
+            prior = (1.0 - prior_beta) ** (self.num_estimates[seen].float() + 1).clamp_max(255.0)
+            weight = prior + (1.0 - prior) * weight
         packed = torch.stack([posterior, ema_topo, ema_pred, weight])
         if broadcast_fn is not None:
             result = broadcast_fn(packed)
@@ -223,6 +245,8 @@ class GSCBuffers:
         if self.clean_posterior is not None:
             self.clean_posterior[seen] = packed[0]
         self.ema_topo[seen], self.ema_pred[seen], self.weight[seen] = packed[1], packed[2], packed[3]
+        if self.num_estimates is not None:
+            self.num_estimates[seen] = (self.num_estimates[seen].int() + 1).clamp_max(255).to(torch.uint8)
         self.consistency.fill_(float("nan"))
         self.num_updates += 1
         sums = _all_reduce(torch.stack([(packed[0] > 0.5).double().sum(), packed[3].double().sum()]), "sum")
@@ -236,11 +260,23 @@ class GSCBuffers:
             mean_weight=float(sums[1]) / num_seen,
         )
 
+    def _ema(self, previous: torch.Tensor, value: torch.Tensor, beta: float, seen: torch.Tensor) -> torch.Tensor:
+        """One EMA step for the seen samples: GSC's ``β·x + (1-β)·E`` (prior 1), or the bias-corrected step."""
+        previous = previous.float()
+        if self.num_estimates is None:
+            return beta * value + (1 - beta) * previous
+        n = self.num_estimates[seen].double()
+        d_prev = 1.0 - (1.0 - beta) ** n  # 0 before the first estimate: the prior drops out
+        d = 1.0 - (1.0 - beta) ** torch.clamp(n + 1, max=255.0)
+        return ((beta * value.double() + (1 - beta) * d_prev * previous.double()) / d).float()
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """All buffers (tensors only; safetensors-compatible)."""
         state = {name: getattr(self, name).clone() for name in BUFFER_NAMES}
         if self.clean_posterior is not None:
             state["clean_posterior"] = self.clean_posterior.clone()
+        if self.num_estimates is not None:
+            state[COUNT_NAME] = self.num_estimates.clone()
         state["num_updates"] = self.num_updates.clone()
         return state
 
@@ -248,7 +284,13 @@ class GSCBuffers:
         missing = sorted((set(BUFFER_NAMES) | {"num_updates"}) - set(state))
         if missing:
             raise KeyError(f"GSC buffer state is missing {missing}")
-        names = (*BUFFER_NAMES, "clean_posterior") if self.clean_posterior is not None else BUFFER_NAMES
+        if (COUNT_NAME in state) != (self.num_estimates is not None):
+            raise ValueError(
+                f"GSC buffer state was saved with{'' if COUNT_NAME in state else 'out'} the bias-corrected EMA "
+                f"(its {COUNT_NAME!r} count); set gsc_ema_bias_correction={COUNT_NAME in state} to resume it"
+            )
+        names = (*BUFFER_NAMES, *(("clean_posterior",) if self.clean_posterior is not None else ()),
+                 *((COUNT_NAME,) if self.num_estimates is not None else ()))
         for name in names:
             if name in state and state[name].shape != self.weight.shape:
                 raise ValueError(
@@ -266,15 +308,16 @@ class GSCPlusBuffers:
     (for two networks, the other one; in general network ``(k + 1) % n``) and updates its own buffers."""
 
     def __init__(self, num_samples: int | None = None, num_networks: int = 2, device: torch.device | str | None = None,
-                 *, storage: StateNamespace | None = None, keep_posterior: bool = True) -> None:
+                 *, storage: StateNamespace | None = None, keep_posterior: bool = True,
+                 bias_correction: bool = True) -> None:
         if num_networks < 2:
             raise ValueError(f"GSC+ needs at least two networks, got {num_networks}")
         if storage is None:
             if num_samples is None or num_samples <= 0:
                 raise ValueError(f"num_samples must be positive, got {num_samples}")
             storage = PerSampleState(SampleOwnership.single(num_samples), device or "cpu").namespace("plus")
-        self.networks = [GSCBuffers(storage=storage.namespace(f"net{k}.buffers"), keep_posterior=keep_posterior)
-                         for k in range(num_networks)]
+        self.networks = [GSCBuffers(storage=storage.namespace(f"net{k}.buffers"), keep_posterior=keep_posterior,
+                                    bias_correction=bias_correction) for k in range(num_networks)]
 
     def peer_of(self, network: int) -> int:
         return (network + 1) % len(self.networks)

@@ -52,7 +52,9 @@ class GSCHook(BatchHook):
         self,
         gamma: float = 0.05,
         structure: StructureConfig | None = None,
-        beta: float = 0.9,
+        beta: float = 0.3,
+        ema_bias_correction: bool = True,
+        prior_beta: float = 0.9,
         weight_threshold: float = 0.0,
         bank_size: int = 0,
         bank_min_weight: float = 0.5,
@@ -70,6 +72,10 @@ class GSCHook(BatchHook):
         self.weight_threshold = float(weight_threshold)
         self.diagnostics = bool(diagnostics)
         self.gamma, self.structure, self.beta = gamma, structure or StructureConfig(), beta
+        self.ema_bias_correction = bool(ema_bias_correction)
+        if not 0.0 < prior_beta <= 1.0:
+            raise ValueError(f"prior_beta must be in (0, 1], got {prior_beta}")
+        self.prior_beta = float(prior_beta)
         self.bank_size, self.bank_min_weight = bank_size, bank_min_weight
         self.gmm = dict(max_iter=gmm_max_iter, tol=gmm_tol, reg_covar=gmm_reg_covar, max_fit_samples=max_fit_samples)
         self.prob_posterior, self.prob_logit_scale, self.seed = prob_posterior, prob_logit_scale, seed
@@ -79,9 +85,11 @@ class GSCHook(BatchHook):
 
     def setup(self, num_samples: int, device: torch.device, storage: StateNamespace | None = None) -> None:
         if storage is not None:
-            self.buffers = GSCBuffers(storage=storage.namespace("buffers"), keep_posterior=self.diagnostics)
+            self.buffers = GSCBuffers(storage=storage.namespace("buffers"), keep_posterior=self.diagnostics,
+                                      bias_correction=self.ema_bias_correction)
         elif self.buffers is None or self.buffers.num_samples != num_samples:
-            self.buffers = GSCBuffers(num_samples, device=device, keep_posterior=self.diagnostics)
+            self.buffers = GSCBuffers(num_samples, device=device, keep_posterior=self.diagnostics,
+                                      bias_correction=self.ema_bias_correction)
         self._device = torch.device(device)
 
     def _require_buffers(self) -> GSCBuffers:
@@ -136,7 +144,8 @@ class GSCHook(BatchHook):
     def on_epoch_end(self, epoch: int, dist: Dist) -> dict[str, float]:
         buffers = self._require_buffers()
         stats = buffers.epoch_update(
-            beta=self.beta, seed=self.seed + epoch, prob_posterior=self.prob_posterior, **self.gmm,
+            beta=self.beta, seed=self.seed + epoch, prob_posterior=self.prob_posterior, prior_beta=self.prior_beta,
+            **self.gmm,
         )
         if stats.num_seen == 0:
             return {}
@@ -192,16 +201,17 @@ class GSCPlusHook(BatchHook):
             raise ValueError(f"GSC+ needs at least two networks, got {num_networks}")
         self.num_networks = num_networks
         self.diagnostics = bool(gsc_kwargs.get("diagnostics", False))
+        self.ema_bias_correction = bool(gsc_kwargs.get("ema_bias_correction", True))
         self.networks = [GSCHook(**gsc_kwargs) for _ in range(num_networks)]
         self.buffers: GSCPlusBuffers | None = None
 
     def setup(self, num_samples: int, device: torch.device, storage: StateNamespace | None = None) -> None:
         if storage is not None:
             self.buffers = GSCPlusBuffers(num_networks=self.num_networks, storage=storage,
-                                          keep_posterior=self.diagnostics)
+                                          keep_posterior=self.diagnostics, bias_correction=self.ema_bias_correction)
         elif self.buffers is None or self.buffers.networks[0].num_samples != num_samples:
             self.buffers = GSCPlusBuffers(num_samples, self.num_networks, device=device,
-                                          keep_posterior=self.diagnostics)
+                                          keep_posterior=self.diagnostics, bias_correction=self.ema_bias_correction)
         for hook, buffers in zip(self.networks, self.buffers.networks):
             hook.buffers = buffers  # each network's hook owns one of the GSC+ buffer sets
             hook._device = torch.device(device)

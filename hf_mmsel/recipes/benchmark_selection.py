@@ -15,6 +15,11 @@ validation evaluations and the optional ``--log_curves`` diagnostics are timed a
 
     hf-mmsel benchmark-selection --strategies dissect,random,full,gsc,dissect+gsc --seeds 0,1,2 --noise_ratio 0.4
 
+``--curate true``: after each run, its final model (saved to ``runs/<run>/final_model``) scores the run's noisy
+training split (saved with its images to ``pools/``) through ``recipes/curate.py`` with its default config, into
+``runs/<run>/curation``; rows gain ``curation_auroc`` (AUROC of ``gsc_clean_prob``, clean = positive),
+``curation_similarity_auroc`` and ``curation_estimated_noise_rate`` (not timed).
+
 Splits: ``test`` is only reported (``rsum``); tune on ``validation``: the dataset's own split (digits) or
 ``--validation_fraction`` of train carved before any noise is injected (easy-vqa; 10 % by default). Every
 ``--eval_every_epochs`` the validation rSum is logged against the run's train CPU / wall seconds so far (the
@@ -107,7 +112,11 @@ class BenchmarkArguments:
     initializer_factor: float = field(default=4.0, metadata={"help": "clip model only: init scale"})
     logit_scale_init: float = field(default=10.0, metadata={"help": "initial exp(logit_scale) (CLIP: 1/0.07)"})
     gsc_gamma: float = field(default=0.05, metadata={"help": "GSC structure-loss weight"})
-    gsc_beta: float = field(default=0.9, metadata={"help": "GSC EMA momentum of the epoch-end update"})
+    gsc_beta: float = field(default=0.3, metadata={"help": "GSC EMA momentum of the epoch-end update"})
+    gsc_ema_bias_correction: bool = field(
+        default=True, metadata={"help": "GSC: bias-corrected EMA (False: GSC's prior of 1 that decays as (1-beta)^n)"}
+    )
+    gsc_prior_beta: float = field(default=0.9, metadata={"help": "GSC: the prior w = 1 weighs (1 - it)^n after n passes"})
     gsc_weight_threshold: float = field(default=0.0, metadata={"help": "GSC: pairs with w below it train with weight 0"})
     gsc_prob_posterior: bool = field(
         default=True,
@@ -148,6 +157,11 @@ class BenchmarkArguments:
         default=16, metadata={"help": "JEST chunks n of the '<strategy>+joint' runs (must divide k = r * B)"}
     )
     threads: int = field(default=1, metadata={"help": "torch threads (1 gives the steadiest timings)"})
+    curate: bool = field(
+        default=False,
+        metadata={"help": "after each run, score its noisy training split with recipes/curate.py (its default "
+                          "config) using the run's final model: curation_auroc = AUROC of gsc_clean_prob"},
+    )
     reference_epochs: int | None = field(
         default=None,
         metadata={"help": "reference_clipscore: epochs of full-data training of the fixed reference model (default: "
@@ -387,7 +401,8 @@ def _gsc_options(args, with_gsc: bool) -> dict[str, Any]:
     if not with_gsc:
         return {}
     return dict(gsc=True, gsc_gamma=args.gsc_gamma, gsc_beta=args.gsc_beta, gsc_prob_posterior=args.gsc_prob_posterior,
-                gsc_weight_threshold=args.gsc_weight_threshold)
+                gsc_weight_threshold=args.gsc_weight_threshold, gsc_ema_bias_correction=args.gsc_ema_bias_correction,
+                gsc_prior_beta=args.gsc_prior_beta)
 
 
 def _training_arguments(args, selection: str, seed: int, out: Path, epochs: int, loss_type: str = "softmax",
@@ -488,7 +503,8 @@ def _warm_up(args, data, captions, out: Path, with_gsc: bool, loss_types: tuple[
 
 
 def _train_one(args, strategy, bundle, data, class_captions, seed, out: Path,
-               reference: dict[str, Any] | None = None, loss_type: str = "softmax") -> dict[str, Any]:
+               reference: dict[str, Any] | None = None, loss_type: str = "softmax",
+               curation_pool: Path | None = None) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
     from hf_mmsel.data import ImageTextCollator
@@ -561,7 +577,39 @@ def _train_one(args, strategy, bundle, data, class_captions, seed, out: Path,
         "reference_seconds": reference["seconds"] if reference is not None else None,
         "reference_cpu_seconds": reference["cpu_seconds"] if reference is not None else None,
         "reference_rsum": reference["rsum"] if reference is not None else None,
+        **(_curate_run(trainer, bundle, curation_pool, out) if curation_pool is not None else {}),
     }
+
+
+def _curate_run(trainer, bundle, pool: Path, out: Path) -> dict[str, Any]:
+    """One-pass curation of the run's noisy training split (``pool``: a ``save_to_disk`` folder with ``is_noisy``)
+    by the run's final model through ``recipes/curate.py`` with its default config (``--curate``; not timed):
+    ``curation_auroc`` (``gsc_clean_prob``), ``curation_similarity_auroc``, ``curation_estimated_noise_rate``."""
+    from hf_mmsel.recipes import curate
+
+    model_dir = out / "final_model"
+    trainer.save_model(str(model_dir))
+    bundle.tokenizer.save_pretrained(str(model_dir))
+    bundle.image_transform.to_image_processor().save_pretrained(str(model_dir))
+    stats = curate.main(["--model_name_or_path", str(model_dir), "--dataset", str(pool), "--use_cpu", "true",
+                         "--output_dir", str(out / "curation"), "--overwrite_output_dir", "true",
+                         "--show_progress", "false"])
+    detection = stats.get("detection_auroc", {})
+    return {"curation_auroc": detection.get("gsc_clean_prob"),
+            "curation_similarity_auroc": detection.get("similarity"),
+            "curation_estimated_noise_rate": stats.get("estimated_noise_rate")}
+
+
+def _curation_pool(train, noisy_train, noise: float, seed: int, folder: Path) -> Path:
+    """The noisy training split with its images (``save_to_disk``) for ``--curate``: the same NCR shuffle as the
+    cached split the runs train on (checked on ``is_noisy``)."""
+    from hf_mmsel.data import inject_noisy_correspondence
+
+    pool = inject_noisy_correspondence(train, noise, seed=seed)
+    if pool["is_noisy"] != [bool(x) for x in noisy_train["is_noisy"]]:
+        raise RuntimeError("the curation pool's noise differs from the training split's")
+    pool.save_to_disk(str(folder))
+    return folder
 
 
 def _detection_auroc(trainer, emb, auroc) -> float | None:
@@ -585,7 +633,7 @@ _AVERAGED = ("i2t_r1", "t2i_r1", "rsum", "zero_shot_acc", "train_seconds", "trai
              "selected_noisy_fraction",
              "selected_noisy_fraction_after_warmup", "similarity_auroc", "detection_auroc", "reference_epochs",
              "reference_seconds", "reference_cpu_seconds", "reference_rsum", "val_rsum", "best_val_rsum",
-             "full_best_val_rsum")
+             "full_best_val_rsum", "curation_auroc", "curation_similarity_auroc", "curation_estimated_noise_rate")
 _REACHED = ("time_to_full_best_cpu_seconds", "time_to_full_best_ratio")  # None in a seed that never reaches it
 
 
@@ -652,6 +700,13 @@ def _write_reports(results: list[dict[str, Any]], out: Path, args: BenchmarkArgu
             + ("its scores over all training pairs." if is_oracle else "the run's own criterion (last visit).")
             for r, is_oracle in zip(refs, oracle)
         )
+    curated = [r for r in results if r.get("curation_auroc") is not None]
+    if curated:
+        lines.append("")
+        lines.extend(f"{r['noise_ratio']:.0%} noise, {r['strategy']}: one-pass curation (recipes/curate.py, default "
+                     f"config) by the final model: gsc_clean_prob AUROC {fmt(r['curation_auroc'], 3)}, its cosine "
+                     f"{fmt(r['curation_similarity_auroc'], 3)}, estimated noise rate "
+                     f"{fmt(r['curation_estimated_noise_rate'], 3)}." for r in curated)
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
@@ -797,7 +852,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         runs: dict[tuple[str, str], list[dict[str, Any]]] = {c: [] for c in combos}
         for n_seed, seed in enumerate(seeds):
             noisy = dict(cached)
-            noisy["train"] = InMemoryPairs(inject_noisy_correspondence(cached["train"], noise, seed=seed))
+            noisy_train = inject_noisy_correspondence(cached["train"], noise, seed=seed)
+            noisy["train"] = InMemoryPairs(noisy_train)
+            pool = (_curation_pool(data["train"], noisy_train, noise, seed, out / "pools" / f"noise{noise}_seed{seed}")
+                    if args.curate else None)
             order = combos[n_seed % len(combos):] + combos[: n_seed % len(combos)]
             if not warmed_up:
                 _warm_up(args, noisy, data["train"]["caption"], out / "runs",
@@ -820,7 +878,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 run_dir = strategy.replace(":", "_").replace("=", "")
                 row = _train_one(replace(args, **run_options(strategy)[1]), strategy, bundle, noisy, class_captions,
                                  seed, out / "runs" / f"noise{noise}_{run_dir}{tag}_seed{seed}",
-                                 reference=references.get(loss_type), loss_type=loss_type)
+                                 reference=references.get(loss_type), loss_type=loss_type, curation_pool=pool)
                 row = {"seed": seed, **row}
                 runs[(loss_type, strategy)].append(row)
                 seed_rows[loss_type].append(row)
