@@ -50,7 +50,7 @@ class ScoringSettings:
     chunk_size: int = 128
     prob_posterior: bool = True
     structure_similarity: str = "sigmoid"
-    structure_temperature: float = 0.3
+    structure_temperature: float = 0.1
     structure_centered: bool = True
     fit_samples: int = 200_000
     gmm_max_iter: int = 10

@@ -8,9 +8,10 @@ For curation, a trained model embeds all N pairs once (no grad) and this module 
 2. ``c_i``: structure consistency against ONE fixed set of M anchor pairs drawn with ``seed`` (self excluded),
    so every pair is measured in the same reference frame (gsc.md §12.4 item 2a). The sigmoid map's centre ``mu``
    is the mean valid cosine over *all* rows (per modality), so the result does not depend on how rows are
-   chunked. Default profile settings: row-centred profiles (Pearson, gsc.md §12.1) and sigmoid temperature 0.3;
-   on a plainly trained tiny CLIP (easy-vqa, 40 % noise) they raised the AUROC of ``c`` from 0.68 (uncentred,
-   t = 0.1) to 0.90. Confident anchors (the M cleanest pairs of a first round) measured much worse there
+   chunked. Default profile settings: row-centred profiles (Pearson, gsc.md §12.1) and sigmoid temperature 0.1,
+   chosen on easy-vqa (README "Results": 12 settings scored with GSC-trained models; centring and the posterior of
+   ``p`` matter more than t). Earlier, on a plainly trained tiny CLIP, centring (at t = 0.3) raised the AUROC of
+   ``c`` from 0.68 (uncentred, t = 0.1) to 0.90. Confident anchors (the M cleanest pairs of a first round) measured much worse there
    (AUROC of ``c`` 0.74 vs 0.90): they cluster, and the profiles lose contrast;
 3. ``π_i``: posterior of the higher-mean component of a 2-component GMM on min-max normalised ``c`` (gsc.md §4);
 4. ``clean_prob = min(π, P)`` as GSC's ``w = min(EMA_pred, EMA_topo)`` with a single "epoch": ``P`` is raw ``p``
@@ -40,7 +41,7 @@ from .structure import (
 
 __all__ = ["DEFAULT_STRUCTURE", "anchor_consistency", "chunked_positive_probability", "gsc_clean_probability"]
 
-DEFAULT_STRUCTURE = StructureConfig(similarity="sigmoid", temperature=0.3, centered=True)
+DEFAULT_STRUCTURE = StructureConfig(similarity="sigmoid", temperature=0.1, centered=True)
 
 
 def _permuted_chunks(n: int, chunk_size: int, seed: int) -> list[torch.Tensor]:
@@ -145,7 +146,7 @@ def gsc_clean_probability(
         chunk_size: pairs per softmax chunk for ``p`` (GSC trains with 128).
         prob_posterior: use the GMM posterior of ``p`` instead of raw ``p`` in the ``min``.
         structure: profile settings (:class:`StructureConfig`; default ``DEFAULT_STRUCTURE``: sigmoid map,
-            temperature 0.3, row-centred).
+            temperature 0.1, row-centred).
         gmm_*: EM settings of the 2-component GMM (GSC's: 10 iterations, tol 1e-2; 100 / 1e-4 gave a narrow
             high component and lower AUROC on the small test model); ``max_fit_samples``: seeded subsample size.
         seed: seeds the chunk permutation, the random anchors and the GMM subsample.

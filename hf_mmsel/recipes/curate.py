@@ -105,7 +105,7 @@ class CurateArguments:
     chunk_size: int = field(default=128, metadata={"help": "Pairs per softmax chunk of the positive probability."})
     prob_posterior: bool = field(default=True, metadata={"help": "GMM posterior of p instead of raw p in the min."})
     structure_similarity: str = field(default="sigmoid", metadata={"help": "Profile map: 'sigmoid' or 'affine'."})
-    structure_temperature: float = field(default=0.3, metadata={"help": "Temperature of the sigmoid profile map."})
+    structure_temperature: float = field(default=0.1, metadata={"help": "Temperature of the sigmoid profile map."})
     structure_centered: bool = field(default=True, metadata={"help": "Row-centre the profiles (Pearson)."})
     fit_samples: int = field(default=200_000, metadata={"help": "Pairs (whole seeded shards) the mixture is fit on."})
     seed: int = field(default=0)
