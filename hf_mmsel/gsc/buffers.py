@@ -231,11 +231,13 @@ class GSCBuffers:
         if prob_posterior:
             p = _clean_posterior(p.to(torch.float64), global_idx, **fit)[0].float()
         posterior = posterior.float()
-        ema_topo = self._ema(self.ema_topo[seen], posterior, beta, seen)
-        ema_pred = self._ema(self.ema_pred[seen], p, beta, seen)
+        # estimates so far per seen pair (this pass's not counted); None: GSC's EMA started at 1
+        n = self.num_estimates[seen].double() if self.num_estimates is not None else None
+        ema_topo = self._ema(self.ema_topo[seen], posterior, beta, n)
+        ema_pred = self._ema(self.ema_pred[seen], p, beta, n)
         weight = torch.minimum(ema_pred, ema_topo)
-        if self.num_estimates is not None and prior_beta < 1.0:  # the prior 1, weighted (1 - β₀)^n
-            prior = (1.0 - prior_beta) ** (self.num_estimates[seen].float() + 1).clamp_max(255.0)
+        if n is not None and prior_beta < 1.0:  # the prior 1, weighted (1 - β₀)^n after this pass's estimate
+            prior = ((1.0 - prior_beta) ** (n + 1).clamp_max(255.0)).float()
             weight = prior + (1.0 - prior) * weight
         packed = torch.stack([posterior, ema_topo, ema_pred, weight])
         if broadcast_fn is not None:
@@ -260,12 +262,13 @@ class GSCBuffers:
             mean_weight=float(sums[1]) / num_seen,
         )
 
-    def _ema(self, previous: torch.Tensor, value: torch.Tensor, beta: float, seen: torch.Tensor) -> torch.Tensor:
-        """One EMA step for the seen samples: GSC's ``β·x + (1-β)·E`` (prior 1), or the bias-corrected step."""
+    @staticmethod
+    def _ema(previous: torch.Tensor, value: torch.Tensor, beta: float, n: torch.Tensor | None) -> torch.Tensor:
+        """One EMA step: GSC's ``β·x + (1-β)·E`` (prior 1) when ``n`` is None, else the bias-corrected step after
+        ``n`` earlier estimates."""
         previous = previous.float()
-        if self.num_estimates is None:
+        if n is None:
             return beta * value + (1 - beta) * previous
-        n = self.num_estimates[seen].double()
         d_prev = 1.0 - (1.0 - beta) ** n  # 0 before the first estimate: the prior drops out
         d = 1.0 - (1.0 - beta) ** torch.clamp(n + 1, max=255.0)
         return ((beta * value.double() + (1 - beta) * d_prev * previous.double()) / d).float()

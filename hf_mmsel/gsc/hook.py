@@ -200,9 +200,9 @@ class GSCPlusHook(BatchHook):
         if num_networks < 2:
             raise ValueError(f"GSC+ needs at least two networks, got {num_networks}")
         self.num_networks = num_networks
-        self.diagnostics = bool(gsc_kwargs.get("diagnostics", False))
-        self.ema_bias_correction = bool(gsc_kwargs.get("ema_bias_correction", True))
         self.networks = [GSCHook(**gsc_kwargs) for _ in range(num_networks)]
+        self.diagnostics = self.networks[0].diagnostics  # GSCHook's defaults, defined once
+        self.ema_bias_correction = self.networks[0].ema_bias_correction
         self.buffers: GSCPlusBuffers | None = None
 
     def setup(self, num_samples: int, device: torch.device, storage: StateNamespace | None = None) -> None:
