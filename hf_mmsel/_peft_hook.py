@@ -10,6 +10,11 @@ The wheel and the editable install ship ``hf_mmsel_peft_hook.pth`` in site-packa
 interpreter start-up: a process that never imports hf_mmsel can still load a MoLA adapter with peft alone. Until
 peft is imported this costs one small import and one finder lookup per import statement that misses the module
 cache (measured in README). Set ``HF_MMSEL_NO_PEFT_HOOK=1`` to disable the start-up hook.
+
+A failed registration must not break an unrelated ``import peft``, nor hide: the hook warns, keeps the exception and
+puts a stand-in under ``"MOLA"`` in peft's ``PEFT_TYPE_TO_CONFIG_MAPPING``, so loading a MoLA adapter
+(``PeftConfig.from_pretrained``, ``PeftModel.from_pretrained``, ...) raises :class:`MolaRegistrationError` with the
+original cause instead of peft's bare ``KeyError: 'MOLA'``. A later successful ``import hf_mmsel.mola`` replaces it.
 """
 
 from __future__ import annotations
@@ -18,22 +23,69 @@ import importlib.machinery
 import os
 import sys
 
-__all__ = ["install", "installed"]
+__all__ = ["FailedMolaRegistration", "MolaRegistrationError", "install", "installed"]
 
 _TARGET = "peft"
 
 
-def _register(strict: bool) -> None:
+class MolaRegistrationError(RuntimeError):
+    """hf_mmsel could not register its MoLA tuner with peft; raised when peft is asked for peft_type "MOLA"."""
+
+
+class FailedMolaRegistration:
+    """Stand-in for ``MolaConfig`` in peft's ``PEFT_TYPE_TO_CONFIG_MAPPING`` after a failed registration: calling it
+    or reading any attribute (``from_pretrained``, ...) raises :class:`MolaRegistrationError` from ``cause``."""
+
+    def __init__(self, cause: BaseException):
+        self.cause = cause
+
+    def error(self) -> MolaRegistrationError:
+        err = MolaRegistrationError(
+            f"peft_type 'MOLA' is unavailable: hf_mmsel's MoLA registration failed when peft was imported "
+            f"({type(self.cause).__name__}: {self.cause}). Fix that cause, then `import hf_mmsel.mola` (which "
+            "registers MoLA, or raises the full error) before loading the adapter."
+        )
+        err.__cause__ = self.cause
+        return err
+
+    def __call__(self, *args, **kwargs):
+        raise self.error()
+
+    def __getattr__(self, name):
+        if name.startswith("__"):  # copy / pickle / introspection probes
+            raise AttributeError(name)
+        raise self.error()
+
+
+def _import_mola() -> None:
     import importlib
 
+    importlib.import_module("hf_mmsel.mola")  # registers MOLA (hf_mmsel.mola.registration)
+
+
+def _register(strict: bool) -> None:
     try:
-        importlib.import_module("hf_mmsel.mola")
+        _import_mola()
     except Exception as err:  # noqa: BLE001 - never break `import peft` for an unrelated program
         if strict:
             raise
-        import warnings
+        _defer_error(err)
 
-        warnings.warn(f"hf_mmsel could not register its MoLA tuner with peft: {err}", RuntimeWarning, stacklevel=3)
+
+def _defer_error(err: BaseException) -> None:
+    """Warn now and make every later lookup of peft_type "MOLA" raise ``MolaRegistrationError`` from ``err``."""
+    import warnings
+
+    try:
+        from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+        current = PEFT_TYPE_TO_CONFIG_MAPPING.get("MOLA")
+        if current is None or isinstance(current, FailedMolaRegistration):  # never shadow a real registration
+            PEFT_TYPE_TO_CONFIG_MAPPING["MOLA"] = FailedMolaRegistration(err)
+    except Exception:  # noqa: BLE001 - peft itself is broken: its own import error surfaces on use
+        pass
+    warnings.warn(f"hf_mmsel could not register its MoLA tuner with peft ({type(err).__name__}: {err}); loading a "
+                  "MoLA adapter will raise this error", RuntimeWarning, stacklevel=4)
 
 
 class _LoaderWrapper:  # duck-typed importlib Loader (importlib.abc costs start-up time)

@@ -47,7 +47,8 @@ PROG = "hf-mmsel"
 def _usage() -> str:
     width = max(len(c) for c in COMMANDS)
     lines = [f"usage: {PROG} <command> [flags]   ({PROG} <command> --help for its flags)", "",
-             "Faster, noise-robust multimodal and multi-task training on the Hugging Face stack.", "", "commands:"]
+             "Noise-robust sample selection and curation for CLIP-style training, and mixture-of-LoRA adapters, on the "
+             "Hugging Face stack.", "", "commands:"]
     lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items()]
     lines += ["", "Each command also runs under Accelerate, e.g.",
               f"  accelerate launch -m hf_mmsel train-mola --max_steps 300",

@@ -66,6 +66,7 @@ def assets(tmp_path_factory):
             opt.step()
     bundle.model.save_pretrained(root / "model")
     bundle.tokenizer.save_pretrained(root / "model")
+    bundle.image_transform.to_image_processor().save_pretrained(root / "model")
     return {"root": root, "data": str(root / "data"), "wds": str(root / "wds"), "model": str(root / "model"),
             "is_noisy": np.asarray(noisy["is_noisy"], dtype=bool), "captions": noisy["caption"]}
 
@@ -250,13 +251,34 @@ def test_bad_inputs_give_clear_errors(recipe, assets, tmp_path):
     state = _training_state(tmp_path / "ckpt", N_ROWS + 7)
     with pytest.raises(ValueError, match=f"{N_ROWS + 7} training samples .* {N_ROWS} rows"):
         recipe.main(base + ["--training_state", str(state)])
-    with pytest.raises(ValueError, match="image size mismatch"):
+    with pytest.raises(ValueError, match="--image_size 64 contradicts the image processor"):
         recipe.main(base + ["--image_size", "64"])
     with pytest.raises(RuntimeError, match="no Hugging Face token"):
         recipe.main(base + ["--keep_fraction", "0.5", "--push_to_hub", "--hub_dataset_id", "tester/curated"])
     with pytest.raises(ValueError, match="--hub_dataset_id"):
         recipe.main(base + ["--push_to_hub", "--hub_token", "x", "--keep_fraction", "0.5"])
     assert not (tmp_path / "cur").exists()
+
+
+def test_model_folder_without_image_processor_needs_explicit_normalisation(recipe, assets, tmp_path):
+    """A model folder without preprocessor_config.json is an error naming the file and --image_mean/--image_std
+    (never another model's constants); with the flags it curates, and --image_size is checked against the model."""
+    import shutil
+
+    from hf_mmsel.models import MissingImageProcessorError
+
+    bare = tmp_path / "bare_model"
+    shutil.copytree(assets["model"], bare)
+    (bare / "preprocessor_config.json").unlink()
+    base = _base(assets, tmp_path / "cur")
+    base[base.index("--model_name_or_path") + 1] = str(bare)
+    with pytest.raises(MissingImageProcessorError, match="preprocessor_config.json.*image_mean"):
+        recipe.main(base)
+    with pytest.raises(ValueError, match="image size mismatch"):
+        recipe.main(base + ["--image_mean", "0.5,0.5,0.5", "--image_std", "0.5,0.5,0.5", "--image_size", "64"])
+    assert not (tmp_path / "cur").exists()
+    stats = recipe.main(base + ["--image_mean", "0.5,0.5,0.5", "--image_std", "0.5,0.5,0.5"])
+    assert stats["num_scored"] == N_ROWS
 
 
 def test_bad_shards_raise_or_skip(recipe, assets, tmp_path):
@@ -336,8 +358,12 @@ def test_kill_and_resume_gives_identical_outputs(recipe, assets, tmp_path):
     assert 5 <= done < N_ROWS // 4, f"kill came at {done} of {N_ROWS // 4} shards"
     stats = recipe.main(killed)
     assert stats["mode"] == "resume" and stats["pairs_embedded_by_process_0"] <= N_ROWS - 4 * done
+    # which shards keep samples at --keep_fraction 0.5 depends on a tiny model's exact scores: the curated file
+    # list is read from the run, and both runs must have written the same one
+    curated = sorted(p.name for p in (tmp_path / "once" / "curated").glob("*.tar"))
+    assert curated and curated == sorted(p.name for p in (tmp_path / "killed" / "curated").glob("*.tar"))
     for rel in ("manifest.json", "mixture.json", "anchors.safetensors", "curation_stats.json", "README.md",
-                "score_histogram.png", "curated/manifest.json", "curated/shard-00003.tar"):
+                "score_histogram.png", "curated/manifest.json", *(f"curated/{name}" for name in curated)):
         once, again = tmp_path / "once" / rel, tmp_path / "killed" / rel
         if rel == "curation_stats.json":  # the stats name their own output folder
             a, b = json.loads(once.read_text()), json.loads(again.read_text())

@@ -67,12 +67,12 @@ def test_gsc_weights_beat_chance(gsc_run):
     assert w_auroc > 0.7  # measured 0.730 (defaults: bias-corrected EMA, beta 0.3, prior 0.9, posterior of p)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: on this 1,024-pair toy set (B = 64) GSC's w ties its own model's "
-                   "image-text cosine instead of beating it: AUROC 0.7298 vs 0.7302 with the defaults (0.791 vs 0.796 "
-                   "with the previous beta 0.9 and GSC's EMA); on the two benchmarks it beats it (README Results)")
-def test_gsc_weights_beat_their_own_model_cosine(gsc_run):
+def test_gsc_weights_are_on_par_with_their_own_model_cosine(gsc_run):
+    """On this 1,024-pair toy set (B = 64) GSC's w and its own model's image-text cosine tie (AUROC 0.7298 vs 0.7302
+    measured with transformers 5.24, 0.72915 vs 0.72884 with 5.25): asserted as a tie with a tolerance, not as
+    either side of it. A w far below the cosine (a broken EMA or posterior) fails."""
     w_auroc, cos_auroc = gsc_run
-    assert w_auroc > cos_auroc
+    assert w_auroc >= cos_auroc - 0.02
 
 
 def test_gsc_weights_beat_their_own_model_cosine_at_the_benchmark_setting(tmp_path):

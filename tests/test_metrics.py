@@ -12,6 +12,7 @@ from hf_mmsel.metrics import (
     auroc,
     multitask_accuracy,
     noise_detection_scores,
+    relevance_matrix,
     retrieval_scores,
     zero_shot_accuracy,
 )
@@ -52,6 +53,34 @@ def test_retrieval_by_label_any_same_label_text_is_a_hit():
     # a label shared with a higher-scoring wrong-class text does not help: image 1 (label 7) loses to text 2
     labels = np.array([7, 7, 3])
     assert retrieval_scores(SIM, labels, labels, ks=(1,))["i2t_r1"] == pytest.approx(100 / 3)
+
+
+def test_pair_level_class_level_and_caption_text_hits_differ():
+    """4 pairs, classes [0, 0, 1, 1], caption texts ["a", "a", "b", "c"]. Image 0's top text is text 1 (same text as
+    its own caption); image 2's top text is text 3 (same class, other text). R@1 i2t: pair index 2/4, caption text
+    3/4 (image 0 hits through the identical string), class 4/4; t2i likewise."""
+    sim = np.array([
+        [0.5, 0.9, 0.1, 0.1],
+        [0.2, 0.8, 0.1, 0.1],
+        [0.1, 0.1, 0.5, 0.9],
+        [0.1, 0.1, 0.2, 0.8],
+    ])
+    labels, caption_ids = np.array([0, 0, 1, 1]), np.array(["a", "a", "b", "c"])
+    by_index = retrieval_scores(sim, ks=(1,))
+    by_caption = retrieval_scores(sim, ks=(1,), caption_ids=caption_ids)
+    by_class = retrieval_scores(sim, labels, labels, ks=(1,))
+    assert (by_index["i2t_r1"], by_caption["i2t_r1"], by_class["i2t_r1"]) == (50.0, 75.0, 100.0)
+    assert (by_index["t2i_r1"], by_caption["t2i_r1"], by_class["t2i_r1"]) == (50.0, 75.0, 100.0)
+    # text 1 ("a") counts image 0 as relevant because image 0's own caption is also "a"; text 3 ("c") does not
+    rel = relevance_matrix(4, 4, caption_ids=caption_ids)
+    assert rel[:, 1].tolist() == [True, True, False, False] and rel[:, 3].tolist() == [False, False, False, True]
+    # several captions per image: image 1's captions are texts 2 and 3; a text equal to one of them is relevant
+    multi = relevance_matrix(2, 4, text_to_image=[0, 0, 1, 1], caption_ids=[5, 6, 5, 7])
+    assert multi.tolist() == [[True, True, True, False], [True, False, True, True]]
+    with pytest.raises(ValueError, match="caption_ids has shape"):
+        retrieval_scores(sim, caption_ids=[0, 1])
+    with pytest.raises(ValueError, match="caption_ids apply to pair-level"):
+        retrieval_scores(sim, labels, labels, caption_ids=caption_ids)
 
 
 def test_retrieval_several_captions_per_image():
@@ -138,9 +167,11 @@ def test_evaluate_metric_modules_add_batch():
     expected = retrieval_scores(unit(image) @ unit(text).T)
     assert metric.compute() == pytest.approx(expected)
     labels = rng.integers(0, 3, 12)
-    assert RetrievalMetric().compute(image_embeds=image, text_embeds=text, labels=labels) == pytest.approx(
-        retrieval_scores(unit(image) @ unit(text).T, labels, labels)
-    )
+    with_labels = RetrievalMetric().compute(image_embeds=image, text_embeds=text, labels=labels, caption_ids=labels % 2)
+    assert with_labels == pytest.approx({
+        **retrieval_scores(unit(image) @ unit(text).T, caption_ids=labels % 2),
+        **{f"class_{k}": v for k, v in retrieval_scores(unit(image) @ unit(text).T, labels, labels).items()},
+    })
     assert ZeroShotAccuracy().compute(image_embeds=image, references=labels, class_text_embeds=text[:3]) == {
         "zero_shot_acc": pytest.approx(zero_shot_accuracy(image, text[:3], labels))
     }
@@ -171,14 +202,15 @@ def _tiny_eval_setup(n=10):
     from hf_mmsel.models import build_dual_encoder
 
     classes = ["a red circle", "a blue square", "a green triangle"]
-    bundle = build_dual_encoder(captions=classes, seed=0)
+    templates = ["{}", "this is {}"]  # two caption texts per class: pair level != class level
+    bundle = build_dual_encoder(captions=classes + ["this is"], seed=0)
     rng = np.random.default_rng(0)
     colours = [(255, 0, 0), (0, 0, 255), (0, 255, 0)]
     rows = []
     for i in range(n):
         label = int(rng.integers(0, 3))
-        rows.append({"image": Image.new("RGB", (32, 32), colours[label]), "caption": classes[label],
-                     "sample_idx": i, "label": label})
+        rows.append({"image": Image.new("RGB", (32, 32), colours[label]),
+                     "caption": templates[i % 2].format(classes[label]), "sample_idx": i, "label": label})
 
     def collate(batch):
         enc = bundle.tokenizer([r["caption"] for r in batch], padding=True, return_tensors="pt")
@@ -212,15 +244,23 @@ def test_embed_dataset_and_evaluate_retrieval_match_the_functions():
         model.train()
     torch.testing.assert_close(emb["image_embeds"], image)
     labels = full["label"].numpy()
+    captions = [r["caption"] for r in rows]
+    ids = emb["caption_ids"].tolist()  # equal ids exactly for equal caption texts
+    assert all((ids[i] == ids[j]) == (captions[i] == captions[j]) for i in range(10) for j in range(10))
     result = evaluate_retrieval(model, rows, collate, class_captions=classes, batch_size=3, prefix="eval_")
-    expected = retrieval_scores((image @ text.T).numpy(), labels, labels)
+    sim = (image @ text.T).numpy()
+    expected = {**retrieval_scores(sim, caption_ids=np.array(captions)),
+                **{f"class_{k}": v for k, v in retrieval_scores(sim, labels, labels).items()}}
+    assert expected["rsum"] != expected["class_rsum"]
     assert {k[5:]: v for k, v in result.items() if k != "eval_zero_shot_acc"} == pytest.approx(expected)
     enc = bundle.tokenizer(classes, padding=True, return_tensors="pt")
     with torch.no_grad():
         model.eval()
         class_embeds = encode_pair(model, full["pixel_values"][:3], enc.input_ids, enc.attention_mask)[1]
     assert result["eval_zero_shot_acc"] == pytest.approx(zero_shot_accuracy(image.numpy(), class_embeds.numpy(), labels))
-    by_pair = evaluate_retrieval(model, DataLoader(rows, batch_size=5, collate_fn=collate), label_relevance=False)
-    assert by_pair == pytest.approx(retrieval_scores((image @ text.T).numpy()))
+    by_pair = evaluate_retrieval(model, DataLoader(rows, batch_size=5, collate_fn=collate), class_level=False)
+    assert by_pair == pytest.approx(retrieval_scores(sim, caption_ids=np.array(captions)))
+    with pytest.warns(FutureWarning, match="class_rsum"):
+        evaluate_retrieval(model, DataLoader(rows, batch_size=5, collate_fn=collate), label_relevance=False)
     with pytest.raises(ValueError, match="collator"):
         evaluate_retrieval(model, rows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -459,8 +460,9 @@ def test_inference_benchmark_compares_the_same_function_as_lora_adapter_names(tm
             row["median_forward_s"]["lora_adapter_names"] / row["median_forward_s"]["mola_grad"])
     both = main(["--mode", "both", "--dim", "16", "--num_layers", "1", "--batch_size", "8", "--rank", "2",
                  "--steps", "1", "--num_experts_list", "2", "--train_num_experts_list", "2",
-                 "--output_json", str(tmp_path / "b.json")])
+                 "--output_dir", str(tmp_path / "out"), "--output_json", str(tmp_path / "b.json")])
     assert set(both) == {"inference", "train"} and both["train"][2]["num_experts"] == 2
+    assert json.loads((tmp_path / "b.json").read_text()) == json.loads((tmp_path / "out" / "results.json").read_text())
 
 
 def test_export_from_a_transformers_model_keeps_heads_and_matches_the_routed_expert(tmp_path):

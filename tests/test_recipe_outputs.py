@@ -90,7 +90,7 @@ def test_train_mola_on_a_users_dataset_and_local_vit(tmp_path, capsys):
                                 "task": ["color", "shape"] * 20}).save_to_disk(str(tmp_path / "mt"))
     recipe = load_recipe("train_mola")
     common = ["--model_name_or_path", str(vit), "--max_steps", "3", "--per_device_train_batch_size", "8",
-              "--logging_steps", "1"]
+              "--logging_steps", "1", "--image_mean", "0.5,0.5,0.5", "--image_std", "0.5,0.5,0.5"]  # no processor
     results = recipe.main(["--dataset", f"first={tmp_path / 'a'},second={tmp_path / 'a'}", "--target_modules",
                            "q_proj,v_proj", "--output_dir", str(tmp_path / "o1"), *common])
     assert results["task_names"] == ["first", "second"] and results["num_labels"] == [3, 3]

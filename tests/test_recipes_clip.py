@@ -177,10 +177,25 @@ def test_benchmark_validation_curve_time_to_full_best_and_run_options(tmp_out):
         expect = next((c["train_cpu_seconds"] for c in run["curve"] if c["val_rsum"] >= best), None)
         assert run["time_to_full_best_cpu_seconds"] == expect
         assert row["time_to_full_best_cpu_seconds"] == expect
+    for row in results:  # early stopping: test scored where validation improved, read at the first best
+        run = row["per_seed"][0]
+        vals = [c["val_rsum"] for c in run["curve"]]
+        improved = [i for i, v in enumerate(vals) if v > max(vals[:i], default=-1.0)]
+        assert [i for i, c in enumerate(run["curve"]) if "test_rsum" in c] == improved
+        best_row = run["curve"][improved[-1]]
+        assert run["best_val_test_rsum"] == best_row["test_rsum"] and run["best_val_rsum"] == max(vals)
+        assert run["best_val_cpu_seconds"] == best_row["train_cpu_seconds"] and run["best_val_epoch"] == best_row["epoch"]
+        assert run["best_val_test_class_rsum"] == best_row["test_class_rsum"]
+        if improved[-1] == len(vals) - 1:  # the best is the final model: the same test score as the final eval
+            assert run["best_val_test_rsum"] == pytest.approx(run["rsum"])
+        assert run["class_rsum"] >= run["rsum"] - 1e-9  # a pair-level hit is also a class-level hit
+        assert row["best_val_test_rsum"] == run["best_val_test_rsum"] and row["best_val_test_rsum_std"] == 0.0
     saved = json.loads((tmp_out / "results.json").read_text())["results"]
-    assert {"score_source", "in_sampler", "time_to_full_best_cpu_seconds"} <= set(saved[0])
+    assert {"score_source", "in_sampler", "time_to_full_best_cpu_seconds", "best_val_test_rsum",
+            "best_val_cpu_seconds", "class_rsum"} <= set(saved[0])
     assert (tmp_out / "time_to_quality.png").stat().st_size > 1000
     assert "CPU s to full's best val" in (tmp_out / "results.md").read_text()
+    assert "test rSum at best val" in (tmp_out / "results.md").read_text()
     with pytest.raises(ValueError, match="bad run option"):
         bench.main(["--strategies", "dissect:rate=0.3", "--output_dir", str(tmp_out), "--overwrite_output_dir", "true"])
     with pytest.raises(ValueError, match="select rate"):

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from hf_mmsel.data import EASY_VQA_CLASS_CAPTIONS
-from hf_mmsel.models import build_dual_encoder, encode_pair, image_features, text_features, train_caption_tokenizer
+from hf_mmsel.models import (build_dual_encoder, default_image_transform, encode_pair, image_features, text_features,
+                             train_caption_tokenizer)
 from hf_mmsel.models.features import siglip2_patches
 
 TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
@@ -24,6 +25,7 @@ def siglip_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("siglip")
     bundle.model.save_pretrained(folder)
     bundle.tokenizer.save_pretrained(folder)
+    bundle.image_transform.to_image_processor().save_pretrained(folder)
     return folder, bundle
 
 
@@ -42,6 +44,7 @@ def siglip2_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("siglip2")
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
+    default_image_transform(16).to_image_processor().save_pretrained(folder)
     return folder, model
 
 

@@ -243,6 +243,7 @@ def test_siglip_model_trains_with_selection_and_gsc_saves_and_reloads(tmp_path):
 
     out = tmp_path / "saved"
     trainer.save_model(str(out))
+    bundle.image_transform.to_image_processor().save_pretrained(str(out))  # as train-clip saves it
     reloaded = AutoModel.from_pretrained(str(out))
     assert isinstance(reloaded, SiglipModel)
     for key, value in model.state_dict().items():

@@ -41,7 +41,7 @@ from hf_mmsel.selection import (SELECTION_STRATEGIES, SelectingBatchSampler, Sel
                                 load_reference_scores, num_to_keep)
 from hf_mmsel.selection.cheap_scoring import patch_drop, resize_for_scoring, spearman, vision_embeddings
 from hf_mmsel.state import (HOOK_STATE_DIR, OwnerStableBatchSampler, PassSchedule, SampleOwnership,
-                            check_checkpoint_complete, streaming_batches_per_pass)
+                            check_checkpoint_complete, check_unique_sample_idx, streaming_batches_per_pass)
 from hf_mmsel.state.runner import HookRunner, require_process_group
 
 from .co_training import co_training_loss
@@ -228,15 +228,18 @@ class ContrastiveTrainer(Trainer):
         return SampleOwnership(n, dist.world_size, dist.rank)
 
     def _get_train_sampler(self, train_dataset=None):
-        """The owner-stable batch sampler: rank r's candidates are the rows whose ``sample_idx mod W = r``."""
+        """The owner-stable batch sampler: rank r's candidates are the rows whose ``sample_idx mod W = r``. Built
+        once per run, after checking that no ``sample_idx`` repeats (:func:`~hf_mmsel.state.check_unique_sample_idx`)."""
         if self._train_sampler is None:
+            sample_idx = self._sample_indices()
+            check_unique_sample_idx(sample_idx, name="train_dataset")
             dist = require_process_group(self.args.world_size)
             kwargs = dict(world_size=dist.world_size, rank=dist.rank, seed=self.args.seed,
                           shuffle=self.args.train_sampling_strategy != "sequential")
             if self.args.selection_in_sampler:  # yields the k = round(r*B) kept rows of each candidate batch
                 kwargs["kept_size"] = num_to_keep(self._train_batch_size, self.args.select_rate)
             cls = _SelectingTrainerSampler if self.args.selection_in_sampler else _OwnerStableTrainerSampler
-            self._train_sampler = cls(self._sample_indices(), self._train_batch_size, **kwargs)
+            self._train_sampler = cls(sample_idx, self._train_batch_size, **kwargs)
         return self._train_sampler
 
     def _configured_stream(self):
@@ -681,7 +684,8 @@ class ContrastiveTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------- evaluation
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Retrieval R@1/5/10 both ways and rsum (percent), plus ``zero_shot_acc`` with ``class_captions``."""
+        """Pair-level retrieval R@1/5/10 both ways and ``rsum`` (percent; the hit is the pair's own caption / image),
+        the class-level ``class_*`` scores when the data carry labels, plus ``zero_shot_acc`` with ``class_captions``."""
         from hf_mmsel.metrics import evaluate_retrieval
 
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset

@@ -107,6 +107,40 @@ class ImageTransform:
         raise ValueError(f"cannot read an output size from image processor size={size} crop_size={crop}")
 
 
+def parse_channel_values(value, name: str = "image_mean") -> tuple[float, float, float] | None:
+    """Three per-channel floats from ``"a,b,c"``, one number (all channels) or a sequence; ``None`` stays ``None``.
+    For ``--image_mean`` / ``--image_std`` flags and YAML values."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        parts = [v for v in value.replace(" ", ",").split(",") if v]
+    elif isinstance(value, (int, float)):
+        parts = [value]
+    else:
+        parts = list(value)
+    try:
+        floats = tuple(float(v) for v in parts)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be 3 comma-separated floats (e.g. 0.5,0.5,0.5), got {value!r}") from err
+    if len(floats) == 1:
+        floats = floats * 3
+    if len(floats) != 3:
+        raise ValueError(f"{name} needs 3 channel values (or 1 for all channels), got {len(floats)}: {value!r}")
+    return floats
+
+
+def image_normalisation(image_mean, image_std) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """``(mean, std)`` from explicit ``image_mean`` / ``image_std`` (see :func:`parse_channel_values`), ``None``
+    when neither is given; giving only one, or a std <= 0, is an error."""
+    mean, std = parse_channel_values(image_mean, "image_mean"), parse_channel_values(image_std, "image_std")
+    if (mean is None) != (std is None):
+        raise ValueError(f"give both image_mean and image_std, or neither; got image_mean={image_mean!r}, "
+                         f"image_std={image_std!r}")
+    if std is not None and min(std) <= 0:
+        raise ValueError(f"image_std values must be > 0, got {std}")
+    return None if mean is None else (mean, std)
+
+
 def default_image_transform(
     size: int = 224, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD
 ) -> ImageTransform:

@@ -25,12 +25,28 @@ def _device_of(model) -> torch.device:
         return torch.device("cpu")
 
 
+def caption_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[bytes]:
+    """One key per row: the row's token ids where ``attention_mask`` is 1 (padding dropped). Two captions with the
+    same key are the same caption to the model (same text, or texts its tokenizer cannot tell apart)."""
+    ids = input_ids.detach().cpu().to(torch.int64)
+    if attention_mask is None:
+        return [row.numpy().tobytes() for row in ids]
+    mask = attention_mask.detach().cpu().bool()
+    return [row[m].numpy().tobytes() for row, m in zip(ids, mask)]
+
+
+def _ids_of(keys: list[bytes]) -> torch.Tensor:
+    index: dict[bytes, int] = {}
+    return torch.tensor([index.setdefault(k, len(index)) for k in keys], dtype=torch.int64)
+
+
 @torch.no_grad()
 def embed_dataset(model, dataloader, *, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
     """L2-normalised ``image_embeds`` / ``text_embeds`` ``[N, D]`` (float32, CPU) for every batch of ``dataloader``.
 
     Batches need ``pixel_values``, ``input_ids`` (and optionally ``attention_mask``); ``sample_idx``, ``label(s)``,
     ``is_noisy`` and ``task_id`` are passed through (as ``sample_idx``, ``labels``, ``is_noisy``, ``task_ids``).
+    ``caption_ids`` ``[N]`` numbers the distinct captions (:func:`caption_keys`: equal ids = the same caption).
     Runs in eval mode without gradients and restores the previous training mode.
     """
     device = torch.device(device) if device is not None else _device_of(model)
@@ -38,6 +54,7 @@ def embed_dataset(model, dataloader, *, device: torch.device | str | None = None
     was_training = inner.training
     inner.eval()
     chunks: dict[str, list[torch.Tensor]] = {}
+    keys: list[bytes] = []
     try:
         for batch in dataloader:
             missing = [k for k in ("pixel_values", "input_ids") if k not in batch]
@@ -52,6 +69,7 @@ def embed_dataset(model, dataloader, *, device: torch.device | str | None = None
             )
             chunks.setdefault("image_embeds", []).append(image.float().cpu())
             chunks.setdefault("text_embeds", []).append(text.float().cpu())
+            keys.extend(caption_keys(batch["input_ids"], mask))
             for key, name in _PASSTHROUGH.items():
                 if key in batch:
                     chunks.setdefault(name, []).append(torch.as_tensor(batch[key]).cpu())
@@ -59,7 +77,7 @@ def embed_dataset(model, dataloader, *, device: torch.device | str | None = None
         inner.train(was_training)
     if not chunks:
         raise ValueError("embed_dataset got an empty dataloader")
-    return {name: torch.cat(parts) for name, parts in chunks.items()}
+    return {**{name: torch.cat(parts) for name, parts in chunks.items()}, "caption_ids": _ids_of(keys)}
 
 
 @torch.no_grad()
@@ -91,20 +109,31 @@ def evaluate_retrieval(
     *,
     batch_size: int = 64,
     tokenizer=None,
-    label_relevance: bool = True,
+    class_level: bool = True,
     ks: Sequence[int] = (1, 5, 10),
     prefix: str = "",
     device: torch.device | str | None = None,
+    label_relevance: bool | None = None,
 ) -> dict[str, float]:
-    """Embed ``dataset_or_loader`` and return i2t/t2i R@K, rsum (percent) and, when ``class_captions`` are
-    given and batches carry labels, ``zero_shot_acc`` (fraction).
+    """Embed ``dataset_or_loader`` and return pair-level retrieval ``i2t_r{k}`` / ``t2i_r{k}`` / ``rsum`` (percent),
+    the class-level ``class_i2t_r{k}`` / ``class_t2i_r{k}`` / ``class_rsum`` when batches carry labels and
+    ``class_level``, and ``zero_shot_acc`` (fraction) when ``class_captions`` are given.
 
-    Each row is one (image, caption) pair. Retrieval relevance is by label when labels exist and
-    ``label_relevance`` (any caption of the same class is a hit), else by pair. ``dataset_or_loader`` is a
-    ``torch.utils.data.DataLoader`` or a dataset turned into one with ``collator`` (``batch_size``, no shuffle).
-    The zero-shot prompts are tokenised with ``tokenizer`` or ``collator.tokenizer``. Keys get ``prefix``.
+    Each row is one (image, caption) pair. Pair level: the hit is the row's own caption / image, and rows with the
+    same caption (:func:`caption_keys`) count as the same caption (retrieval.py). Class level: any caption of the
+    same class is a hit. ``dataset_or_loader`` is a ``torch.utils.data.DataLoader`` or a dataset turned into one
+    with ``collator`` (``batch_size``, no shuffle). The zero-shot prompts are tokenised with ``tokenizer`` or
+    ``collator.tokenizer``. Keys get ``prefix``. ``label_relevance`` is the deprecated name of ``class_level``
+    (``rsum`` is always pair level now).
     """
     from torch.utils.data import DataLoader
+
+    if label_relevance is not None:
+        import warnings
+
+        warnings.warn("evaluate_retrieval(label_relevance=...) is deprecated: 'rsum' is pair level and the class-level "
+                      "scores are 'class_rsum', 'class_i2t_r1', ...; use class_level=", FutureWarning, stacklevel=2)
+        class_level = label_relevance
 
     if isinstance(dataset_or_loader, DataLoader):
         loader = dataset_or_loader
@@ -116,10 +145,10 @@ def evaluate_retrieval(
     image, text = embeds["image_embeds"], embeds["text_embeds"]
     labels = embeds.get("labels")
     similarity = (image @ text.T).numpy()
-    if labels is not None and label_relevance:
-        results: dict[str, Any] = retrieval_scores(similarity, labels.numpy(), labels.numpy(), ks=ks)
-    else:
-        results = retrieval_scores(similarity, ks=ks)
+    results: dict[str, Any] = retrieval_scores(similarity, ks=ks, caption_ids=embeds["caption_ids"].numpy())
+    if labels is not None and class_level:
+        class_scores = retrieval_scores(similarity, labels.numpy(), labels.numpy(), ks=ks)
+        results.update({f"class_{k}": v for k, v in class_scores.items()})
     if class_captions is not None:
         if labels is None:
             raise ValueError("class_captions given but the batches carry no 'label'; zero-shot accuracy needs labels")

@@ -20,15 +20,17 @@ _CITATION = "hf_mmsel"
 class RetrievalMetric(evaluate.Metric):
     """Image<->text Recall@K (percent) and rsum over rows of (image embedding, caption embedding) pairs.
 
-    compute kwargs: ``labels`` (per row; relevance by label, several captions per class), ``ks``.
-    Without labels, row i's caption is the only relevant text of row i's image.
+    Pair level (``i2t_r1`` ... ``rsum``): row i's caption is the relevant text of row i's image; rows with the same
+    ``caption_ids`` (compute kwarg, one id per row) count as the same caption. With ``labels`` (per row) the
+    class-level scores (any caption of the same class is a hit) are added as ``class_i2t_r1`` ... ``class_rsum``.
     """
 
     def _info(self):
         return evaluate.MetricInfo(
             description=self.__doc__,
             citation=_CITATION,
-            inputs_description="image_embeds, text_embeds: [N, D] per pair; optional labels=[N], ks=(1, 5, 10)",
+            inputs_description="image_embeds, text_embeds: [N, D] per pair; optional labels=[N], caption_ids=[N], "
+                               "ks=(1, 5, 10)",
             features=datasets.Features(
                 {
                     "image_embeds": datasets.Sequence(datasets.Value("float32")),
@@ -37,14 +39,15 @@ class RetrievalMetric(evaluate.Metric):
             ),
         )
 
-    def _compute(self, image_embeds, text_embeds, labels=None, ks=(1, 5, 10)):
+    def _compute(self, image_embeds, text_embeds, labels=None, caption_ids=None, ks=(1, 5, 10)):
         image = np.asarray(image_embeds, dtype=np.float64)
         text = np.asarray(text_embeds, dtype=np.float64)
         image /= np.maximum(np.linalg.norm(image, axis=1, keepdims=True), 1e-12)
         text /= np.maximum(np.linalg.norm(text, axis=1, keepdims=True), 1e-12)
+        results = retrieval_scores(image @ text.T, ks=ks, caption_ids=caption_ids)
         if labels is not None:
-            return retrieval_scores(image @ text.T, labels, labels, ks=ks)
-        return retrieval_scores(image @ text.T, ks=ks)
+            results.update({f"class_{k}": v for k, v in retrieval_scores(image @ text.T, labels, labels, ks=ks).items()})
+        return results
 
 
 class ZeroShotAccuracy(evaluate.Metric):

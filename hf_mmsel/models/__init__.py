@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .builder import ARCHITECTURES, DualEncoderBundle, build_dual_encoder, freeze_dual_encoder_towers
+from .builder import (ARCHITECTURES, DualEncoderBundle, MissingImageProcessorError, build_dual_encoder,
+                      freeze_dual_encoder_towers)
 from .co_trained import CoTrainedDualEncoder, CoTrainedDualEncoderOutput
 from .features import (
     check_dual_encoder,
@@ -21,6 +22,7 @@ __all__ = [
     "ARCHITECTURES",
     "DualEncoderBundle",
     "ImageTransform",
+    "MissingImageProcessorError",
     "build_dual_encoder",
     "check_dual_encoder",
     "CoTrainedDualEncoder",

@@ -3,14 +3,16 @@ a ``VisionTextDualEncoderModel`` from pretrained towers, or a pretrained dual en
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
-from ..data.image_transform import ImageTransform, default_image_transform
+from ..data.image_transform import CLIP_MEAN, CLIP_STD, ImageTransform, default_image_transform, image_normalisation
 from .tokenizer import train_caption_tokenizer
 
 
@@ -27,6 +29,12 @@ TOWER_CLASSES = {
 #: steps. A 4x wider init and a softer initial scale (10) learn from the first steps (tests/test_models.py).
 TINY_CLIP_INITIALIZER_FACTOR = 4.0
 TINY_CLIP_LOGIT_SCALE_INIT = 10.0
+#: the image processor file a pretrained model folder / Hub repo must carry (or give image_mean / image_std)
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+
+
+class MissingImageProcessorError(ValueError):
+    """A pretrained model has no ``preprocessor_config.json`` and no explicit ``image_mean`` / ``image_std``."""
 
 
 class DualEncoderBundle(NamedTuple):
@@ -67,6 +75,8 @@ def build_dual_encoder(
     conv_channels: Iterable[int] = (32, 64, 128),
     text_mlp: bool = True,
     image_pooling: str = "mean",
+    image_mean: Sequence[float] | str | None = None,
+    image_std: Sequence[float] | str | None = None,
 ) -> DualEncoderBundle:
     """Build a dual encoder and its preprocessing.
 
@@ -89,15 +99,20 @@ def build_dual_encoder(
         is taken from it (``TOWER_CLASSES``).
     (c) ``model_name_or_path`` (Hub id or local folder of a trained dual encoder: ``CLIPModel``, ``SiglipModel``,
         ``Siglip2Model``, ``SmallDualEncoderModel``, ...): ``AutoModel`` + ``AutoTokenizer`` from it, and the
-        image transform from its image-processor config or its vision config's image size.
+        image transform from its image-processor config.
     SigLIP towers get the input adapters of :func:`~hf_mmsel.models.features.adapt_siglip_inputs`.
+    ``image_mean`` / ``image_std`` (3 floats each, or ``"a,b,c"``) set the image normalisation: random-init models
+    default to CLIP's (``CLIP_MEAN`` / ``CLIP_STD``); for (b) and (c) they override the image processor's, and are
+    required when the vision tower / model has no ``preprocessor_config.json`` (:class:`MissingImageProcessorError`;
+    the image size then comes from its vision config).
     ``freeze_towers=True`` freezes both towers (LiT-style), leaving projections and ``logit_scale`` trainable.
     """
+    normalisation = image_normalisation(image_mean, image_std)
     if model_name_or_path is not None:
         if vision_model is not None or text_model is not None:
             raise ValueError("give model_name_or_path (a trained dual encoder) or vision_model + text_model "
                              "(pretrained towers), not both")
-        bundle = _build_from_pretrained(str(model_name_or_path))
+        bundle = _build_from_pretrained(str(model_name_or_path), normalisation)
         if freeze_towers:
             freeze_dual_encoder_towers(bundle.model)
         return bundle
@@ -123,12 +138,14 @@ def build_dual_encoder(
             conv_channels=conv_channels,
             text_mlp=text_mlp,
             image_pooling=image_pooling,
+            normalisation=normalisation or (CLIP_MEAN, CLIP_STD),
         )
     elif vision_model is None and architecture == "siglip":
         bundle = _build_tiny_siglip(
             captions=_default_captions() if captions is None else list(captions),
             image_size=image_size, patch_size=patch_size, hidden_size=hidden_size, num_layers=num_layers,
             num_heads=num_heads, vocab_size=vocab_size, max_length=max_length, seed=seed,
+            normalisation=normalisation or (CLIP_MEAN, CLIP_STD),
         )
     elif vision_model is None:
         bundle = _build_tiny_clip(
@@ -144,9 +161,11 @@ def build_dual_encoder(
             seed=seed,
             initializer_factor=initializer_factor,
             logit_scale_init=logit_scale_init,
+            normalisation=normalisation or (CLIP_MEAN, CLIP_STD),
         )
     else:
-        bundle = _build_from_towers(str(vision_model), str(text_model), projection_dim=projection_dim, seed=seed)
+        bundle = _build_from_towers(str(vision_model), str(text_model), projection_dim=projection_dim, seed=seed,
+                                    normalisation=normalisation)
     if freeze_towers:
         freeze_dual_encoder_towers(bundle.model)
     return bundle
@@ -175,7 +194,8 @@ def _tiny_tokenizer_and_tower(captions, *, image_size, patch_size, hidden_size, 
 
 
 def _build_tiny_clip(*, captions, image_size, patch_size, hidden_size, num_layers, num_heads, projection_dim,
-                     vocab_size, max_length, seed, initializer_factor, logit_scale_init) -> DualEncoderBundle:
+                     vocab_size, max_length, seed, initializer_factor, logit_scale_init,
+                     normalisation) -> DualEncoderBundle:
     from transformers import CLIPConfig, CLIPModel
 
     tokenizer, tower = _tiny_tokenizer_and_tower(captions, image_size=image_size, patch_size=patch_size,
@@ -200,11 +220,11 @@ def _build_tiny_clip(*, captions, image_size, patch_size, hidden_size, num_layer
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CLIPModel(config)
-    return DualEncoderBundle(model, tokenizer, default_image_transform(image_size))
+    return DualEncoderBundle(model, tokenizer, default_image_transform(image_size, *normalisation))
 
 
 def _build_small(*, captions, image_size, hidden_size, projection_dim, vocab_size, max_length, seed,
-                 logit_scale_init, conv_channels, text_mlp, image_pooling) -> DualEncoderBundle:
+                 logit_scale_init, conv_channels, text_mlp, image_pooling, normalisation) -> DualEncoderBundle:
     from .small_dual_encoder import SmallDualEncoderConfig, SmallDualEncoderModel
 
     tokenizer = train_caption_tokenizer(captions, vocab_size=vocab_size, max_length=max_length)
@@ -217,7 +237,7 @@ def _build_small(*, captions, image_size, hidden_size, projection_dim, vocab_siz
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = SmallDualEncoderModel(config)
-    return DualEncoderBundle(model, tokenizer, default_image_transform(image_size))
+    return DualEncoderBundle(model, tokenizer, default_image_transform(image_size, *normalisation))
 
 
 def _vision_image_size(vision_config) -> int:
@@ -231,11 +251,36 @@ def _vision_image_size(vision_config) -> int:
     return int(size or 224)
 
 
-def _image_transform_for(path: str, vision_config) -> ImageTransform:
-    try:
-        return ImageTransform.from_image_processor(path)
-    except (OSError, ValueError):
-        return default_image_transform(_vision_image_size(vision_config))
+def _image_transform_for(path: str, vision_config, normalisation=None, *, what: str = "model") -> ImageTransform:
+    """The image transform of the pretrained model at ``path``: its ``preprocessor_config.json`` (``normalisation``
+    = explicit ``(mean, std)`` replaces the processor's). Without that file ``normalisation`` is required (size: the
+    vision config's); else :class:`MissingImageProcessorError`."""
+    folder = Path(path)
+    missing = folder.is_dir() and not (folder / PREPROCESSOR_CONFIG).is_file()
+    cause = None
+    if not missing:
+        try:
+            transform = ImageTransform.from_image_processor(path)
+        except OSError as err:  # a Hub repo without the file (or unreachable offline)
+            missing, cause = True, err
+    if not missing:
+        if normalisation is not None:
+            transform = dataclasses.replace(transform, mean=normalisation[0], std=normalisation[1])
+        return transform
+    size = _vision_image_size(vision_config)
+    if normalisation is not None:
+        return default_image_transform(size, *normalisation)
+    where = f"the folder {str(folder)!r}" if folder.is_dir() else f"{path!r}"
+    raise MissingImageProcessorError(
+        f"no image processor config: {PREPROCESSOR_CONFIG} is missing from {where} (the {what}), so the image "
+        "normalisation it was trained with is unknown. Save the image processor next to the weights (e.g. "
+        "image_processor.save_pretrained(folder), or bundle.image_transform.to_image_processor().save_pretrained("
+        "folder)), or pass the normalisation explicitly: build_dual_encoder(..., image_mean=..., image_std=...) "
+        "(train-clip: --image_mean / --image_std, 3 comma-separated floats each, e.g. "
+        f"{','.join(f'{v:g}' for v in CLIP_MEAN)} / {','.join(f'{v:g}' for v in CLIP_STD)} for CLIP); the image "
+        f"size then comes from the vision config ({size} px)."
+        + (f" Loading it failed with: {cause}" if cause is not None else "")
+    ) from cause
 
 
 def _load_tower(path: str, kind: str):
@@ -251,7 +296,8 @@ def _load_tower(path: str, kind: str):
     return cls.from_pretrained(path)
 
 
-def _build_from_towers(vision_model: str, text_model: str, *, projection_dim: int, seed: int) -> DualEncoderBundle:
+def _build_from_towers(vision_model: str, text_model: str, *, projection_dim: int, seed: int,
+                       normalisation=None) -> DualEncoderBundle:
     from transformers import AutoTokenizer, VisionTextDualEncoderModel
 
     towers = {f"{kind}_model": tower for kind, path in (("vision", vision_model), ("text", text_model))
@@ -265,10 +311,11 @@ def _build_from_towers(vision_model: str, text_model: str, *, projection_dim: in
 
     adapt_siglip_inputs(model)
     tokenizer = AutoTokenizer.from_pretrained(text_model)
-    return DualEncoderBundle(model, tokenizer, _image_transform_for(vision_model, model.config.vision_config))
+    return DualEncoderBundle(model, tokenizer, _image_transform_for(vision_model, model.config.vision_config,
+                                                                    normalisation, what="vision_model"))
 
 
-def _build_from_pretrained(path: str) -> DualEncoderBundle:
+def _build_from_pretrained(path: str, normalisation=None) -> DualEncoderBundle:
     from transformers import AutoModel, AutoTokenizer
 
     from .features import adapt_siglip_inputs, check_dual_encoder
@@ -284,11 +331,12 @@ def _build_from_pretrained(path: str) -> DualEncoderBundle:
         ) from err
     adapt_siglip_inputs(model)
     vision_config = getattr(model.config, "vision_config", model.config)
-    return DualEncoderBundle(model, tokenizer, _image_transform_for(path, vision_config))
+    return DualEncoderBundle(model, tokenizer, _image_transform_for(path, vision_config, normalisation,
+                                                                    what="model_name_or_path"))
 
 
 def _build_tiny_siglip(*, captions, image_size, patch_size, hidden_size, num_layers, num_heads, vocab_size,
-                       max_length, seed) -> DualEncoderBundle:
+                       max_length, seed, normalisation) -> DualEncoderBundle:
     from transformers import SiglipConfig, SiglipModel
 
     from .features import adapt_siglip_inputs
@@ -308,4 +356,4 @@ def _build_tiny_siglip(*, captions, image_size, patch_size, hidden_size, num_lay
         model = SiglipModel(config)
     init_sigmoid_logit_parameters(model)  # a fresh SiglipModel has logit_scale = logit_bias = 0
     adapt_siglip_inputs(model)
-    return DualEncoderBundle(model, tokenizer, default_image_transform(image_size))
+    return DualEncoderBundle(model, tokenizer, default_image_transform(image_size, *normalisation))

@@ -4,7 +4,8 @@ peft has no plugin discovery and no API to add a ``PeftType``; ``register_peft_m
 So this module (run by ``import hf_mmsel``) adds ``PeftType.MOLA`` to the str Enum (CPython 3.10-3.13 internals;
 peft is pinned to 0.21.x) and then calls ``register_peft_method``. It is idempotent when "MOLA" already maps to our
 classes (matched by module + qualified name, so a reload also matches) and raises ImportError when another package
-owns "MOLA" or the "mola_" prefix (e.g. the unrelated "MoLA: Higher Layers Need More LoRA Experts").
+owns "MOLA" or the "mola_" prefix (e.g. the unrelated "MoLA: Higher Layers Need More LoRA Experts"). It replaces
+the stand-in that ``hf_mmsel._peft_hook`` leaves under "MOLA" after a failed attempt.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ def register_mola(config_cls: type = MolaConfig, model_cls: type = MolaModel) ->
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils import register_peft_method
 
+    from .._peft_hook import FailedMolaRegistration
+
+    if isinstance(PEFT_TYPE_TO_CONFIG_MAPPING.get(MOLA_PEFT_TYPE), FailedMolaRegistration):
+        del PEFT_TYPE_TO_CONFIG_MAPPING[MOLA_PEFT_TYPE]  # the stand-in of an earlier failed attempt
     existing_config = PEFT_TYPE_TO_CONFIG_MAPPING.get(MOLA_PEFT_TYPE)
     existing_model = PEFT_TYPE_TO_TUNER_MAPPING.get(MOLA_PEFT_TYPE)
     if existing_config is not None or existing_model is not None:

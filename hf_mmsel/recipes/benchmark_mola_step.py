@@ -12,7 +12,11 @@ forward time of each and the throughput ratio ``lora_time / mola_time`` (> 1: Mo
 
 All timings are interleaved in one process (A, B, A, B, ...) so load changes hit every variant alike.
 
-    python recipes/benchmark_mola_step.py --mode both --output_json mola_step.json
+Writes ``results.json`` (the full result) and ``results.md`` (the table) to ``--output_dir`` (default
+``outputs/benchmark-mola-step``; a non-empty folder is refused unless ``--overwrite_output_dir true``, which replaces
+only those two files). ``--output_json PATH`` also writes the JSON there (older scripts).
+
+    hf-mmsel benchmark-mola-step --mode both --output_dir outputs/mola-step
     from hf_mmsel.recipes.benchmark_mola_step import benchmark_mola_step, benchmark_mola_inference
 """
 
@@ -248,6 +252,25 @@ def benchmark_mola_inference(
     }
 
 
+DEFAULT_OUTPUT_DIR = "outputs/benchmark-mola-step"
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "y"):
+        return True
+    if text.lower() in ("0", "false", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def results_markdown(metrics: dict, result: dict) -> str:
+    """The ``results.md`` table: one row per measured ratio, and the device."""
+    device = result.get("device") or result.get("inference", {}).get("device", "?")
+    lines = ["# benchmark-mola-step", "", f"Device: {device}", "", "| measurement | ratio |", "|---|---|"]
+    lines += [f"| {name} | {value:.3f} |" for name, value in metrics.items()]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dim", type=int, default=512)
@@ -265,8 +288,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
                         help="E values of the inference mode")
     parser.add_argument("--train_num_experts_list", type=int, nargs="+", default=[8, 16],
                         help="E values of the training-step ratio in --mode both")
-    parser.add_argument("--output_json", default="outputs/benchmark-mola-step/mola_step_benchmark.json")
+    parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR,
+                        help="folder of results.json and results.md")
+    parser.add_argument("--overwrite_output_dir", type=_bool, nargs="?", const=True, default=False,
+                        help="write into a non-empty --output_dir, replacing only the files this run writes")
+    parser.add_argument("--output_json", default=None, help="also write the result JSON to this file")
     args = parser.parse_args(argv)
+    from hf_mmsel.recipes.run_utils import prepare_output_dir, print_run_summary
+
+    out = prepare_output_dir(args.output_dir, overwrite_output_dir=args.overwrite_output_dir)  # before any timing
     torch.set_num_threads(args.threads)
     common = dict(dim=args.dim, num_layers=args.num_layers, batch_size=args.batch_size, rank=args.rank,
                   steps=args.steps, device=args.device, model=args.model)
@@ -285,13 +315,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
             result["train"] = {e: benchmark_mola_step(num_experts=e, **common) for e in args.train_num_experts_list}
             for e, row in result["train"].items():
                 print(f"E={e}: MoLA-Grad / LoRA training step {row['ratio_mola_grad_over_lora']:.2f}x")
-    import os
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    artefacts = {"result": out / "results.json", "table": out / "results.md"}
+    if args.output_json:
+        import os
 
-    os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-    with open(args.output_json, "w") as f:
-        json.dump(result, f, indent=2)
-    from hf_mmsel.recipes.run_utils import print_run_summary
-
+        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
+        with open(args.output_json, "w") as f:
+            json.dump(result, f, indent=2)
+        artefacts["result (copy)"] = args.output_json
     metrics = {}
     if "ratio_mola_grad_over_lora" in result:
         metrics["MoLA-Grad / LoRA step time"] = round(result["ratio_mola_grad_over_lora"], 3)
@@ -299,8 +331,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
         metrics[f"E={e} MoLA / LoRA adapter_names throughput"] = round(row["throughput_ratio_mola_over_lora"], 3)
     for e, row in result.get("train", {}).items():
         metrics[f"E={e} MoLA / LoRA training step"] = round(row["ratio_mola_grad_over_lora"], 3)
-    print_run_summary("benchmark-mola-step finished", metrics, {"result": args.output_json},
-                      load_hint=f"import json; json.load(open({args.output_json!r}))")
+    (out / "results.md").write_text(results_markdown(metrics, result))
+    print_run_summary("benchmark-mola-step finished", metrics, artefacts,
+                      load_hint=f"import json; json.load(open({str(out / 'results.json')!r}))")
     return result
 
 

@@ -20,12 +20,17 @@ training split (saved with its images to ``pools/``) through ``recipes/curate.py
 ``runs/<run>/curation``; rows gain ``curation_auroc`` (AUROC of ``gsc_clean_prob``, clean = positive),
 ``curation_similarity_auroc`` and ``curation_estimated_noise_rate`` (not timed).
 
+Retrieval is pair level (``rsum``, ``i2t_r1``, ...: the hit is the pair's own caption / image, identical caption
+texts count as one caption); the class-level scores are ``class_rsum``, ``class_i2t_r1``, ...
+
 Splits: ``test`` is only reported (``rsum``); tune on ``validation``: the dataset's own split (digits) or
 ``--validation_fraction`` of train carved before any noise is injected (easy-vqa; 10 % by default). Every
 ``--eval_every_epochs`` the validation rSum is logged against the run's train CPU / wall seconds so far (the
 time-to-quality curve, reference-model cost included); ``time_to_full_best_cpu_seconds`` is the first train CPU time
 at which a strategy's validation rSum reaches the best one of ``full`` in the same seed (``None``: never) and
-``time_to_full_best_ratio`` its ratio to the time ``full`` needs for it.
+``time_to_full_best_ratio`` its ratio to the time ``full`` needs for it. Early stopping: ``best_val_test_rsum`` is
+the test rSum at a run's best validation evaluation and ``best_val_cpu_seconds`` the train CPU seconds spent until
+then (``full`` with early stopping is the baseline a user with the clean validation split would run).
 
 A strategy name may carry per-run options, so rates and score sources are compared in one process under the same
 machine load: ``dissect:r=0.3:score_source=last_visit``, ``random:r=0.3``, ``clipscore:score_source=last_visit:
@@ -322,8 +327,10 @@ def _build(args: BenchmarkArguments, captions, seed: int):
 
 class ValidationCurve:
     """The time-to-quality curve of one run: every ``interval_steps`` optimizer steps (and at the last), the
-    validation rSum against the train wall / CPU seconds spent so far (``offset_*``: a reference model's cost charged
-    to the run; this callback's own time excluded). ``log_cosines`` (``--log_curves``) adds the mean image-text
+    validation rSum (pair level; ``val_class_rsum`` beside it) against the train wall / CPU seconds spent so far
+    (``offset_*``: a reference model's cost charged to the run; this callback's own time excluded). Early stopping:
+    whenever the validation rSum improves on every earlier evaluation, the test split is scored too (``test_rsum``,
+    ``test_class_rsum`` on that row), so the test rSum of the best validation checkpoint is known without saving it. ``log_cosines`` (``--log_curves``) adds the mean image-text
     cosine of clean and of noisy training pairs (the memorisation diagnostic). Its own time is accumulated in
     ``seconds`` / ``cpu_seconds`` and subtracted from the run's reported ``train_seconds`` / ``train_cpu_seconds``."""
 
@@ -332,6 +339,8 @@ class ValidationCurve:
         from torch.utils.data import DataLoader
 
         self.validation, self.collator, self.tokenizer = data.get("validation"), collator, tokenizer
+        self.test = data.get("test")
+        self.best_val_rsum = -math.inf
         self.train_loader = DataLoader(data["train"], batch_size=512, collate_fn=collator) if log_cosines else None
         self.interval_steps = max(1, int(interval_steps))
         self.offset_seconds, self.offset_cpu_seconds = offset_seconds, offset_cpu_seconds
@@ -352,8 +361,16 @@ class ValidationCurve:
                "train_seconds": t0 - self.t0 - self.seconds + self.offset_seconds,
                "train_cpu_seconds": cpu0 - self.cpu0 - self.cpu_seconds + self.offset_cpu_seconds}
         if self.validation is not None:
-            row["val_rsum"] = evaluate_retrieval(model, self.validation, self.collator, batch_size=512,
-                                                 tokenizer=self.tokenizer)["rsum"]
+            val = evaluate_retrieval(model, self.validation, self.collator, batch_size=512, tokenizer=self.tokenizer)
+            row["val_rsum"] = val["rsum"]
+            if "class_rsum" in val:
+                row["val_class_rsum"] = val["class_rsum"]
+            if val["rsum"] > self.best_val_rsum and self.test is not None:
+                self.best_val_rsum = val["rsum"]
+                test = evaluate_retrieval(model, self.test, self.collator, batch_size=512, tokenizer=self.tokenizer)
+                row["test_rsum"] = test["rsum"]
+                if "class_rsum" in test:
+                    row["test_class_rsum"] = test["class_rsum"]
         if self.train_loader is not None:
             emb = embed_dataset(model, self.train_loader)
             cos = (emb["image_embeds"] * emb["text_embeds"]).sum(-1)
@@ -374,6 +391,21 @@ def _make_trainer_callback(curve: ValidationCurve):
                 curve(model, state.global_step, float(state.epoch))
 
     return _EveryInterval()
+
+
+def best_validation_point(curve: list[dict[str, float]] | None) -> dict[str, Any]:
+    """Early stopping on the curve: the first evaluation with the highest validation rSum, as
+    ``best_val_rsum``, ``best_val_test_rsum`` / ``best_val_test_class_rsum`` (test scored there),
+    ``best_val_cpu_seconds`` (train CPU seconds spent until then) and ``best_val_epoch``; ``None`` values
+    without a validation curve."""
+    rows = [c for c in curve or [] if "val_rsum" in c]
+    if not rows:
+        return {key: None for key in ("best_val_rsum", "best_val_test_rsum", "best_val_test_class_rsum",
+                                      "best_val_cpu_seconds", "best_val_epoch")}
+    best = max(rows, key=lambda c: c["val_rsum"])  # max() keeps the first of equal values
+    return {"best_val_rsum": best["val_rsum"], "best_val_test_rsum": best.get("test_rsum"),
+            "best_val_test_class_rsum": best.get("test_class_rsum"),
+            "best_val_cpu_seconds": best["train_cpu_seconds"], "best_val_epoch": best["epoch"]}
 
 
 def time_to_reach(curve: list[dict[str, float]], target: float, key: str = "train_cpu_seconds") -> float | None:
@@ -562,6 +594,8 @@ def _train_one(args, strategy, bundle, data, class_captions, seed, out: Path,
         "strategy": strategy, "loss_type": loss_type, "select_rate": args.select_rate if selects else 1.0,
         "score_source": trainer.args.selection_score_source, "in_sampler": bool(trainer.args.selection_in_sampler),
         "i2t_r1": metrics["eval_i2t_r1"], "t2i_r1": metrics["eval_t2i_r1"], "rsum": metrics["eval_rsum"],
+        "class_i2t_r1": metrics.get("eval_class_i2t_r1"), "class_t2i_r1": metrics.get("eval_class_t2i_r1"),
+        "class_rsum": metrics.get("eval_class_rsum"),
         "zero_shot_acc": metrics.get("eval_zero_shot_acc"), "train_seconds": train_seconds,
         "train_cpu_seconds": train_cpu_seconds,
         "selected_noisy_fraction": statistics.fmean(noisy) if noisy and selects else None,
@@ -570,8 +604,7 @@ def _train_one(args, strategy, bundle, data, class_captions, seed, out: Path,
         "detection_auroc": detection,
         "optimizer_steps": trainer.state.global_step,
         "val_rsum": curves.rows[-1].get("val_rsum") if curves is not None and curves.rows else None,
-        "best_val_rsum": max((c["val_rsum"] for c in curves.rows if "val_rsum" in c), default=None)
-        if curves is not None else None,
+        **best_validation_point(curves.rows if curves is not None else None),
         "curve": curves.rows if curves is not None else None,
         "reference_epochs": reference["epochs"] if reference is not None else None,
         "reference_seconds": reference["seconds"] if reference is not None else None,
@@ -629,7 +662,9 @@ def _detection_auroc(trainer, emb, auroc) -> float | None:
     return None if math.isnan(value) else value
 
 
-_AVERAGED = ("i2t_r1", "t2i_r1", "rsum", "zero_shot_acc", "train_seconds", "train_cpu_seconds",
+_AVERAGED = ("i2t_r1", "t2i_r1", "rsum", "class_i2t_r1", "class_t2i_r1", "class_rsum", "best_val_test_rsum",
+             "best_val_test_class_rsum", "best_val_cpu_seconds", "best_val_epoch", "zero_shot_acc", "train_seconds",
+             "train_cpu_seconds",
              "selected_noisy_fraction",
              "selected_noisy_fraction_after_warmup", "similarity_auroc", "detection_auroc", "reference_epochs",
              "reference_seconds", "reference_cpu_seconds", "reference_rsum", "val_rsum", "best_val_rsum",
@@ -650,8 +685,9 @@ def _aggregate(runs: list[dict[str, Any]], noise_ratio: float, seeds: list[int])
     for key in _REACHED:
         row[key] = statistics.fmean(r[key] for r in runs) if reached and len(reached) == len(runs) else None
     row["time_to_full_best_reached"] = len(reached)
-    rsums = [r["rsum"] for r in runs]
-    row["rsum_std"] = statistics.stdev(rsums) if len(rsums) > 1 else 0.0
+    for key in ("rsum", "class_rsum", "best_val_test_rsum"):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0 if values else None
     row["seeds"] = seeds
     row["per_seed"] = runs
     return row
@@ -671,9 +707,13 @@ def _write_reports(results: list[dict[str, Any]], out: Path, args: BenchmarkArgu
     (out / "results.json").write_text(json.dumps({"config": vars(args), "results": results}, indent=2))
 
     fmt = _fmt
-    lines = ["| noise | loss | strategy | rate | i2t R@1 | t2i R@1 | test rSum (± std) | zero-shot | train s "
+    lines = ["Retrieval is pair level (the hit is the pair's own caption / image; identical caption texts count as one "
+             "caption); `class` columns count any caption of the same class. `best val`: early stopping, the test "
+             "rSum at the run's best validation evaluation and the train CPU seconds spent until then.", "",
+             "| noise | loss | strategy | rate | i2t R@1 | t2i R@1 | test rSum, final (± std) | class rSum, final "
+             "| test rSum at best val (± std) | train CPU s to best val | zero-shot | train s "
              "| sel. noisy | sim. AUROC | det. AUROC | train CPU s | best val rSum | CPU s to full's best val (x full) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         reached = r.get("time_to_full_best_cpu_seconds")
         to_best = (f"{fmt(reached)} ({fmt(r.get('time_to_full_best_ratio'), 2)}x)" if reached is not None else
@@ -682,7 +722,9 @@ def _write_reports(results: list[dict[str, Any]], out: Path, args: BenchmarkArgu
         lines.append(
             f"| {r['noise_ratio']:.0%} | {r.get('loss_type', 'softmax')} | {r['strategy']} | {r['select_rate']:.2f} | "
             f"{fmt(r['i2t_r1'])} | "
-            f"{fmt(r['t2i_r1'])} | {fmt(r['rsum'])} ± {fmt(r['rsum_std'])} | {fmt(r['zero_shot_acc'], 3)} | "
+            f"{fmt(r['t2i_r1'])} | {fmt(r['rsum'])} ± {fmt(r['rsum_std'])} | {fmt(r.get('class_rsum'))} | "
+            f"{fmt(r.get('best_val_test_rsum'))} ± {fmt(r.get('best_val_test_rsum_std'))} | "
+            f"{fmt(r.get('best_val_cpu_seconds'))} | {fmt(r['zero_shot_acc'], 3)} | "
             f"{fmt(r['train_seconds'])} | {fmt(r['selected_noisy_fraction'], 3)} | {fmt(r['similarity_auroc'], 3)} | "
             f"{fmt(r['detection_auroc'], 3)} | {fmt(r.get('train_cpu_seconds'))} | {fmt(r.get('best_val_rsum'))} | "
             f"{to_best} |"
@@ -898,6 +940,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for row in results:
         name = f"{row['strategy']} @ {row['noise_ratio']:.0%} noise"
         summary[f"{name}: rSum"] = f"{row['rsum']:.1f} ± {row['rsum_std']:.1f}"
+        if row.get("best_val_test_rsum") is not None:
+            summary[f"{name}: rSum at best val"] = (f"{row['best_val_test_rsum']:.1f} ± {row['best_val_test_rsum_std']:.1f}"
+                                                    f" ({row['best_val_cpu_seconds']:.1f} CPU s)")
         summary[f"{name}: train s"] = round(row["train_seconds"], 1)
         if row.get("time_to_full_best_ratio") is not None:
             summary[f"{name}: CPU to full's best val (x full)"] = round(row["time_to_full_best_ratio"], 2)

@@ -99,6 +99,10 @@ class CurateArguments:
     image_size: int | None = field(
         default=None, metadata={"help": "Image size when the model folder has no image-processor config."}
     )
+    image_mean: str | None = field(
+        default=None, metadata={"help": "Image normalisation mean, 3 comma-separated floats; needed (with "
+                                        "--image_std) when the model folder has no preprocessor_config.json."})
+    image_std: str | None = field(default=None, metadata={"help": "Image normalisation std (see --image_mean)."})
     max_length: int | None = field(default=None, metadata={"help": "Caption token limit (default: the model's)."})
     batch_size: int = field(default=256, metadata={"help": "Pairs per embedding batch and process."})
     num_anchors: int = field(default=512, metadata={"help": "GSC anchor pairs (structure profiles)."})
@@ -325,7 +329,9 @@ def load_dual_encoder(args: CurateArguments):
     from hf_mmsel.models import build_dual_encoder
 
     path = args.model_name_or_path
-    bundle = build_dual_encoder(model_name_or_path=path)
+    has_processor = (Path(path) / "preprocessor_config.json").is_file() or not Path(path).exists()
+    # a folder without preprocessor_config.json needs --image_mean / --image_std (MissingImageProcessorError)
+    bundle = build_dual_encoder(model_name_or_path=path, image_mean=args.image_mean, image_std=args.image_std)
     model, tokenizer, transform = bundle.model, bundle.tokenizer, bundle.image_transform
     config = model.config
     text_config = getattr(config, "text_config", None)
@@ -343,7 +349,6 @@ def load_dual_encoder(args: CurateArguments):
         raise ValueError(f"--max_length {args.max_length} exceeds the text model's {positions} positions")
 
     vision_size = getattr(getattr(config, "vision_config", None), "image_size", None)
-    has_processor = (Path(path) / "preprocessor_config.json").is_file() or not Path(path).exists()
     if args.image_size is not None and tuple(transform.size) != (args.image_size, args.image_size):
         if has_processor:
             raise ValueError(

@@ -9,7 +9,8 @@ file of the same names and flags given on the command line override it. Without 
 embedded easy-vqa captions; ``--dataset DIR --streaming true --max_steps S`` streams WebDataset/parquet shards
 (see README "Training at scale"); ``--vision_model``/``--text_model`` start from pretrained towers (a full CLIP /
 SigLIP / SigLIP2 checkpoint lends its tower) and ``--model_name_or_path`` from a whole pretrained dual encoder
-(e.g. a ``SiglipModel``) instead of a small random-init CLIP (``--architecture clip|small|siglip``).
+(e.g. a ``SiglipModel``) instead of a small random-init CLIP (``--architecture clip|small|siglip``); a pretrained
+folder without ``preprocessor_config.json`` needs ``--image_mean`` / ``--image_std`` (3 comma-separated floats).
 ``--loss_type sigmoid`` trains with SigLIP's pairwise sigmoid loss (the model's ``logit_scale``/``logit_bias``,
 added with t' = log 10, b = -10 when it lacks them) instead of the softmax InfoNCE. ``--gsc true`` adds GSC
 per-sample weighting after selection (``--selection_strategy full`` for GSC alone), tuned by the ``--gsc_*``
@@ -49,6 +50,11 @@ class ClipRecipeArguments:
                                                                   "'small' (CNN + bag-of-words SmallDualEncoderModel) "
                                                                   "or 'siglip' (tiny SiglipModel)"})
     image_size: int = field(default=32)
+    image_mean: str | None = field(
+        default=None, metadata={"help": "image normalisation mean, 3 comma-separated floats (e.g. 0.5,0.5,0.5); "
+                                        "random-init models default to CLIP's; required with --model_name_or_path / "
+                                        "--vision_model when that folder has no preprocessor_config.json"})
+    image_std: str | None = field(default=None, metadata={"help": "image normalisation std (see --image_mean)"})
     patch_size: int = field(default=8)
     hidden_size: int = field(default=64)
     num_layers: int = field(default=2)
@@ -88,7 +94,8 @@ def _build_model(args: ClipRecipeArguments, captions, seed: int = 0):
                               architecture=args.architecture, image_size=args.image_size,
                               patch_size=args.patch_size, hidden_size=args.hidden_size, num_layers=args.num_layers,
                               max_length=args.max_length, initializer_factor=args.initializer_factor,
-                              logit_scale_init=args.logit_scale_init, seed=seed)
+                              logit_scale_init=args.logit_scale_init, image_mean=args.image_mean,
+                              image_std=args.image_std, seed=seed)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -8,7 +8,9 @@
 
 ``--dataset`` takes one image-classification dataset (Hub id, data folder or ``save_to_disk`` folder; with
 ``--task_column`` its rows are split into tasks), or several as ``name=source,name=source`` (one task each);
-``--model_name_or_path`` any transformers vision backbone (``AutoModel``), frozen, with new per-task heads.
+``--model_name_or_path`` any transformers vision backbone (``AutoModel``), frozen, with new per-task heads; its
+images are normalised with its image processor's mean/std (``preprocessor_config.json``), or ``--image_mean`` /
+``--image_std`` (required when it has none). The random-init ViT uses mean = std = 0.5.
 
 Settings come from the YAML ``--config`` (default ``recipes/configs/mola_default.yaml``); command-line flags override
 it. Any ``TrainingArguments`` flag works (``--max_steps``, ``--per_device_train_batch_size``, ``--report_to``,
@@ -95,6 +97,11 @@ class DataArguments:
     task_column: str | None = field(default=None, metadata={"help": "Column naming each row's task (--dataset)."})
     image_size: int = field(default=28, metadata={"help": "Common image size of all tasks (default for "
                                                           "--model_name_or_path: its config's image_size)."})
+    image_mean: str | None = field(
+        default=None, metadata={"help": "Normalisation mean of --dataset images, 3 comma-separated floats (e.g. "
+                                        "0.5,0.5,0.5). Default: the --model_name_or_path image processor's (required "
+                                        "when it has no preprocessor_config.json), else 0.5 (random-init ViT)."})
+    image_std: str | None = field(default=None, metadata={"help": "Normalisation std (see --image_mean)."})
     max_per_task: int | None = field(default=None, metadata={"help": "Cap on examples per task (train + test)."})
     test_fraction: float = field(default=0.2, metadata={"help": "Held-out test share when a dataset has no test "
                                                                 "split (and of the embedded digit tasks)."})
@@ -119,29 +126,69 @@ def parse_args(argv: list[str] | None = None):
     return model_args, data_args, training_args
 
 
-def backbone_image_settings(model_name_or_path: str, default_size: int) -> dict:
-    """Image size and normalisation of a pretrained backbone: from its image processor when it has one, else from
-    its config (``image_size``) with mean/std 0.5."""
-    settings = {"image_size": default_size, "mean": 0.5, "std": 0.5}
+#: normalisation of the random-init ViT (no image processor to read): the embedded benchmark's mean = std = 0.5
+RANDOM_INIT_MEAN = RANDOM_INIT_STD = 0.5
+
+
+def backbone_image_settings(model_name_or_path: str, default_size: int, image_mean=None, image_std=None) -> dict:
+    """Image size (its config's ``image_size``, else ``default_size``) and normalisation of a pretrained backbone:
+    explicit ``image_mean`` / ``image_std`` (3 floats or ``"a,b,c"``), else its image processor's; neither is a
+    :class:`~hf_mmsel.models.MissingImageProcessorError`."""
     from transformers import AutoConfig
 
+    from hf_mmsel.data.image_transform import image_normalisation
+    from hf_mmsel.models.builder import PREPROCESSOR_CONFIG, MissingImageProcessorError
+
+    normalisation = image_normalisation(image_mean, image_std)
+    settings = {"image_size": default_size}
     size = getattr(AutoConfig.from_pretrained(model_name_or_path), "image_size", None)
     if isinstance(size, int):
         settings["image_size"] = size
+    if normalisation is not None:
+        return {**settings, "mean": list(normalisation[0]), "std": list(normalisation[1])}
+    fix = ("Save the backbone's image processor next to it (image_processor.save_pretrained(folder)) or pass the "
+           "normalisation it was trained with: --image_mean / --image_std, 3 comma-separated floats each (e.g. "
+           "0.5,0.5,0.5 / 0.5,0.5,0.5).")
     try:
         from transformers import AutoImageProcessor
 
         processor = AutoImageProcessor.from_pretrained(model_name_or_path)
-    except (OSError, ValueError):
-        return settings
-    if getattr(processor, "image_mean", None) is not None:
-        settings.update(mean=list(processor.image_mean), std=list(processor.image_std))
-    return settings
+    except OSError as err:
+        local = os.path.isdir(model_name_or_path)
+        raise MissingImageProcessorError(
+            f"--model_name_or_path {model_name_or_path!r} has no image processor config ({PREPROCESSOR_CONFIG}), so "
+            f"the image normalisation it was trained with is unknown. {fix}"
+            + ("" if local else f" Loading it failed with: {err}")) from err
+    if getattr(processor, "image_mean", None) is None or getattr(processor, "image_std", None) is None:
+        raise MissingImageProcessorError(
+            f"the image processor of {model_name_or_path!r} ({type(processor).__name__}) has no image_mean / "
+            f"image_std. {fix}")
+    return {**settings, "mean": list(processor.image_mean), "std": list(processor.image_std)}
 
 
-def load_data(data_args: DataArguments, model_args: ModelArguments):
-    """``(DatasetDict with train/test, MultiTaskSpec, image_size)``: ``--dataset`` or the embedded benchmark."""
+def image_settings(data_args: DataArguments, model_args: ModelArguments) -> dict | None:
+    """``image_size`` / ``mean`` / ``std`` of ``--dataset`` images (``None`` for the embedded benchmark, which
+    normalises its own); checked before any work."""
+    from hf_mmsel.data.image_transform import image_normalisation
+
+    normalisation = image_normalisation(data_args.image_mean, data_args.image_std)
     if data_args.dataset is None:
+        if normalisation is not None:
+            raise ValueError("--image_mean / --image_std apply to --dataset images; the embedded benchmark is "
+                             "normalised with mean = std = 0.5 (drop the flags, or pass --dataset)")
+        return None
+    if model_args.model_name_or_path:
+        return backbone_image_settings(model_args.model_name_or_path, data_args.image_size, data_args.image_mean,
+                                       data_args.image_std)
+    mean, std = normalisation or ((RANDOM_INIT_MEAN,) * 3, (RANDOM_INIT_STD,) * 3)
+    return {"image_size": data_args.image_size, "mean": list(mean), "std": list(std)}
+
+
+def load_data(data_args: DataArguments, model_args: ModelArguments, image: dict | None = None):
+    """``(DatasetDict with train/test, MultiTaskSpec, image_size)``: ``--dataset`` or the embedded benchmark;
+    ``image``: :func:`image_settings` (computed when not given)."""
+    if data_args.dataset is None:
+        image_settings(data_args, model_args)  # refuses --image_mean / --image_std here
         from hf_mmsel.data.multitask import load_multitask_benchmark
 
         data, spec = load_multitask_benchmark(image_size=data_args.image_size, max_per_task=data_args.max_per_task,
@@ -149,9 +196,7 @@ def load_data(data_args: DataArguments, model_args: ModelArguments):
         return data, spec, data_args.image_size
     from hf_mmsel.data.multitask import load_multitask_datasets
 
-    image = {"image_size": data_args.image_size, "mean": 0.5, "std": 0.5}
-    if model_args.model_name_or_path:
-        image = backbone_image_settings(model_args.model_name_or_path, data_args.image_size)
+    image = image if image is not None else image_settings(data_args, model_args)
     data, spec = load_multitask_datasets(
         data_args.dataset, image_column=data_args.image_column, label_column=data_args.label_column,
         task_column=data_args.task_column, test_fraction=data_args.test_fraction, seed=data_args.split_seed,
@@ -330,6 +375,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"--routing must be 'task' or 'router', got {model_args.routing!r}")
     push = training_args.push_to_hub
     token = check_push_settings(training_args) if push else None
+    image = image_settings(data_args, model_args)  # a missing image processor / bad flag: before any work
     training_args.push_to_hub = False  # we push the finished artefacts ourselves (not every checkpoint)
     # every rank checks (same answer everywhere, so a refusal stops all ranks) before the main process writes
     # base_model/ (after the barrier of main_process_first below)
@@ -337,7 +383,7 @@ def main(argv: list[str] | None = None) -> dict:
                        resume_from_checkpoint=training_args.resume_from_checkpoint)
     set_seed(training_args.seed)
     with training_args.main_process_first(desc="build the multi-task data"):
-        data, spec, image_size = load_data(data_args, model_args)
+        data, spec, image_size = load_data(data_args, model_args, image)
     base = build_base_model(model_args, spec, image_size)
     if model_args.target_modules:
         from hf_mmsel.models.multitask import vit_target_modules

@@ -15,7 +15,28 @@ from torch.utils.data import Sampler
 
 from .ownership import SampleOwnership
 
-__all__ = ["OwnerStableBatchSampler"]
+__all__ = ["OwnerStableBatchSampler", "check_unique_sample_idx"]
+
+
+def check_unique_sample_idx(sample_idx, *, name: str = "train_dataset") -> None:
+    """Raise ``ValueError`` if a ``sample_idx`` occurs twice (e.g. two concatenated datasets, both numbered
+    0..N-1): per-sample state is indexed by it, so such rows would silently share one state slot.
+
+    One ``torch.unique`` over the map-style column, at train start. Streams are not checked: their ``sample_idx``
+    is the shard manifest's offset + position, unique by construction.
+    """
+    values, counts = torch.unique(torch.as_tensor(sample_idx).flatten(), return_counts=True)
+    repeated = values[counts > 1]
+    if repeated.numel():
+        shown = ", ".join(str(int(v)) for v in repeated[:5]) + (", ..." if repeated.numel() > 5 else "")
+        extra = int((counts[counts > 1] - 1).sum())
+        raise ValueError(
+            f"{name} has duplicate sample_idx values: {repeated.numel()} id(s) occur more than once ({shown}; "
+            f"{extra} extra row(s)), e.g. after concatenating datasets that each number their rows 0..N-1. "
+            "Per-sample selection / GSC state is indexed by sample_idx, so those rows would share one state slot. "
+            'Re-number the rows first: dataset = dataset.map(lambda _, i: {"sample_idx": i}, with_indices=True) '
+            "(or hf_mmsel.data.add_sample_idx(dataset))."
+        )
 
 
 class OwnerStableBatchSampler(Sampler):
