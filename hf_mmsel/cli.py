@@ -35,6 +35,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "curate": ("hf_mmsel.recipes.curate", "score a image-text dataset with a trained model and keep the clean pairs"),
     "benchmark-selection": ("hf_mmsel.recipes.benchmark_selection",
                             "compare selection / noisy-correspondence strategies on a noisy image-text dataset"),
+    "benchmark-downstream": ("hf_mmsel.recipes.benchmark_downstream",
+                             "curate a noisy pool by each score, train a fresh model on the top f, compare retrieval"),
     "benchmark-mola": ("hf_mmsel.recipes.benchmark_mola",
                        "compare MoLA with full fine-tuning and LoRA baselines on a multi-task benchmark"),
     "benchmark-mola-step": ("hf_mmsel.recipes.benchmark_mola_step",

@@ -26,6 +26,14 @@ from .easy_vqa import (
     easy_vqa_label,
     load_easy_vqa_captions,
 )
+from .emoji import (
+    EmojiFontNotFoundError,
+    emoji_caption,
+    emoji_group_key,
+    find_emoji_font,
+    load_emoji_captions,
+    render_emoji,
+)
 from .loading import (
     EMBEDDED_IMAGE_TEXT_DATASETS,
     add_sample_idx,
@@ -51,6 +59,12 @@ __all__ = [
     "DIGIT_WORDS",
     "EMBEDDED_IMAGE_TEXT_DATASETS",
     "load_digits_captions",
+    "EmojiFontNotFoundError",
+    "emoji_caption",
+    "emoji_group_key",
+    "find_emoji_font",
+    "load_emoji_captions",
+    "render_emoji",
     "BadSampleError",
     "ShardEntry",
     "ShardManifest",

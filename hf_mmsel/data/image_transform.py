@@ -2,13 +2,19 @@
 
 ``ImageTransform`` resizes (optionally shortest-edge + centre crop, as CLIP processors do), rescales to
 [0, 1] and normalises with per-channel mean/std. ``ImageTransform.from_image_processor`` reads these settings
-from a Hugging Face image processor (object, local folder or Hub id).
+from a Hugging Face image processor (object, local folder or Hub id), a timm model's processor
+(``TimmWrapperImageProcessor``) or a timm model folder (its ``config.json`` ``pretrained_cfg``);
+``ImageTransform.from_timm_config`` from a timm ``pretrained_cfg`` / data config (timm's eval preprocessing,
+without importing timm or torchvision).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -85,11 +91,22 @@ class ImageTransform:
 
     @classmethod
     def from_image_processor(cls, processor) -> ImageTransform:
-        """Build from an image processor object, or a local folder / Hub id holding ``preprocessor_config.json``."""
+        """Build from an image processor object, or a local folder / Hub id holding ``preprocessor_config.json``.
+
+        A timm model's processor (``TimmWrapperImageProcessor``: its ``data_config``) and a local timm model folder
+        without ``preprocessor_config.json`` (``config.json`` with ``architecture`` and ``pretrained_cfg``) give
+        timm's eval preprocessing (:meth:`from_timm_config`)."""
         if isinstance(processor, str) or hasattr(processor, "__fspath__"):
+            folder = Path(str(processor))
+            timm_cfg = _timm_folder_pretrained_cfg(folder)
+            if timm_cfg is not None:
+                return cls.from_timm_config(timm_cfg)
             from transformers import AutoImageProcessor
 
             processor = AutoImageProcessor.from_pretrained(str(processor))
+        data_config = getattr(processor, "data_config", None)
+        if isinstance(data_config, Mapping) and "input_size" in data_config:  # TimmWrapperImageProcessor
+            return cls.from_timm_config(data_config)
         size = dict(getattr(processor, "size", None) or {})
         crop = dict(getattr(processor, "crop_size", None) or {})
         do_crop = bool(getattr(processor, "do_center_crop", False)) and crop
@@ -105,6 +122,54 @@ class ImageTransform:
         if "height" in size and "width" in size:
             return cls((int(size["height"]), int(size["width"])), mean, std, resample_name)
         raise ValueError(f"cannot read an output size from image processor size={size} crop_size={crop}")
+
+    @classmethod
+    def from_timm_config(cls, pretrained_cfg: Mapping, image_size: int | None = None) -> ImageTransform:
+        """timm's eval preprocessing for a ``pretrained_cfg`` (or the ``data_config`` of
+        ``timm.data.resolve_data_config``): resize the shorter side to ``floor(size / crop_pct)`` with its
+        ``interpolation``, centre-crop ``input_size``, normalise by its ``mean`` / ``std`` (``crop_mode="center"``;
+        timm's defaults where a key is absent: crop_pct 0.875, bicubic). ``image_size`` replaces the input size (same
+        crop ratio). Raises ``ValueError`` without ``input_size``, ``mean`` or ``std`` (nothing is assumed), for crop
+        modes other than ``center`` and for a non-square input size."""
+        cfg = dict(pretrained_cfg)
+        missing = [k for k in ("input_size", "mean", "std") if not cfg.get(k)]
+        if missing:
+            raise ValueError(f"the timm pretrained_cfg has no {', '.join(missing)}: its preprocessing is unknown "
+                             f"(keys: {sorted(cfg)})")
+        height, width = (int(v) for v in list(cfg["input_size"])[-2:])
+        if image_size is not None:
+            height = width = int(image_size)
+        if height != width:
+            raise ValueError(f"non-square timm input size {height}x{width} is not supported; give image_size")
+        crop_mode = cfg.get("crop_mode") or "center"
+        if crop_mode != "center":
+            raise ValueError(f"timm crop_mode {crop_mode!r} is not supported (only 'center')")
+        crop_pct = float(cfg.get("crop_pct") or TIMM_DEFAULT_CROP_PCT)
+        interpolation = cfg.get("interpolation") or "bicubic"
+        if interpolation not in _RESAMPLE:
+            raise ValueError(f"unknown timm interpolation {interpolation!r}; one of {sorted(_RESAMPLE)}")
+        mean = tuple(float(v) for v in _channels(cfg["mean"]))
+        std = tuple(float(v) for v in _channels(cfg["std"]))
+        return cls((height, width), mean, std, interpolation, int(math.floor(height / crop_pct)))
+
+
+#: timm's default eval crop fraction (``timm.data.DEFAULT_CROP_PCT``)
+TIMM_DEFAULT_CROP_PCT = 0.875
+
+
+def _channels(values) -> list[float]:
+    values = list(values) if isinstance(values, (list, tuple)) else [values]
+    return values * 3 if len(values) == 1 else values
+
+
+def _timm_folder_pretrained_cfg(folder: Path) -> dict | None:
+    """The ``pretrained_cfg`` of a local timm model folder without ``preprocessor_config.json``, else ``None``."""
+    if not folder.is_dir() or (folder / "preprocessor_config.json").is_file() or not (folder / "config.json").is_file():
+        return None
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if "architecture" not in config or config.get("model_type", "timm_wrapper") != "timm_wrapper":
+        return None
+    return dict(config.get("pretrained_cfg") or {})
 
 
 def parse_channel_values(value, name: str = "image_mean") -> tuple[float, float, float] | None:

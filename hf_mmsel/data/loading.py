@@ -1,7 +1,8 @@
 """Load any image-text dataset into the standard columns ``image`` / ``caption`` / ``sample_idx`` [/ ``label``].
 
 Sources: the embedded benchmarks by name (``None`` or ``"easy-vqa"``: easy-vqa captions; ``"digits"``: MNIST-5k +
-scikit-learn digits with templated captions, :mod:`hf_mmsel.data.digits`), a local ``save_to_disk`` folder, a local ``imagefolder``
+scikit-learn digits with templated captions, :mod:`hf_mmsel.data.digits`; ``"emoji"``: Noto Color Emoji renderings
+with their CLDR names, :mod:`hf_mmsel.data.emoji`), a local ``save_to_disk`` folder, a local ``imagefolder``
 (images + ``metadata.csv``/``metadata.jsonl``), or anything ``datasets.load_dataset`` accepts (Hub ids,
 builder names, data files).
 """
@@ -24,7 +25,7 @@ STANDARD_LABEL_COLUMN = "label"
 SAMPLE_IDX_COLUMN = "sample_idx"
 
 #: Embedded offline image-text benchmarks, loadable by name (a local folder of the same name takes precedence).
-EMBEDDED_IMAGE_TEXT_DATASETS: tuple[str, ...] = ("easy-vqa", "digits")
+EMBEDDED_IMAGE_TEXT_DATASETS: tuple[str, ...] = ("easy-vqa", "digits", "emoji")
 
 
 def _load_embedded(name: str, load_kwargs: dict[str, Any]) -> DatasetDict:
@@ -32,6 +33,10 @@ def _load_embedded(name: str, load_kwargs: dict[str, Any]) -> DatasetDict:
         from .easy_vqa import load_easy_vqa_captions
 
         return load_easy_vqa_captions(**load_kwargs)
+    if name == "emoji":
+        from .emoji import load_emoji_captions
+
+        return load_emoji_captions(**load_kwargs)
     from .digits import load_digits_captions
 
     return load_digits_captions(**load_kwargs)
@@ -159,7 +164,10 @@ def load_image_text_dataset(
     Args:
         path_or_id: ``None`` or ``"easy-vqa"`` for the embedded easy-vqa captions (:func:`load_easy_vqa_captions`,
             with its ``label``); ``"digits"`` for the embedded digits benchmark (:func:`load_digits_captions`:
-            train/validation/test, with ``label``); a local ``save_to_disk`` folder (Dataset or DatasetDict); a
+            train/validation/test, with ``label``); ``"emoji"`` for the embedded emoji benchmark
+            (:func:`load_emoji_captions`: emoji rendered from the Debian font ``fonts-noto-color-emoji`` with their
+            CLDR names as captions, train/validation/test split by emoji group, ``label`` = group); a local
+            ``save_to_disk`` folder (Dataset or DatasetDict); a
             local folder of images with ``metadata.csv``/``metadata.jsonl`` (``imagefolder``: the image column is then ``image`` and the
             caption column is whatever metadata names it); otherwise a Hub id or builder passed to
             ``datasets.load_dataset`` together with ``data_dir`` and ``load_kwargs``.

@@ -15,6 +15,7 @@ from .features import (
     unwrap_model,
 )
 from .small_dual_encoder import SmallDualEncoderConfig, SmallDualEncoderModel, SmallDualEncoderOutput
+from .towers import TOWER_KINDS, TowerLoadError, export_efficientnet_lite0, tower_kind
 from ..data.image_transform import ImageTransform, default_image_transform
 from .tokenizer import train_caption_tokenizer
 
@@ -36,6 +37,10 @@ __all__ = [
     "SmallDualEncoderModel",
     "SmallDualEncoderOutput",
     "text_features",
+    "TOWER_KINDS",
+    "tower_kind",
+    "TowerLoadError",
+    "export_efficientnet_lite0",
     "train_caption_tokenizer",
     "make_logit_scale_1d",
     "unwrap_model",

@@ -1,5 +1,6 @@
 """``build_dual_encoder``: a small random-init dual encoder (tiny CLIP, tiny SigLIP or :class:`SmallDualEncoderModel`),
-a ``VisionTextDualEncoderModel`` from pretrained towers, or a pretrained dual encoder checkpoint."""
+a ``VisionTextDualEncoderModel`` from pretrained towers (transformers, timm or sentence-transformers:
+:mod:`hf_mmsel.models.towers`), or a pretrained dual encoder checkpoint."""
 
 from __future__ import annotations
 
@@ -14,16 +15,12 @@ import torch
 
 from ..data.image_transform import CLIP_MEAN, CLIP_STD, ImageTransform, default_image_transform, image_normalisation
 from .tokenizer import train_caption_tokenizer
+from .towers import TOWER_CLASSES  # noqa: F401 - re-exported (model types whose towers vision/text_model can name)
 
 
 ARCHITECTURES = ("clip", "small", "siglip")
-#: model types of full dual-encoder checkpoints whose towers ``vision_model`` / ``text_model`` can name: the tower
-#: classes to load from them (``VisionTextDualEncoderModel`` itself special-cases only CLIP's vision tower).
-TOWER_CLASSES = {
-    "clip": ("CLIPVisionModel", "CLIPTextModel"),
-    "siglip": ("SiglipVisionModel", "SiglipTextModel"),
-    "siglip2": ("Siglip2VisionModel", "Siglip2TextModel"),
-}
+#: input size of the random-init models when ``image_size`` is not given
+DEFAULT_RANDOM_INIT_IMAGE_SIZE = 32
 #: Init of a from-scratch tiny CLIP. With CLIP's own defaults (initializer_factor 1, scale 1/0.07) a 2-layer,
 #: 64-wide CLIP collapses: every image embedding is nearly the same and the loss stays at ln B for hundreds of
 #: steps. A 4x wider init and a softer initial scale (10) learn from the first steps (tests/test_models.py).
@@ -59,7 +56,7 @@ def build_dual_encoder(
     text_model: str | os.PathLike | None = None,
     model_name_or_path: str | os.PathLike | None = None,
     captions: Iterable[str] | None = None,
-    image_size: int = 32,
+    image_size: int | None = None,
     patch_size: int = 8,
     hidden_size: int = 64,
     num_layers: int = 2,
@@ -77,6 +74,7 @@ def build_dual_encoder(
     image_pooling: str = "mean",
     image_mean: Sequence[float] | str | None = None,
     image_std: Sequence[float] | str | None = None,
+    vision_checkpoint: str | os.PathLike | None = None,
 ) -> DualEncoderBundle:
     """Build a dual encoder and its preprocessing.
 
@@ -93,13 +91,22 @@ def build_dual_encoder(
         tower pooling the last position, both ``hidden_size`` wide, which is also the embedding size:
         ``projection_dim`` does not apply), initialised with SigLIP's ``logit_scale = log 10``, ``logit_bias = -10``
         (a fresh ``SiglipModel`` has both at 0) and text positions = ``max_length``.
-    (b) both given (Hub ids or local folders): ``VisionTextDualEncoderModel`` with new projections of size
-        ``projection_dim``, ``AutoTokenizer`` of the text tower and an ``ImageTransform`` from the vision tower's
-        image-processor config. A tower may be a full CLIP / SigLIP / SigLIP2 checkpoint: its vision (text) tower
-        is taken from it (``TOWER_CLASSES``).
+    (b) both given: ``VisionTextDualEncoderModel`` with new projections of size ``projection_dim`` (their input
+        sizes are the towers' feature sizes: ``hidden_size``, timm's ``num_features``, ...), the text tower's
+        tokenizer and the vision tower's own preprocessing. Each tower is (:mod:`hf_mmsel.models.towers`):
+        a transformers folder or Hub id (``AutoModel``; a full CLIP / SigLIP / SigLIP2 checkpoint lends its vision
+        (text) tower, ``TOWER_CLASSES``; preprocessing from its ``preprocessor_config.json``); a timm model via
+        ``TimmWrapperModel`` (a TimmWrapper folder, or ``timm/<name>``: offline its weights come from the local
+        file ``vision_checkpoint``; preprocessing from its ``pretrained_cfg``: input size, mean/std,
+        interpolation, crop_pct); or a sentence-transformers folder (``modules.json``: the underlying transformers
+        model, pooled as its ``1_Pooling/config.json`` prescribes, e.g. mean pooling for all-MiniLM-L6-v2).
+        ``image_size`` given replaces the vision tower's input size (a CNN takes any size; a tower with fixed
+        position embeddings raises); ``None`` keeps the tower's.
     (c) ``model_name_or_path`` (Hub id or local folder of a trained dual encoder: ``CLIPModel``, ``SiglipModel``,
-        ``Siglip2Model``, ``SmallDualEncoderModel``, ...): ``AutoModel`` + ``AutoTokenizer`` from it, and the
-        image transform from its image-processor config.
+        ``Siglip2Model``, ``SmallDualEncoderModel``, a ``VisionTextDualEncoderModel`` trained from towers, ...):
+        ``AutoModel`` + ``AutoTokenizer`` from it, and the image transform from its image-processor config (train-clip
+        saves the towers' preprocessing there, so it is the same after reloading).
+    ``image_size``: input size of random-init models (default 32) and, for (b), see there.
     SigLIP towers get the input adapters of :func:`~hf_mmsel.models.features.adapt_siglip_inputs`.
     ``image_mean`` / ``image_std`` (3 floats each, or ``"a,b,c"``) set the image normalisation: random-init models
     default to CLIP's (``CLIP_MEAN`` / ``CLIP_STD``); for (b) and (c) they override the image processor's, and are
@@ -108,6 +115,10 @@ def build_dual_encoder(
     ``freeze_towers=True`` freezes both towers (LiT-style), leaving projections and ``logit_scale`` trainable.
     """
     normalisation = image_normalisation(image_mean, image_std)
+    if vision_checkpoint is not None and vision_model is None:
+        raise ValueError("vision_checkpoint (a timm checkpoint file) needs vision_model (e.g. timm/<name>)")
+    if image_size is not None and int(image_size) < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}")
     if model_name_or_path is not None:
         if vision_model is not None or text_model is not None:
             raise ValueError("give model_name_or_path (a trained dual encoder) or vision_model + text_model "
@@ -125,7 +136,15 @@ def build_dual_encoder(
         raise ValueError(f"unknown architecture {architecture!r}; choose one of {list(ARCHITECTURES)}")
     if logit_scale_init <= 0:
         raise ValueError(f"logit_scale_init must be > 0 (it is exp(logit_scale)), got {logit_scale_init}")
-    if vision_model is None and architecture == "small":
+    if vision_model is not None:
+        bundle = _build_from_towers(str(vision_model), str(text_model), projection_dim=projection_dim, seed=seed,
+                                    normalisation=normalisation, image_size=image_size,
+                                    vision_checkpoint=vision_checkpoint)
+        if freeze_towers:
+            freeze_dual_encoder_towers(bundle.model)
+        return bundle
+    image_size = DEFAULT_RANDOM_INIT_IMAGE_SIZE if image_size is None else int(image_size)
+    if architecture == "small":
         bundle = _build_small(
             captions=_default_captions() if captions is None else list(captions),
             image_size=image_size,
@@ -140,14 +159,14 @@ def build_dual_encoder(
             image_pooling=image_pooling,
             normalisation=normalisation or (CLIP_MEAN, CLIP_STD),
         )
-    elif vision_model is None and architecture == "siglip":
+    elif architecture == "siglip":
         bundle = _build_tiny_siglip(
             captions=_default_captions() if captions is None else list(captions),
             image_size=image_size, patch_size=patch_size, hidden_size=hidden_size, num_layers=num_layers,
             num_heads=num_heads, vocab_size=vocab_size, max_length=max_length, seed=seed,
             normalisation=normalisation or (CLIP_MEAN, CLIP_STD),
         )
-    elif vision_model is None:
+    else:
         bundle = _build_tiny_clip(
             captions=_default_captions() if captions is None else list(captions),
             image_size=image_size,
@@ -163,9 +182,6 @@ def build_dual_encoder(
             logit_scale_init=logit_scale_init,
             normalisation=normalisation or (CLIP_MEAN, CLIP_STD),
         )
-    else:
-        bundle = _build_from_towers(str(vision_model), str(text_model), projection_dim=projection_dim, seed=seed,
-                                    normalisation=normalisation)
     if freeze_towers:
         freeze_dual_encoder_towers(bundle.model)
     return bundle
@@ -244,6 +260,9 @@ def _vision_image_size(vision_config) -> int:
     """Square input size of a vision config: ``image_size``, or for SigLIP2 (variable resolution, ``num_patches``
     positions) ``sqrt(num_patches) * patch_size``."""
     size = getattr(vision_config, "image_size", None)
+    timm_input = (getattr(vision_config, "pretrained_cfg", None) or {}).get("input_size")
+    if size is None and timm_input:
+        size = int(timm_input[-1])
     if size is None and getattr(vision_config, "num_patches", None):
         size = int(round(math.sqrt(vision_config.num_patches))) * int(vision_config.patch_size)
     if isinstance(size, (list, tuple)):
@@ -283,36 +302,75 @@ def _image_transform_for(path: str, vision_config, normalisation=None, *, what: 
     ) from cause
 
 
-def _load_tower(path: str, kind: str):
-    """A pretrained tower: the ``kind`` ("vision"/"text") tower of a full CLIP/SigLIP/SigLIP2 checkpoint, or
-    ``None`` for a plain tower checkpoint (``VisionTextDualEncoderModel`` loads it with ``AutoModel``)."""
-    import transformers
-    from transformers import AutoConfig
+def _resized(transform: ImageTransform, image_size: int) -> ImageTransform:
+    """``transform`` at ``image_size`` x ``image_size``, keeping its resize-to-crop ratio."""
+    height = transform.size[0]
+    edge = None if transform.shortest_edge is None else max(image_size,
+                                                            int(round(transform.shortest_edge * image_size / height)))
+    return dataclasses.replace(transform, size=(image_size, image_size), shortest_edge=edge)
 
-    model_type = AutoConfig.from_pretrained(path).model_type
-    if model_type not in TOWER_CLASSES:
-        return None
-    cls = getattr(transformers, TOWER_CLASSES[model_type][0 if kind == "vision" else 1])
-    return cls.from_pretrained(path)
+
+def _check_hf_image_size(path: str, vision_config, image_size: int) -> None:
+    """A transformers vision tower with a fixed input size (position embeddings: ``image_size`` in its config)
+    cannot take another size; convolutional towers (no ``image_size``) take any."""
+    native = getattr(vision_config, "image_size", None)
+    if isinstance(native, (list, tuple)):
+        native = native[0]
+    if native is not None and int(native) != int(image_size):
+        raise ValueError(
+            f"image_size {image_size} differs from the {native} px the vision tower {path!r} was built for (its "
+            "position embeddings are fixed); omit image_size (train-clip: --image_size) to use the tower's own, or "
+            "take a convolutional tower (e.g. a timm CNN), which runs at any size"
+        )
+
+
+def _timm_image_transform(path: str, tower, normalisation, image_size) -> ImageTransform:
+    from .towers import timm_pretrained_cfg_of
+
+    cfg = timm_pretrained_cfg_of(tower)
+    if normalisation is not None:
+        cfg.update(mean=list(normalisation[0]), std=list(normalisation[1]))
+    missing = [k for k in ("input_size", "mean", "std") if not cfg.get(k)]
+    if missing:
+        raise MissingImageProcessorError(
+            f"the timm tower {path!r} has no {', '.join(missing)} in its pretrained_cfg, so the preprocessing it was "
+            "trained with is unknown; pass image_mean / image_std (and image_size) explicitly"
+        )
+    return ImageTransform.from_timm_config(cfg, image_size=image_size)
 
 
 def _build_from_towers(vision_model: str, text_model: str, *, projection_dim: int, seed: int,
-                       normalisation=None) -> DualEncoderBundle:
-    from transformers import AutoTokenizer, VisionTextDualEncoderModel
+                       normalisation=None, image_size: int | None = None,
+                       vision_checkpoint=None) -> DualEncoderBundle:
+    from transformers import VisionTextDualEncoderModel
 
-    towers = {f"{kind}_model": tower for kind, path in (("vision", vision_model), ("text", text_model))
-              if (tower := _load_tower(path, kind)) is not None}
+    from .features import adapt_siglip_inputs
+    from .towers import check_timm_image_size, load_text_tower, load_vision_tower, tower_feature_size
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the new projection layers are random
+        vision, kind = load_vision_tower(vision_model, checkpoint=vision_checkpoint)
+        text, tokenizer, pooling = load_text_tower(text_model)
+        for tower in (vision, text):  # the projection input size VisionTextDualEncoderModel reads
+            size = tower_feature_size(tower.config)
+            if size is not None and getattr(tower.config, "hidden_size", None) is None:
+                tower.config.hidden_size = size
         model = VisionTextDualEncoderModel.from_vision_text_pretrained(
-            vision_model, text_model, projection_dim=projection_dim, **towers
-        )
-    from .features import adapt_siglip_inputs
-
+            None, None, vision_model=vision, text_model=text, projection_dim=projection_dim)
+    for key, value in pooling.items():  # sentence-transformers pooling, saved with the model
+        setattr(model.config, key, value)
     adapt_siglip_inputs(model)
-    tokenizer = AutoTokenizer.from_pretrained(text_model)
-    return DualEncoderBundle(model, tokenizer, _image_transform_for(vision_model, model.config.vision_config,
-                                                                    normalisation, what="vision_model"))
+    if kind == "timm":
+        if image_size is not None:
+            check_timm_image_size(model.vision_model, int(image_size))
+        transform = _timm_image_transform(vision_model, model.vision_model, normalisation, image_size)
+    else:
+        transform = _image_transform_for(vision_model, model.config.vision_config, normalisation,
+                                         what="vision_model")
+        if image_size is not None and tuple(transform.size) != (int(image_size),) * 2:
+            _check_hf_image_size(vision_model, model.config.vision_config, int(image_size))
+            transform = _resized(transform, int(image_size))
+    return DualEncoderBundle(model, tokenizer, transform)
 
 
 def _build_from_pretrained(path: str, normalisation=None) -> DualEncoderBundle:

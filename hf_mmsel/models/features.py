@@ -11,6 +11,13 @@ them: the text tower pools the hidden state at the LAST position, so shorter ``i
 ``max_position_embeddings`` (SigLIP's ``padding="max_length"`` convention) and the pooled token never depends on
 how a batch was padded; a SigLIP2 vision tower takes patchified pixels, so a ``[B, 3, H, W]`` batch is cut into
 ``(H/p)·(W/p)`` patches with an all-ones ``pixel_attention_mask`` and ``spatial_shapes = (H/p, W/p)``.
+
+The same function adapts the towers of a ``VisionTextDualEncoderModel`` (forward hooks, so every call path sees
+them): a text tower from a sentence-transformers model is pooled as that model prescribes (its config's
+``text_pooling`` / ``text_normalize``, set by :func:`~hf_mmsel.models.build_dual_encoder` and saved with the
+model: the tower's ``pooler_output`` becomes :func:`pool_tokens` of its last hidden state, so the projection sees
+the sentence-transformers embedding; BERT's own pooler is then unused and frozen), and a convolutional vision
+tower's ``[B, C, 1, 1]`` pooled output (ResNet) is flattened to ``[B, C]``.
 """
 
 from __future__ import annotations
@@ -154,8 +161,10 @@ def _patchify_siglip2(module, args, kwargs):
 
 
 def adapt_siglip_inputs(model):
-    """Register the SigLIP input adapters (module docstring) on every SigLIP text tower and SigLIP2 vision tower
-    of ``model``; idempotent, a no-op for other models. Returns ``model``."""
+    """Register the tower adapters (module docstring) of ``model``: the SigLIP input adapters on every SigLIP text
+    tower and SigLIP2 vision tower, the sentence-transformers pooling of a ``VisionTextDualEncoderModel`` whose
+    config sets ``text_pooling``, and the flattening of 4-D pooled vision outputs; idempotent, a no-op for other
+    models. Returns ``model``."""
     for module in unwrap_model(model).modules():
         name = type(module).__name__
         hook = None
@@ -166,7 +175,89 @@ def adapt_siglip_inputs(model):
         if hook is not None and not getattr(module, _ADAPTED, False):
             module.register_forward_pre_hook(hook, with_kwargs=True)
             setattr(module, _ADAPTED, True)
+        if name == "VisionTextDualEncoderModel":
+            _adapt_dual_encoder_towers(module)
     return model
+
+
+# ------------------------------------------------------------------------------ pooling of pretrained towers
+#: pooling modes of sentence-transformers' Pooling module that :func:`pool_tokens` implements
+POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len", "weightedmean", "lasttoken")
+TEXT_POOLING_ATTR = "text_pooling"  # config attribute of a VisionTextDualEncoderModel
+TEXT_NORMALIZE_ATTR = "text_normalize"
+_POOLED = "_hf_mmsel_text_pooling"
+_FLATTENED = "_hf_mmsel_flatten_pooled"
+
+
+def pool_tokens(hidden: torch.Tensor, attention_mask: torch.Tensor | None, mode: str) -> torch.Tensor:
+    """``[B, L, D]`` token states -> ``[B, D]``, as sentence-transformers' Pooling does: ``mean`` (over unmasked
+    tokens), ``cls`` (first token), ``max`` (over unmasked tokens), ``mean_sqrt_len`` (sum / sqrt(length)),
+    ``weightedmean`` (position-weighted mean, weights 1..L) or ``lasttoken`` (last unmasked token)."""
+    if attention_mask is None:
+        attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "max":
+        return hidden.masked_fill(mask == 0, torch.finfo(hidden.dtype).min).max(dim=1).values
+    if mode == "lasttoken":
+        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        last = (positions * attention_mask.to(positions.dtype)).argmax(dim=1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    if mode == "weightedmean":
+        mask = mask * torch.arange(1, hidden.shape[1] + 1, device=hidden.device, dtype=hidden.dtype).view(1, -1, 1)
+    if mode not in ("mean", "mean_sqrt_len", "weightedmean"):
+        raise ValueError(f"unknown pooling mode {mode!r}; choose one of {list(POOLING_MODES)}")
+    summed = (hidden * mask).sum(dim=1)
+    counts = mask.sum(dim=1).clamp(min=1e-9)
+    return summed / (counts.sqrt() if mode == "mean_sqrt_len" else counts)
+
+
+def _text_pooling_hook(mode: str, normalize: bool):
+    def hook(module, args, kwargs, output):
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1:
+            mask = args[1]
+        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        pooled = pool_tokens(hidden, mask, mode)
+        if normalize:
+            pooled = F.normalize(pooled, dim=-1)
+        if isinstance(output, tuple):
+            return (output[0], pooled) + tuple(output[2:])
+        output["pooler_output"] = pooled
+        return output
+
+    return hook
+
+
+def _flatten_pooled_hook(module, args, kwargs, output):
+    pooled = output[1] if isinstance(output, tuple) and len(output) > 1 else getattr(output, "pooler_output", None)
+    if not isinstance(pooled, torch.Tensor) or pooled.dim() != 4 or pooled.shape[-2:] != (1, 1):
+        return None
+    pooled = pooled.flatten(1)
+    if isinstance(output, tuple):
+        return (output[0], pooled) + tuple(output[2:])
+    output["pooler_output"] = pooled
+    return output
+
+
+def _adapt_dual_encoder_towers(model) -> None:
+    config = model.config
+    mode = getattr(config, TEXT_POOLING_ATTR, None)
+    text = getattr(model, "text_model", None)
+    if mode and text is not None and not getattr(text, _POOLED, False):
+        if mode not in POOLING_MODES:
+            raise ValueError(f"{TEXT_POOLING_ATTR}={mode!r} in the model config; choose one of {list(POOLING_MODES)}")
+        text.register_forward_hook(_text_pooling_hook(mode, bool(getattr(config, TEXT_NORMALIZE_ATTR, False))),
+                                   with_kwargs=True)
+        pooler = getattr(text, "pooler", None)
+        if isinstance(pooler, torch.nn.Module):  # unused now: frozen so DDP does not wait for its gradients
+            pooler.requires_grad_(False)
+        setattr(text, _POOLED, True)
+    vision = getattr(model, "vision_model", None)
+    if vision is not None and not getattr(vision, _FLATTENED, False):
+        vision.register_forward_hook(_flatten_pooled_hook, with_kwargs=True)
+        setattr(vision, _FLATTENED, True)
 
 
 def image_features(model, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -7,10 +7,14 @@
 Every field of ``ClipRecipeArguments`` and ``ContrastiveTrainingArguments`` is a flag; ``--config`` reads a YAML
 file of the same names and flags given on the command line override it. Without ``--dataset`` it trains on the
 embedded easy-vqa captions; ``--dataset DIR --streaming true --max_steps S`` streams WebDataset/parquet shards
-(see README "Training at scale"); ``--vision_model``/``--text_model`` start from pretrained towers (a full CLIP /
-SigLIP / SigLIP2 checkpoint lends its tower) and ``--model_name_or_path`` from a whole pretrained dual encoder
-(e.g. a ``SiglipModel``) instead of a small random-init CLIP (``--architecture clip|small|siglip``); a pretrained
-folder without ``preprocessor_config.json`` needs ``--image_mean`` / ``--image_std`` (3 comma-separated floats).
+(see README "Training at scale"); ``--vision_model``/``--text_model`` start from pretrained towers: transformers
+folders or Hub ids (a full CLIP / SigLIP / SigLIP2 checkpoint lends its tower), timm models (a TimmWrapper folder,
+e.g. ``python -m hf_mmsel.models.towers export efficientnet-lite0 DIR``, or ``timm/<name>``, offline with
+``--vision_checkpoint FILE``) and sentence-transformers folders (pooled as their ``1_Pooling`` config says), each
+with its own preprocessing and tokenizer (``--image_size`` overrides the vision tower's input size); and
+``--model_name_or_path`` from a whole pretrained dual encoder (e.g. a ``SiglipModel``) instead of a small random-init
+CLIP (``--architecture clip|small|siglip``); a pretrained transformers folder without ``preprocessor_config.json``
+needs ``--image_mean`` / ``--image_std`` (3 comma-separated floats).
 ``--loss_type sigmoid`` trains with SigLIP's pairwise sigmoid loss (the model's ``logit_scale``/``logit_bias``,
 added with t' = log 10, b = -10 when it lacks them) instead of the softmax InfoNCE. ``--gsc true`` adds GSC
 per-sample weighting after selection (``--selection_strategy full`` for GSC alone), tuned by the ``--gsc_*``
@@ -42,14 +46,22 @@ class ClipRecipeArguments:
     noise_seed: int = field(default=0)
     max_train: int | None = field(default=None)
     max_test: int | None = field(default=None)
-    vision_model: str | None = field(default=None, metadata={"help": "pretrained vision tower (with --text_model)"})
-    text_model: str | None = field(default=None)
+    vision_model: str | None = field(default=None, metadata={
+        "help": "pretrained vision tower (with --text_model): a transformers folder / Hub id, a timm TimmWrapper "
+                "folder or timm/<name> (offline with --vision_checkpoint)"})
+    text_model: str | None = field(default=None, metadata={
+        "help": "pretrained text tower: a transformers folder / Hub id or a sentence-transformers folder"})
+    vision_checkpoint: str | None = field(default=None, metadata={
+        "help": "a local timm checkpoint file (.safetensors / .pth) with the weights of --vision_model timm/<name>, "
+                "for offline use"})
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "a whole pretrained dual encoder (CLIPModel, SiglipModel, Siglip2Model, ...)"})
     architecture: str = field(default="clip", metadata={"help": "random-init model: 'clip' (tiny CLIPModel), "
                                                                   "'small' (CNN + bag-of-words SmallDualEncoderModel) "
                                                                   "or 'siglip' (tiny SiglipModel)"})
-    image_size: int = field(default=32)
+    image_size: int | None = field(default=None, metadata={
+        "help": "input size: random-init models (default 32); with --vision_model it replaces the tower's own size "
+                "(e.g. 64 for a fast CNN; towers with fixed position embeddings refuse another size)"})
     image_mean: str | None = field(
         default=None, metadata={"help": "image normalisation mean, 3 comma-separated floats (e.g. 0.5,0.5,0.5); "
                                         "random-init models default to CLIP's; required with --model_name_or_path / "
@@ -91,6 +103,7 @@ def _build_model(args: ClipRecipeArguments, captions, seed: int = 0):
 
     return build_dual_encoder(vision_model=args.vision_model, text_model=args.text_model,
                               model_name_or_path=args.model_name_or_path, captions=captions,
+                              vision_checkpoint=args.vision_checkpoint,
                               architecture=args.architecture, image_size=args.image_size,
                               patch_size=args.patch_size, hidden_size=args.hidden_size, num_layers=args.num_layers,
                               max_length=args.max_length, initializer_factor=args.initializer_factor,
@@ -307,7 +320,7 @@ def _card(args: ClipRecipeArguments, targs, metrics: dict[str, float], state=Non
         data += f", first {args.max_train} training pairs"
     random_init = {"clip": "tiny CLIPModel", "siglip": "tiny SiglipModel"}.get(args.architecture, "SmallDualEncoderModel")
     base = args.model_name_or_path or (args.vision_model and f"{args.vision_model} + {args.text_model}") or (
-        f"random init ({random_init}, {args.image_size} px)")
+        f"random init ({random_init}, {args.image_size or 32} px)")
     return render_card(
         "contrastive_model_card",
         card_data=model_card_data(tags=tags, datasets=hub_ids_only(args.dataset) or None, license=args.license,
