@@ -217,11 +217,11 @@ def test_train_clip_recipe_gsc_config_and_card(tmp_out):
              "--hidden_size", "32", "--num_layers", "1", "--selection_warmup_epochs", "1", "--gsc_gamma", "0.01",
              "--plot_score_distributions", "false"]
     _, targs = module.parse_args(flags)
-    assert targs.gsc and targs.gsc_gamma == 0.01 and targs.gsc_beta == 0.3  # flag wins over the config (beta from it)
+    assert targs.gsc and targs.gsc_gamma == 0.01 and targs.gsc_beta == 0.9  # flag wins over the config (beta from it)
     metrics = module.main(flags)
     assert "eval_rsum" in metrics
     card = (tmp_out / "README.md").read_text()
-    assert "dissect+gsc" in card and "| gsc_gamma | 0.01 |" in card and "| gsc_beta | 0.3 |" in card
+    assert "dissect+gsc" in card and "| gsc_gamma | 0.01 |" in card and "| gsc_beta | 0.9 |" in card
     w = load_file(str(tmp_out / "gsc_weights.safetensors"))["weights"]
     assert w.shape == (64,) and not torch.equal(w, torch.ones(64))
     with pytest.raises(ValueError, match="gsc_beta must be in"):

@@ -35,6 +35,8 @@ from transformers.trainer_pt_utils import BatchRebalanceSampler
 
 from hf_mmsel.contrastive_loss import PairLoss, pair_loss_for, prepare_model_for_loss
 from hf_mmsel.hooks import BatchHook, LossTerms, PairEmbeddings, subset_batch
+from hf_mmsel.models.locking import (TOWER_ADAPTER_DIR, configure_tower_training, has_tower_lora,
+                                     load_tower_adapter_state, merged_state_dict, save_tower_adapter)
 from hf_mmsel.models import (CoTrainedDualEncoder, check_dual_encoder, encode_pair, image_features, logit_scale_of,
                              make_logit_scale_1d, text_features, unwrap_model)
 from hf_mmsel.selection import (SELECTION_STRATEGIES, SelectingBatchSampler, SelectionHook, load_reference_model,
@@ -110,7 +112,10 @@ class ContrastiveTrainer(Trainer):
     (else ``args.selection_reference_model``), run no-grad on every candidate batch. Batches need ``pixel_values``, ``input_ids``, ``attention_mask``, ``sample_idx``; a
     ground-truth ``is_noisy`` is only logged (``selected_noisy_fraction``), never used for training.
     ``train_dataset`` may be a map-style dataset or a :class:`~hf_mmsel.data.streaming.StreamingImageTextDataset`
-    (then ``max_steps`` is required).
+    (then ``max_steps`` is required). The tower settings (``lock_image_tower``, ``lock_text_tower``,
+    ``*_unlocked_layers``, ``tower_lora_*``) are applied to the model here
+    (:func:`hf_mmsel.models.locking.configure_tower_training`); ``tower_training`` reports what trains (None when
+    none is set).
     """
 
     def __init__(
@@ -140,12 +145,19 @@ class ContrastiveTrainer(Trainer):
         if _is_streaming(kwargs.get("train_dataset")) and args.max_steps <= 0:
             raise ValueError("a streaming train_dataset needs max_steps > 0 (the stream is infinite)")
         prepare_model_for_loss(model, args.loss_type, logit_scale_max=args.logit_scale_max)  # sigmoid: t', b
+        # lock_*_tower / *_unlocked_layers / tower_lora_*: frozen (eval-mode) towers, LoRA adapters; None: untouched
+        tower_training = configure_tower_training(model, args)
         if getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
             make_logit_scale_1d(model)  # DeepSpeed cannot broadcast 0-dim parameters (CLIP's logit_scale)
         super().__init__(model=model, args=args, **kwargs)
         no_pin_memory_without_accelerator(self.args)  # read when the DataLoaders are built
         use_numeric_progress(self)
         self.class_captions = list(class_captions) if class_captions is not None else None
+        self.tower_training = tower_training
+        if tower_training is not None:
+            for line in tower_training.lines():
+                logger.info(line)
+            logger.info(tower_training.summary())
         self._reference_model = reference_model
         if reference_scores is None and args.reference_scores_path:
             reference_scores = load_reference_scores(args.reference_scores_path)
@@ -662,12 +674,30 @@ class ContrastiveTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """``Trainer._save``; for a :class:`CoTrainedDualEncoder` (a plain module: Trainer writes its flat state
-        dict) also the networks' configs, so the folder loads with ``CoTrainedDualEncoder.from_pretrained``."""
-        super()._save(output_dir, state_dict)
+        dict) also the networks' configs, so the folder loads with ``CoTrainedDualEncoder.from_pretrained``. With
+        tower LoRA (``tower_lora_r``) the folder gets the merged model and the peft adapter in ``adapter/``
+        (:mod:`hf_mmsel.models.locking`)."""
         inner = unwrap_model(self.model)
+        lora = has_tower_lora(inner)
+        if lora:
+            state_dict = merged_state_dict(inner, state_dict)
+        super()._save(output_dir, state_dict)
+        if lora and self.args.should_save:
+            save_tower_adapter(inner, Path(output_dir if output_dir is not None else self.args.output_dir)
+                               / TOWER_ADAPTER_DIR)
         if isinstance(inner, CoTrainedDualEncoder) and self.args.should_save:
             if all(hasattr(getattr(net, "config", None), "save_pretrained") for net in inner.networks):
                 inner.save_configs(output_dir if output_dir is not None else self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """With tower LoRA the checkpoint's ``adapter/`` holds everything that trains (its main weights are merged):
+        it is loaded into the model, whose frozen base is the same; otherwise ``Trainer``'s loading."""
+        inner = unwrap_model(model if model is not None else self.model)
+        adapter = Path(resume_from_checkpoint) / TOWER_ADAPTER_DIR
+        if has_tower_lora(inner) and adapter.is_dir():
+            load_tower_adapter_state(inner, adapter)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _save_checkpoint(self, model, trial) -> None:
         """Hook state first (every rank its shard, then rank 0 ``index.json``), then Trainer's checkpoint (which

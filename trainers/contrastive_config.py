@@ -127,14 +127,14 @@ class ContrastiveTrainingArguments(TrainingArguments):
                           "weights w, gamma * structure loss, GMM/EMA update of w at every epoch end"},
     )
     gsc_gamma: float = field(default=0.05, metadata={"help": "weight gamma >= 0 of the GSC structure loss"})
-    gsc_beta: float = field(default=0.3, metadata={"help": "EMA factor beta in (0, 1] of the epoch-end update (GSC's "
-                                                          "code: 0.7; 0.3 with the bias-corrected EMA chosen on "
-                                                          "easy-vqa, README Results)"})
+    gsc_beta: float = field(default=0.9, metadata={"help": "EMA factor beta in (0, 1] of the epoch-end update (GSC's "
+                                                          "code: 0.7; 0.9 chosen by pair-level validation rSum, README "
+                                                          "Results)"})
     gsc_ema_bias_correction: bool = field(
-        default=True,
-        metadata={"help": "bias-corrected EMAs of the evidence (Adam's), the prior w = 1 forgotten at its own rate "
-                          "gsc_prior_beta, so a small gsc_beta is a long memory, not a slow start (+1 B/sample); "
-                          "False: GSC's code (one EMA started at 1)"},
+        default=False,
+        metadata={"help": "optional: bias-corrected EMAs of the evidence (Adam's), the prior w = 1 forgotten at its own "
+                          "rate gsc_prior_beta, so a small gsc_beta is a long memory, not a slow start (+1 B/sample); "
+                          "False (default): GSC's code (one EMA started at 1)"},
     )
     gsc_prior_beta: float = field(
         default=0.9,
@@ -189,6 +189,47 @@ class ContrastiveTrainingArguments(TrainingArguments):
         metadata={"help": "GSC+: the model is a CoTrainedDualEncoder; each network's losses are weighted "
                           "by its peer's w, each network keeps its own buffers/GMM/EMA; needs gsc=True"},
     )
+    # --- towers: LiT locking, partial unlocking, LoRA (hf_mmsel.models.locking; open_clip's --lock-image/--lock-text) ----
+    lock_image_tower: bool = field(
+        default=False,
+        metadata={"help": "LiT: freeze the image tower (vision_model) and keep it in eval mode (BatchNorm statistics, "
+                          "dropout) whatever train() calls follow; the projections and logit_scale still train "
+                          "(open_clip's --lock-image)"},
+    )
+    lock_text_tower: bool = field(
+        default=False, metadata={"help": "freeze the text tower (text_model) the same way (open_clip's --lock-text)"}
+    )
+    image_unlocked_layers: int = field(
+        default=0,
+        metadata={"help": "with lock_image_tower: leave the last N layer groups of the image tower trainable "
+                          "(groups: the embeddings / stem, then each block or stage, the last one with the final "
+                          "norm / pooler / head; found from the module tree); open_clip's --lock-image-unlocked-groups"},
+    )
+    text_unlocked_layers: int = field(
+        default=0, metadata={"help": "with lock_text_tower: the last N layer groups of the text tower stay trainable"}
+    )
+    tower_lora_r: int = field(
+        default=0,
+        metadata={"help": "rank r of peft LoRA adapters added to every locked tower (0: none): its base weights "
+                          "stay frozen, the adapters train; saved models hold the merged weights plus a peft adapter "
+                          "in adapter/ (PeftModel.from_pretrained(base_dual_encoder, folder/'adapter'))"},
+    )
+    tower_lora_alpha: int | None = field(
+        default=None, metadata={"help": "LoRA alpha (scale alpha / r) of the tower adapters; default 2 * tower_lora_r"}
+    )
+    image_lora_target_modules: str | None = field(
+        default=None,
+        metadata={"help": "comma list of the image tower's modules LoRA adapts (a name matches itself and any module "
+                          "name ending in '.' + name); default: the first that exists of self_attn.q_proj,k_proj,"
+                          "v_proj,out_proj (CLIP / SigLIP) | query,key,value (ViT) | attn.qkv,attn.proj (timm ViT) | "
+                          "conv_pw,conv_pwl (timm EfficientNet) | mlp.fc1,mlp.fc2 (timm ConvNeXt) | pwconv1,pwconv2 "
+                          "(ConvNeXt) | conv1,conv2,conv3 (timm ResNet) | convolution (ResNet)"},
+    )
+    text_lora_target_modules: str | None = field(
+        default=None,
+        metadata={"help": "comma list of the text tower's modules LoRA adapts; default: self_attn.q_proj,k_proj,"
+                          "v_proj,out_proj (CLIP / SigLIP text) | query,key,value (BERT, MiniLM)"},
+    )
 
     def __post_init__(self):
         self.remove_unused_columns = False
@@ -240,6 +281,7 @@ class ContrastiveTrainingArguments(TrainingArguments):
                 "selection_warmup_epochs or train longer"
             )
         self._check_gsc()
+        self._check_towers()
         super().__post_init__()
 
     @property
@@ -322,6 +364,45 @@ class ContrastiveTrainingArguments(TrainingArguments):
                 "gsc_structure_max_batch_anchors=0 disables in-batch anchors, so GSC needs an anchor bank: "
                 "set gsc_bank_size > 0"
             )
+
+    def _check_towers(self) -> None:
+        """Tower locking / LoRA settings that cannot work together (the model-dependent checks, such as target
+        modules that match nothing, run when the trainer applies them: ``hf_mmsel.models.locking``)."""
+        for name in ("image_unlocked_layers", "text_unlocked_layers", "tower_lora_r"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or int(value) != value or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.tower_lora_alpha is not None and self.tower_lora_alpha <= 0:
+            raise ValueError(f"tower_lora_alpha must be > 0, got {self.tower_lora_alpha}")
+        for side in ("image", "text"):
+            locked = getattr(self, f"lock_{side}_tower")
+            unlocked = getattr(self, f"{side}_unlocked_layers")
+            if unlocked and not locked:
+                raise ValueError(f"{side}_unlocked_layers={unlocked} leaves the last layer groups of a locked {side} "
+                                 f"tower trainable: it needs lock_{side}_tower=True (without it the whole tower trains)")
+            if self.tower_lora_r and locked and unlocked:
+                raise ValueError(f"tower_lora_r adds LoRA to a wholly locked tower; it cannot be combined with "
+                                 f"{side}_unlocked_layers={unlocked}: unset one of them")
+            targets = getattr(self, f"{side}_lora_target_modules")
+            if targets is not None and not (self.tower_lora_r and locked):
+                raise ValueError(f"{side}_lora_target_modules applies to LoRA on a locked {side} tower: it needs "
+                                 f"tower_lora_r > 0 and lock_{side}_tower=True")
+            if targets is not None and not [t for t in str(targets).split(",") if t.strip()]:
+                raise ValueError(f"{side}_lora_target_modules is empty; give a comma list of module names")
+        if self.tower_lora_alpha is not None and not self.tower_lora_r:
+            raise ValueError("tower_lora_alpha needs tower_lora_r > 0")
+        if not self.tower_lora_r:
+            return
+        if not (self.lock_image_tower or self.lock_text_tower):
+            raise ValueError("tower_lora_r adds LoRA adapters to the locked towers (their base weights frozen): set "
+                             "lock_image_tower and/or lock_text_tower")
+        if self.gsc_co_training:
+            raise ValueError("tower_lora_r is not supported with gsc_co_training (GSC+) yet; lock without LoRA")
+        if self.deepspeed or self.fsdp:
+            raise ValueError("tower_lora_r is supported on one process and with DDP; not with DeepSpeed or FSDP yet")
+        if self.load_best_model_at_end:
+            raise ValueError("tower_lora_r with load_best_model_at_end is not supported yet (the best checkpoint's "
+                             "adapter would not be reloaded)")
 
     @property
     def min_sampler_lag(self) -> int:

@@ -46,7 +46,13 @@ with B = 128, AdamW lr 2e-3, weight decay 0.0 (``--weight_decay``), cosine sched
 a quarter of the epochs. In this regime full-data training fits the clean pairs first and then memorises the
 noisy ones (test rSum peaks early and declines; the clean-vs-noisy train cosine gap shrinks: check with
 ``--log_curves``), the regime DISSect and GSC target. ``--model clip`` trains a tiny random-init
-CLIP instead; it underfits at this scale and never memorises the noise.
+CLIP instead; it underfits at this scale and never memorises the noise. ``--vision_model`` + ``--text_model`` start
+every run from pretrained towers instead (``build_dual_encoder``: transformers / timm / sentence-transformers towers,
+``--vision_checkpoint`` for ``timm/<name>`` offline; ``--image_size`` is the vision tower's input size), each seed
+with the same new projections (seeded) for every strategy; ``--lock_image_tower`` / ``--lock_text_tower``,
+``--image_unlocked_layers`` / ``--text_unlocked_layers`` and ``--tower_lora_r`` (``--image_lora_target_modules`` /
+``--text_lora_target_modules``) lock or LoRA-adapt them in every run (``ContrastiveTrainingArguments``' tower
+settings).
 
 ``reference_clipscore`` (the paper's oracle baseline: top-k by the CLIPScore of a FIXED reference model): before
 the strategy runs of each seed (and noise level) a reference model of the same architecture and the same
@@ -117,9 +123,9 @@ class BenchmarkArguments:
     initializer_factor: float = field(default=4.0, metadata={"help": "clip model only: init scale"})
     logit_scale_init: float = field(default=10.0, metadata={"help": "initial exp(logit_scale) (CLIP: 1/0.07)"})
     gsc_gamma: float = field(default=0.05, metadata={"help": "GSC structure-loss weight"})
-    gsc_beta: float = field(default=0.3, metadata={"help": "GSC EMA momentum of the epoch-end update"})
+    gsc_beta: float = field(default=0.9, metadata={"help": "GSC EMA momentum of the epoch-end update"})
     gsc_ema_bias_correction: bool = field(
-        default=True, metadata={"help": "GSC: bias-corrected EMA (False: GSC's prior of 1 that decays as (1-beta)^n)"}
+        default=False, metadata={"help": "GSC: bias-corrected EMA (False: GSC's prior of 1 that decays as (1-beta)^n)"}
     )
     gsc_prior_beta: float = field(default=0.9, metadata={"help": "GSC: the prior w = 1 weighs (1 - it)^n after n passes"})
     gsc_weight_threshold: float = field(default=0.0, metadata={"help": "GSC: pairs with w below it train with weight 0"})
@@ -172,6 +178,24 @@ class BenchmarkArguments:
         metadata={"help": "reference_clipscore: epochs of full-data training of the fixed reference model (default: "
                           "the selection warm-up epochs, the early-learning peak before memorisation)"},
     )
+    # pretrained towers instead of --model (build_dual_encoder(vision_model=..., text_model=...)), locking and LoRA
+    vision_model: str | None = field(default=None, metadata={
+        "help": "pretrained vision tower (with --text_model; replaces --model): a transformers folder / Hub id, a timm "
+                "TimmWrapper folder or timm/<name> (offline with --vision_checkpoint); --image_size is its input size "
+                "(give a ViT tower its own, e.g. 224; a CNN takes any)"})
+    text_model: str | None = field(default=None, metadata={
+        "help": "pretrained text tower: a transformers folder / Hub id or a sentence-transformers folder (its "
+                "tokenizer, --max_length tokens)"})
+    vision_checkpoint: str | None = field(default=None, metadata={
+        "help": "a local timm checkpoint file with the weights of --vision_model timm/<name> (offline use)"})
+    lock_image_tower: bool = field(default=False, metadata={"help": "LiT: freeze the image tower (eval mode)"})
+    lock_text_tower: bool = field(default=False, metadata={"help": "freeze the text tower (eval mode)"})
+    image_unlocked_layers: int = field(default=0, metadata={"help": "with --lock_image_tower: last N groups train"})
+    text_unlocked_layers: int = field(default=0, metadata={"help": "with --lock_text_tower: last N groups train"})
+    tower_lora_r: int = field(default=0, metadata={"help": "LoRA rank on the locked towers (0: none)"})
+    tower_lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default 2 * r)"})
+    image_lora_target_modules: str | None = field(default=None, metadata={"help": "comma list (default per tower)"})
+    text_lora_target_modules: str | None = field(default=None, metadata={"help": "comma list (default per tower)"})
 
 
 GSC_SUFFIX = "+gsc"
@@ -313,9 +337,14 @@ def _load(args: BenchmarkArguments):
 
 
 def _build(args: BenchmarkArguments, captions, seed: int):
-    """The benchmark model (``--model``), its tokenizer and image transform, from ``build_dual_encoder``."""
+    """The benchmark model (``--model``, or the pretrained ``--vision_model`` + ``--text_model`` towers with new
+    projections seeded by ``seed``), its tokenizer and image transform, from ``build_dual_encoder``."""
     from hf_mmsel.models import build_dual_encoder
 
+    if getattr(args, "vision_model", None) is not None or getattr(args, "text_model", None) is not None:
+        return build_dual_encoder(vision_model=args.vision_model, text_model=args.text_model,
+                                  vision_checkpoint=args.vision_checkpoint, image_size=args.image_size,
+                                  projection_dim=args.projection_dim, seed=seed)
     return build_dual_encoder(
         architecture=args.model, captions=captions, image_size=args.image_size, patch_size=args.patch_size,
         hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=4, projection_dim=args.projection_dim,
@@ -450,8 +479,17 @@ def _training_arguments(args, selection: str, seed: int, out: Path, epochs: int,
         selection_warmup_epochs=args.selection_warmup_epochs, plot_score_distributions=False,
         dataloader_num_workers=0, selection_diagnostics=True, loss_type=loss_type,
         selection_joint=joint, selection_joint_chunks=args.joint_chunks, **_score_source_options(args, selection),
-        **_gsc_options(args, gsc),
+        **_gsc_options(args, gsc), **_tower_options(args),
     )
+
+
+TOWER_OPTIONS = ("lock_image_tower", "lock_text_tower", "image_unlocked_layers", "text_unlocked_layers",
+                 "tower_lora_r", "tower_lora_alpha", "image_lora_target_modules", "text_lora_target_modules")
+
+
+def _tower_options(args) -> dict[str, Any]:
+    """The tower locking / LoRA training arguments (``hf_mmsel.models.locking``) of every run."""
+    return {name: getattr(args, name) for name in TOWER_OPTIONS if hasattr(args, name)}
 
 
 def _score_source_options(args, selection: str) -> dict[str, Any]:

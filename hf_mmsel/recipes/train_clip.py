@@ -15,6 +15,10 @@ with its own preprocessing and tokenizer (``--image_size`` overrides the vision 
 ``--model_name_or_path`` from a whole pretrained dual encoder (e.g. a ``SiglipModel``) instead of a small random-init
 CLIP (``--architecture clip|small|siglip``); a pretrained transformers folder without ``preprocessor_config.json``
 needs ``--image_mean`` / ``--image_std`` (3 comma-separated floats).
+``--lock_image_tower true`` (LiT) / ``--lock_text_tower true`` freeze a tower (kept in eval mode),
+``--image_unlocked_layers N`` / ``--text_unlocked_layers N`` leave its last N layer groups trainable and
+``--tower_lora_r R`` adds peft LoRA adapters to the locked towers (``--image_lora_target_modules`` /
+``--text_lora_target_modules``); the saved folder then holds the merged model and the peft adapter in ``adapter/``.
 ``--loss_type sigmoid`` trains with SigLIP's pairwise sigmoid loss (the model's ``logit_scale``/``logit_bias``,
 added with t' = log 10, b = -10 when it lacks them) instead of the softmax InfoNCE. ``--gsc true`` adds GSC
 per-sample weighting after selection (``--selection_strategy full`` for GSC alone), tuned by the ``--gsc_*``
@@ -166,6 +170,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         bundle.image_transform.to_image_processor().save_pretrained(str(out))
         (out / "metrics.json").write_text(json.dumps({**train_metrics, **metrics}, indent=2))
         artefacts.update({"tokenizer + image processor": out, "metrics": out / "metrics.json"})
+        if (out / "adapter").is_dir():  # tower LoRA: the main folder is merged, adapter/ is the peft adapter
+            artefacts["peft adapter (tower LoRA)"] = out / "adapter"
         if targs.gsc:
             from safetensors.torch import save_file
 
@@ -189,6 +195,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     shown = {k: v for k, v in {**train_metrics, **metrics}.items()
              if k in ("train_loss", "train_runtime", "epoch") or k.startswith("eval_")}
     shown = {"global_step": trainer.state.global_step, **shown}
+    if trainer.tower_training is not None:  # lock_*_tower / tower_lora_r
+        shown["towers"] = trainer.tower_training.summary()
     print_run_summary(f"train-clip: {_method(targs)} finished", shown, artefacts,
                       load_hint=_load_code(str(out), co_trained=targs.gsc_co_training),
                       is_main_process=trainer.is_world_process_zero())
