@@ -63,7 +63,7 @@ def _check(out: Path, world: int) -> None:
     assert summary["batches_per_pass"] == 4 and summary["passes_ended"] == 3 and summary["gsc_updates"] == 3
     owned = [torch.load(out / f"log_rank{r}.pt", weights_only=True)["owned"] for r in range(world)]
     assert sorted(torch.cat(owned).tolist()) == list(range(N))  # every sample has exactly one owner
-    assert summary["bytes_per_rank"] == 16 * summary["num_local"]  # 5 B DISSect + 11 B GSC per owned sample
+    assert summary["bytes_per_rank"] == 15 * summary["num_local"]  # 5 B DISSect + 10 B GSC per owned sample
     final = read_global_arrays(out / "a" / "checkpoint-12")
     replay = _replay(out, world)
     for name, value in replay.items():

@@ -8,11 +8,11 @@ For curation, a trained model embeds all N pairs once (no grad) and this module 
 2. ``c_i``: structure consistency against ONE fixed set of M anchor pairs drawn with ``seed`` (self excluded),
    so every pair is measured in the same reference frame (gsc.md §12.4 item 2a). The sigmoid map's centre ``mu``
    is the mean valid cosine over *all* rows (per modality), so the result does not depend on how rows are
-   chunked. Default profile settings: row-centred profiles (Pearson, gsc.md §12.1) and sigmoid temperature 0.1,
-   chosen on easy-vqa (README "Results": 12 settings scored with GSC-trained models; centring and the posterior of
-   ``p`` matter more than t). Earlier, on a plainly trained tiny CLIP, centring (at t = 0.3) raised the AUROC of
-   ``c`` from 0.68 (uncentred, t = 0.1) to 0.90. Confident anchors (the M cleanest pairs of a first round) measured much worse there
-   (AUROC of ``c`` 0.74 vs 0.90): they cluster, and the profiles lose contrast;
+   chunked. Default profile settings: row-centred profiles (Pearson) and sigmoid temperature 0.1, compared by
+   the validation rSum of models trained on the kept pairs (``hf-mmsel benchmark-downstream``, README "Results");
+   the variants (centring, t, posterior of ``p``) tie there within the seed spread, so the calibrated defaults stay
+   (a threshold of 0.5 then means "more likely clean than noisy"). Confident anchors (the M cleanest pairs of a first round) gave
+   less contrast than random anchors: they cluster, and the profiles lose contrast;
 3. ``π_i``: posterior of the higher-mean component of a 2-component GMM on min-max normalised ``c`` (gsc.md §4);
 4. ``clean_prob = min(π, P)`` as GSC's ``w = min(EMA_pred, EMA_topo)`` with a single "epoch": ``P`` is raw ``p``
    (``prob_posterior=False``, GSC exactly) or, by default, the GMM posterior of ``p`` (the deviation of

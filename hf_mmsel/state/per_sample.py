@@ -2,7 +2,7 @@
 
 Each rank allocates only the slots of the samples it owns (:class:`~hf_mmsel.state.ownership.SampleOwnership`),
 in compact dtypes chosen by the hooks (DISSect: ``hist`` float32 + ``seen`` bool = 5 B/sample; GSC: five float16
-arrays + a uint8 EMA count = 11 B/sample). Hooks register their arrays under a namespace (``"selection.hist"``, ``"gsc.weight"``)
+arrays = 10 B/sample, + a uint8 EMA count with the optional bias-corrected EMA). Hooks register their arrays under a namespace (``"selection.hist"``, ``"gsc.weight"``)
 and index them with *global* ``sample_idx``; lookups and updates are local (no collective). ``gather_global``
 assembles a full ``[N]`` array on every rank (for diagnostics and final exports only).
 """
