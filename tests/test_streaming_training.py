@@ -35,7 +35,7 @@ def _replay(out: Path, world: int) -> dict[str, torch.Tensor]:
     from hf_mmsel.selection import ScoreBank
 
     logs = [torch.load(out / f"log_rank{r}.pt", weights_only=True)["log"] for r in range(world)]
-    bank, gsc = ScoreBank(N), GSCBuffers(N, keep_posterior=False)
+    bank, gsc = ScoreBank(N), GSCBuffers(N, keep_posterior=False, bias_correction=False)  # trainer defaults
     segments = []  # split every rank's log at its pass ends (all ranks end passes together)
     for log in logs:
         cuts = [i for i, e in enumerate(log) if e["op"] == "epoch"]
