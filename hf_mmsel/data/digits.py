@@ -14,9 +14,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -103,7 +100,9 @@ def load_digits_captions(*, templates: Sequence[str] | None = None, seed: int = 
         seed: fixes the template draw and the split.
         cache: store the built dataset under ``HF_DATASETS_CACHE/hf_mmsel`` so later calls only memory-map it.
     """
-    from datasets import config, load_from_disk
+    from datasets import config
+
+    from .disk_cache import load_or_build
 
     resolved = list(DIGITS_CAPTION_TEMPLATES if templates is None else templates)
     if not resolved:
@@ -115,18 +114,4 @@ def load_digits_captions(*, templates: Sequence[str] | None = None, seed: int = 
             raise ValueError(f"caption template {template!r} may only use the fields {{digit}} and {{word}}") from err
     key = hashlib.sha1(json.dumps([_CACHE_VERSION, resolved, seed]).encode()).hexdigest()[:16]
     target = Path(config.HF_DATASETS_CACHE) / "hf_mmsel" / f"digits_captions_{_CACHE_VERSION}_{key}"
-    if cache and (target / "dataset_dict.json").exists():
-        return load_from_disk(str(target))
-    built = _build(resolved, seed)
-    if not cache:
-        return built
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
-    try:
-        built.save_to_disk(str(tmp))
-        os.replace(tmp, target)  # atomic; a concurrent builder winning the race is fine
-    except OSError:
-        pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return load_from_disk(str(target)) if (target / "dataset_dict.json").exists() else built
+    return load_or_build(target, lambda: _build(resolved, seed), cache)

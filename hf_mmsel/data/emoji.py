@@ -30,7 +30,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import unicodedata
 import warnings
 from collections.abc import Sequence
@@ -538,7 +537,7 @@ def load_emoji_captions(
     Raises :class:`EmojiFontNotFoundError` (naming the Debian package ``fonts-noto-color-emoji`` and its install
     command) when the font is missing.
     """
-    from datasets import load_from_disk
+    from .disk_cache import load_or_build
 
     if int(image_size) != image_size or image_size < 1:
         raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
@@ -548,21 +547,7 @@ def load_emoji_captions(
     bg = _background_rgb(background)
     path = find_emoji_font(font_path)
     target = emoji_cache_dir(path, image_size, bg, seed, max_groups)
-    if cache and (target / "dataset_dict.json").exists():
-        return load_from_disk(str(target))
-    built = _build(path, image_size, bg, seed, max_groups)
-    if not cache:
-        return built
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
-    try:
-        built.save_to_disk(str(tmp))
-        os.replace(tmp, target)  # atomic; a concurrent builder winning the race is fine
-    except OSError:
-        pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return load_from_disk(str(target)) if (target / "dataset_dict.json").exists() else built
+    return load_or_build(target, lambda: _build(path, image_size, bg, seed, max_groups), cache)
 
 
 def emoji_dataset_stats(dsd: DatasetDict) -> dict[str, Any]:
