@@ -37,6 +37,7 @@ from hf_mmsel.contrastive_loss import PairLoss, pair_loss_for, prepare_model_for
 from hf_mmsel.hooks import BatchHook, LossTerms, PairEmbeddings, subset_batch
 from hf_mmsel.models.locking import (TOWER_ADAPTER_DIR, configure_tower_training, has_tower_lora,
                                      load_tower_adapter_state, merged_state_dict, save_tower_adapter)
+from hf_mmsel.models.tower_cache import backend_problem, build_tower_cache, cache_scope, cached_call
 from hf_mmsel.models import (CoTrainedDualEncoder, check_dual_encoder, encode_pair, image_features, logit_scale_of,
                              make_logit_scale_1d, text_features, unwrap_model)
 from hf_mmsel.selection import (SELECTION_STRATEGIES, SelectingBatchSampler, SelectionHook, load_reference_model,
@@ -92,6 +93,9 @@ class _HookCallback(TrainerCallback):
         self.trainer._end_completed_passes()
 
     def on_train_end(self, args, state, control, **kwargs):
+        if self.trainer.tower_cache is not None:
+            self.trainer.tower_cache.flush()
+            logger.info("tower embedding cache: %s", self.trainer.tower_cache.describe())
         if args.plot_score_distributions and args.selection_diagnostics and self.trainer.is_world_process_zero():
             self.trainer.save_score_plot()
 
@@ -115,7 +119,10 @@ class ContrastiveTrainer(Trainer):
     (then ``max_steps`` is required). The tower settings (``lock_image_tower``, ``lock_text_tower``,
     ``*_unlocked_layers``, ``tower_lora_*``) are applied to the model here
     (:func:`hf_mmsel.models.locking.configure_tower_training`); ``tower_training`` reports what trains (None when
-    none is set).
+    none is set). With ``tower_embedding_cache`` (``auto`` by default) the outputs of every wholly locked tower are
+    computed once per ``sample_idx``, kept under ``output_dir/tower_cache`` and reused by the scoring and the
+    training forwards (:mod:`hf_mmsel.models.tower_cache`); ``tower_cache`` is its
+    :class:`~hf_mmsel.models.tower_cache.TowerEmbeddingCache` (set up at train begin, None when off).
     """
 
     def __init__(
@@ -182,6 +189,7 @@ class ContrastiveTrainer(Trainer):
                 "its peer's w); single-network GSC takes a plain dual encoder"
             )
         self.runner: HookRunner | None = None
+        self.tower_cache = None  # TowerEmbeddingCache of the wholly locked towers, set up at train begin
         self._resume_checkpoint: str | None = None
         self._train_sampler: OwnerStableBatchSampler | None = None
         self._log_sums: dict[str, torch.Tensor] = {}
@@ -441,6 +449,12 @@ class ContrastiveTrainer(Trainer):
                     self.train_dataset.resume_signature(), index.get("stream"))
         if self.streaming:
             self.train_dataset.set_consumed_batches(state.global_step * self.args.gradient_accumulation_steps)
+        if self.tower_cache is not None:
+            self.tower_cache.close()
+        self.tower_cache = build_tower_cache(  # tower_embedding_cache: outputs of wholly locked towers per sample_idx
+            self.model, mode=self.args.tower_embedding_cache, output_dir=self.args.output_dir,
+            num_samples=self._num_samples(), dataset=self.train_dataset, collator=self.data_collator,
+            device=self.args.device, is_main=self.args.should_save, unsupported=backend_problem(self.args))
         if not self.streaming:
             sampler = self._get_train_sampler()
             logger.info(
@@ -598,22 +612,27 @@ class ContrastiveTrainer(Trainer):
         runner = self._build_hooks()
         inputs = dict(inputs)
         size = int(inputs["sample_idx"].shape[0])
-        ctx = runner.context(lambda: self._score_batch(model, inputs), loss=pair_loss_for(model, self.args.loss_type))
         training = model.training
+        cache = self.tower_cache if training else None  # eval batches have their own sample_idx: never cached
+        score_kinds = ("text",) if self.args.cheap_scoring else ("image", "text")  # cheap: other image inputs
+        ctx = runner.context(lambda: cached_call(cache, inputs["sample_idx"], lambda: self._score_batch(model, inputs),
+                                                 score_kinds), loss=pair_loss_for(model, self.args.loss_type))
         if training:
             keep = runner.prepare(inputs, ctx)
             if keep is not None:
                 inputs = subset_batch(inputs, keep, size)
         loss_terms = runner.loss_terms if training else None
         if self.co_trained:
-            loss, logs, per_network = co_training_loss(
-                model, inputs, ctx, per_sample_loss=self.contrastive_loss_per_sample, loss_terms=loss_terms,
-                weighted_mean=self._weighted_mean, logit_scale_max=self.args.logit_scale_max,
-                loss_type=self.args.loss_type)
+            with cache_scope(cache, inputs["sample_idx"]):
+                loss, logs, per_network = co_training_loss(
+                    model, inputs, ctx, per_sample_loss=self.contrastive_loss_per_sample, loss_terms=loss_terms,
+                    weighted_mean=self._weighted_mean, logit_scale_max=self.args.logit_scale_max,
+                    loss_type=self.args.loss_type)
             if training:
                 self._accumulate_logs({**ctx.logs, **logs})
             return (loss, {"networks": per_network}) if return_outputs else loss
-        image, text = self._embed(model, inputs)
+        with cache_scope(cache, inputs["sample_idx"]):
+            image, text = self._embed(model, inputs)
         scale = logit_scale_of(model, max_scale=self.args.logit_scale_max)
         per_sample = self.contrastive_loss_per_sample(image, text, scale, ctx.loss)
         terms = loss_terms(image, text, scale, inputs["sample_idx"], per_sample, ctx) if training else LossTerms()
@@ -709,6 +728,8 @@ class ContrastiveTrainer(Trainer):
                 "per_device_train_batch_size": self._train_batch_size}
         if self.streaming:
             meta["stream"] = self.train_dataset.resume_signature()
+        if self.tower_cache is not None:
+            self.tower_cache.flush()  # the filled flags of the rows written so far
         self._build_hooks().save(folder, self.state.global_step, meta)
         super()._save_checkpoint(model, trial)
 

@@ -230,6 +230,14 @@ class ContrastiveTrainingArguments(TrainingArguments):
         metadata={"help": "comma list of the text tower's modules LoRA adapts; default: self_attn.q_proj,k_proj,"
                           "v_proj,out_proj (CLIP / SigLIP text) | query,key,value (BERT, MiniLM)"},
     )
+    tower_embedding_cache: str = field(
+        default="auto",
+        metadata={"help": "cache the outputs of wholly locked towers per sample_idx under output_dir/tower_cache "
+                          "(hf_mmsel.models.tower_cache): 'auto' caches every tower locked without unlocked layers or "
+                          "LoRA (a notice when it cannot: augmenting collator, data without fingerprint, DeepSpeed / "
+                          "FSDP / torch_compile), 'on' the same but raises when it cannot, 'off' never; the cache is "
+                          "invalidated when the tower, its preprocessing or the data change"},
+    )
 
     def __post_init__(self):
         self.remove_unused_columns = False
@@ -368,6 +376,9 @@ class ContrastiveTrainingArguments(TrainingArguments):
     def _check_towers(self) -> None:
         """Tower locking / LoRA settings that cannot work together (the model-dependent checks, such as target
         modules that match nothing, run when the trainer applies them: ``hf_mmsel.models.locking``)."""
+        from hf_mmsel.models.tower_cache import resolve_cache_mode
+
+        self.tower_embedding_cache = resolve_cache_mode(self.tower_embedding_cache)
         for name in ("image_unlocked_layers", "text_unlocked_layers", "tower_lora_r"):
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value or value < 0:
