@@ -37,3 +37,34 @@ def run_checked(cmd: list[str], timeout: int = 300):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
+
+
+#: the vocabulary of the tiny BERT text towers of the tower tests
+TOWER_WORDS = ["a", "red", "blue", "green", "circle", "square", "cat", "dog", "on", "the", "mat"]
+
+
+def save_tiny_bert(folder: Path, words=TOWER_WORDS) -> Path:
+    """A tiny BERT text tower (2 layers, width 24) with a word-level tokenizer over ``words``, saved to ``folder``."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(words))}
+    BertTokenizer(vocab=vocab, model_max_length=24).save_pretrained(folder)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=48, max_position_embeddings=32)).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_resnet(folder: Path) -> Path:
+    """A tiny ResNet image tower (BatchNorm running statistics, a [B, C, 1, 1] pooled output) with its own 16 px
+    processor (mean 0.5, std 0.25), saved to ``folder``."""
+    import torch
+    from transformers import CLIPImageProcessor, ResNetConfig, ResNetModel
+
+    torch.manual_seed(0)
+    ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                             layer_type="basic")).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, image_mean=[0.5] * 3,
+                       image_std=[0.25] * 3).save_pretrained(folder)
+    return folder

@@ -16,27 +16,20 @@ import torch
 from datasets import Dataset
 from torch import nn
 
+from _helpers import TOWER_WORDS, save_tiny_bert, save_tiny_resnet
 from hf_mmsel.data import ImageTextCollator
 from hf_mmsel.models import build_dual_encoder, encode_pair
 from hf_mmsel.models.locking import (TOWER_ADAPTER_DIR, is_locked, layer_groups, lock_tower, resolve_lora_targets,
                                      setup_towers, unlock_tower)
 from hf_mmsel.trainers import ContrastiveTrainer, ContrastiveTrainingArguments
 
-WORDS = ["a", "red", "blue", "green", "circle", "square", "cat", "dog", "on", "the", "mat"]
+WORDS = TOWER_WORDS
 CAPTIONS = ["a red circle", "the cat on the mat", "a blue square", "a green dog"]
 
 
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory):
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS)}
-    BertTokenizer(vocab=vocab, model_max_length=24).save_pretrained(folder)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=48, max_position_embeddings=32)).save_pretrained(folder)
-    return folder
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), WORDS)
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +47,7 @@ def clip_vision_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def resnet_dir(tmp_path_factory):
     """A tiny ResNet tower: BatchNorm layers with running statistics."""
-    from transformers import CLIPImageProcessor, ResNetConfig, ResNetModel
-
-    folder = tmp_path_factory.mktemp("tiny-resnet")
-    torch.manual_seed(0)
-    ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
-                             layer_type="basic")).save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, image_mean=[0.5] * 3,
-                       image_std=[0.25] * 3).save_pretrained(folder)
-    return folder
+    return save_tiny_resnet(tmp_path_factory.mktemp("tiny-resnet"))
 
 
 @pytest.fixture(scope="module")

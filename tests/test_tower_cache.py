@@ -17,6 +17,7 @@ import torch
 from datasets import Dataset
 
 from _callbacks import StopAtStep
+from _helpers import TOWER_WORDS, save_tiny_bert, save_tiny_resnet
 from hf_mmsel.data import ImageTextCollator
 from hf_mmsel.data.image_transform import ImageTransform
 from hf_mmsel.hooks import BatchHook
@@ -25,7 +26,7 @@ from hf_mmsel.models.tower_cache import (TOWER_CACHE_DIR, CachedTower, TowerCach
                                          data_fingerprint, resolve_cache_mode, tower_cache_problem)
 from hf_mmsel.trainers import ContrastiveTrainer, ContrastiveTrainingArguments
 
-WORDS = ["a", "red", "blue", "green", "circle", "square", "cat", "dog", "on", "the", "mat"]
+WORDS = TOWER_WORDS
 CAPTIONS = ["a red circle", "the cat on the mat", "a blue square", "a green dog", "a red dog", "the blue mat"]
 N, B = 48, 16
 SELECT = dict(selection_strategy="dissect", selection_warmup_epochs=1, gsc=True)
@@ -33,29 +34,13 @@ SELECT = dict(selection_strategy="dissect", selection_warmup_epochs=1, gsc=True)
 
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory):
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS)}
-    BertTokenizer(vocab=vocab, model_max_length=24).save_pretrained(folder)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=48, max_position_embeddings=32)).save_pretrained(folder)
-    return folder
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), WORDS)
 
 
 @pytest.fixture(scope="module")
 def resnet_dir(tmp_path_factory):
     """A tiny ResNet image tower: BatchNorm running statistics, a [B, C, 1, 1] pooled output (flattened)."""
-    from transformers import CLIPImageProcessor, ResNetConfig, ResNetModel
-
-    folder = tmp_path_factory.mktemp("tiny-resnet")
-    torch.manual_seed(0)
-    ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
-                             layer_type="basic")).save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, image_mean=[0.5] * 3,
-                       image_std=[0.25] * 3).save_pretrained(folder)
-    return folder
+    return save_tiny_resnet(tmp_path_factory.mktemp("tiny-resnet"))
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ import statistics
 import time
 from pathlib import Path
 
+from hf_mmsel.recipes.run_utils import parse_bool
 
 METHODS = ("full", "lora_shared", "lora_per_task", "mola_grad", "mola_router")
 
@@ -46,14 +47,6 @@ def _number_list(kind):
             raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from err
 
     return parse
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "y"):
-        return True
-    if text.lower() in ("0", "false", "no", "n"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -76,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timing_steps", type=int, default=30, help="interleaved timed steps per method (0: skip)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 gives the most stable step times)")
     p.add_argument("--output_dir", default="outputs/benchmark-mola")
-    p.add_argument("--overwrite_output_dir", type=_bool, nargs="?", const=True, default=False,
+    p.add_argument("--overwrite_output_dir", type=parse_bool, nargs="?", const=True, default=False,
                    help="write into a non-empty --output_dir, replacing only the files this run writes")
     args = p.parse_args(argv)
     args.methods = list(dict.fromkeys(m for group in args.methods for m in group))

@@ -32,6 +32,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from hf_mmsel.recipes.run_utils import parse_bool
+
 
 def build_linear_model(dim: int = 512, num_layers: int = 4) -> nn.Module:
     """A stack of ``num_layers`` Linear(dim, dim) + ReLU with modules named ``layers.<i>``."""
@@ -255,14 +257,6 @@ def benchmark_mola_inference(
 DEFAULT_OUTPUT_DIR = "outputs/benchmark-mola-step"
 
 
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "y"):
-        return True
-    if text.lower() in ("0", "false", "no", "n"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 def results_markdown(metrics: dict, result: dict) -> str:
     """The ``results.md`` table: one row per measured ratio, and the device."""
     device = result.get("device") or result.get("inference", {}).get("device", "?")
@@ -290,7 +284,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                         help="E values of the training-step ratio in --mode both")
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR,
                         help="folder of results.json and results.md")
-    parser.add_argument("--overwrite_output_dir", type=_bool, nargs="?", const=True, default=False,
+    parser.add_argument("--overwrite_output_dir", type=parse_bool, nargs="?", const=True, default=False,
                         help="write into a non-empty --output_dir, replacing only the files this run writes")
     parser.add_argument("--output_json", default=None, help="also write the result JSON to this file")
     args = parser.parse_args(argv)

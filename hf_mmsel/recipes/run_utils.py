@@ -9,11 +9,21 @@ One contract for all recipes (``train-clip``, ``train-mola``, ``curate``, the be
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any, Mapping
 
 __all__ = ["OutputDirExistsError", "prepare_output_dir", "format_run_summary", "print_run_summary", "check_push_settings",
-           "hub_ids_only"]
+           "hub_ids_only", "parse_bool"]
+
+
+def parse_bool(text: str) -> bool:
+    """``type=`` of an argparse flag taking true/false (1/0, yes/no, y/n), as HfArgumentParser's bool flags do."""
+    if text.lower() in ("1", "true", "yes", "y"):
+        return True
+    if text.lower() in ("0", "false", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 class OutputDirExistsError(FileExistsError):
