@@ -1,4 +1,4 @@
-"""Every ```python block of README.md runs, each in a fresh interpreter, on the embedded data.
+"""Every ```python block of README.md and docs/*.md runs, each in a fresh interpreter, on the embedded data.
 
 Blocks are found automatically (a new snippet is tested as soon as it is added). Only step counts are patched
 (``max_steps``, ``num_train_epochs``, ``selection_warmup_epochs``) so the blocks run in seconds; everything else
@@ -28,7 +28,9 @@ def shorten(code: str) -> str:
     return code
 
 
-BLOCKS = python_blocks((ROOT / "README.md").read_text())
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+SOURCES = [(page.relative_to(ROOT).as_posix(), block) for page in PAGES for block in python_blocks(page.read_text())]
+BLOCKS = [block for _, block in SOURCES]
 
 
 def test_readme_has_python_blocks():
@@ -40,11 +42,22 @@ def test_shorten_patches_only_step_counts():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("index", range(len(BLOCKS)), ids=[f"block{i}" for i in range(len(BLOCKS))])
+@pytest.mark.parametrize("index", range(len(BLOCKS)), ids=[f"{name}-block{i}" for i, (name, _) in enumerate(SOURCES)])
 def test_readme_python_block_runs(index, tmp_path):
     import os
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, "-c", shorten(BLOCKS[index])], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"README block {index} failed:\n{BLOCKS[index]}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, f"{SOURCES[index][0]} block {index} failed:\n{BLOCKS[index]}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+
+
+def test_readme_is_one_screenful_of_pages_and_every_link_resolves():
+    """README stays the entry page (<= 30 KB; the rest lives in docs/), and every relative link of README and docs/
+    points at a file of the repository."""
+    assert len((ROOT / "README.md").read_bytes()) <= 30_000
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" in target:
+                continue
+            assert (page.parent / target).exists(), f"{page.relative_to(ROOT)} links to missing {target}"

@@ -1,79 +1,46 @@
 """An embedding cache for locked towers (``ContrastiveTrainingArguments.tower_embedding_cache``). Plain torch + numpy;
-no Trainer import.
+no Trainer import. Design, invalidation and measurements: docs/towers.md, "Embedding cache for locked towers".
 
-**What is cached.** A tower locked as a whole (:func:`~hf_mmsel.models.locking.lock_tower` with no unlocked layers and
-no LoRA: frozen and kept in eval mode for good) computes a function of the sample alone. For every ``sample_idx`` the
-cache keeps what the tower hands to the projection: its ``pooler_output`` after the tower's own forward hooks (so a
-sentence-transformers text tower's pooled and normalised vector, a ResNet's flattened pool; for a tower that returns
-a tensor, as :class:`~hf_mmsel.models.SmallDualEncoderModel`'s do, that tensor), in the tower's compute dtype
-(float32 on CPU), in a memory-mapped array sized for the whole pool::
+A tower locked as a whole (:func:`~hf_mmsel.models.locking.lock_tower`: no unlocked layers, no LoRA) computes a
+function of the sample alone, so for every ``sample_idx`` the cache keeps what the tower hands to the projection (its
+``pooler_output`` after its own forward hooks, or the tensor it returns), in its compute dtype, in a memory-mapped
+array sized for the whole pool::
 
     <output_dir>/tower_cache/<tower>/fingerprint.json                 what the rows were computed from
     <output_dir>/tower_cache/<tower>/filled.u8                        [N] uint8, 1 = row written
     <output_dir>/tower_cache/<tower>/values.<kind>.<dtype>.<D>.bin    [N, D] raw rows (a sparse file)
 
 ``<tower>`` is ``image`` / ``text`` (``network<k>-image`` ... for a ``CoTrainedDualEncoder``).
+:meth:`TowerEmbeddingCache.batch` swaps every cacheable tower for a :class:`CachedTower` (``setattr`` on its parent,
+undone on exit) around a forward with that forward's ``sample_idx``; filled rows come from the array, missing ones
+are computed (autocast off) and written. Kernels may compute a row differently in a small batch, so missing rows run
+together with filled ones up to the smallest sub-batch that reproduces a whole batch bit for bit
+(:meth:`CachedTower._exact_batch`). The fingerprint (:mod:`~hf_mmsel.models.tower_fingerprint`: tower weights,
+preprocessing, data, ``N``) guards reuse: a mismatch clears the folder with a one-line warning.
 
-**How a forward uses it.** :class:`TowerEmbeddingCache.batch` is a context manager the trainer opens around a
-forward with that forward's ``sample_idx``: inside it every cacheable tower of the model is temporarily replaced by a
-:class:`CachedTower` (a ``setattr`` on its parent, undone on exit, so the model outside the context, in evaluation,
-``save_model`` and checkpoints, is the plain model with its own state-dict keys). The training forward and the
-no-grad scoring forward both pass through it. A :class:`CachedTower` answers a batch whose rows are all filled from
-the array and writes what the real tower computes for the missing rows. Kernels may give a row other numbers in a
-small batch than in a large one (oneDNN's convolutions of EfficientNet-Lite0 do below 16 rows), so missing rows are
-not simply run alone: at the first batch that misses every row, the cache finds the smallest sub-batch ``s`` (1, 2,
-4, ...) whose rows come out bit-identical to the whole batch's (``TowerCache.exact_batch``, per process), and a
-later batch with ``m`` missing rows runs them together with ``max(m, s) - m`` of its filled rows (the tensors of the
-call whose first dimension is the batch are sliced); until ``s`` is known such a batch runs whole. Outside a
-``batch`` context (or for a tower kind the context leaves out, such as the image tower of a cheap
-``score_image_size`` / ``score_patch_drop`` scoring forward, whose inputs differ) it runs the tower unchanged. Misses
-are computed with autocast off, so the array always holds the tower's full-precision output; under autocast (GPU
-``score_dtype="bfloat16"``, mixed precision) a cached scoring forward therefore sees the float32 tower output where
-an uncached one would run the tower in bfloat16 (on CPU, where ``score_dtype`` is float32, cached and uncached runs
-compute the same numbers).
-
-**Fingerprint.** sha256 of: the tower class and config, a hash of every tensor of its state dict (weights and
-buffers: names, dtypes, shapes, bytes), the forward hooks on it and the pooling settings of its parent
-(``text_pooling`` / ``text_normalize``), the preprocessing of its side read from the collator (image transform
-size / mean / std / resample / crop or the image processor's settings; tokenizer (its full serialisation or vocab),
-``max_length``, padding), the data (``datasets.Dataset._fingerprint`` of a map-style set, the shard manifest's
-fingerprint of a stream) and ``N``. A stored fingerprint that differs clears the folder with a one-line warning
-naming what changed; rows are never reused across a change. Data without a fingerprint (a plain torch dataset) is
-not cached (a notice says so). Preprocessing must be deterministic: a collator, image transform or image processor
-that declares ``augments = True`` (or ``deterministic = False``) is refused; the repository's collators are
-deterministic (``ImageTextCollator`` with ``ImageTransform`` / an HF image processor / cached ``pixel_values``).
-
-**Processes, kill and resume.** Each rank only ever sees the samples it owns (the owner-stable sampler: ``sample_idx
-mod W = r``; a stream's rank reads its own shards), so each rank writes only its rows of the one shared sparse file.
-The main process validates / clears the folder and creates ``filled.u8`` before a barrier, the values file is
-created by whichever rank first needs it (a ``link`` of a finished temporary file, so nobody ever truncates another
-rank's rows), and all ranks check that they computed the same fingerprint. A row's values are written and
-``msync``-ed before its ``filled`` byte is set, so a process killed at any point leaves only rows whose flag is off
-or whose values are complete; ``filled`` is flushed at every checkpoint save and at the end. A resumed run (any
-world size) finds the same fingerprint and reuses every filled row: the rows do not depend on the training state.
+Each rank writes only the rows it owns (owner-stable sampling) into the one shared sparse file; a row's values are
+``msync``-ed before its ``filled`` byte, ``filled`` is flushed at every checkpoint save, and a resumed run (any world
+size) reuses every filled row.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import os
-import re
-import shutil
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from .features import adapt_siglip_inputs, unwrap_model
 from .locking import TOWERS, is_locked
+from .tower_cache_store import FORMAT_VERSION, TowerCache
+from .tower_fingerprint import data_fingerprint, preprocessing_description, sha256_hex, tower_fingerprint
 
 __all__ = [
     "CachedTower",
@@ -99,13 +66,6 @@ TOWER_CACHE_DIR = "tower_cache"
 #: ``tower_embedding_cache`` values: ``auto`` caches every fully locked tower (a notice when it cannot), ``on`` the
 #: same but raises when nothing can be cached, ``off`` never caches
 TOWER_CACHE_MODES = ("auto", "on", "off")
-FINGERPRINT_FILE = "fingerprint.json"
-FILLED_FILE = "filled.u8"
-FORMAT_VERSION = 1
-_VALUES = re.compile(r"values\.(tensor|pooled)\.(float32|float16|bfloat16|float64)\.(\d+)\.bin")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
-_CONFIG_NOISE = ("_name_or_path", "transformers_version", "_commit_hash", "_attn_implementation_autoset")
 _BATCH_KEYS = ("pixel_values", "input_ids", "inputs_embeds")
 
 
@@ -168,311 +128,6 @@ def backend_problem(args) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------ fingerprints
-def _stable_repr(obj) -> str:
-    return _ADDRESS.sub("", repr(obj))
-
-
-def _json_safe(value):
-    return json.loads(json.dumps(value, sort_keys=True, default=_stable_repr))
-
-
-def _sha256(data: bytes | str) -> str:
-    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
-
-
-def _hash_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> str:
-    h = hashlib.sha256()
-    for name, tensor in named:
-        t = tensor.detach()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.numel():
-            h.update(t.reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
-def _config_description(module: nn.Module):
-    config = getattr(module, "config", None)
-    if config is not None and callable(getattr(config, "to_dict", None)):
-        d = {k: v for k, v in config.to_dict().items() if k not in _CONFIG_NOISE}
-        return _json_safe(d)
-    return _stable_repr(module)  # the module tree
-
-
-def _hook_names(module: nn.Module) -> list[str]:
-    hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
-    return [f"{getattr(h, '__module__', '')}.{getattr(h, '__qualname__', type(h).__qualname__)}" for h in hooks]
-
-
-def tower_fingerprint(tower: nn.Module, parent: nn.Module | None = None) -> dict[str, Any]:
-    """What the tower's output depends on besides its input: class, config, a hash of its state dict, its forward
-    hooks and its parent's pooling settings (``text_pooling`` / ``text_normalize``)."""
-    parent_config = getattr(parent, "config", None)
-    pooling = {k: getattr(parent_config, k, None) for k in ("text_pooling", "text_normalize")}
-    return {"class": f"{type(tower).__module__}.{type(tower).__qualname__}", "config": _config_description(tower),
-            "weights": _hash_tensors(tower.state_dict().items()), "hooks": _hook_names(tower),
-            "pooling": _json_safe(pooling)}
-
-
-def _describe_tokenizer(tokenizer) -> dict[str, Any] | None:
-    if tokenizer is None:
-        return None
-    out = {"class": type(tokenizer).__qualname__}
-    for key in ("model_max_length", "padding_side", "truncation_side", "pad_token_id"):
-        value = getattr(tokenizer, key, None)
-        out[key] = value if isinstance(value, (int, str, float, type(None))) else _stable_repr(value)
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and callable(getattr(backend, "to_str", None)):
-        out["serialisation"] = _sha256(backend.to_str())
-    elif callable(getattr(tokenizer, "get_vocab", None)):
-        out["vocab"] = _sha256(json.dumps(sorted(tokenizer.get_vocab().items())))
-        out["init_kwargs"] = _stable_repr(sorted((getattr(tokenizer, "init_kwargs", None) or {}).items()))
-    else:
-        out["repr"] = _stable_repr(tokenizer)
-    return out
-
-
-def _describe(obj) -> Any:
-    if obj is None:
-        return None
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return _json_safe({"class": type(obj).__qualname__, **dataclasses.asdict(obj)})
-    if callable(getattr(obj, "to_dict", None)):  # an HF image processor
-        return _json_safe({"class": type(obj).__qualname__, **obj.to_dict()})
-    return _stable_repr(obj)
-
-
-def preprocessing_description(collator, kind: str) -> dict[str, Any]:
-    """The preprocessing of one side (``"image"`` / ``"text"``) as the collator does it: the image transform or
-    image processor settings, or the tokenizer, ``max_length`` and padding. A collator class other than the
-    repository's ``ImageTextCollator`` also contributes its attributes' repr (memory addresses removed)."""
-    if collator is None:
-        return {"collator": None}
-    out: dict[str, Any] = {"collator": f"{type(collator).__module__}.{type(collator).__qualname__}"}
-    if kind == "image":
-        out["image_transform"] = _describe(getattr(collator, "image_transform", None))
-        out["image_processor"] = _describe(getattr(collator, "image_processor", None))
-    else:
-        out["tokenizer"] = _describe_tokenizer(getattr(collator, "tokenizer", None))
-        out["max_length"] = getattr(collator, "max_length", None)
-        out["padding"] = _stable_repr(getattr(collator, "padding", None))
-    if type(collator).__name__ != "ImageTextCollator" or type(collator).__module__ != "hf_mmsel.data.collator":
-        skip = {"tokenizer", "image_transform", "image_processor"}
-        attrs = sorted(vars(collator).items()) if hasattr(collator, "__dict__") else []
-        state = {k: v for k, v in attrs if k not in skip}
-        out["state"] = _stable_repr(state)
-    return out
-
-
-def data_fingerprint(dataset) -> str | None:
-    """A cheap fingerprint of the training data: the shard manifest's of a stream, ``datasets``' ``_fingerprint``
-    of a map-style ``Dataset``; ``None`` when the data has none."""
-    manifest = getattr(dataset, "manifest", None)
-    fingerprint = getattr(manifest, "fingerprint", None) if manifest is not None else None
-    if isinstance(fingerprint, str) and fingerprint:
-        return f"manifest:{fingerprint}"
-    fingerprint = getattr(dataset, "_fingerprint", None)
-    if isinstance(fingerprint, str) and fingerprint:
-        return f"datasets:{fingerprint}"
-    return None
-
-
-# ------------------------------------------------------------------------------------------------ storage
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _atomic_write_json(path: Path, payload: Mapping) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _create_sparse(path: Path, size: int) -> None:
-    """Create ``path`` as a zero-filled (sparse) file of ``size`` bytes unless it exists; several processes may race:
-    the file appears whole (a hard link of a finished temporary file) and an existing one is never truncated."""
-    if path.exists():
-        return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as f:
-        f.truncate(size)
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    for name, value in _DTYPES.items():
-        if value == dtype:
-            return name
-    raise TypeError(f"the tower cache stores floating point rows ({list(_DTYPES)}), got {dtype}")
-
-
-class TowerCache:
-    """The rows of one tower (module docstring): ``[N, D]`` raw values + ``filled`` flags, memory-mapped under
-    ``folder``, valid for ``fingerprint``. :meth:`prepare` (main process) validates / clears the folder,
-    :meth:`attach` (every process, after it) opens the arrays; :meth:`open` does both in one process."""
-
-    def __init__(self, folder: str | os.PathLike, num_samples: int, fingerprint: str,
-                 details: Mapping[str, Any] | None = None, name: str = "tower") -> None:
-        if int(num_samples) < 1:
-            raise ValueError(f"a tower cache needs num_samples >= 1, got {num_samples}")
-        self.folder = Path(folder)
-        self.num_samples = int(num_samples)
-        self.fingerprint = str(fingerprint)
-        self.details = dict(details or {})
-        self.name = name
-        self.kind: str | None = None  # "tensor" (the tower returns a tensor) or "pooled" (pooler_output)
-        #: smallest sub-batch the tower computes bit-identically to a whole batch (found at the first all-miss batch)
-        self.exact_batch: int | None = None
-        self.dtype: torch.dtype | None = None
-        self.dim: int | None = None
-        self.hits = 0
-        self.misses = 0
-        self.invalidated = False
-        self._filled: torch.Tensor | None = None  # this process's view, [N] bool
-        self._filled_map: np.memmap | None = None
-        self._values: np.memmap | None = None
-
-    # ---------------------------------------------------------------------------------------------- set-up
-    def prepare(self) -> bool:
-        """Main process: keep the folder if its fingerprint matches, else clear it (one-line warning naming what
-        changed); create ``filled.u8``. Returns whether the cache was invalidated."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        stored = _read_json(self.folder / FINGERPRINT_FILE)
-        reason = None
-        if stored is None:
-            if any(p for p in self.folder.iterdir()):
-                reason = "no valid fingerprint.json (an interrupted invalidation)"
-        elif stored.get("fingerprint") != self.fingerprint:
-            old = stored.get("details") or {}
-            changed = sorted(k for k in set(old) | set(self.details) if old.get(k) != self.details.get(k))
-            reason = "changed: " + (", ".join(changed) or "format")
-        if reason is not None:
-            logger.warning("tower embedding cache %r invalidated (%s): cleared %s, its rows are recomputed",
-                           self.name, reason, self.folder)
-            self._clear()
-        filled = self.folder / FILLED_FILE
-        _create_sparse(filled, self.num_samples)
-        if filled.stat().st_size != self.num_samples:
-            raise RuntimeError(f"{filled} holds {filled.stat().st_size} flags for {self.num_samples} samples; delete "
-                               f"{self.folder}")
-        if stored is None or reason is not None:
-            _atomic_write_json(self.folder / FINGERPRINT_FILE, {"format": FORMAT_VERSION, "name": self.name,
-                                                                "fingerprint": self.fingerprint,
-                                                                "num_samples": self.num_samples,
-                                                                "details": self.details})
-        self.invalidated = reason is not None
-        return self.invalidated
-
-    def _clear(self) -> None:
-        (self.folder / FINGERPRINT_FILE).unlink(missing_ok=True)  # first: a half-cleared folder is never trusted
-        for path in self.folder.iterdir():
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-
-    def attach(self) -> None:
-        """Every process: open ``filled`` and (when some rank created it already) the values file."""
-        self.close()
-        stored = _read_json(self.folder / FINGERPRINT_FILE)
-        if stored is None or stored.get("fingerprint") != self.fingerprint:
-            raise RuntimeError(f"the tower cache {self.folder} does not hold fingerprint {self.fingerprint[:12]} "
-                               "(prepare() runs on the main process before attach())")
-        self._filled_map = np.memmap(self.folder / FILLED_FILE, dtype=np.uint8, mode="r+", shape=(self.num_samples,))
-        self._filled = torch.from_numpy(np.asarray(self._filled_map, dtype=bool).copy())
-        found = [m for m in (_VALUES.fullmatch(p.name) for p in self.folder.iterdir()) if m]
-        if len(found) > 1:
-            raise RuntimeError(f"{self.folder} holds several values files ({[m[0] for m in found]}); delete it")
-        if found:
-            kind, dtype, dim = found[0].groups()
-            self._open_values(kind, _DTYPES[dtype], int(dim))
-        elif bool(self._filled.any()):
-            raise RuntimeError(f"{self.folder}: rows are flagged filled but no values file exists; delete it")
-
-    def open(self) -> "TowerCache":
-        """:meth:`prepare` + :meth:`attach` (one process)."""
-        self.prepare()
-        self.attach()
-        return self
-
-    def _open_values(self, kind: str, dtype: torch.dtype, dim: int, create: bool = False) -> None:
-        path = self.folder / f"values.{kind}.{_dtype_name(dtype)}.{dim}.bin"
-        row_bytes = dim * torch.empty((), dtype=dtype).element_size()
-        if create:
-            _create_sparse(path, self.num_samples * row_bytes)
-        if path.stat().st_size != self.num_samples * row_bytes:
-            raise RuntimeError(f"{path} has {path.stat().st_size} bytes, expected {self.num_samples} x {row_bytes}; "
-                               f"delete {self.folder}")
-        self._values = np.memmap(path, dtype=np.uint8, mode="r+", shape=(self.num_samples, row_bytes))
-        self.kind, self.dtype, self.dim = kind, dtype, dim
-
-    # --------------------------------------------------------------------------------------------- rows
-    @property
-    def filled(self) -> torch.Tensor:
-        """``[N]`` bool: the rows this process knows are filled (its own, plus those filled when it attached)."""
-        if self._filled is None:
-            raise RuntimeError("attach() the tower cache first")
-        return self._filled
-
-    def lookup(self, sample_idx: torch.Tensor) -> torch.Tensor:
-        """``[n]`` bool: which of ``sample_idx`` (CPU long) are filled."""
-        return self.filled[sample_idx]
-
-    def read(self, sample_idx: torch.Tensor) -> torch.Tensor:
-        """The stored rows of ``sample_idx`` (all filled), ``[n, D]`` in the cache dtype, on CPU."""
-        rows = np.ascontiguousarray(self._values[sample_idx.numpy()])
-        return torch.from_numpy(rows).view(self.dtype)
-
-    def write(self, sample_idx: torch.Tensor, values: torch.Tensor, kind: str) -> torch.Tensor:
-        """Store ``values`` ``[n, D]`` for ``sample_idx``: the rows first (``msync``-ed), then their ``filled``
-        flags. Returns the values as stored (the cache dtype), on their device."""
-        values = values.detach()
-        if values.dim() != 2:
-            raise ValueError(f"the tower cache stores [batch, D] outputs; the {self.name} tower returned "
-                             f"{tuple(values.shape)}: set tower_embedding_cache='off'")
-        if self._values is None:
-            self._open_values(kind, values.dtype, int(values.shape[1]), create=True)
-        if kind != self.kind or int(values.shape[1]) != self.dim:
-            raise RuntimeError(f"the {self.name} tower returned {kind} rows of width {values.shape[1]}, the cache "
-                               f"holds {self.kind} rows of width {self.dim}")
-        stored = values.to(self.dtype)
-        rows = sample_idx.numpy()
-        self._values[rows] = stored.to("cpu").contiguous().view(torch.uint8).numpy()
-        self._values.flush()  # the values are on disk before any flag says so
-        self._filled_map[rows] = 1
-        self._filled[sample_idx] = True
-        self.misses += int(sample_idx.numel())
-        return stored
-
-    def flush(self) -> None:
-        """Write the ``filled`` flags (and values) to disk (called at checkpoint saves and at the end)."""
-        if self._values is not None:
-            self._values.flush()
-        if self._filled_map is not None:
-            self._filled_map.flush()
-
-    def close(self) -> None:
-        self.flush()
-        self._values = self._filled_map = None
-        self._filled = None
-
-    def stats(self) -> dict[str, int]:
-        filled = int(self._filled.sum()) if self._filled is not None else 0
-        return {"hits": self.hits, "misses": self.misses, "filled": filled, "num_samples": self.num_samples,
-                "exact_batch": self.exact_batch}
-
-
-# ------------------------------------------------------------------------------------------------ the forward
 def _take_rows(args: Sequence, kwargs: Mapping, rows: torch.Tensor, n: int) -> tuple[tuple, dict]:
     def take(v):
         if isinstance(v, torch.Tensor) and v.dim() >= 1 and int(v.shape[0]) == n:
@@ -763,10 +418,10 @@ def build_tower_cache(model, *, mode: str = "auto", output_dir: str | os.PathLik
                    "preprocessing": preprocessing_description(collator, kind), "data": data,
                    "num_samples": int(num_samples)}
         details = {"weights": details["tower"].pop("weights"), "config": details["tower"].pop("config"), **details}
-        fingerprint = _sha256(json.dumps(details, sort_keys=True))
+        fingerprint = sha256_hex(json.dumps(details, sort_keys=True))
         cache = TowerCache(Path(output_dir) / TOWER_CACHE_DIR / name, num_samples, fingerprint, details, name)
         slots.append(_Slot(network, attr, kind, tower, cache))
-    digest = _sha256("".join(slot.cache.fingerprint for slot in slots))
+    digest = sha256_hex("".join(slot.cache.fingerprint for slot in slots))
     if not _same_everywhere(digest, device if device is not None else "cpu"):
         return refuse("the processes computed different fingerprints (different weights, preprocessing or data "
                       "per rank)")

@@ -272,6 +272,8 @@ class InMemoryPairs(torch.utils.data.Dataset):
         table = dataset.with_format("torch", columns=names)[:]
         self.columns = {name: table[name] for name in names}
         self.length = len(dataset)
+        # the same rows as the source Dataset: its fingerprint lets the tower embedding cache key on them
+        self._fingerprint = getattr(dataset, "_fingerprint", None)
 
     def __len__(self) -> int:
         return self.length
