@@ -205,9 +205,9 @@ def test_benchmark_validation_curve_time_to_full_best_and_run_options(tmp_out):
 def test_benchmark_validation_split_is_carved_from_train_and_kept_clean():
     bench = load_recipe("benchmark_selection")
     args = bench.BenchmarkArguments(validation_fraction=0.1)
-    data, _ = bench._load(args)
+    data, _ = bench.load_splits(args)
     assert set(data) == {"train", "validation", "test"} and len(data["test"]) == 888
     assert len(data["validation"]) == round(0.1 * 3578) and len(data["train"]) + len(data["validation"]) == 3578
-    digits, prompts = bench._load(bench.BenchmarkArguments(dataset="digits"))
+    digits, prompts = bench.load_splits(bench.BenchmarkArguments(dataset="digits"))
     assert [len(digits[s]) for s in ("train", "validation", "test")] == [4997, 800, 1000]  # its own validation split
     assert prompts[7] == "the digit seven"
