@@ -16,7 +16,7 @@ def test_train_clip_config_flags_override_and_card(tmp_out):
     config = yaml.safe_load((RECIPES / "configs" / "clip_dissect.yaml").read_text())
     assert "noise_ratio" not in config  # no shipped config shuffles captions unless asked (--noise_ratio)
     config.update(noise_ratio=0.4, output_dir=str(tmp_out), num_train_epochs=10, max_train=96, max_test=48,
-                  per_device_train_batch_size=32, save_strategy="no", selection_warmup_epochs=1)  # 2 epochs below
+                  per_device_train_batch_size=32, save_strategy="no", selection_warmup_passes=1)  # 2 epochs below
     path = tmp_out.parent / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     args, targs = train_clip.parse_args(["--config", str(path), "--num_train_epochs", "2", "--use_cpu", "true",
