@@ -44,6 +44,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 DEFAULT_CONFIGS: dict[str, str] = {"train-mola": "mola_default.yaml", "curate": "curate_default.yaml"}
 PROG = "hf-mmsel"
+#: deprecated setting -> its new name (both accepted for one release; the dataclasses warn and forward)
+DEPRECATED_SETTINGS: dict[str, str] = {"selection_warmup_epochs": "selection_warmup_passes"}
 
 
 def _usage() -> str:
@@ -234,7 +236,7 @@ def parse_args_with_config(
         unknown = sorted(set(values) - {action.dest for action in parser._actions})
         if unknown:
             raise ValueError(f"{path}: unknown settings {unknown}; see --help for the valid ones")
-        parser.set_defaults(**values)
+        parser.set_defaults(**_flags_win_over_renamed_settings(values, argv))
     if prog and _wants_help(argv):
         text = parser.format_help()
         _store_help(prog, help_sources, known.config or None, text)
@@ -243,6 +245,18 @@ def parse_args_with_config(
         raise SystemExit(0)
     *parsed, _config_namespace = parser.parse_args_into_dataclasses(args=argv)
     return tuple(parsed)
+
+
+def _flags_win_over_renamed_settings(values: dict[str, Any], argv: Sequence[str]) -> dict[str, Any]:
+    """A YAML setting is dropped when the command line gives the same setting under its other (deprecated or new)
+    name, so that flags still override the file across a rename."""
+    given = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+    out = dict(values)
+    for old, new in DEPRECATED_SETTINGS.items():
+        for in_file, on_line in ((new, old), (old, new)):
+            if in_file in out and on_line in given:
+                del out[in_file]
+    return out
 
 
 if __name__ == "__main__":

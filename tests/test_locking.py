@@ -312,14 +312,14 @@ def test_recipes_take_the_tower_flags(clip_vision_dir, bert_dir, tmp_path, monke
 
     bench = load_recipe("benchmark_selection")
     built = []
-    build = bench._build
+    build = bench.build_model
 
     def recording_build(args, captions, seed):
         bundle = build(args, captions, seed)
         built.append((seed, bundle, _state(bundle.model)))
         return bundle
 
-    monkeypatch.setattr(bench, "_build", recording_build)
+    monkeypatch.setattr(bench, "build_model", recording_build)
     out = tmp_path / "bench"
     rows = bench.main(["--vision_model", str(clip_vision_dir), "--text_model", str(bert_dir), "--image_size", "16",
                        "--lock_image_tower", "true", "--strategies", "full,random", "--epochs", "1",

@@ -16,7 +16,7 @@ def test_train_clip_config_flags_override_and_card(tmp_out):
     config = yaml.safe_load((RECIPES / "configs" / "clip_dissect.yaml").read_text())
     assert "noise_ratio" not in config  # no shipped config shuffles captions unless asked (--noise_ratio)
     config.update(noise_ratio=0.4, output_dir=str(tmp_out), num_train_epochs=10, max_train=96, max_test=48,
-                  per_device_train_batch_size=32, save_strategy="no", selection_warmup_epochs=1)  # 2 epochs below
+                  per_device_train_batch_size=32, save_strategy="no", selection_warmup_passes=1)  # 2 epochs below
     path = tmp_out.parent / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     args, targs = train_clip.parse_args(["--config", str(path), "--num_train_epochs", "2", "--use_cpu", "true",
@@ -205,9 +205,9 @@ def test_benchmark_validation_curve_time_to_full_best_and_run_options(tmp_out):
 def test_benchmark_validation_split_is_carved_from_train_and_kept_clean():
     bench = load_recipe("benchmark_selection")
     args = bench.BenchmarkArguments(validation_fraction=0.1)
-    data, _ = bench._load(args)
+    data, _ = bench.load_splits(args)
     assert set(data) == {"train", "validation", "test"} and len(data["test"]) == 888
     assert len(data["validation"]) == round(0.1 * 3578) and len(data["train"]) + len(data["validation"]) == 3578
-    digits, prompts = bench._load(bench.BenchmarkArguments(dataset="digits"))
+    digits, prompts = bench.load_splits(bench.BenchmarkArguments(dataset="digits"))
     assert [len(digits[s]) for s in ("train", "validation", "test")] == [4997, 800, 1000]  # its own validation split
     assert prompts[7] == "the digit seven"

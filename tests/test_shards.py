@@ -25,7 +25,7 @@ from hf_mmsel.data import (
     owned_ranges,
     write_webdataset_shards,
 )
-from hf_mmsel.data import shards as shards_module
+from hf_mmsel.data import shard_reader
 
 
 def _png(value: int) -> bytes:
@@ -122,8 +122,8 @@ def test_manifest_ids_are_stable_and_changes_are_refused(tmp_path):
 def test_seek_skips_without_decoding(pool, monkeypatch):
     _, manifest = pool
     decoded = []
-    original = shards_module._decode_image
-    monkeypatch.setattr(shards_module, "_decode_image", lambda data: decoded.append(1) or original(data))
+    original = shard_reader.decode_image
+    monkeypatch.setattr(shard_reader, "decode_image", lambda data: decoded.append(1) or original(data))
     rows = list(iter_shard(manifest.shards[3], start=4))
     assert _ids_of(rows) == [22, 23] and len(decoded) == 2
     assert list(iter_shard(manifest.shards[3], start=6)) == []

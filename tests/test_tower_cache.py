@@ -445,3 +445,16 @@ def test_benchmark_recipe_times_epochs_with_and_without_the_cache(resnet_dir, be
     assert on["same_selections"] and on["max_weight_diff"] == 0.0
     assert on["cache_stats"]["image"]["misses"] == 32 and off["cache_stats"] is None
     assert "| full | image + text | on |" in (tmp_path / "table.md").read_text()
+
+
+def test_in_memory_pairs_keep_their_source_fingerprint_so_the_benchmark_caches():
+    """The selection benchmark trains on InMemoryPairs; without the source Dataset's fingerprint the cache would
+    refuse the data (no fingerprint) and every locked-tower benchmark run would recompute its towers."""
+    from datasets import Dataset
+
+    from hf_mmsel.data.in_memory import InMemoryPairs
+    from hf_mmsel.models.tower_fingerprint import data_fingerprint
+
+    ds = Dataset.from_dict({"input_ids": [[1, 2], [3, 4]], "sample_idx": [0, 1]})
+    assert data_fingerprint(InMemoryPairs(ds)) == data_fingerprint(ds) is not None
+    assert data_fingerprint(InMemoryPairs(ds.select([1]))) != data_fingerprint(ds)

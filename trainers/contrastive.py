@@ -321,7 +321,7 @@ class ContrastiveTrainer(Trainer):
                 loss_type=args.loss_type, logit_scale_max=args.logit_scale_max, device=args.device,
                 dtype=self._score_dtype())
         schedule = self._schedule()
-        warmup = args.selection_warmup_passes(schedule.total_passes)
+        warmup = args.warmup_passes_for(schedule.total_passes)
         if args.selection_strategy == "dissect":
             schedule.check_warmup(warmup)
         self.selection_hook = SelectionHook(

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,6 +11,7 @@ from transformers import TrainingArguments
 
 from hf_mmsel.contrastive_loss import check_loss_type
 from hf_mmsel.selection import SCORE_SOURCES, SELECTION_STRATEGIES
+from hf_mmsel.state.schedule import default_warmup_passes
 
 __all__ = ["ContrastiveTrainingArguments", "SCORE_DTYPES", "SCORE_PLOT_NAME", "GSC_SIMILARITIES", "GSC_MATCHINGS"]
 
@@ -35,10 +37,13 @@ class ContrastiveTrainingArguments(TrainingArguments):
         default="dissect", metadata={"help": f"one of {sorted(SELECTION_STRATEGIES)}"}
     )
     select_rate: float = field(default=0.5, metadata={"help": "fraction r in (0, 1] of each candidate batch kept"})
-    selection_warmup_epochs: int | None = field(
+    selection_warmup_passes: int | None = field(
         default=None,
         metadata={"help": "DISSect warm-up W in passes over the pool (random selection, snapshot in pass W-1); "
                           "default: a quarter of the real number of passes (from max_steps when set), at least 1"},
+    )
+    selection_warmup_epochs: int | None = field(
+        default=None, metadata={"help": "deprecated alias of selection_warmup_passes (removed in the next release)"}
     )
     selection_diagnostics: bool = field(
         default=False,
@@ -279,14 +284,15 @@ class ContrastiveTrainingArguments(TrainingArguments):
             raise ValueError(f"unknown score_dtype {self.score_dtype!r}; choose one of {list(SCORE_DTYPES)}")
         check_loss_type(self.loss_type)
         self._check_joint()
-        if self.selection_warmup_epochs is not None and self.selection_warmup_epochs < 0:
-            raise ValueError(f"selection_warmup_epochs must be >= 0, got {self.selection_warmup_epochs}")
-        if (self.selection_strategy == "dissect" and self.selection_warmup_epochs is not None
-                and self.max_steps <= 0 and self.selection_warmup_epochs >= float(self.num_train_epochs)):
+        self._forward_deprecated_warmup_epochs()
+        if self.selection_warmup_passes is not None and self.selection_warmup_passes < 0:
+            raise ValueError(f"selection_warmup_passes must be >= 0, got {self.selection_warmup_passes}")
+        if (self.selection_strategy == "dissect" and self.selection_warmup_passes is not None
+                and self.max_steps <= 0 and self.selection_warmup_passes >= float(self.num_train_epochs)):
             raise ValueError(
-                f"DISSect warm-up of {self.selection_warmup_epochs} passes reaches the end of training "
+                f"DISSect warm-up of {self.selection_warmup_passes} passes reaches the end of training "
                 f"({float(self.num_train_epochs):g} passes = num_train_epochs): it would never select; lower "
-                "selection_warmup_epochs or train longer"
+                "selection_warmup_passes or train longer"
             )
         self._check_gsc()
         self._check_towers()
@@ -437,16 +443,36 @@ class ContrastiveTrainingArguments(TrainingArguments):
 
         return {f.name[len("gsc_"):]: getattr(self, f.name) for f in dc_fields(self) if f.name.startswith("gsc_")}
 
+    def _forward_deprecated_warmup_epochs(self) -> None:
+        """``selection_warmup_epochs`` (deprecated): warn, forward to ``selection_warmup_passes`` and clear it."""
+        if self.selection_warmup_epochs is None:
+            return
+        if self.selection_warmup_passes is not None:
+            raise ValueError(
+                f"selection_warmup_epochs ({self.selection_warmup_epochs}) is the deprecated name of "
+                f"selection_warmup_passes ({self.selection_warmup_passes}): give only selection_warmup_passes"
+            )
+        warnings.warn("selection_warmup_epochs is deprecated and will be removed in the next release; use "
+                      "selection_warmup_passes (the same number: passes over the pool)", FutureWarning, stacklevel=3)
+        self.selection_warmup_passes, self.selection_warmup_epochs = self.selection_warmup_epochs, None
+
+    @property
+    def resolved_selection_warmup_passes(self) -> int:
+        """``selection_warmup_passes`` or :func:`~hf_mmsel.state.schedule.default_warmup_passes` of
+        ``num_train_epochs`` (one epoch is one pass without ``max_steps``). The trainer uses
+        :meth:`warmup_passes_for` with the real number of passes."""
+        return self.warmup_passes_for(float(self.num_train_epochs))
+
     @property
     def resolved_selection_warmup_epochs(self) -> int:
-        """``selection_warmup_epochs`` or a quarter of ``num_train_epochs`` (at least 1); without ``max_steps``
-        one epoch is one pass. The trainer uses :meth:`selection_warmup_passes` with the real number of passes."""
-        if self.selection_warmup_epochs is not None:
-            return int(self.selection_warmup_epochs)
-        return max(1, int(round(float(self.num_train_epochs) / 4)))
+        """Deprecated alias of :attr:`resolved_selection_warmup_passes`."""
+        warnings.warn("resolved_selection_warmup_epochs is deprecated; use resolved_selection_warmup_passes",
+                      FutureWarning, stacklevel=2)
+        return self.resolved_selection_warmup_passes
 
-    def selection_warmup_passes(self, total_passes: float) -> int:
-        """The warm-up in passes: ``selection_warmup_epochs`` or a quarter of ``total_passes`` (at least 1)."""
-        if self.selection_warmup_epochs is not None:
-            return int(self.selection_warmup_epochs)
-        return max(1, int(round(float(total_passes) / 4)))
+    def warmup_passes_for(self, total_passes: float) -> int:
+        """The warm-up in passes: ``selection_warmup_passes`` or
+        :func:`~hf_mmsel.state.schedule.default_warmup_passes` of ``total_passes``."""
+        if self.selection_warmup_passes is not None:
+            return int(self.selection_warmup_passes)
+        return default_warmup_passes(total_passes)

@@ -10,7 +10,7 @@ any moment leaves only complete files, and a re-run skips what exists):
 - ``manifest.json``: the finished shards (rows, bad samples, sha256 of each score file).
 
 Work split: the shards (and the fit shards) are assigned to processes greedily by count
-(:func:`hf_mmsel.data.shards._greedy`); each process writes its own shards' files; only process 0 draws the
+(:func:`hf_mmsel.data.shards.balance_by_count`); each process writes its own shards' files; only process 0 draws the
 anchors, fits the mixture and writes the manifest; processes meet at three barriers. Nothing is gathered.
 """
 
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hf_mmsel.data.shards import _greedy
+from hf_mmsel.data.shards import balance_by_count
 from hf_mmsel.gsc.structure import StructureConfig
 
 from .scoring import RAW_SCORE_COLUMNS, AnchorSet, CleanMixture, dissect_score, raw_shard_scores
@@ -281,7 +281,7 @@ class CurationScorer:
     def assign(self, shard_ids: list[int]) -> list[int]:
         """This process's share of ``shard_ids`` (greedy by count, deterministic)."""
         counts = [s.count for s in self.source.shards]
-        return _greedy(counts, list(shard_ids), self.world_size)[self.rank]
+        return balance_by_count(counts, list(shard_ids), self.world_size)[self.rank]
 
     def _progress(self, shard_ids: list[int], desc: str):
         from tqdm.auto import tqdm

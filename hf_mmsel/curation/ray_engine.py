@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from hf_mmsel.data.shards import (
+from hf_mmsel.data.shard_format import (
     IMAGE_EXTENSIONS,
     BadSampleError,
-    _decode_image,
-    _parquet_columns,
-    _parquet_key_column,
-    _tar_groups,
+    decode_image,
+    parquet_columns,
+    parquet_key_column,
+    tar_sample_groups,
 )
 
 from .pipeline import CurationScorer, ShardEmbeddings
@@ -66,7 +66,7 @@ class EmbedActor:
                     raise BadSampleError(f"{paths[i]}: sample {key!r} has no caption member '.txt'")
                 caption = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
                 try:
-                    image = _decode_image(data)
+                    image = decode_image(data)
                 except Exception as e:  # noqa: BLE001 - any decoder failure is a bad sample
                     raise BadSampleError(f"{paths[i]}: sample {key!r} has an undecodable image ({e})") from e
             except BadSampleError as e:
@@ -109,11 +109,11 @@ def _key_positions(entry) -> dict[str, int]:
     """key -> row position of one shard (tar headers only / the parquet key column)."""
     if entry.format == "webdataset":
         with open(entry.path, "rb") as f:
-            return {key: i for i, (key, _) in enumerate(_tar_groups(entry.path, f))}
+            return {key: i for i, (key, _) in enumerate(tar_sample_groups(entry.path, f))}
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(entry.path)
-    column = _parquet_key_column(pf.schema_arrow.names)
+    column = parquet_key_column(pf.schema_arrow.names)
     keys = pf.read(columns=[column]).column(0).to_pylist()
     return {str(k): i for i, k in enumerate(keys)}
 
@@ -169,7 +169,7 @@ def ray_score_shards(scorer: CurationScorer, shard_ids: list[int], *, embedder_f
         import pyarrow.parquet as pq
 
         names = pq.ParquetFile(paths[0]).schema_arrow.names
-        image_col, caption_col, key_col = _parquet_columns(entries[0], names)
+        image_col, caption_col, key_col = parquet_columns(entries[0], names)
         if key_col is None:
             raise ValueError(f"--engine ray needs a key column (__key__ or key) in parquet shards; {paths[0]} has "
                              f"{names}")

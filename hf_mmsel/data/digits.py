@@ -61,10 +61,10 @@ def _png(image: np.ndarray) -> bytes:
 def _build(templates: list[str], seed: int) -> DatasetDict:
     from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 
-    from .multitask import _mnist5k, _sklearn_digits
+    from .multitask import mnist5k_digits, sklearn_digits
 
-    mnist_images, mnist_labels = _mnist5k()
-    sk_images, sk_labels = _sklearn_digits()
+    mnist_images, mnist_labels = mnist5k_digits()
+    sk_images, sk_labels = sklearn_digits()
     images = np.concatenate([mnist_images, _upsample(sk_images)])
     labels = np.concatenate([mnist_labels, sk_labels])
     domains = ["mnist_5k"] * len(mnist_labels) + ["sklearn_digits"] * len(sk_labels)

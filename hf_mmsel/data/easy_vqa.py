@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -199,30 +196,19 @@ def load_easy_vqa_captions(
             strings with ``{color}`` and ``{shape}``; one template is drawn per image with ``seed``.
         cache: store the built dataset under ``HF_DATASETS_CACHE/hf_mmsel`` so later calls only memory-map it.
     """
-    from datasets import DatasetDict, load_from_disk
+    from datasets import DatasetDict
 
     resolved = _resolve_templates(templates)
     for name, value in (("max_train", max_train), ("max_test", max_test)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be a positive number of rows or None, got {value}")
-    target = _cache_dir(resolved, seed)
-    if cache and (target / "dataset_dict.json").exists():
-        dsd = load_from_disk(str(target))
-    else:
+    from .disk_cache import load_or_build
+
+    def build() -> DatasetDict:
         rng = np.random.default_rng(seed)
-        dsd = DatasetDict({split: _build_split(split, resolved, rng) for split in ("train", "test")})
-        if cache:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
-            try:
-                dsd.save_to_disk(str(tmp))
-                os.replace(tmp, target)  # atomic: a concurrent builder may have won the race, which is fine
-            except OSError:
-                pass
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-            if (target / "dataset_dict.json").exists():
-                dsd = load_from_disk(str(target))
+        return DatasetDict({split: _build_split(split, resolved, rng) for split in ("train", "test")})
+
+    dsd = load_or_build(_cache_dir(resolved, seed), build, cache=cache)
     for split, limit in (("train", max_train), ("test", max_test)):
         if limit is not None and limit < len(dsd[split]):
             dsd[split] = dsd[split].select(range(limit))

@@ -42,7 +42,7 @@ def _load_embedded(name: str, load_kwargs: dict[str, Any]) -> DatasetDict:
     return load_digits_captions(**load_kwargs)
 
 
-def _is_save_to_disk_folder(path: Path) -> bool:
+def is_save_to_disk_folder(path: Path) -> bool:
     return (path / "dataset_dict.json").is_file() or (
         (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
     )
@@ -59,7 +59,7 @@ def _load_raw(path_or_id: str, data_dir: str | None, load_kwargs: dict[str, Any]
     from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
     path = Path(path_or_id)
-    if path.is_dir() and _is_save_to_disk_folder(path):
+    if path.is_dir() and is_save_to_disk_folder(path):
         loaded = load_from_disk(str(path))
     elif path.is_dir() and not (path / "README.md").is_file() and _holds_images(
         path if data_dir is None else path / data_dir

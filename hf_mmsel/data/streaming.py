@@ -29,14 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .shards import (
-    ShardManifest,
-    _check_policy,
-    assign_shards,
-    assign_worker_shards,
-    iter_shard,
-    owned_ranges,
-)
+from .shard_reader import check_bad_sample_policy, iter_shard
+from .shards import ShardManifest, assign_shards, assign_worker_shards, owned_ranges
 
 
 class StreamingImageTextDataset(torch.utils.data.IterableDataset):
@@ -55,7 +49,7 @@ class StreamingImageTextDataset(torch.utils.data.IterableDataset):
         decode_images: bool = True,
     ):
         super().__init__()
-        _check_policy(on_bad_sample)
+        check_bad_sample_policy(on_bad_sample)
         self.manifest = manifest
         self.num_samples = manifest.num_samples
         self.on_bad_sample = on_bad_sample

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .retrieval import _to_numpy
+from .retrieval import to_numpy
 
 
 def _average_ranks(values: np.ndarray) -> np.ndarray:
@@ -25,8 +25,8 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
 
 def auroc(scores, positives) -> float:
     """Area under the ROC curve = P(score of a random positive > a random negative), ties counting 1/2."""
-    scores = _to_numpy(scores, np.float64).ravel()
-    positives = _to_numpy(positives).astype(bool).ravel()
+    scores = to_numpy(scores, np.float64).ravel()
+    positives = to_numpy(positives).astype(bool).ravel()
     n_pos, n_neg = int(positives.sum()), int((~positives).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
@@ -39,8 +39,8 @@ def noise_detection_scores(clean_scores, is_noisy, threshold: float = 0.5) -> di
 
     Undefined values (no clean or no noisy pair, nothing predicted clean) are NaN.
     """
-    scores = _to_numpy(clean_scores, np.float64).ravel()
-    noisy = _to_numpy(is_noisy).astype(bool).ravel()
+    scores = to_numpy(clean_scores, np.float64).ravel()
+    noisy = to_numpy(is_noisy).astype(bool).ravel()
     if scores.shape != noisy.shape:
         raise ValueError(f"clean_scores has {scores.size} values but is_noisy has {noisy.size}")
     if scores.size == 0:

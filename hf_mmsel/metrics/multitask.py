@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .retrieval import _to_numpy
+from .retrieval import to_numpy
 
 
 def multitask_accuracy(predictions, labels, task_ids, task_names: Sequence[str] | None = None) -> dict[str, float]:
@@ -16,12 +16,12 @@ def multitask_accuracy(predictions, labels, task_ids, task_names: Sequence[str] 
     ``task_names[task_id]`` (default: the task id). A named task without samples gets NaN and is left out of
     ``mean_acc``.
     """
-    predictions = _to_numpy(predictions)
+    predictions = to_numpy(predictions)
     if predictions.ndim == 2:
         predictions = predictions.argmax(axis=1)
     predictions = predictions.astype(np.int64).ravel()
-    labels = _to_numpy(labels, np.int64).ravel()
-    task_ids = _to_numpy(task_ids, np.int64).ravel()
+    labels = to_numpy(labels, np.int64).ravel()
+    task_ids = to_numpy(task_ids, np.int64).ravel()
     if not (predictions.size == labels.size == task_ids.size):
         raise ValueError(
             f"predictions ({predictions.size}), labels ({labels.size}) and task_ids ({task_ids.size}) differ in length"

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def _to_numpy(x, dtype=None) -> np.ndarray:
+def to_numpy(x, dtype=None) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().float().cpu().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
     return np.asarray(x, dtype=dtype)
@@ -36,7 +36,7 @@ def relevance_matrix(
     if (image_labels is None) != (text_labels is None):
         raise ValueError("give both image_labels and text_labels (relevance by label) or neither")
     if image_labels is not None:
-        image_labels, text_labels = _to_numpy(image_labels), _to_numpy(text_labels)
+        image_labels, text_labels = to_numpy(image_labels), to_numpy(text_labels)
         if image_labels.shape != (n_images,) or text_labels.shape != (n_texts,):
             raise ValueError(
                 f"label shapes {image_labels.shape} / {text_labels.shape} do not match the similarity matrix "
@@ -46,7 +46,7 @@ def relevance_matrix(
             raise ValueError("caption_ids apply to pair-level relevance; give labels (class level) or caption_ids")
         return image_labels[:, None] == text_labels[None, :]
     if text_to_image is not None:
-        owner = _to_numpy(text_to_image, np.int64)
+        owner = to_numpy(text_to_image, np.int64)
         if owner.shape != (n_texts,):
             raise ValueError(f"text_to_image has shape {owner.shape}, expected ({n_texts},)")
         if owner.size and (owner.min() < 0 or owner.max() >= n_images):
@@ -60,7 +60,7 @@ def relevance_matrix(
         owner = np.arange(n_texts)
     if caption_ids is None:
         return np.arange(n_images)[:, None] == owner[None, :]
-    caption_ids = _to_numpy(caption_ids)
+    caption_ids = to_numpy(caption_ids)
     if caption_ids.shape != (n_texts,):
         raise ValueError(f"caption_ids has shape {caption_ids.shape}, expected ({n_texts},)")
     _, caption = np.unique(caption_ids, return_inverse=True)
@@ -89,7 +89,7 @@ def retrieval_scores(
 
     Queries without any relevant item are left out of the average for their direction.
     """
-    sim = _to_numpy(similarity, np.float64)
+    sim = to_numpy(similarity, np.float64)
     if sim.ndim != 2 or 0 in sim.shape:
         raise ValueError(f"similarity must be a non-empty 2-D [n_images, n_texts] matrix, got shape {sim.shape}")
     if not ks or any(int(k) < 1 for k in ks):
@@ -110,9 +110,9 @@ def retrieval_scores(
 
 def zero_shot_accuracy(image_embeds, class_text_embeds, labels) -> float:
     """Fraction of images whose most cosine-similar class text (``argmax_c <x_i, t_c>``) is their label."""
-    image = _to_numpy(image_embeds, np.float64)
-    classes = _to_numpy(class_text_embeds, np.float64)
-    labels = _to_numpy(labels, np.int64)
+    image = to_numpy(image_embeds, np.float64)
+    classes = to_numpy(class_text_embeds, np.float64)
+    labels = to_numpy(labels, np.int64)
     if image.ndim != 2 or classes.ndim != 2 or image.shape[1] != classes.shape[1]:
         raise ValueError(f"embedding shapes do not match: images {image.shape}, class texts {classes.shape}")
     if labels.shape != (image.shape[0],):

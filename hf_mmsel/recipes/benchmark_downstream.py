@@ -10,7 +10,7 @@ the ``--scores`` columns of its ``scores/*.parquet`` (joined on ``sample_idx``) 
 ``uncentred/gsc_clean_prob``), plus the ``--baselines`` ``random`` (seeded) and ``none`` (the whole pool, f = 1).
 
 For every score and ``--keep_fractions`` f the top round(f N) pairs (ties: lower ``sample_idx`` first) train a FRESH
-dual encoder (the seed's ``_build`` init, the same for every score) with ``full`` for ``--epochs`` epochs of the kept
+dual encoder (the seed's ``build_model`` init, the same for every score) with ``full`` for ``--epochs`` epochs of the kept
 set: the optimizer step count depends on f only. Reported per seed and as mean ± std: final ``val_rsum``, early
 stopping on the validation curve (``best_val_rsum``; ``best_val_test_rsum``: test rSum there), final test ``rsum``
 (pair level), ``class_rsum``, ``train_cpu_seconds``, and two diagnostics that read the injected noise labels:
@@ -41,12 +41,12 @@ from typing import Any
 import numpy as np
 import torch
 
-# The selection benchmark's private helpers are imported on purpose (same data, noise, model, regime and
-# validation curve in both benchmarks); they should move to a shared module once that file settles.
+from hf_mmsel.data.in_memory import InMemoryPairs
 from hf_mmsel.recipes import benchmark_selection as selection_bench
-from hf_mmsel.recipes.benchmark_selection import (REFERENCE_STRATEGIES, BenchmarkArguments, InMemoryPairs, _build,
-                                                  _csv, _curation_pool, _fmt, _load, _train_one, _train_reference,
-                                                  parse_strategy, run_options)
+from hf_mmsel.recipes.benchmark_data import build_model, curation_pool, load_splits, parse_csv
+from hf_mmsel.recipes.benchmark_selection import REFERENCE_STRATEGIES, BenchmarkArguments, train_reference, train_run
+from hf_mmsel.recipes.benchmark_strategies import parse_strategy, run_options
+from hf_mmsel.recipes.selection_report import format_number
 
 PROG = "hf-mmsel benchmark-downstream"
 BASELINES = ("random", "none")
@@ -147,10 +147,10 @@ def _train_curator(args, noisy, class_captions, captions, seed: int, folder: Pat
     run_args = replace(args, **options)
     reference = None
     if parse_strategy(name)[0] in REFERENCE_STRATEGIES:
-        reference = _train_reference(run_args, _build(args, captions, seed), noisy, class_captions, seed,
+        reference = train_reference(run_args, build_model(args, captions, seed), noisy, class_captions, seed,
                                      folder / "reference", loss_type=args.loss_type)
-    bundle = _build(args, captions, seed)
-    row = _train_one(run_args, args.curator, bundle, noisy, class_captions, seed, folder, reference=reference,
+    bundle = build_model(args, captions, seed)
+    row = train_run(run_args, args.curator, bundle, noisy, class_captions, seed, folder, reference=reference,
                      loss_type=args.loss_type)
     model_dir = folder / "final_model"
     bundle.model.save_pretrained(str(model_dir))  # the Trainer trained this very object in place (CPU, unwrapped)
@@ -188,11 +188,11 @@ def _curation_scores(variants, columns, model_dir: Path, pool: Path, folder: Pat
 
 
 def _train_kept(args, cached, noisy_train, kept: np.ndarray, class_captions, captions, seed, folder) -> dict:
-    """A fresh model (the seed's ``_build`` init) trained with ``full`` on the kept pairs only."""
+    """A fresh model (the seed's ``build_model`` init) trained with ``full`` on the kept pairs only."""
     from hf_mmsel.data import add_sample_idx
 
     data = {**cached, "train": InMemoryPairs(add_sample_idx(noisy_train.select(kept.tolist())))}
-    row = _train_one(args, "full", _build(args, captions, seed), data, class_captions, seed, folder,
+    row = train_run(args, "full", build_model(args, captions, seed), data, class_captions, seed, folder,
                      loss_type=args.loss_type)
     keys = ("val_rsum", "best_val_rsum", "best_val_test_rsum", "best_val_epoch", "rsum", "class_rsum",
             "optimizer_steps", "train_cpu_seconds", "train_seconds", "curve")
@@ -222,7 +222,7 @@ def _write_reports(out: Path, args, curators: list[dict[str, Any]], rows: list[d
     (out / "results.json").write_text(json.dumps({"config": vars(args), "curators": curators, "results": rows},
                                                  indent=2, default=str))
     def pm(row: dict[str, Any], key: str) -> str:
-        return f"{_fmt(row[key])} ± {_fmt(row[f'{key}_std'])}"
+        return f"{format_number(row[key])} ± {format_number(row[f'{key}_std'])}"
 
     lines = [f"Downstream curation benchmark ({rows[0]['dataset'] if rows else '-'}, curator "
              f"{args.curator_model or args.curator}, seeds {sorted({s for r in rows for s in r['seeds']})}): a fresh "
@@ -237,7 +237,7 @@ def _write_reports(out: Path, args, curators: list[dict[str, Any]], rows: list[d
                   "| score | " + " | ".join(f"f = {f:g}" for f in fractions) + " |",
                   "|---|" + "---|" * len(fractions)]
         for score in dict.fromkeys(r["score"] for r in subset):
-            cells = {r["keep_fraction"]: f"{_fmt(r['best_val_rsum'])} / {_fmt(r['best_val_test_rsum'])}"
+            cells = {r["keep_fraction"]: f"{format_number(r['best_val_rsum'])} / {format_number(r['best_val_test_rsum'])}"
                      for r in subset if r["score"] == score}
             lines.append(f"| {score} | " + " | ".join(cells.get(f, "") for f in fractions) + " |")
         lines.append("")
@@ -247,11 +247,11 @@ def _write_reports(out: Path, args, curators: list[dict[str, Any]], rows: list[d
     lines += [f"| {r['noise_ratio']:.0%} | {r['score']} | {r['keep_fraction']:g} | {r['num_kept']} | "
               f"{r['optimizer_steps']} | {pm(r, 'val_rsum')} | {pm(r, 'best_val_rsum')} | "
               f"{pm(r, 'best_val_test_rsum')} | {pm(r, 'rsum')} | {pm(r, 'class_rsum')} | "
-              f"{_fmt(r['kept_noisy_fraction'], 3)} | {_fmt(r['detection_auroc'], 3)} | "
-              f"{_fmt(r['train_cpu_seconds'])} |"
+              f"{format_number(r['kept_noisy_fraction'], 3)} | {format_number(r['detection_auroc'], 3)} | "
+              f"{format_number(r['train_cpu_seconds'])} |"
               for r in rows]
     lines += [""] + [f"Curator {c['curator']} ({c['noise_ratio']:.0%} noise, seed {c['seed']}): test rSum "
-                     f"{_fmt(c.get('rsum'))}, best val rSum {_fmt(c.get('best_val_rsum'))}." for c in curators]
+                     f"{format_number(c.get('rsum'))}, best val rSum {format_number(c.get('best_val_rsum'))}." for c in curators]
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
@@ -267,8 +267,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     torch.set_num_threads(args.threads)
     variants = parse_curation_settings(args.curation_settings)
     _check_variant_values(variants)
-    columns, baselines = _csv(args.scores, str), _csv(args.baselines, str)
-    fractions = _csv(args.keep_fractions, float)
+    columns, baselines = parse_csv(args.scores, str), parse_csv(args.baselines, str)
+    fractions = parse_csv(args.keep_fractions, float)
     if not set(columns) <= set(SCORE_COLUMNS) or not set(baselines) <= set(BASELINES) or not columns + baselines:
         raise ValueError(f"--scores must be from {list(SCORE_COLUMNS)} and --baselines from {list(BASELINES)} "
                          f"(at least one in all), got {columns} and {baselines}")
@@ -278,25 +278,25 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         raise FileNotFoundError(f"--curator_model {args.curator_model!r} is not a folder")
     if not args.curator_model:
         parse_strategy(args.curator)  # raises on an unknown strategy, listing the choices
-    seeds = _csv(args.seeds, int) or [args.seed]
+    seeds = parse_csv(args.seeds, int) or [args.seed]
     out = prepare_output_dir(args.output_dir, overwrite_output_dir=args.overwrite_output_dir)
 
-    data, class_captions = _load(args)
+    data, class_captions = load_splits(args)
     if "validation" not in data:
         raise ValueError("no validation split (--validation_fraction 0?): choices are made on the validation split")
     captions = data["train"]["caption"]
-    bundle = _build(args, captions, seed=0)
+    bundle = build_model(args, captions, seed=0)
     cached = dict(preprocess_image_text(data, tokenizer=bundle.tokenizer, image_transform=bundle.image_transform,
                                         max_length=args.max_length))
     curators: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
-    for noise in _csv(args.noise_ratios, float) or [args.noise_ratio]:
+    for noise in parse_csv(args.noise_ratios, float) or [args.noise_ratio]:
         for seed in seeds:
             tag = f"noise{noise}_seed{seed}"
             noisy_train = inject_noisy_correspondence(cached["train"], noise, seed=seed)
             is_noisy = np.asarray(noisy_train["is_noisy"], dtype=bool)
-            pool = _curation_pool(data["train"], noisy_train, noise, seed, out / "pools" / tag)
+            pool = curation_pool(data["train"], noisy_train, noise, seed, out / "pools" / tag)
             noisy = {**cached, "train": InMemoryPairs(noisy_train)}
             model_dir, info = _train_curator(args, noisy, class_captions, captions, seed, out / "curators" / tag)
             info.update(seed=seed, noise_ratio=noise)
@@ -319,13 +319,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     runs.append(run)
                     print(f"noise={noise} seed={seed} {score} f={fraction:g}: kept {kept.size} "
                           f"(noisy {run['kept_noisy_fraction']:.3f}) steps={run['optimizer_steps']} best_val="
-                          f"{_fmt(run['best_val_rsum'])} test@best={_fmt(run['best_val_test_rsum'])} "
+                          f"{format_number(run['best_val_rsum'])} test@best={format_number(run['best_val_test_rsum'])} "
                           f"rsum={run['rsum']:.1f}", flush=True)
             rows = _aggregate(runs, args)
             _write_reports(out, args, curators, rows)
     summary = {f"{r['noise_ratio']:.0%} noise, {r['score']} @ f={r['keep_fraction']:g}":
-               f"best val {_fmt(r['best_val_rsum'])} | test at best val {_fmt(r['best_val_test_rsum'])} ± "
-               f"{_fmt(r['best_val_test_rsum_std'])} | final test {_fmt(r['rsum'])}" for r in rows}
+               f"best val {format_number(r['best_val_rsum'])} | test at best val {format_number(r['best_val_test_rsum'])} ± "
+               f"{format_number(r['best_val_test_rsum_std'])} | final test {format_number(r['rsum'])}" for r in rows}
     print_run_summary(f"benchmark-downstream: curator {args.curator_model or args.curator}, {len(seeds)} seed(s)",
                       summary, {"table": out / "results.md", "all runs": out / "results.json"},
                       load_hint=f"import json; json.load(open({str(out / 'results.json')!r}))['results']")

@@ -96,7 +96,7 @@ def _run(a: TowerCacheBenchmarkArguments, data, strategy: str, lock: str, cache:
     args = ContrastiveTrainingArguments(
         output_dir=str(out), per_device_train_batch_size=a.batch_size, num_train_epochs=a.epochs,
         learning_rate=a.learning_rate, save_strategy="no", report_to=[], use_cpu=True, seed=a.seed,
-        selection_strategy=strategy, selection_warmup_epochs=1 if strategy == "dissect" else None,
+        selection_strategy=strategy, selection_warmup_passes=1 if strategy == "dissect" else None,
         lock_image_tower=True, lock_text_tower=lock == "both", tower_embedding_cache=cache, disable_tqdm=True,
         dataloader_num_workers=0, logging_steps=1000, plot_score_distributions=False)
     rec, clock = Recorder(), _EpochClock()

@@ -27,10 +27,8 @@ model, input or scoring setting is refused unless ``--overwrite_output_dir``, wh
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,25 +36,24 @@ from typing import Any
 
 import numpy as np
 
+from hf_mmsel.curation.outputs import (
+    COLUMN_DOCS,
+    CURATED_DIR,
+    HISTOGRAM_NAME,
+    SCORE_COLUMNS,
+    SELECTABLE,
+    STATE_FILE_NAME,
+    STATS_NAME,
+    detection_aurocs,
+    model_fingerprint,
+    plot_histograms,
+    prepare_curation_dir,
+    select_rows,
+    training_state_sha256,
+    write_curated_subset,
+)
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "curate_default.yaml"
-STATE_FILE_NAME = "selection_state.safetensors"  # the hook state of hf_mmsel <= 0.1 checkpoints
-HISTOGRAM_NAME = "score_histogram.png"
-STATS_NAME = "curation_stats.json"
-CONFIG_NAME = "curation_config.json"
-CURATED_DIR = "curated"
-SCORE_COLUMNS = ("gsc_clean_prob", "similarity", "dissect_score", "gsc_weight")
-SELECTABLE = {"gsc_clean_prob": (0.0, 1.0), "gsc_weight": (0.0, 1.0), "similarity": (-1.0, 1.0)}
-COLUMN_DOCS = {
-    "gsc_clean_prob": "GSC clean probability from one pass of the curating model: min of the structure-consistency "
-    "posterior and the positive-pair posterior (higher = cleaner)",
-    "similarity": "image-text cosine similarity of the curating model",
-    "dissect_score": "DISSect differential h - s: historical CLIPScore of the training run minus the current one "
-    "(NaN if the pair was never scored)",
-    "gsc_weight": "per-sample GSC weight w at the end of training (from the training state)",
-}
-#: every file / folder curate writes (and the only ones --overwrite_output_dir removes)
-OWN_OUTPUTS = ("scores", "fit", "raw", "anchors.safetensors", "mixture.json", "manifest.json", CONFIG_NAME, STATS_NAME,
-               HISTOGRAM_NAME, "README.md", CURATED_DIR)
 
 
 @dataclass
@@ -204,9 +201,9 @@ def _is_shard_input(args: CurateArguments) -> bool:
         return True
     path = Path(args.dataset)
     if path.is_dir():
-        from hf_mmsel.data.loading import _is_save_to_disk_folder
+        from hf_mmsel.data.loading import is_save_to_disk_folder
 
-        if _is_save_to_disk_folder(path):
+        if is_save_to_disk_folder(path):
             return False
         return any(q.suffix in (".tar", ".parquet") for q in path.rglob("*") if q.is_file())
     if path.is_file():
@@ -247,120 +244,14 @@ def load_source(args: CurateArguments, *, is_main_process: bool = True):
     return MapStyleSource(ds, args.samples_per_shard)
 
 
-def model_fingerprint(model) -> str:
-    """sha256 of every parameter and buffer (names, dtypes, bytes): a changed model changes the scores."""
-    import torch
-
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def _file_sha256(path: str | None) -> str | None:
-    if not path:
-        return None
-    file = Path(path)
-    file = file / STATE_FILE_NAME if file.is_dir() else file
-    return hashlib.sha256(file.read_bytes()).hexdigest() if file.is_file() else None
-
-
 def scoring_config(args: CurateArguments, settings, source, model, max_length: int, image_size) -> dict[str, Any]:
     """What the score files depend on (written to ``curation_config.json``; a mismatch refuses to resume)."""
     return {
         "model": model_fingerprint(model), "max_length": max_length, "image_size": list(image_size),
         "source": source.fingerprint, "source_kind": source.kind, "num_samples": source.num_samples,
-        "training_state_sha256": _file_sha256(args.training_state), "scoring": asdict(settings),
+        "training_state_sha256": training_state_sha256(args.training_state), "scoring": asdict(settings),
         "noise_ratio": args.noise_ratio, "noise_seed": args.noise_seed if args.noise_ratio else None,
     }
-
-
-def prepare_curation_dir(out: Path, config: dict[str, Any], overwrite_output_dir: bool) -> str:
-    """Fresh folder, resume (same ``curation_config.json``) or, with ``--overwrite_output_dir``, replace curate's
-    own outputs (other files are kept). Returns "new" | "resume" | "overwrite"."""
-    from hf_mmsel.recipes.run_utils import prepare_output_dir
-
-    config_file = out / CONFIG_NAME
-    if config_file.is_file():
-        previous = json.loads(config_file.read_text())
-        if previous == config:
-            return "resume"
-        if not overwrite_output_dir:
-            changed = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
-            raise FileExistsError(
-                f"--output_dir {str(out)!r} holds scores of another run (changed: {changed}); pass "
-                "--overwrite_output_dir true to replace curate's outputs there, or choose another --output_dir"
-            )
-    elif not overwrite_output_dir:
-        prepare_output_dir(out)  # refuses a non-empty folder that curate did not start
-    out.mkdir(parents=True, exist_ok=True)
-    removed = False
-    for name in OWN_OUTPUTS:
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-            removed = True
-        elif target.exists():
-            target.unlink()
-            removed = True
-    config_file.write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
-    return "overwrite" if removed else "new"
-
-
-def load_embedder(model_name_or_path: str, image_size: int | None, max_length: int | None, use_cpu: bool):
-    """``(model, collate_fn, device)`` for a Ray actor (loaded in the actor, never shipped)."""
-    import torch
-
-    from hf_mmsel.data import ImageTextCollator
-
-    args = CurateArguments(model_name_or_path=model_name_or_path, image_size=image_size, max_length=max_length)
-    model, tokenizer, transform, length = load_dual_encoder(args)
-    device = torch.device("cuda" if torch.cuda.is_available() and not use_cpu else "cpu")
-    return model.eval().to(device), ImageTextCollator(tokenizer, image_transform=transform, max_length=length), device
-
-
-def load_dual_encoder(args: CurateArguments):
-    """``(model, tokenizer, image_transform, max_length)`` with the model/preprocessing consistency checks. The
-    model, tokenizer and image transform come from :func:`hf_mmsel.models.build_dual_encoder` (SigLIP input
-    adapters included); ``--image_size`` / ``--max_length`` may override what the folder says."""
-    from hf_mmsel.data.image_transform import default_image_transform
-    from hf_mmsel.models import build_dual_encoder
-
-    path = args.model_name_or_path
-    has_processor = (Path(path) / "preprocessor_config.json").is_file() or not Path(path).exists()
-    # a folder without preprocessor_config.json needs --image_mean / --image_std (MissingImageProcessorError)
-    bundle = build_dual_encoder(model_name_or_path=path, image_mean=args.image_mean, image_std=args.image_std)
-    model, tokenizer, transform = bundle.model, bundle.tokenizer, bundle.image_transform
-    config = model.config
-    text_config = getattr(config, "text_config", None)
-    vocab = getattr(text_config, "vocab_size", None)
-    if vocab is not None and len(tokenizer) > int(vocab):
-        raise ValueError(
-            f"model/tokenizer mismatch: the tokenizer of {path!r} has {len(tokenizer)} tokens but the text "
-            f"model's embedding table has {vocab} rows"
-        )
-    positions = getattr(text_config, "max_position_embeddings", None)
-    limits = [n for n in (args.max_length, getattr(tokenizer, "model_max_length", None), positions)
-              if n is not None and n < 1_000_000]
-    max_length = int(min(limits)) if limits else 77
-    if args.max_length is not None and positions is not None and args.max_length > positions:
-        raise ValueError(f"--max_length {args.max_length} exceeds the text model's {positions} positions")
-
-    vision_size = getattr(getattr(config, "vision_config", None), "image_size", None)
-    if args.image_size is not None and tuple(transform.size) != (args.image_size, args.image_size):
-        if has_processor:
-            raise ValueError(
-                f"--image_size {args.image_size} contradicts the image processor of {path!r} (size {transform.size})"
-            )
-        transform = default_image_transform(int(args.image_size))
-    if vision_size is not None and tuple(transform.size) != (int(vision_size), int(vision_size)):
-        raise ValueError(
-            f"image size mismatch: images would be {transform.size[0]}x{transform.size[1]} but the vision model of "
-            f"{path!r} expects {vision_size}x{vision_size} (vision_config.image_size)"
-        )
-    return model, tokenizer, transform, max_length
 
 
 def read_training_state(path: str, num_rows: int) -> dict[str, Any]:
@@ -418,120 +309,6 @@ def read_training_state(path: str, num_rows: int) -> dict[str, Any]:
             out.pop(key)
         out["dissect_note"] = "the score bank was never filled (no DISSect strategy): no dissect_score"
     return out
-
-
-# --------------------------------------------------------------------------------------------- selection
-def select_rows(values: np.ndarray, args: CurateArguments) -> tuple[np.ndarray, dict[str, Any]]:
-    """Indices (ascending) of the kept rows and a description of the rule."""
-    if args.keep_fraction is not None:
-        k = max(1, int(round(args.keep_fraction * values.size)))
-        order = np.argsort(-values, kind="stable")  # ties: earlier rows first
-        return np.sort(order[:k]), {"rule": "keep_fraction", "keep_fraction": args.keep_fraction}
-    threshold = 0.5 if args.threshold is None else args.threshold
-    return np.flatnonzero(values >= threshold), {"rule": "threshold", "threshold": threshold}
-
-
-def detection_aurocs(scores: dict[str, np.ndarray], is_noisy: np.ndarray) -> dict[str, float]:
-    """AUROC (clean pairs = positives) of each clean-type score; ``dissect_score`` is not one (DISSect keeps
-    the pairs whose score fell most, a learnability signal), so it is reported negated as ``-dissect_score``."""
-    from hf_mmsel.metrics import auroc
-
-    clean = ~is_noisy.astype(bool)
-    out = {}
-    for name, values in scores.items():
-        name = name.lstrip("_")
-        if name == "dissect_score":
-            finite = np.isfinite(values)
-            out["-dissect_score"] = auroc(-values[finite], clean[finite]) if finite.any() else float("nan")
-        else:
-            out[name] = auroc(values, clean)
-    return out
-
-
-def plot_histograms(scores: dict[str, np.ndarray], is_noisy: np.ndarray | None, aurocs: dict[str, float],
-                    path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [("gsc_clean_prob", (0.0, 1.0)), ("similarity", (-1.0, 1.0))]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.0))
-    for ax, (name, (lo, hi)) in zip(axes, panels):
-        values = scores[name]
-        bins = np.linspace(lo, hi, 41)
-        if is_noisy is not None:
-            for flag, label, colour in ((False, "clean", "tab:blue"), (True, "noisy", "tab:red")):
-                sel = values[is_noisy.astype(bool) == flag]
-                if sel.size:
-                    ax.hist(sel, bins=bins, alpha=0.6, color=colour, label=f"{label} ({sel.size})")
-            ax.set_title(f"{name} (AUROC {aurocs.get(name, float('nan')):.3f})", fontsize=9)
-            ax.legend(fontsize=8)
-        else:
-            ax.hist(values, bins=bins, color="tab:gray")
-            ax.set_title(name, fontsize=9)
-        ax.set_xlabel(name)
-        ax.set_ylabel("pairs")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-# ------------------------------------------------------------------------------------- curated subset
-def _write_curated_shards(source, keep_idx: np.ndarray, out: Path) -> list[str]:
-    """The kept samples of every input shard, as the same format (``curated/<shard>.tar|.parquet``): tar members
-    are copied byte for byte, parquet rows taken as stored. Shards with no kept sample are not written."""
-    import tarfile
-
-    import pyarrow.parquet as pq
-
-    from hf_mmsel.data.shards import MANIFEST_FILENAME, ShardManifest, _add_member, _tar_groups
-
-    target = out / CURATED_DIR
-    target.mkdir(parents=True, exist_ok=True)
-    written = []
-    shard_of = source.manifest.shard_of(keep_idx)
-    for shard in np.unique(shard_of):
-        entry = source.manifest.shards[int(shard)]
-        positions = set((keep_idx[shard_of == shard] - entry.offset).tolist())
-        if entry.format == "webdataset":
-            path = target / f"{entry.name}.tar"
-            with open(entry.path, "rb") as f, tarfile.open(path.with_suffix(".tmp"), "w",
-                                                           format=tarfile.USTAR_FORMAT) as tar:
-                for position, (key, members) in enumerate(_tar_groups(entry.path, f)):
-                    if position in positions:
-                        for info in members:
-                            f.seek(info.offset_data)
-                            _add_member(tar, info.name, f.read(info.size))
-        else:
-            path = target / f"{entry.name}.parquet"
-            table = pq.read_table(entry.path)
-            pq.write_table(table.take(sorted(positions)), path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").replace(path)
-        written.append(str(path))
-    if written:
-        ShardManifest.build(written).save(target / MANIFEST_FILENAME)
-    return written
-
-
-def write_curated_subset(source, scores: dict[str, np.ndarray], keep: np.ndarray, out: Path):
-    """``curated/``: a ``datasets`` folder (map-style input, with the score columns) or shards (shard input)."""
-    from datasets import Value
-
-    target = out / CURATED_DIR
-    if target.exists():
-        shutil.rmtree(target)
-    keep_idx = scores["sample_idx"][keep]
-    if source.kind != "map":
-        _write_curated_shards(source, keep_idx, out)
-        return None
-    curated = source.dataset.select(keep_idx.tolist())
-    for name in SCORE_COLUMNS:
-        if name in scores:
-            curated = curated.add_column(name, scores[name][keep].astype(np.float32), feature=Value("float32"))
-    curated.save_to_disk(str(target))
-    return curated
 
 
 # ---------------------------------------------------------------------------------------- card / Hub
@@ -632,7 +409,7 @@ def finish(args: CurateArguments, scorer, source, out: Path, logit_scale: float,
         stats["detection_auroc"] = detection_aurocs({k: scores[k] for k in present}, is_noisy)
     curated = None
     if args.threshold is not None or args.keep_fraction is not None:
-        keep, selection = select_rows(scores[args.select_by], args)
+        keep, selection = select_rows(scores[args.select_by], args.keep_fraction, args.threshold)
         if keep.size == 0:
             raise ValueError(
                 f"no pair has {args.select_by} >= {selection['threshold']} "
@@ -659,6 +436,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from accelerate import PartialState
 
     from hf_mmsel.curation import CurationScorer, ScoringSettings
+    from hf_mmsel.curation.model_loading import load_embedder, load_scoring_model
     from hf_mmsel.data import ImageTextCollator
     from hf_mmsel.models import logit_scale_of
     from hf_mmsel.recipes.run_utils import print_run_summary
@@ -666,7 +444,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     state = PartialState(cpu=args.use_cpu)
     if args.engine == "ray" and state.num_processes > 1:
         raise ValueError("--engine ray runs from one driver process; do not start it with accelerate launch")
-    model, tokenizer, transform, max_length = load_dual_encoder(args)
+    model, tokenizer, transform, max_length = load_scoring_model(
+        args.model_name_or_path, image_size=args.image_size, max_length=args.max_length, image_mean=args.image_mean,
+        image_std=args.image_std)
     model.to(state.device).eval()
     with state.main_process_first():
         source = load_source(args, is_main_process=state.is_main_process)

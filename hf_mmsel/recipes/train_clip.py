@@ -292,12 +292,12 @@ def _card(args: ClipRecipeArguments, targs, metrics: dict[str, float], state=Non
         selection["select_rate"] = targs.select_rate
     epochs_run = float(state.epoch) if state is not None and state.epoch is not None else None
     if strategy == "dissect":
-        selection["warmup_epochs"] = targs.resolved_selection_warmup_epochs
+        selection["warmup_epochs"] = targs.resolved_selection_warmup_passes
     selection.update({f"gsc_{k}": v for k, v in targs.gsc_settings().items()})
     method = _method(targs)
     if (strategy == "dissect" and epochs_run is not None
-            and epochs_run <= targs.resolved_selection_warmup_epochs):
-        method = (f"random selection (DISSect's {targs.resolved_selection_warmup_epochs}-epoch warm-up covered all "
+            and epochs_run <= targs.resolved_selection_warmup_passes):
+        method = (f"random selection (DISSect's {targs.resolved_selection_warmup_passes}-epoch warm-up covered all "
                   f"{epochs_run:g} epochs run)" + (" + GSC" if targs.gsc else ""))
     summary = []
     if strategy.startswith("dissect"):

@@ -11,7 +11,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["PassSchedule", "streaming_batches_per_pass"]
+__all__ = ["PassSchedule", "default_warmup_passes", "streaming_batches_per_pass"]
+
+
+def default_warmup_passes(num_passes: float) -> int:
+    """DISSect's default warm-up W: a quarter of the passes over the pool, at least 1 (the paper's scripts: 10 of
+    40 epochs)."""
+    if not math.isfinite(float(num_passes)) or num_passes < 0:
+        raise ValueError(f"num_passes must be a finite number >= 0, got {num_passes}")
+    return max(1, int(round(float(num_passes) / 4)))
 
 
 def streaming_batches_per_pass(num_samples: int, world_size: int, batch_size: int) -> int:
@@ -38,8 +46,8 @@ class PassSchedule:
         return self.total_batches / self.batches_per_pass
 
     def default_warmup_passes(self) -> int:
-        """A quarter of the real number of passes, at least 1."""
-        return max(1, int(round(self.total_passes / 4)))
+        """:func:`default_warmup_passes` of the real number of passes."""
+        return default_warmup_passes(self.total_passes)
 
     def check_warmup(self, warmup_passes: int) -> None:
         """DISSect selects from pass ``W`` on: an error naming both numbers if training ends before it."""
@@ -47,5 +55,5 @@ class PassSchedule:
             raise ValueError(
                 f"DISSect warm-up of {warmup_passes} passes reaches the end of training ({self.total_passes:g} "
                 f"passes = {self.total_batches} candidate batches of which {self.batches_per_pass} per pass): it "
-                "would never select; lower selection_warmup_epochs or train longer"
+                "would never select; lower selection_warmup_passes or train longer"
             )

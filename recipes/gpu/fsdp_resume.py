@@ -56,7 +56,7 @@ def _trainer(out: Path):
     args = ContrastiveTrainingArguments(
         output_dir=str(out), per_device_train_batch_size=32, num_train_epochs=3, learning_rate=1e-3, logging_steps=2,
         save_strategy="steps", save_steps=2, report_to=[], seed=0, selection_strategy="dissect",
-        selection_warmup_epochs=1, gsc=True, disable_tqdm=True, plot_score_distributions=False,
+        selection_warmup_passes=1, gsc=True, disable_tqdm=True, plot_score_distributions=False,
     )
     return ContrastiveTrainer(bundle.model, args, train_dataset=data,
                               data_collator=ImageTextCollator(bundle.tokenizer, max_length=12))
