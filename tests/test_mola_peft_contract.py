@@ -182,22 +182,22 @@ def test_several_active_adapters_sum_their_deltas(kind, routing, layer_level):
         base_out = base(x)
     torch.manual_seed(0)
     kw = dict(target_modules=["head"], router_kind="conv" if kind == "conv" else "auto")
-    model = get_peft_model(base, config(kind, routing, **kw), adapter_name="a")
+    model = get_peft_model(base, config(kind, routing, **kw), adapter_name="one")
     torch.manual_seed(1)
-    model.add_adapter("b", config(kind, routing, **kw))
+    model.add_adapter("two", config(kind, routing, **kw))
     outs = {}
-    for name in ("a", "b"):
+    for name in ("one", "two"):
         model.set_adapter(name)
         outs[name] = run(model, x, routing)
     if layer_level:  # peft's generic multi-adapter test activates the layers directly
         for module in model.modules():
             if hasattr(module, "set_adapter") and module is not model and module is not model.base_model:
-                module.set_adapter(["a", "b"])
+                module.set_adapter(["one", "two"])
     else:
-        model.base_model.set_adapter(["a", "b"])
+        model.base_model.set_adapter(["one", "two"])
     both = run(model, x, routing)
-    torch.testing.assert_close(both - base_out, (outs["a"] - base_out) + (outs["b"] - base_out), rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(both, outs["a"]) and not torch.allclose(both, outs["b"])
+    torch.testing.assert_close(both - base_out, (outs["one"] - base_out) + (outs["two"] - base_out), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(both, outs["one"]) and not torch.allclose(both, outs["two"])
 
 
 @pytest.mark.parametrize("kind,routing", CASES)

@@ -19,6 +19,8 @@ The router and the (fixed, non-parameter) TwD projection live in a ``MolaRouterL
 as ``model.mola_routing`` (``ModuleDict``s ``mola_router``, ``mola_twd_proj`` keyed by adapter). It is a peft
 ``BaseTunerLayer``, so ``inject_adapter_in_model``/``model.add_adapter`` keep it and peft's requires-grad, dtype and
 state-dict bookkeeping covers it. ``tuner.mola_router`` / ``tuner.mola_twd_proj`` are views of those dicts.
+Several active adapters (``set_adapter([...])`` on the tuner, or on the layers as peft's multi-adapter API does) are
+each routed, with their own gates (task or router), and their deltas are summed, as LoRA does.
 ``nn.DataParallel`` is not supported (as for LoRA's ``adapter_names``); DDP/FSDP are.
 """
 
