@@ -305,3 +305,23 @@ def test_reentrant_checkpointing_without_twd_gives_the_plain_router_gradients():
     assert any("mola_router" in n for n in plain)
     for name, grad in plain.items():
         torch.testing.assert_close(ckpt[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+class IdsAsFloats(nn.Module):
+    """peft's test MLP style: integer inputs that the model itself casts to float (no embedding layer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0, self.lin1 = nn.Linear(10, 8), nn.Linear(8, 2)
+
+    def forward(self, X):
+        return self.lin1(torch.relu(self.lin0(X.float())))
+
+
+def test_router_reads_integer_inputs_of_a_model_without_embedding_as_floats():
+    torch.manual_seed(0)
+    model = get_peft_model(IdsAsFloats(), MolaConfig(r=2, num_experts=E, routing="router", init_weights=False,
+                                                     target_modules=["lin0", "lin1"]))
+    X = torch.arange(90).view(9, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(model(X=X), model(X.float()))
