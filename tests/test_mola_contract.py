@@ -172,8 +172,8 @@ def test_set_requires_grad_and_load_adapter_is_trainable_cover_the_router(tmp_pa
         assert all(p.requires_grad == trainable for p in second.parameters())
 
 
-# --- 7. no stale gates when adapters are activated layer by layer ------------------------------------------------
-def test_layer_level_activation_does_not_reuse_stale_gates():
+# --- 7. adapters activated layer by layer are routed, with this forward's gates (no stale ones) ------------------------------------------------
+def test_layer_level_activation_routes_every_active_adapter_without_stale_gates():
     model = mola("mlp")
     torch.manual_seed(5)
     model.add_adapter("b", MolaConfig(r=2, num_experts=E, target_modules=TARGETS["mlp"], init_weights=False))
@@ -182,10 +182,13 @@ def test_layer_level_activation_does_not_reuse_stale_gates():
     model(x, task_ids=2)  # writes gates of "b" (task 2)
     model.set_adapter("default")
     model(x, task_ids=0)
+    only_default = model(x, task_ids=0)
     for layer in model.base_model._mola_layers():
-        layer.set_adapter(["default", "b"])  # "b" active on the layers only: the tuner routes "default" alone
-    with pytest.raises(RuntimeError, match="no routing for adapter 'b'"):
-        model(x, task_ids=0)
+        layer.set_adapter(["default", "b"])  # "b" active on the layers only (peft's multi-adapter API): routed too
+    both = model(x, task_ids=0)
+    assert not torch.allclose(both, only_default)
+    for layer in model.base_model._mola_layers():  # "b" got this forward's task 0, not the stale task 2
+        assert layer._routing["b"][0].argmax(-1).tolist() == [0]
 
 
 # --- 8. router width, dtype, error messages ----------------------------------------------------------------------
@@ -218,13 +221,19 @@ class TokenModel(nn.Module):
         return self.fc(self.embed(input_ids))
 
 
-def test_integer_input_to_the_router_is_named():
+def test_integer_input_routes_on_the_input_embedding():
+    """Token ids: an input router reads the (token-mean-pooled) input embedding output by default (issue 24; it
+    used to refuse with a TypeError), the same gates as a router on ``module:embed``."""
+    torch.manual_seed(0)
     model = get_peft_model(TokenModel(), MolaConfig(num_experts=2, routing="router", router_kind="mlp",
-                                                    target_modules=["fc"]))
+                                                    target_modules=["fc"], init_weights=False))
     ids = torch.randint(0, 10, (2, 5))
-    for call in (lambda: model(ids), lambda: model(input_ids=ids)):
-        with pytest.raises(TypeError, match=r"(int64|integer).*router_input='module:"):
-            call()
+    out = model(ids)
+    assert out.shape == (2, 5, 8)
+    torch.testing.assert_close(model(input_ids=ids), out)
+    router = model.base_model.mola_router["default"]
+    expected = router(model.base_model.model.embed(ids).mean(dim=1))[0]
+    torch.testing.assert_close(model.base_model.last_router_logits["default"], expected)
     routed = get_peft_model(TokenModel(), MolaConfig(num_experts=2, routing="router", router_input="module:embed",
                                                      target_modules=["fc"]))
     assert routed(input_ids=ids).shape == (2, 5, 8)

@@ -8,7 +8,8 @@ Public API: ``MolaConfig``, ``MolaModel`` (``model.base_model`` of a MoLA PeftMo
 ``mola_aux_loss()``, ``merge_task()``, ``merge_adapter(task_id=)``, ``merge_and_unload(task_id=)``,
 ``export_expert_as_lora()``; ``generate(..., task_ids=)`` on transformers models), ``MolaLayer`` (``Linear``,
 ``Conv2d``), ``MolaMergedTaskError``, ``MolaRouter``, ``MolaRouterLayer``, ``task_wise_decorrelation_loss``,
-``export_expert_as_lora``, ``load_mola_adapter``, ``register_mola``.
+``export_expert_as_lora``, ``load_mola_adapter``, ``register_mola``. ``hf_mmsel.mola.peft_mixtures`` wires peft's
+own task-routed mixture (Poly) to the same multi-task batches, for the benchmarks.
 """
 
 from __future__ import annotations

@@ -36,7 +36,8 @@ class MolaConfig(PeftConfig):
         routing: ``"task"`` (MoLA-Grad: one-hot gate from ``task_ids``) or ``"router"`` (MoLA-Router: learned gates).
         conv_style: Conv2d experts as ``"factorized"`` (k x k conv in->r, then 1x1 conv r->out; PEFT style, exportable
             as plain LoRA) or ``"loralib"`` (the official weight-space update reshape(B_e A_e) of rank up to r*k).
-        router_input: ``"input"`` (router reads the model input) or ``"module:<dotted.name>"`` (router reads the
+        router_input: ``"input"`` (router reads the model input; integer token ids are replaced by the
+            token-mean-pooled output of the model's input embedding) or ``"module:<dotted.name>"`` (router reads the
             pooled output of that module, which must run before every adapted layer).
         router_kind: ``"auto"``, ``"conv"`` (images ``[N, C, H, W]``) or ``"mlp"`` (vectors ``[N, d]``; tokens
             ``[N, T, d]`` are mean-pooled) for ``router_input="input"``. ``"auto"`` picks a conv router when the model

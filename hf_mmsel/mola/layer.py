@@ -119,8 +119,26 @@ class MolaLayer(BaseTunerLayer):
         self.mola_A[adapter_name] = nn.Parameter(torch.empty(a_shape))
         self.mola_B[adapter_name] = nn.Parameter(torch.empty(b_shape))
         self.reset_mola_parameters(adapter_name, config.init_weights)
-        self._move_adapter_to_device_of_base_layer(adapter_name)
+        # a new adapter takes the base layer's device and dtype (peft's autocast_adapter_dtype upcasts it later)
+        BaseTunerLayer._move_adapter_to_device_of_base_layer(self, adapter_name)
         self.set_adapter(self.active_adapters)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        """After a ``low_cpu_mem_usage`` load (the only later caller in peft): move ``adapter_name``'s experts to the
+        base layer's device, keeping the saved dtype, so that the reload reproduces the saved model bit-exactly
+        (peft's default would round float32 experts through a bf16/fp16 base dtype before autocast upcasts them)."""
+        target = device if device is not None else self._get_base_layer_device_and_dtype(self.get_base_layer())[0]
+        if target is None:
+            return
+        for attr in self.adapter_layer_names + ("mola_dropout",):
+            params = getattr(self, attr)
+            if adapter_name in params and params[adapter_name] is not None:
+                item = params[adapter_name]
+                tensors = [item] if isinstance(item, torch.Tensor) else list(item.parameters())
+                if not any(t.device.type == "meta" for t in tensors):
+                    params[adapter_name] = item.to(target) if not isinstance(item, nn.Parameter) else nn.Parameter(
+                        item.data.to(target), requires_grad=item.requires_grad
+                    )
 
     def _conv_style_for(self, config: MolaConfig) -> str:
         return "linear"
@@ -199,9 +217,7 @@ class MolaLayer(BaseTunerLayer):
                 if self.merged_task.get(name) != self._resolve_task(name, task_id):
                     self.unmerge()
                     break
-        if self.merged and all(n in self.merged_adapters for n in requested if n in self.mola_A):
-            return  # the requested task is already merged
-        adapter_names = check_adapters_to_merge(self, adapter_names)
+        adapter_names = check_adapters_to_merge(self, adapter_names)  # warns, as peft, if already merged
         if not adapter_names:
             return
         base = self.get_base_layer()

@@ -19,12 +19,13 @@ The router and the (fixed, non-parameter) TwD projection live in a ``MolaRouterL
 as ``model.mola_routing`` (``ModuleDict``s ``mola_router``, ``mola_twd_proj`` keyed by adapter). It is a peft
 ``BaseTunerLayer``, so ``inject_adapter_in_model``/``model.add_adapter`` keep it and peft's requires-grad, dtype and
 state-dict bookkeeping covers it. ``tuner.mola_router`` / ``tuner.mola_twd_proj`` are views of those dicts.
+Several active adapters (``set_adapter([...])`` on the tuner, or on the layers as peft's multi-adapter API does) are
+each routed, with their own gates (task or router), and their deltas are summed, as LoRA does.
 ``nn.DataParallel`` is not supported (as for LoRA's ``adapter_names``); DDP/FSDP are.
 """
 
 from __future__ import annotations
 
-import inspect
 import re
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
@@ -37,12 +38,17 @@ from torch import nn
 from .config import MolaConfig
 from .layer import Conv2d, Linear, MolaLayer, MolaMergedTaskError, TaskGroups, TransientCache, _is_conv1d
 from .router import ROUTER_LAYER_NAME, MolaRouter, MolaRouterLayer, TwdProjection, pool_features, run_router
+from .router_input import (
+    ROUTER_INPUT_KWARGS,
+    forward_parameter_names,
+    input_embedding,
+    router_input_from,
+    router_input_spec,
+    router_module,
+)
 from .twd import task_wise_decorrelation_loss
 
 TASK_IDS_KWARGS = ("task_ids", "mola_task_ids")
-_ROUTER_INPUT_KWARGS = ("pixel_values", "input_values", "inputs_embeds", "input_features", "x", "input", "inputs")
-# names of a root ``forward``'s first parameter that mean "images [N, C, H, W]" (router_kind="auto" -> conv router)
-_IMAGE_INPUT_NAMES = ("pixel_values", "images", "image")
 _TUNER_DICTS = ("mola_router", "mola_twd_proj")
 _PER_POSITION_KWARGS = ("cache_position", "position_ids", "labels")
 
@@ -111,8 +117,9 @@ class MolaModel(BaseTuner):
         self._init_mola_state()
         config = self.peft_config[adapter_name]
         if config.routing == "router":
-            kind, in_features = self._router_input_spec(config, adapter_name)
-            first = next(iter(self._mola_layers(adapter_name))).mola_A[adapter_name]
+            first_layer = next(iter(self._mola_layers(adapter_name)))
+            kind, in_features = router_input_spec(self.model, config, first_layer.get_base_layer())
+            first = first_layer.mola_A[adapter_name]
             holder = self._ensure_router_layer()
             holder.mola_router[adapter_name] = MolaRouter(
                 in_features,
@@ -128,13 +135,15 @@ class MolaModel(BaseTuner):
             holder.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
             if not self._adapters_enabled:
                 holder.enable_adapters(False)
-            if config.router_input.startswith("module:"):
-                module = self._router_module(config)
+            # the router's module hook: a module: router always routes there; an input router on the input embedding
+            # when the model input is integer ids (set per forward in _embedding_routed)
+            module = router_module(self.model, config) if config.router_input != "input" else input_embedding(model)
+            if module is not None and adapter_name not in self._module_hooks:
                 self._module_hooks[adapter_name] = module.register_forward_hook(
                     self._make_router_module_hook(adapter_name)
                 )
         if self._pre_hook_handle is None:
-            self._forward_accepts = _forward_parameter_names(model)
+            self._forward_accepts = forward_parameter_names(model)
             self._pre_hook_handle = model.register_forward_pre_hook(self._routing_pre_hook, with_kwargs=True)
             self._wrap_generate(model)
 
@@ -173,7 +182,7 @@ class MolaModel(BaseTuner):
     def _ensure_router_layer(self) -> MolaRouterLayer:
         holder = getattr(self.model, ROUTER_LAYER_NAME, None)
         if holder is None:
-            holder = MolaRouterLayer()
+            holder = MolaRouterLayer(owner=self.model)
             self.model.add_module(ROUTER_LAYER_NAME, holder)
         return holder
 
@@ -206,91 +215,13 @@ class MolaModel(BaseTuner):
         self._last_task_ids: Optional[torch.Tensor] = None
         self._context_task_ids: Optional[torch.Tensor] = None
         self._adapters_enabled = True
+        self._embedding_routed: set[str] = set()  # input routers that route on the embedding output this forward
 
     def _mola_layers(self, adapter_name: Optional[str] = None) -> Iterator[MolaLayer]:
         """The MoLA layers of the model (optionally: those holding ``adapter_name``)."""
         for module in self.model.modules():
             if isinstance(module, MolaLayer) and (adapter_name is None or adapter_name in module.mola_A):
                 yield module
-
-    def _router_module(self, config: MolaConfig) -> nn.Module:
-        name = config.router_input.removeprefix("module:")
-        try:
-            return self.model.get_submodule(name)
-        except AttributeError as err:
-            raise ValueError(
-                f"MolaConfig.router_input={config.router_input!r}: the model has no module {name!r}."
-            ) from err
-
-    def _router_input_spec(self, config: MolaConfig, adapter_name: str) -> tuple[str, int]:
-        """(router kind, input width), fixed when the adapter is injected so that the router exists before any
-        optimizer is built and before ``from_pretrained`` loads its weights.
-
-        ``router_input="module:<name>"``: MLP on the module's pooled features. ``router_input="input"``: the kind is
-        ``config.router_kind``; ``"auto"`` picks a conv router when the model input is an image batch (the root
-        ``forward``'s first parameter is ``pixel_values``/``images``/``image``, the root config has
-        ``num_channels``, or the first adapted layer is a Conv2d), else an MLP. Widths come from
-        ``router_in_features`` or are inferred (image channels; the first adapted Linear's ``in_features``).
-        """
-        if config.router_input.startswith("module:"):
-            if config.router_in_features is not None:
-                return "mlp", config.router_in_features
-            module = self._router_module(config)
-            for sub in reversed(list(module.modules())):
-                for attr in ("out_features", "out_channels", "num_features", "embedding_dim"):
-                    if isinstance(getattr(sub, attr, None), int):
-                        return "mlp", getattr(sub, attr)
-                if isinstance(sub, nn.LayerNorm):
-                    return "mlp", int(sub.normalized_shape[-1])
-            raise ValueError(
-                f"Cannot infer the feature width of router module {config.router_input!r}; set "
-                "MolaConfig.router_in_features."
-            )
-        first = next(iter(self._mola_layers(adapter_name))).get_base_layer()
-        kind = config.router_kind
-        if kind == "auto":
-            params = list(_forward_parameter_names(self.model, ordered=True))
-            is_image = (
-                (bool(params) and params[0] in _IMAGE_INPUT_NAMES)
-                or isinstance(getattr(getattr(self.model, "config", None), "num_channels", None), int)
-                or isinstance(first, nn.Conv2d)
-            )
-            kind = "conv" if is_image else "mlp"
-        if config.router_in_features is not None:
-            return kind, config.router_in_features
-        if kind == "conv":
-            channels = self._image_channels(first)
-            if channels is None:
-                raise ValueError(
-                    "Cannot infer the image channels of the MoLA conv router (router_input='input'); set "
-                    "MolaConfig.router_in_features."
-                )
-            return kind, channels
-        # the router reads the model input: the first Linear of the model (in module order; usually the one that reads
-        # the input), not the first *adapted* one (a later layer has another width)
-        for name, module in self.model.named_modules():
-            if name.split(".")[0] == ROUTER_LAYER_NAME:
-                continue
-            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-            if isinstance(base, nn.Linear):
-                return kind, base.in_features
-        raise ValueError(
-            "Cannot infer the input width of the MoLA MLP router (router_input='input'); set "
-            "MolaConfig.router_in_features, or router_kind='conv' for image inputs."
-        )
-
-    def _image_channels(self, first_adapted: nn.Module) -> Optional[int]:
-        """Input channels: ``config.num_channels`` of the root (or of a sub-model, e.g. a wrapped ViT backbone),
-        else ``in_channels`` of the first Conv2d (a patch embedding or stem), adapted or not."""
-        for module in self.model.modules():
-            channels = getattr(getattr(module, "config", None), "num_channels", None)
-            if isinstance(channels, int):
-                return channels
-        for module in self.model.modules():
-            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-            if isinstance(base, nn.Conv2d):
-                return base.in_channels
-        return first_adapted.in_channels if isinstance(first_adapted, nn.Conv2d) else None
 
     # --- peft bookkeeping of the router layer ---------------------------------------------------------------------
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
@@ -326,7 +257,12 @@ class MolaModel(BaseTuner):
 
     # --- routing ----------------------------------------------------------------------------------------------------
     def _active_configs(self) -> list[tuple[str, MolaConfig]]:
-        return [(n, self.peft_config[n]) for n in self.active_adapters if n in self.peft_config]
+        """The adapters to route: the tuner's active adapters and those activated on MoLA layers directly
+        (``layer.set_adapter([...])``, as peft's multi-adapter API does); each gets its own routing."""
+        names = list(self.active_adapters)
+        for layer in self._mola_layers():
+            names.extend(n for n in layer.active_adapters if n not in names)
+        return [(n, self.peft_config[n]) for n in names if n in self.peft_config]
 
     @staticmethod
     def _batch_size(args: tuple, kwargs: dict) -> Optional[int]:
@@ -334,7 +270,7 @@ class MolaModel(BaseTuner):
         tensor kwarg that is not per-position (generation passes ``cache_position`` [T] before ``input_ids``)."""
         if args and isinstance(args[0], torch.Tensor) and args[0].dim() > 0:
             return args[0].shape[0]
-        for key in ("input_ids", "inputs_embeds", "attention_mask") + _ROUTER_INPUT_KWARGS:
+        for key in ("input_ids", "inputs_embeds", "attention_mask") + ROUTER_INPUT_KWARGS:
             value = kwargs.get(key)
             if isinstance(value, torch.Tensor) and value.dim() > 0:
                 return value.shape[0]
@@ -386,29 +322,6 @@ class MolaModel(BaseTuner):
         for layer in self._mola_layers(adapter_name):
             layer.set_routing(adapter_name, gates.to(layer.mola_A[adapter_name].device), None)
 
-    @staticmethod
-    def _router_input_from(args: tuple, kwargs: dict) -> torch.Tensor:
-        if args and isinstance(args[0], torch.Tensor):
-            return args[0]  # an integer tensor gets run_router's TypeError (token ids need a module: router)
-        for key in _ROUTER_INPUT_KWARGS:
-            if isinstance(kwargs.get(key), torch.Tensor):
-                return kwargs[key]
-        tensors = [v for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
-        for value in tensors:
-            if value.is_floating_point():
-                return value
-        if tensors:
-            names = [k for k, v in kwargs.items() if any(v is t for t in tensors)]
-            raise TypeError(
-                f"MoLA router (router_input='input') got only integer input tensors ({names}, e.g. token ids): the "
-                "router needs float features or images; use router_input='module:<name>' (e.g. the embedding layer) "
-                "to route on an early module's output."
-            )
-        raise ValueError(
-            "MoLA router (router_input='input') found no input tensor in the forward call; pass the input as the "
-            f"first positional argument or one of {list(_ROUTER_INPUT_KWARGS)}."
-        )
-
     def _routing_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         # a root forward with its own `task_ids` parameter (e.g. per-task heads) still receives the ids
         given = {
@@ -426,6 +339,7 @@ class MolaModel(BaseTuner):
         if not self._adapters_enabled or not configs:
             return args, kwargs
         batch_size = self._batch_size(args, kwargs)
+        self._embedding_routed.clear()
         for layer in self._mola_layers():  # no gates survive from an earlier forward (stale routing)
             layer._routing.clear()
             layer._groups.clear()
@@ -449,16 +363,26 @@ class MolaModel(BaseTuner):
         for name, config in configs:
             if config.routing != "router":
                 continue
-            if config.router_input == "input":
-                self._write_router_gates(name, self._router_input_from(args, kwargs))
+            router_input = router_input_from(args, kwargs) if config.router_input == "input" else None
+            if router_input is not None and router_input.is_floating_point():
+                self._write_router_gates(name, router_input)
+            elif router_input is not None and name not in self._module_hooks:  # ids, no embedding: read as floats
+                self._write_router_gates(name, router_input.float())
             else:  # gates come from the router module's forward hook; stale gates must not be used
+                if router_input is not None:
+                    self._embedding_routed.add(name)
                 for layer in self._mola_layers(name):
                     layer._routing.pop(name, None)
         return args, kwargs
 
     def _make_router_module_hook(self, adapter_name: str):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if adapter_name in self.active_adapters and self._adapters_enabled:
+            config = self.peft_config.get(adapter_name)
+            if config is None or not self._adapters_enabled:
+                return
+            if config.router_input == "input" and adapter_name not in self._embedding_routed:
+                return  # an input router on float inputs: routed by the pre-hook
+            if adapter_name in dict(self._active_configs()):
                 self._write_router_gates(adapter_name, pool_features(output))
 
         return hook
@@ -609,12 +533,3 @@ class MolaModel(BaseTuner):
 
         return export_expert_as_lora(self, task_id, save_directory, adapter_name=adapter_name, **kwargs)
 
-
-def _forward_parameter_names(model: nn.Module, ordered: bool = False):
-    """Names of the explicit parameters of ``model.forward`` (not ``*args``/``**kwargs``); empty if not inspectable."""
-    try:
-        params = inspect.signature(model.forward).parameters.values()
-    except (TypeError, ValueError):
-        return () if ordered else frozenset()
-    names = [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    return tuple(names) if ordered else frozenset(names)

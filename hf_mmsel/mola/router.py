@@ -64,6 +64,8 @@ class MolaRouter(nn.Module):
         if kind not in ("conv", "mlp"):
             raise ValueError(f"MolaRouter kind={kind!r} is not valid; choose one of ['conv', 'mlp'].")
         self.kind = kind
+        self.in_features = in_features
+        self.num_experts = num_experts
         self.temperature = temperature
         self.top_k = top_k
         if kind == "conv":
@@ -180,14 +182,20 @@ class MolaRouterLayer(nn.Module, BaseTunerLayer):
     It is attached to the adapted model itself (attribute :data:`ROUTER_LAYER_NAME`), not to the tuner, and it is a
     peft ``BaseTunerLayer``: so the router is in ``model.parameters()`` and in ``get_peft_model_state_dict`` also
     after ``inject_adapter_in_model`` / transformers' ``model.add_adapter``, and peft's own bookkeeping
-    (``set_adapter``, ``set_requires_grad``, ``enable/disable_adapter_layers``, inference mode, dtype autocast,
-    ``load_adapter(..., is_trainable=True)``) covers it like any adapter layer. It has nothing to merge.
+    (``set_adapter``, ``set_requires_grad``, ``delete_adapter``, ``enable/disable_adapter_layers``, inference mode,
+    dtype autocast, ``load_adapter(..., is_trainable=...)``, the device move after a ``low_cpu_mem_usage`` load)
+    covers it like any adapter layer. Saved keys follow peft's scheme with the adapter name stripped
+    (``mola_routing.mola_router.net.0.weight``; in the model ``mola_routing.mola_router.<adapter>.net.0.weight``).
+
+    It has no base layer of its own: :meth:`get_base_layer` is the base layer of the first MoLA layer of the model
+    (``owner``, kept as a plain reference, not a submodule), whose device and dtype the routers follow. It has
+    nothing to merge.
     """
 
     adapter_layer_names = ("mola_router", "mola_twd_proj")
     other_param_names = ()
 
-    def __init__(self) -> None:
+    def __init__(self, owner: Optional[nn.Module] = None) -> None:
         super().__init__()
         self.mola_router = nn.ModuleDict()
         self.mola_twd_proj = nn.ModuleDict()
@@ -195,6 +203,55 @@ class MolaRouterLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters = []
         self._disable_adapters = False
         self.kwargs = {}
+        self.__dict__["_owner"] = owner  # not a submodule: the model that holds this layer
+
+    def get_base_layer(self) -> nn.Module:
+        """The base layer of the owner's first MoLA layer (a reference for device and dtype), else ``self``."""
+        owner = self.__dict__.get("_owner")
+        if owner is not None:
+            for module in owner.modules():
+                if module is not self and isinstance(module, BaseTunerLayer) and hasattr(module, "base_layer"):
+                    return module.get_base_layer()
+        return self
+
+    @property
+    def weight(self) -> Optional[torch.Tensor]:
+        """The reference base layer's weight (peft reads ``weight`` for device and dtype); None without one."""
+        base = self.get_base_layer()
+        return None if base is self else getattr(base, "weight", None)
+
+    def _router(self) -> Optional[nn.Module]:
+        names = [n for n in self.active_adapters if n in self.mola_router] or list(self.mola_router.keys())
+        return self.mola_router[names[0]] if names else None
+
+    @property
+    def in_features(self) -> Optional[int]:
+        """Input width (features or image channels) of the active (else first) adapter's router."""
+        router = self._router()
+        return None if router is None else router.in_features
+
+    @property
+    def out_features(self) -> Optional[int]:
+        """Number of experts E gated by the active (else first) adapter's router."""
+        router = self._router()
+        return None if router is None else router.num_experts
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        """Move ``adapter_name``'s router and TwD projection to the reference base layer's device, keeping their
+        dtype (called by peft after a ``low_cpu_mem_usage`` load: the saved dtype is kept, so the reload is exact;
+        routers are created in the experts' dtype by ``MolaModel``)."""
+        target = device if device is not None else self._get_base_layer_device_and_dtype(self.get_base_layer())[0]
+        if target is None:
+            return
+        for attr in self.adapter_layer_names:
+            modules = getattr(self, attr)
+            if adapter_name not in modules:
+                continue
+            item = modules[adapter_name]
+            tensors = list(item.parameters()) + list(item.buffers())
+            if any(t.device.type == "meta" for t in tensors):
+                continue
+            modules[adapter_name] = item.to(target)
 
     def merge(self, safe_merge: bool = False, adapter_names=None, **kwargs) -> None:
         """Nothing to merge (router adapters are refused by ``MolaModel`` before any layer merges)."""

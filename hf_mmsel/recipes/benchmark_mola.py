@@ -1,7 +1,7 @@
 """Compare MoLA with fine-tuning baselines on the embedded heterogeneous benchmark, under identical budgets.
 
     hf-mmsel benchmark-mola --methods mola_grad,lora_shared --seeds 0,1,2 --learning_rates 1e-3,3e-3
-    # the defaults; 30 runs of 600 steps: about 20 min on 2 shared CPU cores (measured 1154 s)
+    # the defaults (all 6 methods): 36 runs of 600 steps; the 30 runs without poly took 1154 s on 2 shared CPU cores
 
 Methods (same frozen random-init ViT base, same number of optimisation steps, batch size, linear schedule, warm-up and
 seeds; the base and the MoLA configs are those of ``recipes/train_mola.py``):
@@ -10,7 +10,13 @@ seeds; the base and the MoLA configs are those of ``recipes/train_mola.py``):
 * ``lora_shared``     one LoRA of rank ``r * T`` on every backbone Linear: the trainable budget of MoLA's T experts;
 * ``lora_per_task``   one rank-``r`` LoRA per task, each trained alone on its task for ``max_steps / T`` steps;
 * ``mola_grad``       MoLA-Grad: T rank-``r`` experts, expert t trained only by task-t samples of mixed batches;
-* ``mola_router``     MoLA-Router: the same experts mixed by a learned router + TwD loss (no task id for routing).
+* ``mola_router``     MoLA-Router: the same experts mixed by a learned router + TwD loss (no task id for routing);
+* ``poly``            peft's Poly (Polytropon): ``T`` rank-``r`` LoRA skills per layer mixed by learned per-task weights
+                      (MoLA-Grad's budget plus a ``T x T`` routing table per layer; ``hf_mmsel.mola.peft_mixtures``).
+
+peft's X-LoRA is not a method here: it mixes LoRA adapters trained beforehand (loaded from disk) with a scaling head
+on a transformers ``PreTrainedModel``'s hidden states, in two forward passes; the benchmark's multi-task ViT with
+per-task heads is neither, and X-LoRA would need a pre-training stage the other methods do not get.
 
 Model selection never looks at the test split (the official MoLA code selects on test): a validation split
 (``--val_fraction`` of every task's training examples, fixed by ``--split_seed``) is carved from ``train``; every
@@ -34,7 +40,7 @@ from pathlib import Path
 
 from hf_mmsel.recipes.run_utils import parse_bool
 
-METHODS = ("full", "lora_shared", "lora_per_task", "mola_grad", "mola_router")
+METHODS = ("full", "lora_shared", "lora_per_task", "mola_grad", "mola_router", "poly")
 
 
 def _number_list(kind):
@@ -109,6 +115,12 @@ def build_model(method: str, spec, args, seed: int):
                                                modules_to_save=heads))
     if method in ("mola_grad", "mola_router"):
         return get_peft_model(base, mola_config(model_args, spec, base))
+    if method == "poly":
+        from hf_mmsel.mola.peft_mixtures import poly_config, route_poly_by_task_ids
+
+        model = get_peft_model(base, poly_config(T, r, vit_target_modules(base), modules_to_save=heads))
+        route_poly_by_task_ids(model)
+        return model
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 

@@ -10,6 +10,9 @@ mixed batch (task of sample b = b mod E), for E in ``--num_experts_list`` (defau
 forward time of each and the throughput ratio ``lora_time / mola_time`` (> 1: MoLA serves more samples/s). Goal:
 >= 1.0 at E = 2, growing with E. ``--mode both`` also runs the training-step ratio at E = 8 and 16.
 
+``--mixtures poly`` also times peft's Poly (``n_skills = E`` rank-r LoRA skills mixed by learned per-task weights, the
+batch's ``task_ids`` handed to its layers by ``hf_mmsel.mola.peft_mixtures``) in both modes, next to MoLA-Grad.
+
 All timings are interleaved in one process (A, B, A, B, ...) so load changes hit every variant alike.
 
 Writes ``results.json`` (the full result) and ``results.md`` (the table) to ``--output_dir`` (default
@@ -113,11 +116,13 @@ def benchmark_mola_step(
     device: Optional[str] = None,
     model: str = "linear",
     vit_config: Optional[dict] = None,
+    mixtures: tuple[str, ...] = (),
 ) -> dict:
     """Median step seconds of MoLA-Grad and LoRA (same rank per expert, same base) and their ratio.
 
     ``model="linear"``: ``num_layers`` Linear(dim, dim) on [batch, dim]; ``model="vit"``: a transformers ViT from
-    config (``vit_config`` overrides the ViT-B/16 defaults) on [batch, 3, H, W] images.
+    config (``vit_config`` overrides the ViT-B/16 defaults) on [batch, 3, H, W] images. ``mixtures=("poly",)`` also
+    steps peft's Poly with E rank-``rank`` skills on the same mixed batch (``ratio_poly_over_lora``).
     """
     import hf_mmsel  # noqa: F401  (registers MOLA)
     from peft import LoraConfig, get_peft_model
@@ -146,8 +151,11 @@ def benchmark_mola_step(
         "lora": _make_step(lora, x, {}),
         "mola_grad": _make_step(mola, x, {"task_ids": task_ids}),
     }
+    others = {name: _build_mixture(name, base, targets, rank, num_experts).to(device) for name in mixtures}
+    steps_fn.update({name: _make_step(m, _as_tokens(x), {"task_ids": task_ids}) for name, m in others.items()})
     medians = interleaved_median_step_times(steps_fn, steps=steps, warmup=warmup, device=device)
-    return {
+    extra = {f"ratio_{name}_over_lora": medians[name] / medians["lora"] for name in others}
+    return {**extra,
         "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)",
         "model": model,
         "dim": dim if model == "linear" else base.config.hidden_size,
@@ -161,8 +169,30 @@ def benchmark_mola_step(
         "trainable_params": {
             "lora": sum(p.numel() for p in lora.parameters() if p.requires_grad),
             "mola_grad": sum(p.numel() for p in mola.parameters() if p.requires_grad),
+            **{n: sum(p.numel() for p in m.parameters() if p.requires_grad) for n, m in others.items()},
         },
     }
+
+
+MIXTURES = ("poly",)
+
+
+def _as_tokens(x: torch.Tensor) -> torch.Tensor:
+    """peft's Poly layers take [batch, tokens, d] only: a vector batch [batch, d] is given as one token each."""
+    return x[:, None] if x.dim() == 2 else x
+
+
+def _build_mixture(name: str, base: nn.Module, targets: list[str], rank: int, num_experts: int) -> nn.Module:
+    """peft's own mixture ``name`` on a copy of ``base``, routed by the ``task_ids`` keyword of each forward."""
+    from peft import get_peft_model
+
+    from hf_mmsel.mola.peft_mixtures import poly_config, route_poly_by_task_ids
+
+    if name != "poly":
+        raise ValueError(f"mixture {name!r} is not valid; choose from {list(MIXTURES)}.")
+    model = get_peft_model(copy.deepcopy(base), poly_config(num_experts, rank, targets))
+    route_poly_by_task_ids(model)
+    return model
 
 
 def _build_base(model: str, dim: int, num_layers: int, batch_size: int, device: str, vit_config: Optional[dict]):
@@ -188,6 +218,7 @@ def benchmark_mola_inference(
     device: Optional[str] = None,
     model: str = "linear",
     vit_config: Optional[dict] = None,
+    mixtures: tuple[str, ...] = (),
 ) -> dict:
     """Mixed-batch inference: MoLA-Grad (``task_ids``) vs peft LoRA with E adapters (``adapter_names``), per E.
 
@@ -239,11 +270,20 @@ def benchmark_mola_inference(
             with torch.inference_mode():
                 mola(x, task_ids=task_ids)
 
-        medians = interleaved_median_step_times({"lora_adapter_names": lora_fwd, "mola_grad": mola_fwd},
-                                                steps=steps, warmup=warmup, device=device)
+        forwards = {"lora_adapter_names": lora_fwd, "mola_grad": mola_fwd}
+        for name in mixtures:  # peft's own mixtures serve the mixed batch in one pass too (their own weights)
+            mixture = _build_mixture(name, base, targets, rank, num_experts).to(device).eval()
+
+            def mixture_fwd(mixture=mixture) -> None:
+                with torch.inference_mode():
+                    mixture(_as_tokens(x), task_ids=task_ids)
+
+            forwards[name] = mixture_fwd
+        medians = interleaved_median_step_times(forwards, steps=steps, warmup=warmup, device=device)
         per_e[num_experts] = {
             "median_forward_s": medians,
             "throughput_ratio_mola_over_lora": medians["lora_adapter_names"] / medians["mola_grad"],
+            **{f"throughput_ratio_{n}_over_lora": medians["lora_adapter_names"] / medians[n] for n in mixtures},
             "max_abs_output_diff": max_diff,
         }
     return {
@@ -282,6 +322,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                         help="E values of the inference mode")
     parser.add_argument("--train_num_experts_list", type=int, nargs="+", default=[8, 16],
                         help="E values of the training-step ratio in --mode both")
+    parser.add_argument("--mixtures", nargs="*", default=[], choices=list(MIXTURES),
+                        help="peft's own mixtures timed next to MoLA-Grad (same rank, E skills)")
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR,
                         help="folder of results.json and results.md")
     parser.add_argument("--overwrite_output_dir", type=parse_bool, nargs="?", const=True, default=False,
@@ -293,7 +335,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     out = prepare_output_dir(args.output_dir, overwrite_output_dir=args.overwrite_output_dir)  # before any timing
     torch.set_num_threads(args.threads)
     common = dict(dim=args.dim, num_layers=args.num_layers, batch_size=args.batch_size, rank=args.rank,
-                  steps=args.steps, device=args.device, model=args.model)
+                  steps=args.steps, device=args.device, model=args.model, mixtures=tuple(args.mixtures))
     if args.mode == "train":
         result = benchmark_mola_step(num_experts=args.num_experts, **common)
         print(
@@ -321,6 +363,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     metrics = {}
     if "ratio_mola_grad_over_lora" in result:
         metrics["MoLA-Grad / LoRA step time"] = round(result["ratio_mola_grad_over_lora"], 3)
+    for name in args.mixtures:
+        if f"ratio_{name}_over_lora" in result:
+            metrics[f"{name} / LoRA step time"] = round(result[f"ratio_{name}_over_lora"], 3)
+        for e, row in result.get("inference", {}).get("per_num_experts", {}).items():
+            metrics[f"E={e} {name} / LoRA adapter_names throughput"] = round(row[f"throughput_ratio_{name}_over_lora"], 3)
     for e, row in result.get("inference", {}).get("per_num_experts", {}).items():
         metrics[f"E={e} MoLA / LoRA adapter_names throughput"] = round(row["throughput_ratio_mola_over_lora"], 3)
     for e, row in result.get("train", {}).items():
