@@ -8,7 +8,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from hf_mmsel.contrastive_loss import check_loss_type
+from hf_mmsel.losses import check_loss_type
 from hf_mmsel.selection import SCORE_SOURCES, SELECTION_STRATEGIES
 
 __all__ = ["ContrastiveTrainingArguments", "SCORE_DTYPES", "SCORE_PLOT_NAME", "GSC_SIMILARITIES", "GSC_MATCHINGS"]
