@@ -38,7 +38,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from .contrastive_loss import PairLoss
+from .losses import PairLoss, SoftmaxPairLoss
 from .losses import gather_no_grad, gather_with_grad
 
 __all__ = ["BatchHook", "Dist", "HookList", "LossTerms", "PairEmbeddings", "StepContext", "subset_batch"]
@@ -96,7 +96,7 @@ class StepContext:
     the current candidate batch from a no-grad forward of the current model (computed at most once).
     ``network``: with a co-trained ensemble (GSC+, :class:`~hf_mmsel.models.CoTrainedDualEncoder`)
     ``loss_terms`` is called once per network with ``network = k`` and that network's embeddings; ``None`` for a
-    single model. ``loss``: the step's contrastive loss (:class:`~hf_mmsel.contrastive_loss.PairLoss`: softmax
+    single model. ``loss``: the step's contrastive loss (:class:`~hf_mmsel.losses.PairLoss`: softmax
     InfoNCE by default, or SigLIP's sigmoid loss with its bias ``b``), for hooks that rank or weight pairs by it.
     """
 
@@ -107,7 +107,7 @@ class StepContext:
     logs: dict[str, torch.Tensor] = field(default_factory=dict)
     _cache: PairEmbeddings | None = None
     network: int | None = None
-    loss: PairLoss = field(default_factory=PairLoss)
+    loss: PairLoss = field(default_factory=SoftmaxPairLoss)
 
     def score(self) -> PairEmbeddings:
         if self._cache is None:

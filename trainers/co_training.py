@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from hf_mmsel.contrastive_loss import pair_loss_for
+from hf_mmsel.losses import get_pair_loss
 from hf_mmsel.hooks import LossTerms, StepContext
 from hf_mmsel.models import logit_scale_of, unwrap_model
 
@@ -24,7 +24,7 @@ def co_training_loss(model, inputs, ctx: StepContext, *, per_sample_loss: Callab
     loss, logs, per_network = 0.0, {}, []
     for k, (image, text) in enumerate(zip(out.image_embeds, out.text_embeds)):
         scale = logit_scale_of(networks[k], max_scale=logit_scale_max)
-        ctx.loss = pair_loss_for(networks[k], loss_type)
+        ctx.loss = get_pair_loss(loss_type).for_model(networks[k])
         per_sample = per_sample_loss(image, text, scale, ctx.loss)
         ctx.network = k
         try:

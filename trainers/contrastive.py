@@ -33,7 +33,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import BatchRebalanceSampler
 
-from hf_mmsel.contrastive_loss import PairLoss, pair_loss_for, prepare_model_for_loss
+from hf_mmsel.losses import PairLoss, get_pair_loss
 from hf_mmsel.hooks import BatchHook, LossTerms, PairEmbeddings, subset_batch
 from hf_mmsel.models.locking import (TOWER_ADAPTER_DIR, configure_tower_training, has_tower_lora,
                                      load_tower_adapter_state, merged_state_dict, save_tower_adapter)
@@ -151,7 +151,7 @@ class ContrastiveTrainer(Trainer):
             raise ValueError("selection_in_sampler=True needs a map-style train_dataset (streams are not supported yet)")
         if _is_streaming(kwargs.get("train_dataset")) and args.max_steps <= 0:
             raise ValueError("a streaming train_dataset needs max_steps > 0 (the stream is infinite)")
-        prepare_model_for_loss(model, args.loss_type, logit_scale_max=args.logit_scale_max)  # sigmoid: t', b
+        get_pair_loss(args.loss_type).prepare_model(model, logit_scale_max=args.logit_scale_max)  # sigmoid: t', b
         # lock_*_tower / *_unlocked_layers / tower_lora_*: frozen (eval-mode) towers, LoRA adapters; None: untouched
         tower_training = configure_tower_training(model, args)
         if getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
@@ -616,7 +616,7 @@ class ContrastiveTrainer(Trainer):
         cache = self.tower_cache if training else None  # eval batches have their own sample_idx: never cached
         score_kinds = ("text",) if self.args.cheap_scoring else ("image", "text")  # cheap: other image inputs
         ctx = runner.context(lambda: cached_call(cache, inputs["sample_idx"], lambda: self._score_batch(model, inputs),
-                                                 score_kinds), loss=pair_loss_for(model, self.args.loss_type))
+                                                 score_kinds), loss=get_pair_loss(self.args.loss_type).for_model(model))
         if training:
             keep = runner.prepare(inputs, ctx)
             if keep is not None:

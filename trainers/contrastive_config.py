@@ -9,7 +9,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from hf_mmsel.contrastive_loss import check_loss_type
+from hf_mmsel.losses import check_loss_type
 from hf_mmsel.selection import SCORE_SOURCES, SELECTION_STRATEGIES
 from hf_mmsel.state.schedule import default_warmup_passes
 

@@ -6,7 +6,7 @@
 - :mod:`.gmm`: deterministic two-component 1-D GMM.
 - :mod:`.buffers`: :class:`GSCBuffers` (per-sample state, epoch-end GMM/EMA update), :class:`GSCPlusBuffers`.
 - :mod:`.scoring`: :func:`gsc_clean_probability`, one-pass clean probability of a whole dataset (curation).
-- :mod:`.sigmoid`: the positive probability ``p = σ(t·cos_ii + b)`` of a model trained with SigLIP's sigmoid loss.
+- ``p`` under the step's loss: :meth:`hf_mmsel.losses.PairLoss.positive_prob` (:mod:`.sigmoid`: deprecated).
 
 See ``shared/design/gsc.md`` for the method and its adaptation to CLIP-style models.
 """

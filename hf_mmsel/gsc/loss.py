@@ -10,7 +10,7 @@ in-batch anchors); weights and bank anchors are detached.
 
 One implementation: :func:`gsc_terms` (structure loss, detached ``c`` and ``p``) is what
 :class:`~hf_mmsel.gsc.hook.GSCHook` computes in the trainer, whose ``ℓ_i`` is
-:meth:`~hf_mmsel.contrastive_loss.PairLoss.per_sample` with negatives gathered across ranks. :func:`gsc_loss`
+:meth:`~hf_mmsel.losses.PairLoss.per_sample` with negatives gathered across ranks. :func:`gsc_loss`
 is the same objective for one process (local negatives): exactly the trainer's loss at world size 1.
 """
 
@@ -21,11 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..contrastive_loss import PairLoss
-from .sigmoid import sigmoid_positive_probability
+from ..losses import PairLoss, SigmoidPairLoss, SoftmaxPairLoss
 from .structure import (
     StructureConfig,
-    positive_probability,
     self_exclusion_mask,
     structure_consistency,
     structure_infonce,
@@ -59,7 +57,7 @@ class GSCLossOutput:
 def weighted_bidirectional_infonce(logits_per_image: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``(1/B) Σ_i w_i · ½(ℓ^i2t_i + ℓ^t2i_i)`` for given square logits (gsc.md §3 step 2; divided by B, not
     Σw). A logits-level helper; :func:`gsc_loss` and the trainer compute ``ℓ_i`` with
-    :meth:`~hf_mmsel.contrastive_loss.PairLoss.per_sample`."""
+    :meth:`~hf_mmsel.losses.PairLoss.per_sample`."""
     target = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
     per_sample = 0.5 * (
         F.cross_entropy(logits_per_image, target, reduction="none")
@@ -133,20 +131,19 @@ def gsc_terms(
     pair_loss: PairLoss | None = None,
 ) -> GSCTerms:
     """GSC's per-step terms for L2-normalised local (B, d) embeddings with weights ``w`` (gsc.md §3 steps 3-7):
-    the structure loss and ``c`` (:func:`structure_terms`), and ``p`` from the local B×B logits
-    ``s_p · V Uᵀ`` (``s_p = prob_logit_scale``; GSC scores ``p`` inside its B = 128 batch), or with SigLIP's sigmoid
-    ``pair_loss`` the pair's own match probability ``σ(s_p·cos_ii + b)``. Used by :class:`GSCHook` and
-    :func:`gsc_loss`."""
+    the structure loss and ``c`` (:func:`structure_terms`), and ``p`` =
+    :meth:`pair_loss.positive_prob <hf_mmsel.losses.PairLoss.positive_prob>` with scale ``s_p = prob_logit_scale``
+    (default :class:`~hf_mmsel.losses.SoftmaxPairLoss`: the softmax probability of the positive in the local B×B
+    logits ``s_p · V Uᵀ``, as GSC scores ``p`` inside its B = 128 batch; SigLIP's sigmoid loss: the pair's own match
+    probability ``σ(s_p·cos_ii + b)``). Used by :class:`GSCHook` and :func:`gsc_loss`."""
     structure_loss, consistency = structure_terms(
         image_embeds, text_embeds, weights, anchor_embeds, anchor_weights, sample_idx=sample_idx,
         anchor_sample_idx=anchor_sample_idx, structure=structure,
     )
     with torch.no_grad():
         v, u = image_embeds.detach(), text_embeds.detach()
-        if pair_loss is not None and pair_loss.is_sigmoid:
-            p = sigmoid_positive_probability(v, u, prob_logit_scale, pair_loss.detached().logit_bias)
-        else:
-            p = positive_probability((prob_logit_scale * (v @ u.T)).float())
+        loss = pair_loss if pair_loss is not None else SoftmaxPairLoss()
+        p = loss.detached().positive_prob(v, u, prob_logit_scale)
     return GSCTerms(structure_loss, consistency.detach(), p.detach())
 
 
@@ -164,6 +161,7 @@ def gsc_loss(
     structure: StructureConfig | None = None,
     prob_logit_scale: torch.Tensor | float | None = None,
     logit_bias: torch.Tensor | float | None = None,
+    pair_loss: PairLoss | None = None,
 ) -> GSCLossOutput:
     """Weighted contrastive loss + ``gamma`` · structure loss, plus detached ``c`` and ``p`` (gsc.md §3, §12.2):
     the trainer's ``ContrastiveTrainingArguments(gsc=True)`` objective for one process (local negatives; the
@@ -182,8 +180,9 @@ def gsc_loss(
         structure: profile / matching settings; default :class:`StructureConfig`.
         prob_logit_scale: scale used for ``p`` only (``None``: ``logit_scale``); a fixed ``1/0.07`` keeps ``p``
             comparable when the learned scale grows (gsc.md §12.1, "p with big batches").
-        logit_bias: the bias ``b`` of SigLIP's sigmoid loss: then ``ℓ_i`` is the sigmoid loss and
-            ``p_i = σ(s·cos_ii + b)`` (``None``: softmax InfoNCE).
+        logit_bias: the bias ``b`` of SigLIP's sigmoid loss: short for ``pair_loss=SigmoidPairLoss(b)``.
+        pair_loss: the :class:`~hf_mmsel.losses.PairLoss` giving ``ℓ_i`` and ``p_i`` (``None``: softmax InfoNCE, or
+            the sigmoid loss with ``logit_bias``).
     """
     cfg = structure or StructureConfig()
     if image_embeds.ndim != 2 or image_embeds.shape != text_embeds.shape:
@@ -198,7 +197,10 @@ def gsc_loss(
         raise ValueError(f"weights must have shape ({b},), got {tuple(weights.shape)}")
     weights = weights.detach().to(image_embeds.dtype)
 
-    pair_loss = PairLoss() if logit_bias is None else PairLoss("sigmoid", torch.as_tensor(logit_bias))
+    if pair_loss is None:
+        pair_loss = SoftmaxPairLoss() if logit_bias is None else SigmoidPairLoss(torch.as_tensor(logit_bias))
+    elif logit_bias is not None:
+        raise ValueError("pass the logit_bias inside pair_loss, not both")
     v = F.normalize(image_embeds, dim=-1)
     u = F.normalize(text_embeds, dim=-1)
     contrastive = (pair_loss.per_sample(v, u, logit_scale) * weights).mean()  # the trainer's weighted mean

@@ -29,15 +29,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..losses import PairLoss, SigmoidPairLoss, SoftmaxPairLoss
 from .buffers import _clean_posterior
-from .sigmoid import sigmoid_positive_probability
-from .structure import (
-    StructureConfig,
-    StructureProfiles,
-    positive_map,
-    positive_probability,
-    structure_consistency,
-)
+from .structure import StructureConfig, StructureProfiles, positive_map, structure_consistency
 
 __all__ = ["DEFAULT_STRUCTURE", "anchor_consistency", "chunked_positive_probability", "gsc_clean_probability"]
 
@@ -53,17 +47,19 @@ def _permuted_chunks(n: int, chunk_size: int, seed: int) -> list[torch.Tensor]:
 @torch.no_grad()
 def chunked_positive_probability(
     image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: float | torch.Tensor, *,
-    chunk_size: int = 128, seed: int = 0,
+    chunk_size: int = 128, seed: int = 0, pair_loss: PairLoss | None = None,
 ) -> torch.Tensor:
-    """``p_i = ½(softmax(S_i·)_i + softmax(S_·i)_i)`` with ``S = scale·V Uᵀ`` inside seeded random chunks.
-    Embeddings must be L2-normalised; returns float32 [N] on the embeddings' device."""
+    """``pair_loss.positive_prob`` inside seeded random chunks (default :class:`~hf_mmsel.losses.SoftmaxPairLoss`:
+    ``p_i = ½(softmax(S_i·)_i + softmax(S_·i)_i)`` with ``S = scale·V Uᵀ``). Embeddings must be L2-normalised;
+    returns float32 [N] on the embeddings' device."""
+    loss = pair_loss if pair_loss is not None else SoftmaxPairLoss()
     n = image_embeds.shape[0]
     scale = float(logit_scale)
     p = torch.empty(n, dtype=torch.float32, device=image_embeds.device)
     for idx in _permuted_chunks(n, chunk_size, seed):
         idx = idx.to(image_embeds.device)
         v, u = image_embeds[idx].float(), text_embeds[idx].float()
-        p[idx] = positive_probability(scale * (v @ u.T))
+        p[idx] = loss.positive_prob(v, u, scale)
     return p
 
 
@@ -136,6 +132,7 @@ def gsc_clean_probability(
     max_fit_samples: int = 200_000,
     seed: int = 0,
     logit_bias: float | torch.Tensor | None = None,
+    pair_loss: PairLoss | None = None,
 ) -> dict[str, torch.Tensor]:
     """GSC clean probability of every pair from one embedding pass (see the module docstring).
 
@@ -150,8 +147,11 @@ def gsc_clean_probability(
         gmm_*: EM settings of the 2-component GMM (GSC's: 10 iterations, tol 1e-2; 100 / 1e-4 gave a narrow
             high component and lower AUROC on the small test model); ``max_fit_samples``: seeded subsample size.
         seed: seeds the chunk permutation, the random anchors and the GMM subsample.
-        logit_bias: a model trained with SigLIP's sigmoid loss: its bias ``b``; then ``p_i = σ(s·cos_ii + b)``,
-            the model's own match probability (:mod:`hf_mmsel.gsc.sigmoid`), instead of the chunked softmax ``p``.
+        logit_bias: a model trained with SigLIP's sigmoid loss: its bias ``b``, short for
+            ``pair_loss=SigmoidPairLoss(b)``.
+        pair_loss: the model's training loss, whose :meth:`~hf_mmsel.losses.PairLoss.positive_prob` gives ``p``:
+            in the seeded chunks when it depends on the batch (``in_batch_positive_prob``, the default softmax
+            InfoNCE), else per pair (SigLIP's ``p_i = σ(s·cos_ii + b)``, the model's own match probability).
 
     Returns float32 [N] tensors on the embeddings' device: ``clean_prob``, ``consistency`` (c),
     ``positive_prob`` (raw p), ``structure_posterior`` (π), ``prob_clean`` (the P that entered the min), and
@@ -165,6 +165,10 @@ def gsc_clean_probability(
     n = image_embeds.shape[0]
     if n < 2:
         raise ValueError(f"GSC scoring needs at least 2 pairs, got {n}")
+    if pair_loss is None:
+        pair_loss = SoftmaxPairLoss() if logit_bias is None else SigmoidPairLoss(float(logit_bias))
+    elif logit_bias is not None:
+        raise ValueError("pass the logit_bias inside pair_loss, not both")
     if num_anchors < 1 or chunk_size < 2:
         raise ValueError(f"need num_anchors >= 1 and chunk_size >= 2, got {num_anchors} and {chunk_size}")
     v = F.normalize(image_embeds.float(), dim=-1)
@@ -178,10 +182,10 @@ def gsc_clean_probability(
     def posterior(x: torch.Tensor) -> torch.Tensor:
         return _clean_posterior(x.double(), **fit)[0].float()
 
-    if logit_bias is not None:  # sigmoid loss: p needs no chunks
-        p = sigmoid_positive_probability(v, u, float(logit_scale), float(logit_bias))
-    else:
-        p = chunked_positive_probability(v, u, logit_scale, chunk_size=chunk_size, seed=seed)
+    if pair_loss.in_batch_positive_prob:
+        p = chunked_positive_probability(v, u, logit_scale, chunk_size=chunk_size, seed=seed, pair_loss=pair_loss)
+    else:  # e.g. the sigmoid loss: p needs no chunks
+        p = pair_loss.positive_prob(v, u, float(logit_scale))
     # the GMM sees log p: raw p is heavily right-skewed (most pairs near 1/chunk), so a GMM on it models the few
     # confident pairs as the "clean" component; log p (the softmax margin) is far closer to two Gaussians
     prob_clean = posterior(torch.log(p.clamp_min(1e-30))) if prob_posterior else p

@@ -398,7 +398,7 @@ def _build_tiny_siglip(*, captions, image_size, patch_size, hidden_size, num_lay
     from transformers import SiglipConfig, SiglipModel
 
     from .features import adapt_siglip_inputs
-    from ..contrastive_loss import init_sigmoid_logit_parameters
+    from ..losses import init_sigmoid_logit_parameters
 
     tokenizer, tower = _tiny_tokenizer_and_tower(captions, image_size=image_size, patch_size=patch_size,
                                                  hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,

@@ -473,7 +473,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if not 0.0 < args.select_rate <= 1.0:
         raise ValueError(f"select_rate must be in (0, 1], got {args.select_rate}")
     reference_epochs(args)  # raises on a bad --reference_epochs before any training
-    from hf_mmsel.contrastive_loss import check_loss_type
+    from hf_mmsel.losses import check_loss_type
 
     loss_types = [check_loss_type(lt) for lt in parse_csv(args.loss_type, str)]
     if not loss_types:

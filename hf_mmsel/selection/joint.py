@@ -16,7 +16,9 @@ with ``w = +1``, reference ``theta*`` with ``w = -1`` for ``learnability``; one 
   first chunk instead uses ``first_scores`` (the independent per-pair learnability, negatives = all candidates).
   Blocks of ``B x m`` per chosen chunk (computed once, never ``B x B``).
 
-In both cases the pairs *within* one chunk are drawn independently of each other (JEST's chunk approximation).
+Each loss computes its own gain (:meth:`hf_mmsel.losses.PairLoss.joint_gain` on the blocks,
+:class:`~hf_mmsel.losses.JointBlocks`); this module sums the terms and samples. In both cases the pairs *within*
+one chunk are drawn independently of each other (JEST's chunk approximation).
 Sampling without replacement uses the Gumbel-top-m trick (``topk(c/tau + G)``, ``G = -log E``, ``E ~ Exp(1)``
 drawn from the step's CPU generator), which is sequential softmax sampling without replacement; already chosen
 pairs get ``-inf``. The conditioning is over this rank's candidates only (the kept pairs are then contrasted
@@ -28,10 +30,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from ..contrastive_loss import PairLoss
 from ..hooks import PairEmbeddings
+from ..losses import JointBlocks, PairLoss
 
 __all__ = ["JointTerm", "check_joint_chunks", "conditional_gains", "gumbel_noise", "joint_select"]
 
@@ -70,79 +71,33 @@ def gumbel_noise(size: int, generator: torch.Generator) -> torch.Tensor:
     return -torch.log(e.clamp_min(1e-300))
 
 
-def _scaled(term: JointTerm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _blocks(term: JointTerm) -> JointBlocks:
     emb = term.embeddings
-    scale = torch.as_tensor(emb.logit_scale, dtype=torch.float32).reshape(())
-    return emb.image_embeds.float(), emb.text_embeds.float(), scale
-
-
-def _bias(term: JointTerm, device) -> torch.Tensor:
-    b = term.loss.logit_bias
-    return torch.zeros((), device=device) if b is None else torch.as_tensor(b).float().reshape(()).to(device)
-
-
-class _Blocks:
-    """Per term, the ``B x m`` logit blocks ``t x @ y[c]^T`` and ``t x[c] @ y^T`` of each chosen chunk ``c``,
-    computed once when the chunk is chosen (memory ``O(B |A|)``, never ``B x B``)."""
-
-    def __init__(self, term: JointTerm) -> None:
-        self.x, self.y, self.t = _scaled(term)
-        self.rows: list[torch.Tensor] = []  # [B, m]: z_ij, j in chunk
-        self.cols: list[torch.Tensor] = []  # [B, m]: z_ji, j in chunk (transposed)
-        self.chunks: list[torch.Tensor] = []
-
-    def extend(self, chunks: list[torch.Tensor]) -> None:
-        for chunk in chunks[len(self.chunks):]:
-            self.rows.append(self.t * self.x @ self.y[chunk].T)
-            self.cols.append((self.t * self.x[chunk] @ self.y.T).T)
-            self.chunks.append(chunk)
-
-
-def _sigmoid_gain(term: JointTerm, blocks: _Blocks) -> torch.Tensor:
-    """``l_ii + sum_{a in A} (l_ia + l_ai)`` for every candidate ``i`` (off-diagonal: negative pairs)."""
-    x, y, t = blocks.x, blocks.y, blocks.t
-    b = _bias(term, x.device)
-    gain = F.softplus(-(t * (x * y).sum(-1) + b))  # l_ii = -log sigmoid(t x_i.y_i + b)
-    for rows, cols in zip(blocks.rows, blocks.cols):
-        gain = gain + F.softplus(rows + b).sum(1) + F.softplus(cols + b).sum(1)
-    return gain
-
-
-def _softmax_gain(term: JointTerm, blocks: _Blocks) -> torch.Tensor:
-    """Exact ``L(A + {i}) - L(A)`` of the summed symmetric InfoNCE (module docstring); ``A`` non-empty."""
-    x, y, t = blocks.x, blocks.y, blocks.t
-    diag = t * (x * y).sum(-1)
-    rows = torch.cat(blocks.rows, dim=1).logsumexp(1)  # lse_{j in A} z_ij
-    cols = torch.cat(blocks.cols, dim=1).logsumexp(1)  # lse_{j in A} z_ji
-    own = 0.5 * (torch.logaddexp(rows, diag) - diag + torch.logaddexp(cols, diag) - diag)
-    members = torch.zeros_like(own)
-    for c, z_row, z_col in zip(blocks.chunks, blocks.rows, blocks.cols):
-        # member a's i2t loss gains softplus(z_ai - R_a) (z_ai = z_col[i, a]), its t2i loss softplus(z_ia - C_a)
-        members = members + 0.5 * (F.softplus(z_col - rows[None, c]).sum(1) + F.softplus(z_row - cols[None, c]).sum(1))
-    return own + members
+    return JointBlocks(emb.image_embeds, emb.text_embeds, emb.logit_scale)
 
 
 def conditional_gains(terms: list[JointTerm], chunks: list[torch.Tensor],
-                      first_scores: torch.Tensor | None = None, blocks: list[_Blocks] | None = None) -> torch.Tensor:
+                      first_scores: torch.Tensor | None = None,
+                      blocks: list[JointBlocks] | None = None) -> torch.Tensor:
     """``c_i = J(A + {i}) - J(A)`` for every candidate (``A`` = the union of ``chunks``; chosen ones included,
     the caller masks them). Softmax with ``A`` empty: ``first_scores`` (module docstring). ``blocks``: the
     per-term logit blocks of earlier calls with a prefix of ``chunks`` (reused and extended in place)."""
     if not terms:
         raise ValueError("joint selection needs at least one loss term")
-    sigmoid = terms[0].loss.is_sigmoid
-    if any(term.loss.is_sigmoid != sigmoid for term in terms):
+    loss_type = terms[0].loss.loss_type
+    if any(term.loss.loss_type != loss_type for term in terms):
         raise ValueError("all joint-selection terms must use the same loss_type")
-    if not sigmoid and not chunks:
-        if first_scores is None:
-            raise ValueError("softmax joint selection needs first_scores for its first chunk")
-        return first_scores.float()
     if blocks is None:
-        blocks = [_Blocks(term) for term in terms]
-    gain_fn = _sigmoid_gain if sigmoid else _softmax_gain
+        blocks = [_blocks(term) for term in terms]
     total = 0.0
     for term, block in zip(terms, blocks):
         block.extend(chunks)
-        total = total + term.weight * gain_fn(term, block)
+        gain = term.loss.joint_gain(block)
+        if gain is None:  # no gain for an empty A (softmax): the first chunk is drawn by first_scores
+            if first_scores is None:
+                raise ValueError(f"{loss_type} joint selection needs first_scores for its first chunk")
+            return first_scores.float()
+        total = total + term.weight * gain
     return total
 
 
@@ -164,7 +119,7 @@ def joint_select(terms: list[JointTerm], k: int, num_chunks: int, generator: tor
     chosen = torch.zeros(size, dtype=torch.bool, device=device)
     chunks: list[torch.Tensor] = []
     entropies = []
-    blocks = [_Blocks(term) for term in terms]
+    blocks = [_blocks(term) for term in terms]
     for _ in range(int(num_chunks)):
         logits = conditional_gains(terms, chunks, first_scores, blocks).double() / float(temperature)
         logits = logits.masked_fill(chosen, float("-inf"))

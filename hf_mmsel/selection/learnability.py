@@ -9,7 +9,7 @@ name                 criterion (keep the k largest)                          nee
 ``easy_reference``   ``-l_theta*(i)`` (JEST's "easy reference": lowest first) reference forward
 ==================== ======================================================= ==========================
 
-``l`` is the step's per-pair contrastive loss (:class:`~hf_mmsel.contrastive_loss.PairLoss`: softmax InfoNCE or
+``l`` is the step's per-pair contrastive loss (:class:`~hf_mmsel.losses.PairLoss`: softmax InfoNCE or
 SigLIP's sigmoid loss) with negatives as in training: this rank's candidates against the candidates gathered from
 every rank. The reference ``theta*`` uses its own logit scale (and, for the sigmoid loss, its own bias). Because a
 contrastive loss depends on the other pairs of the batch, ``l_theta*(i)`` cannot be precomputed once per sample:
@@ -31,8 +31,8 @@ from typing import ClassVar, Mapping
 
 import torch
 
-from ..contrastive_loss import PairLoss, check_loss_type
 from ..hooks import PairEmbeddings
+from ..losses import PairLoss, get_pair_loss
 from .joint import JointTerm, check_joint_chunks, joint_select
 from .strategies import SELECTION_STRATEGIES, Candidates, SelectionStrategy, top_k
 
@@ -84,7 +84,8 @@ class ReferenceModel:
     Args:
         model: a dual encoder (``get_image_features`` / ``get_text_features``), or a path / Hub id for
             :func:`load_reference_model`.
-        loss_type: the step's loss (``"softmax"`` or ``"sigmoid"``); sigmoid needs the reference's ``logit_bias``.
+        loss_type: the step's loss (``"softmax"``, ``"sigmoid"`` or another registered
+            :class:`~hf_mmsel.losses.PairLoss`), with the reference's own parameters (sigmoid: its ``logit_bias``).
         logit_scale_max: clamp of ``exp(logit_scale)``, as for the learner.
         device: where the reference runs (default: where it is).
         dtype: optional autocast dtype of its forward (the trainer's ``score_dtype``).
@@ -105,16 +106,7 @@ class ReferenceModel:
         self.model = model
         self.logit_scale_max = float(logit_scale_max)
         self.dtype = dtype
-        if check_loss_type(loss_type) == "sigmoid":
-            bias = getattr(model, "logit_bias", None)
-            if not isinstance(bias, torch.Tensor):
-                raise ValueError(
-                    f"loss_type='sigmoid' needs the reference model's own logit_bias, but {type(model).__name__} has "
-                    "none: use a reference trained with the sigmoid loss (or a SiglipModel)"
-                )
-            self.loss = PairLoss("sigmoid", bias.detach().float().reshape(()))
-        else:
-            self.loss = PairLoss()
+        self.loss: PairLoss = get_pair_loss(loss_type).for_model(model).detached()  # its own parameters (bias)
 
     @property
     def device(self) -> torch.device:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ..contrastive_loss import PairLoss
+from ..losses import PairLoss
 from ..hooks import BatchHook, Dist, HookList, LossTerms, PairEmbeddings, StepContext
 from .checkpoint import load_rank_local, load_sharded_state, read_index, save_sharded_state
 from .ownership import SampleOwnership
