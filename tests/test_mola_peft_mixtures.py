@@ -204,3 +204,16 @@ def test_benchmark_mola_runs_xlora_charged_with_its_per_task_stage(tmp_path):
     assert set(payload["median_step_time_ms"]) == {"lora_per_task", "xlora"}
     assert len(list((tmp_path / "runs" / "xlora_lr0.01_seed0" / "adapters").iterdir())) == tasks
     assert "xlora is charged with its two stages" in (tmp_path / "results.md").read_text()
+
+
+def test_step_benchmark_cli_takes_comma_separated_mixtures(tmp_path):
+    from hf_mmsel.recipes.benchmark_mola_step import main
+
+    result = main(["--mode", "both", "--mixtures", "poly,xlora", "--dim", "16", "--num_layers", "1", "--batch_size",
+                   "4", "--rank", "2", "--steps", "1", "--num_experts_list", "2", "--train_num_experts_list", "2",
+                   "--output_dir", str(tmp_path)])
+    assert result["train"][2]["ratio_xlora_over_lora"] > 0
+    table = (tmp_path / "results.md").read_text()
+    assert "E=2 xlora / LoRA training step" in table and "E=2 xlora / LoRA adapter_names throughput" in table
+    with pytest.raises(SystemExit):
+        main(["--mixtures", "lily", "--output_dir", str(tmp_path / "other")])

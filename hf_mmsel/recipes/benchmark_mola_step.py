@@ -368,14 +368,19 @@ def main(argv: Optional[list[str]] = None) -> dict:
                         help="E values of the inference mode")
     parser.add_argument("--train_num_experts_list", type=int, nargs="+", default=[8, 16],
                         help="E values of the training-step ratio in --mode both")
-    parser.add_argument("--mixtures", nargs="*", default=[], choices=list(MIXTURES),
-                        help="peft's own mixtures timed next to MoLA-Grad (same rank, E skills)")
+    parser.add_argument("--mixtures", nargs="*", default=[],
+                        help=f"peft's own mixtures timed next to MoLA-Grad (same rank, E skills/adapters), from "
+                             f"{','.join(MIXTURES)}; space- or comma-separated")
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR,
                         help="folder of results.json and results.md")
     parser.add_argument("--overwrite_output_dir", type=parse_bool, nargs="?", const=True, default=False,
                         help="write into a non-empty --output_dir, replacing only the files this run writes")
     parser.add_argument("--output_json", default=None, help="also write the result JSON to this file")
     args = parser.parse_args(argv)
+    args.mixtures = list(dict.fromkeys(m for group in args.mixtures for m in group.split(",") if m))
+    unknown = [m for m in args.mixtures if m not in MIXTURES]
+    if unknown:
+        parser.error(f"--mixtures: unknown {unknown}; choose from {','.join(MIXTURES)}")
     from hf_mmsel.recipes.run_utils import prepare_output_dir, print_run_summary
 
     out = prepare_output_dir(args.output_dir, overwrite_output_dir=args.overwrite_output_dir)  # before any timing
@@ -418,6 +423,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         metrics[f"E={e} MoLA / LoRA adapter_names throughput"] = round(row["throughput_ratio_mola_over_lora"], 3)
     for e, row in result.get("train", {}).items():
         metrics[f"E={e} MoLA / LoRA training step"] = round(row["ratio_mola_grad_over_lora"], 3)
+        for name in args.mixtures:
+            metrics[f"E={e} {name} / LoRA training step"] = round(row[f"ratio_{name}_over_lora"], 3)
     (out / "results.md").write_text(results_markdown(metrics, result))
     print_run_summary("benchmark-mola-step finished", metrics, artefacts,
                       load_hint=f"import json; json.load(open({str(out / 'results.json')!r}))")
