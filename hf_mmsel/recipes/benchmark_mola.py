@@ -1,7 +1,8 @@
 """Compare MoLA with fine-tuning baselines on the embedded heterogeneous benchmark, under identical budgets.
 
     hf-mmsel benchmark-mola --methods mola_grad,lora_shared --seeds 0,1,2 --learning_rates 1e-3,3e-3
-    # the defaults (all 6 methods): 36 runs of 600 steps; the 30 runs without poly took 1154 s on 2 shared CPU cores
+    # the defaults (the 6 methods without xlora): 36 runs of 600 steps; the 30 runs without poly took 1154 s on 2
+    # shared CPU cores
 
 Methods (same frozen random-init ViT base, same number of optimisation steps, batch size, linear schedule, warm-up and
 seeds; the base and the MoLA configs are those of ``recipes/train_mola.py``):
@@ -14,9 +15,20 @@ seeds; the base and the MoLA configs are those of ``recipes/train_mola.py``):
 * ``poly``            peft's Poly (Polytropon): ``T`` rank-``r`` LoRA skills per layer mixed by learned per-task weights
                       (MoLA-Grad's budget plus a ``T x T`` routing table per layer; ``hf_mmsel.mola.peft_mixtures``).
 
-peft's X-LoRA is not a method here: it mixes LoRA adapters trained beforehand (loaded from disk) with a scaling head
-on a transformers ``PreTrainedModel``'s hidden states, in two forward passes; the benchmark's multi-task ViT with
-per-task heads is neither, and X-LoRA would need a pre-training stage the other methods do not get.
+* ``xlora``           peft's X-LoRA (opt-in, not in the default list: two training stages). Stage 1 is
+                      ``lora_per_task`` (same seed and learning rate; reused when both methods run), each task's LoRA
+                      saved as a peft adapter of the ViT backbone. Stage 2 builds peft's ``XLoraModel`` over the T
+                      adapters on the same frozen backbone and trains its scaling classifier (peft defaults: one
+                      Linear ``d -> T`` on the last hidden state, softmax, per-token scalings shared by all layers)
+                      and the per-task heads (initialised from stage 1's; ``--xlora_trainable_adapters`` also trains
+                      the adapters, frozen by default as in peft) for ``--max_steps`` steps on mixed batches. Task ids
+                      only pick the head; X-LoRA itself never sees them (a learned router). Each step runs X-LoRA's
+                      two passes over the token layers (scalings without adapters, then the scaled adapters); the
+                      frozen patch embedding runs once, outside (``hf_mmsel.mola.peft_mixtures`` says why peft's
+                      X-LoRA needs this ``inputs_embeds`` root on a ViT). Charged with both stages: its
+                      ``train_steps`` and ``train_time_s`` add stage 1's, its trainable budget is stage 1's (T
+                      adapters + heads, MoLA-Grad's) plus the scaling classifier, ``(d + 1) T``. Its step time is
+                      that of stage 2; the learning rate (both stages) is chosen on validation like the others'.
 
 Model selection never looks at the test split (the official MoLA code selects on test): a validation split
 (``--val_fraction`` of every task's training examples, fixed by ``--split_seed``) is carved from ``train``; every
@@ -40,7 +52,8 @@ from pathlib import Path
 
 from hf_mmsel.recipes.run_utils import parse_bool
 
-METHODS = ("full", "lora_shared", "lora_per_task", "mola_grad", "mola_router", "poly")
+METHODS = ("full", "lora_shared", "lora_per_task", "mola_grad", "mola_router", "poly", "xlora")
+DEFAULT_METHODS = tuple(m for m in METHODS if m != "xlora")  # xlora trains per-task LoRAs first: opt-in
 
 
 def _number_list(kind):
@@ -58,8 +71,8 @@ def _number_list(kind):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", type=_number_list(str), default=[list(METHODS)],
-                   help=f"comma-separated, from {','.join(METHODS)} (default: all)")
+    p.add_argument("--methods", nargs="+", type=_number_list(str), default=[list(DEFAULT_METHODS)],
+                   help=f"comma-separated, from {','.join(METHODS)} (default: all but xlora)")
     p.add_argument("--seeds", nargs="+", type=_number_list(int), default=[[0, 1, 2]], help="e.g. 0,1,2")
     p.add_argument("--learning_rates", nargs="+", type=_number_list(float), default=[[1e-3, 3e-3]],
                    help="grid searched per method on the validation split, e.g. 1e-3,3e-3")
@@ -70,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden_size", type=int, default=64)
     p.add_argument("--num_hidden_layers", type=int, default=4)
     p.add_argument("--max_per_task", type=int, default=None)
+    p.add_argument("--xlora_trainable_adapters", type=parse_bool, nargs="?", const=True, default=False,
+                   help="xlora: also train the per-task LoRA adapters in stage 2 (default: frozen, peft's default)")
     p.add_argument("--val_fraction", type=float, default=0.1, help="share of each task's train examples held out")
     p.add_argument("--split_seed", type=int, default=0, help="seed of the train/validation split")
     p.add_argument("--timing_steps", type=int, default=30, help="interleaved timed steps per method (0: skip)")
@@ -121,7 +136,39 @@ def build_model(method: str, spec, args, seed: int):
         model = get_peft_model(base, poly_config(T, r, vit_target_modules(base), modules_to_save=heads))
         route_poly_by_task_ids(model)
         return model
+    if method == "xlora":
+        raise ValueError("build_model: xlora is built from trained per-task LoRAs; use build_xlora_model")
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+def build_xlora_model(per_task_models: list, spec, args, seed: int, adapter_dir: str):
+    """peft's X-LoRA over the backbone LoRAs of ``per_task_models`` (``lora_per_task`` models, task t's at index t,
+    saved as peft adapters under ``adapter_dir``) on the same frozen base, with per-task heads initialised from each
+    task's own model."""
+    import torch
+
+    from hf_mmsel.models.multitask import MultiTaskClassifier
+    from hf_mmsel.mola.peft_mixtures import XLoraVisionBackbone, save_lora_adapter
+
+    if len(per_task_models) != spec.num_tasks:
+        raise ValueError(f"build_xlora_model: {len(per_task_models)} per-task models for {spec.num_tasks} tasks")
+    folders = [save_lora_adapter(m, os.path.join(adapter_dir, f"task{t}"), submodule="backbone")
+               for t, m in enumerate(per_task_models)]
+    base = build_model("full", spec, args, seed)  # the frozen random-init base the per-task LoRAs were trained on
+    backbone = XLoraVisionBackbone(base.backbone, folders, trainable_adapters=args.xlora_trainable_adapters)
+    model = MultiTaskClassifier(backbone, spec, feature_dim=base.feature_dim, pooling=base.pooling)
+    with torch.no_grad():
+        for t, task_model in enumerate(per_task_models):
+            heads = task_model.base_model.model.heads.modules_to_save["default"]
+            model.heads.weight[t].copy_(heads.weight[t])
+            model.heads.bias[t].copy_(heads.bias[t])
+    return model
+
+
+def _xlora_classifier_params(model) -> int:
+    from hf_mmsel.mola.peft_mixtures import xlora_scaling_classifier
+
+    return sum(p.numel() for p in xlora_scaling_classifier(model.backbone.xlora).parameters())
 
 
 def _trainable(model) -> int:
@@ -157,29 +204,62 @@ def _by_task(dataset, task: int):
     return dataset.select(np.flatnonzero(tasks == task))
 
 
-def run_method(method: str, data, spec, args, seed: int, lr: float) -> dict:
-    """Train ``method`` on ``data["train"]`` with ``lr`` and ``seed``; accuracies on ``validation`` and ``test``."""
+SPLITS = ("validation", "test")
+
+
+def train_per_task_loras(data, spec, args, seed: int, lr: float) -> dict:
+    """``lora_per_task`` (also X-LoRA's stage 1): one rank-``r`` LoRA per task, each trained alone on its task for
+    ``max_steps / T`` steps. Returns the trained ``models``, per-split ``accuracy``, ``trainable_params``,
+    ``train_steps`` and ``train_time_s``."""
+    out = os.path.join(args.output_dir, "runs", f"lora_per_task_lr{lr:g}_seed{seed}")
+    acc: dict[str, dict[str, float]] = {split: {} for split in SPLITS}
+    models, trainable, steps = [], 0, args.max_steps // spec.num_tasks
+    start = time.perf_counter()
+    for t, name in enumerate(spec.task_names):
+        model = build_model("lora_per_task", spec, args, seed)
+        trainable += _single_task_trainable(model, spec, t)
+        metrics = _train(model, _by_task(data["train"], t), {s: _by_task(data[s], t) for s in SPLITS},
+                         steps, lr, args, seed, out, spec.task_names)
+        for split in SPLITS:
+            acc[split][name] = metrics[split][f"{split}_acc_{name}"]
+        models.append(model)
+    return {"models": models, "accuracy": acc, "trainable_params": trainable, "train_steps": steps * spec.num_tasks,
+            "train_time_s": time.perf_counter() - start}
+
+
+def run_method(method: str, data, spec, args, seed: int, lr: float, per_task_cache: dict | None = None) -> dict:
+    """Train ``method`` on ``data["train"]`` with ``lr`` and ``seed``; accuracies on ``validation`` and ``test``.
+
+    ``per_task_cache`` (a dict): the per-task LoRAs of ``(seed, lr)``, trained once for ``lora_per_task`` and
+    ``xlora`` (deterministic: the same runs either way)."""
     out = os.path.join(args.output_dir, "runs", f"{method}_lr{lr:g}_seed{seed}")
-    splits = ("validation", "test")
-    acc: dict[str, dict[str, float]] = {split: {} for split in splits}
+    acc: dict[str, dict[str, float]] = {split: {} for split in SPLITS}
+    if method in ("lora_per_task", "xlora"):
+        cache = per_task_cache if per_task_cache is not None else {}
+        if (seed, lr) not in cache:
+            cache[(seed, lr)] = train_per_task_loras(data, spec, args, seed, lr)
+        stage = cache[(seed, lr)]
     if method == "lora_per_task":
-        trainable = 0
-        for t, name in enumerate(spec.task_names):
-            model = build_model(method, spec, args, seed)
-            trainable += _single_task_trainable(model, spec, t)
-            metrics = _train(model, _by_task(data["train"], t), {s: _by_task(data[s], t) for s in splits},
-                             args.max_steps // spec.num_tasks, lr, args, seed, out, spec.task_names)
-            for split in splits:
-                acc[split][name] = metrics[split][f"{split}_acc_{name}"]
+        acc, trainable = stage["accuracy"], stage["trainable_params"]
+        steps, seconds = stage["train_steps"], stage["train_time_s"]
     else:
-        model = build_model(method, spec, args, seed)
-        trainable = _trainable(model)
-        metrics = _train(model, data["train"], {s: data[s] for s in splits}, args.max_steps, lr, args, seed, out,
+        start = time.perf_counter()
+        if method == "xlora":
+            model = build_xlora_model(stage["models"], spec, args, seed, os.path.join(out, "adapters"))
+            trainable = stage["trainable_params"] + _xlora_classifier_params(model)
+        else:
+            model = build_model(method, spec, args, seed)
+            trainable = _trainable(model)
+        metrics = _train(model, data["train"], {s: data[s] for s in SPLITS}, args.max_steps, lr, args, seed, out,
                          spec.task_names)
-        for split in splits:
+        for split in SPLITS:
             acc[split] = {name: metrics[split][f"{split}_acc_{name}"] for name in spec.task_names}
+        steps, seconds = args.max_steps, time.perf_counter() - start
+        if method == "xlora":  # charged with its stage 1
+            steps, seconds = steps + stage["train_steps"], seconds + stage["train_time_s"]
     return {
         "method": method, "seed": seed, "learning_rate": lr, "trainable_params": trainable,
+        "train_steps": steps, "train_time_s": seconds,
         "val_accuracy": acc["validation"], "val_mean_acc": statistics.mean(acc["validation"].values()),
         "test_accuracy": acc["test"], "test_mean_acc": statistics.mean(acc["test"].values()),
     }
@@ -188,7 +268,10 @@ def run_method(method: str, data, spec, args, seed: int, lr: float) -> dict:
 # ------------------------------------------------------------------------------------------------ step times
 def measure_step_times(methods, data, spec, args) -> dict[str, float]:
     """Median seconds of one training step (forward, multi-task loss [+ TwD], backward, AdamW) per method, all
-    methods timed interleaved on the same batch size; ``lora_per_task`` steps one task's rank-r LoRA."""
+    methods timed interleaved on the same batch size; ``lora_per_task`` steps one task's rank-r LoRA, ``xlora`` its
+    stage 2 (both passes; over untrained per-task LoRAs, which cost the same)."""
+    import tempfile
+
     import torch
     from hf_mmsel.recipes.benchmark_mola_step import interleaved_median_step_times
 
@@ -205,8 +288,13 @@ def measure_step_times(methods, data, spec, args) -> dict[str, float]:
 
     mixed, single = random_batch(data["train"]), random_batch(_by_task(data["train"], 0))
     step_fns = {}
+    adapter_dir = tempfile.TemporaryDirectory()
     for method in methods:
-        model = build_model(method, spec, args, seed=0)
+        if method == "xlora":
+            per_task = [build_model("lora_per_task", spec, args, seed=0) for _ in range(spec.num_tasks)]
+            model = build_xlora_model(per_task, spec, args, 0, adapter_dir.name)
+        else:
+            model = build_model(method, spec, args, seed=0)
         model.train()
         batch = single if method == "lora_per_task" else mixed
         tuner = getattr(model, "base_model", None)
@@ -222,7 +310,10 @@ def measure_step_times(methods, data, spec, args) -> dict[str, float]:
             optimizer.step()
 
         step_fns[method] = step
-    return interleaved_median_step_times(step_fns, steps=args.timing_steps, warmup=3)
+    try:
+        return interleaved_median_step_times(step_fns, steps=args.timing_steps, warmup=3)
+    finally:
+        adapter_dir.cleanup()
 
 
 # ------------------------------------------------------------------------------------------------ reporting
@@ -256,6 +347,8 @@ def summarise(runs: list[dict], methods, spec, chosen: dict[str, float]) -> dict
             "mean_acc_std": statistics.stdev(test_means) if len(test_means) > 1 else 0.0,
             "mean_acc_per_seed": {r["seed"]: r["test_mean_acc"] for r in selected},
             "trainable_params": selected[0]["trainable_params"],
+            "train_steps": selected[0]["train_steps"],
+            "train_time_s": statistics.mean(r["train_time_s"] for r in selected),
         }
     return summary
 
@@ -284,6 +377,12 @@ def write_markdown(payload: dict, spec, args, path: str) -> None:
               "| method | " + " | ".join(f"lr {lr}" for lr in lrs) + " |", "|" + "---|" * (len(lrs) + 1)]
     for method, s in summary.items():
         lines.append(f"| {method} | " + " | ".join(f"{s['val_mean_acc_by_lr'][lr]:.3f}" for lr in lrs) + " |")
+    if "xlora" in summary:
+        x = summary["xlora"]
+        lines += ["", f"xlora is charged with its two stages: {x['train_steps']} steps ({x['train_steps'] - args.max_steps} "
+                  f"of per-task LoRAs, then {args.max_steps} of X-LoRA, adapters "
+                  f"{'trained' if args.xlora_trainable_adapters else 'frozen'}), {x['train_time_s']:.0f} s of training "
+                  "per run; its step time is stage 2's (two passes)."]
     if "mola_grad" in summary and "lora_shared" in summary:
         g, l = summary["mola_grad"], summary["lora_shared"]
         diffs = [g["mean_acc_per_seed"][s] - l["mean_acc_per_seed"][s] for s in args.seeds]
@@ -341,9 +440,10 @@ def main(argv: list[str] | None = None) -> dict:
     runs: list[dict] = []
     for seed in args.seeds:  # methods interleaved within each (seed, lr) round
         for lr in args.learning_rates:
+            per_task_cache: dict = {}  # lora_per_task's LoRAs, xlora's stage 1
             for method in args.methods:
                 start = time.perf_counter()
-                run = run_method(method, data, spec, args, seed, lr)
+                run = run_method(method, data, spec, args, seed, lr, per_task_cache)
                 runs.append(run)
                 print(f"[benchmark] seed {seed} lr {lr:g} {method}: val {run['val_mean_acc']:.4f} "
                       f"test {run['test_mean_acc']:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)

@@ -12,6 +12,12 @@ forward time of each and the throughput ratio ``lora_time / mola_time`` (> 1: Mo
 
 ``--mixtures poly`` also times peft's Poly (``n_skills = E`` rank-r LoRA skills mixed by learned per-task weights, the
 batch's ``task_ids`` handed to its layers by ``hf_mmsel.mola.peft_mixtures``) in both modes, next to MoLA-Grad.
+``--mixtures xlora`` times peft's X-LoRA over E rank-r LoRA adapters (saved to a temporary folder and loaded by peft,
+as X-LoRA does): its scaling pass (the base without adapters, then the scaling classifier on the last hidden state)
+and its second pass with the scaled adapters are both in every timed step / forward; it never sees ``task_ids``.
+Its adapters are frozen (peft's default), so its ``trainable_params`` are the scaling classifier's ``(d + 1) E``;
+the backward still runs through the second pass. On ``--model vit`` the frozen patch embedding runs once, outside
+X-LoRA's two passes (``hf_mmsel.mola.peft_mixtures.XLoraVisionBackbone``); the linear stack sees one token a sample.
 
 All timings are interleaved in one process (A, B, A, B, ...) so load changes hit every variant alike.
 
@@ -122,7 +128,8 @@ def benchmark_mola_step(
 
     ``model="linear"``: ``num_layers`` Linear(dim, dim) on [batch, dim]; ``model="vit"``: a transformers ViT from
     config (``vit_config`` overrides the ViT-B/16 defaults) on [batch, 3, H, W] images. ``mixtures=("poly",)`` also
-    steps peft's Poly with E rank-``rank`` skills on the same mixed batch (``ratio_poly_over_lora``).
+    steps peft's Poly with E rank-``rank`` skills on the same mixed batch (``ratio_poly_over_lora``); ``"xlora"``
+    peft's X-LoRA over E rank-``rank`` LoRAs, both passes (``ratio_xlora_over_lora``).
     """
     import hf_mmsel  # noqa: F401  (registers MOLA)
     from peft import LoraConfig, get_peft_model
@@ -174,7 +181,7 @@ def benchmark_mola_step(
     }
 
 
-MIXTURES = ("poly",)
+MIXTURES = ("poly", "xlora")
 
 
 def _as_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -182,12 +189,51 @@ def _as_tokens(x: torch.Tensor) -> torch.Tensor:
     return x[:, None] if x.dim() == 2 else x
 
 
+class _TokensXLora(nn.Module):
+    """peft's X-LoRA model called like the other variants, ``model(tokens [N, L, d], task_ids=...)``; the task ids
+    are dropped (X-LoRA learns its own scalings)."""
+
+    def __init__(self, xlora: nn.Module) -> None:
+        super().__init__()
+        self.xlora = xlora
+
+    def forward(self, tokens: torch.Tensor, **ignored) -> torch.Tensor:
+        return self.xlora(inputs_embeds=tokens).last_hidden_state
+
+
+def _build_xlora(base: nn.Module, targets: list[str], rank: int, num_experts: int) -> nn.Module:
+    """peft's X-LoRA over ``num_experts`` random rank-``rank`` LoRAs of a copy of ``base`` (saved, then loaded by
+    peft); a ViT takes pixels (patch embedding outside the two passes), the linear stack tokens."""
+    import tempfile
+
+    from peft import LoraConfig, get_peft_model
+
+    from hf_mmsel.mola.peft_mixtures import ViTTokenLayers, XLoraVisionBackbone, save_lora_adapter, xlora_model
+
+    base = copy.deepcopy(base)
+    is_vit = hasattr(base, "embeddings")
+    body = ViTTokenLayers(base) if is_vit else base
+    with tempfile.TemporaryDirectory() as folder:
+        adapters = []
+        for e in range(num_experts):
+            lora = get_peft_model(copy.deepcopy(body), LoraConfig(r=rank, lora_alpha=16, target_modules=targets,
+                                                                 init_lora_weights=False))
+            adapters.append(save_lora_adapter(lora, f"{folder}/expert{e}"))
+        if is_vit:
+            return XLoraVisionBackbone(base, adapters)
+        hidden = next(m for m in body.modules() if isinstance(m, nn.Linear)).in_features
+        return _TokensXLora(xlora_model(body, hidden, adapters))
+
+
 def _build_mixture(name: str, base: nn.Module, targets: list[str], rank: int, num_experts: int) -> nn.Module:
-    """peft's own mixture ``name`` on a copy of ``base``, routed by the ``task_ids`` keyword of each forward."""
+    """peft's own mixture ``name`` on a copy of ``base``: Poly routed by the ``task_ids`` keyword of each forward,
+    X-LoRA by its learned scalings."""
     from peft import get_peft_model
 
     from hf_mmsel.mola.peft_mixtures import poly_config, route_poly_by_task_ids
 
+    if name == "xlora":
+        return _build_xlora(base, targets, rank, num_experts)
     if name != "poly":
         raise ValueError(f"mixture {name!r} is not valid; choose from {list(MIXTURES)}.")
     model = get_peft_model(copy.deepcopy(base), poly_config(num_experts, rank, targets))
@@ -322,14 +368,19 @@ def main(argv: Optional[list[str]] = None) -> dict:
                         help="E values of the inference mode")
     parser.add_argument("--train_num_experts_list", type=int, nargs="+", default=[8, 16],
                         help="E values of the training-step ratio in --mode both")
-    parser.add_argument("--mixtures", nargs="*", default=[], choices=list(MIXTURES),
-                        help="peft's own mixtures timed next to MoLA-Grad (same rank, E skills)")
+    parser.add_argument("--mixtures", nargs="*", default=[],
+                        help=f"peft's own mixtures timed next to MoLA-Grad (same rank, E skills/adapters), from "
+                             f"{','.join(MIXTURES)}; space- or comma-separated")
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR,
                         help="folder of results.json and results.md")
     parser.add_argument("--overwrite_output_dir", type=parse_bool, nargs="?", const=True, default=False,
                         help="write into a non-empty --output_dir, replacing only the files this run writes")
     parser.add_argument("--output_json", default=None, help="also write the result JSON to this file")
     args = parser.parse_args(argv)
+    args.mixtures = list(dict.fromkeys(m for group in args.mixtures for m in group.split(",") if m))
+    unknown = [m for m in args.mixtures if m not in MIXTURES]
+    if unknown:
+        parser.error(f"--mixtures: unknown {unknown}; choose from {','.join(MIXTURES)}")
     from hf_mmsel.recipes.run_utils import prepare_output_dir, print_run_summary
 
     out = prepare_output_dir(args.output_dir, overwrite_output_dir=args.overwrite_output_dir)  # before any timing
@@ -372,6 +423,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         metrics[f"E={e} MoLA / LoRA adapter_names throughput"] = round(row["throughput_ratio_mola_over_lora"], 3)
     for e, row in result.get("train", {}).items():
         metrics[f"E={e} MoLA / LoRA training step"] = round(row["ratio_mola_grad_over_lora"], 3)
+        for name in args.mixtures:
+            metrics[f"E={e} {name} / LoRA training step"] = round(row[f"ratio_{name}_over_lora"], 3)
     (out / "results.md").write_text(results_markdown(metrics, result))
     print_run_summary("benchmark-mola-step finished", metrics, artefacts,
                       load_hint=f"import json; json.load(open({str(out / 'results.json')!r}))")
