@@ -9,7 +9,7 @@ assembles a full ``[N]`` array on every rank (for diagnostics and final exports 
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import torch
 
@@ -84,6 +84,24 @@ class StateNamespace:
 
     def namespace(self, prefix: str) -> "StateNamespace":
         return StateNamespace(self.state, f"{self.prefix}.{prefix}")
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        """This namespace's arrays by their names relative to it (``"bank.hist"`` in namespace ``"0"``)."""
+        head = self.prefix + "."
+        return {name[len(head):]: t for name, t in self.state.arrays.items() if name.startswith(head)}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Copies (on CPU) of :meth:`arrays`: the per-sample part of a hook's ``state_dict``."""
+        return {name: t.detach().cpu().clone() for name, t in self.arrays().items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Copy ``state``'s entries named like this namespace's arrays into them (same shapes required)."""
+        for name, t in self.arrays().items():
+            if name in state:
+                if state[name].shape != t.shape:
+                    raise ValueError(f"per-sample array {self.prefix}.{name} has {t.numel()} local samples, the "
+                                     f"loaded state {state[name].numel()}: it was saved for another dataset")
+                t.copy_(state[name].to(t.device, t.dtype))
 
 
 def _world() -> tuple[int, int]:
