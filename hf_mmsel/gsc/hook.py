@@ -149,6 +149,12 @@ class GSCHook(BatchHook):
         return {"gsc_mean_weight": stats.mean_weight, "gsc_clean_fraction": stats.clean_fraction,
                 "gsc_num_updated": float(stats.num_seen)}
 
+    def weights(self, network: int | None = None) -> torch.Tensor:
+        """This rank's current ``w`` (local slots; ``network`` is GSC+'s)."""
+        if network is not None:
+            raise ValueError("gsc_weights(network=...) needs gsc_co_training=True (GSC+)")
+        return self._require_buffers().weight
+
     def replicated_state_dict(self) -> dict[str, torch.Tensor]:
         """The pass-end counter and the anchor bank (the per-sample buffers live in ``storage``)."""
         state = {"buffers.num_updates": self._require_buffers().num_updates.clone()}
@@ -256,3 +262,20 @@ class GSCPlusHook(BatchHook):
         extra = sorted({key.split(".", 1)[0] for key in state} - {f"net{k}" for k in range(self.num_networks)})
         if extra:
             raise ValueError(f"GSC+ state holds {extra}, but this hook has {self.num_networks} networks")
+
+
+def weight_diagnostics(weights: torch.Tensor, noisy: torch.Tensor | None) -> dict[str, float]:
+    """Mean ``w``, and with ground-truth flags ``noisy`` (``[N]``: -1 unknown, 0 clean, 1 noisy) the mean ``w`` over
+    known-clean and known-noisy pairs and the AUROC of ``w`` (clean = positive). Diagnostics only."""
+    logs = {"gsc_epoch_weight_mean": float(weights.mean())}
+    if noisy is None:
+        return logs
+    clean, bad = noisy == 0, noisy == 1
+    if bool(clean.any()) and bool(bad.any()):
+        from ..metrics.detection import auroc
+
+        known = clean | bad
+        logs.update(gsc_weight_mean_clean=float(weights[clean].mean()),
+                    gsc_weight_mean_noisy=float(weights[bad].mean()),
+                    gsc_weight_auroc=auroc(weights[known].numpy(), clean[known].numpy()))
+    return logs
