@@ -15,15 +15,16 @@ of ``ContrastiveTrainer`` calls, in order::
     ...
     hook.on_epoch_end(epoch, dist)             # end of every pass over the pool (e.g. GSC's GMM fit)
 
-(through :class:`~hf_mmsel.state.HookRunner`, which also checkpoints: per-sample arrays one file per rank,
-the rest of ``hook.state_dict()`` from rank 0, restored with ``load_state_dict`` on resume). "Epoch" here means
-a pass over the pool (``hf_mmsel.state.PassSchedule``). Rules every hook follows:
+(through :class:`~hf_mmsel.state.HookRunner`, which also checkpoints: the per-sample arrays of every hook's
+``storage`` one file per rank, re-sharded on resume; ``replicated_state_dict()`` from rank 0;
+``rank_state_dict()`` per rank). "Epoch" here means a pass over the pool (``hf_mmsel.state.PassSchedule``). Rules every hook follows:
 
 * **Same k on every rank.** ``prepare`` returns the same number of indices on every rank (the all-gathered
   negatives need equal shapes).
-* **Sharded state.** Anything keyed by ``sample_idx`` lives in the one :class:`~hf_mmsel.state.PerSampleState`
-  passed to ``setup(..., storage=)``: a rank holds only the samples it owns, and the owner-stable data order
-  puts only owned samples in its batches, so updates are local. Pass-end updates that need the whole pool
+* **Sharded state.** Anything keyed by ``sample_idx`` lives in the hook's namespace ``self.storage`` of the one
+  :class:`~hf_mmsel.state.PerSampleState` (set before ``setup``; ``storage.add(name, dtype, fill)``): a rank
+  holds only the samples it owns, and the owner-stable data order puts only owned samples in its batches, so
+  updates are local. Adding an array is a change to the hook alone: the runner checkpoints and re-shards it. Pass-end updates that need the whole pool
   (GSC's GMM) use collectives that make every rank's result equal to the single-process one.
 * **No host syncs per sample.** Vectorised tensor code; logs are tensors (``ctx.log``), read at logging steps.
 

@@ -12,20 +12,18 @@ selection and per-sample weighting at the data boundary. Trainer overrides only:
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
 from hf_mmsel.contrastive_loss import PairLoss, pair_loss_for, prepare_model_for_loss
-from hf_mmsel.gsc.hook import weight_diagnostics
 from hf_mmsel.hooks import BatchHook, LossTerms, PairEmbeddings, subset_batch
 from hf_mmsel.models.locking import (TOWER_ADAPTER_DIR, configure_tower_training, has_tower_lora,
                                      load_tower_adapter_state, merged_state_dict, save_tower_adapter)
-from hf_mmsel.models.tower_cache import backend_problem, build_tower_cache, cache_scope, cached_call
+from hf_mmsel.models.tower_cache import cache_scope, cached_call
 from hf_mmsel.models import (CoTrainedDualEncoder, check_dual_encoder, logit_scale_of, make_logit_scale_1d,
                              unwrap_model)
 from hf_mmsel.selection import SelectionHook, load_reference_scores
@@ -36,7 +34,9 @@ from hf_mmsel.state.runner import HookRunner, require_process_group
 
 from .co_training import co_training_loss
 from .contrastive_config import SCORE_PLOT_NAME, ContrastiveTrainingArguments
-from .contrastive_data import check_dataset, check_train_inputs, is_streaming, num_samples, pass_schedule, stream_loader, train_sampler
+from .contrastive_data import (check_dataset, check_train_inputs, is_streaming, num_samples, pass_schedule,
+                               stream_loader, train_sampler)
+from .hook_callback import HookCallback
 from .hook_factory import (check_hooks_for_model, gsc_hook_from_args, reference_from_args, runner_settings,
                            selection_hook_from_args)
 from .log_window import LogWindow
@@ -46,28 +46,6 @@ from .reference_scoring import compute_reference_scores
 __all__ = ["ContrastiveTrainer", "ContrastiveTrainingArguments", "HOOK_STATE_DIR", "SCORE_PLOT_NAME"]
 
 logger = logging.getLogger(__name__)
-
-
-class _HookCallback(TrainerCallback):
-    """Restores the hook state at train begin, runs pass-end updates after each optimizer step, keeps
-    ``logit_scale`` clamped and writes the score plot."""
-
-    def __init__(self, trainer: "ContrastiveTrainer") -> None:
-        self.trainer = trainer
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer._on_train_begin(state)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.trainer._clamp_logit_scale()
-        self.trainer._end_completed_passes()
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.trainer.tower_cache is not None:
-            self.trainer.tower_cache.flush()
-            logger.info("tower embedding cache: %s", self.trainer.tower_cache.describe())
-        if args.plot_score_distributions and args.selection_diagnostics and self.trainer.is_world_process_zero():
-            self.trainer.save_score_plot()
 
 
 class ContrastiveTrainer(Trainer):
@@ -130,26 +108,28 @@ class ContrastiveTrainer(Trainer):
         self.scoring = PairForward.from_args(args, fsdp=self.is_fsdp_enabled)  # the training / scoring forwards
         self.runner: HookRunner | None = None
         self.tower_cache = None  # TowerEmbeddingCache of the wholly locked towers, set up at train begin
-        self._resume_checkpoint: str | None = None
+        self.resume_checkpoint: str | None = None  # the checkpoint train() resumes, restored at train begin
         self._train_sampler: OwnerStableBatchSampler | None = None
         self._log_window = LogWindow()  # step logs averaged over the logging window and the ranks
-        self._pending_logs: dict[str, float] = {}
-        self.add_callback(_HookCallback(self))
+        self.pass_end_logs: dict[str, float] = {}  # pass-end updates' logs, written with the next log
+        self.add_callback(HookCallback(self))
 
     # ------------------------------------------------------------------------------------------ set-up
     @property
     def streaming(self) -> bool:
         return is_streaming(self.train_dataset)
 
-    def _num_samples(self) -> int:
+    @property
+    def num_samples(self) -> int:
+        """``N``: the size of the ``sample_idx`` space of the training set."""
         return num_samples(self.train_dataset)
 
     def _ownership(self) -> SampleOwnership:
         dist = require_process_group(self.args.world_size)
         if self.streaming:
             ranges = self._configured_stream().owned_ranges()
-            return SampleOwnership(self._num_samples(), dist.world_size, dist.rank, rule="ranges", ranges=ranges)
-        return SampleOwnership(self._num_samples(), dist.world_size, dist.rank)
+            return SampleOwnership(self.num_samples, dist.world_size, dist.rank, rule="ranges", ranges=ranges)
+        return SampleOwnership(self.num_samples, dist.world_size, dist.rank)
 
     def _get_train_sampler(self, train_dataset=None):
         """The owner-stable batch sampler (:func:`~hf_mmsel.trainers.contrastive_data.train_sampler`), built once."""
@@ -175,13 +155,13 @@ class ContrastiveTrainer(Trainer):
 
     def _schedule(self) -> PassSchedule:
         if self.streaming:
-            per_pass = streaming_batches_per_pass(self._num_samples(), self.args.world_size or 1,
+            per_pass = streaming_batches_per_pass(self.num_samples, self.args.world_size or 1,
                                                   self._train_batch_size)
         else:
             per_pass = len(self._get_train_sampler())
         return pass_schedule(self.args, per_pass)
 
-    def _build_hooks(self) -> HookRunner:
+    def build_hooks(self) -> HookRunner:
         """Create the hook chain from the arguments and allocate every hook's (sharded) per-sample state."""
         if self.runner is not None:
             return self.runner
@@ -192,24 +172,27 @@ class ContrastiveTrainer(Trainer):
                                                        reference=reference)
         if args.selection_in_sampler:  # the sampler built for the schedule selects from this hook's state
             self._get_train_sampler().select = self.selection_hook.select_candidates
-        if args.gsc:
-            self.gsc_hook = gsc_hook_from_args(args, unwrap_model(self.model).num_networks if self.co_trained else None)
+        if args.gsc:  # GSC+ over the co-trained networks with gsc_co_training
+            networks = unwrap_model(self.model).num_networks if self.co_trained else None
+            self.gsc_hook = gsc_hook_from_args(args, networks)
         gsc = [self.gsc_hook] if self.gsc_hook is not None else []
         runner = HookRunner([self.selection_hook, *gsc, *self._extra_hooks], runner_settings(args))
-        runner.setup(self._num_samples(), self._ownership(), args.device, schedule,
+        runner.setup(self.num_samples, self._ownership(), args.device, schedule,
                      dist=require_process_group(args.world_size))
         self.runner = runner
         return runner
 
+    _build_hooks = build_hooks  # its earlier name
+
     @property
     def dist(self):
         """The collectives of this run (:class:`~hf_mmsel.hooks.Dist`)."""
-        return self._build_hooks().dist
+        return self.build_hooks().dist
 
     @property
     def hook(self):
         """The hook chain (:class:`~hf_mmsel.hooks.HookList`: selection, GSC, extra hooks)."""
-        return self._build_hooks().hooks
+        return self.build_hooks().hooks
 
     @property
     def co_trained(self) -> bool:
@@ -223,14 +206,14 @@ class ContrastiveTrainer(Trainer):
         the mean over networks."""
         if not self.args.gsc:
             raise RuntimeError("gsc_weights() needs ContrastiveTrainingArguments(gsc=True)")
-        runner = self._build_hooks()
+        runner = self.build_hooks()
         return runner.gather_local(self.gsc_hook.weights(network).detach().float(), fill=1.0).cpu().clone()
 
     def compute_reference_scores(self, reference_model, dataset=None) -> torch.Tensor:
         """CLIPScores ``100*max(cos, 0)`` of a fixed ``reference_model`` for every ``sample_idx`` of the training
         set (one no-grad pass), for ``reference_clipscore``."""
         return compute_reference_scores(reference_model, self.train_dataset if dataset is None else dataset,
-                                        self.data_collator, num_samples=self._num_samples(),
+                                        self.data_collator, num_samples=self.num_samples,
                                         batch_size=self.args.per_device_eval_batch_size, device=self.args.device)
 
     # ------------------------------------------------------------------------------------ train / resume
@@ -243,57 +226,17 @@ class ContrastiveTrainer(Trainer):
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
         if resume_from_checkpoint:
             check_checkpoint_complete(resume_from_checkpoint)
-        self._resume_checkpoint = str(resume_from_checkpoint) if resume_from_checkpoint else None
+        self.resume_checkpoint = str(resume_from_checkpoint) if resume_from_checkpoint else None
         if self.streaming:
             self.args.ignore_data_skip = True  # the stream seeks to its position (stateless resume)
             self.args.accelerator_config.dispatch_batches = False
         self.runner = None
-        runner = self._build_hooks()
+        runner = self.build_hooks()
         if resume_from_checkpoint:  # settings mismatch: a named error before Trainer loads weights / optimizer
             from hf_mmsel.state import read_index
 
             runner.check_compatible(read_index(resume_from_checkpoint))
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
-
-    def _on_train_begin(self, state) -> None:
-        """Every backend calls this after wrapping and loading the model, before the first batch is drawn."""
-        runner = self._build_hooks()
-        if self._resume_checkpoint is not None:
-            index = runner.load(self._resume_checkpoint, state.global_step)
-            if self.streaming and index.get("stream") != self.train_dataset.resume_signature():
-                logger.warning(
-                    "resuming a stream with other settings than the checkpoint's (%s now, %s then): the state is "
-                    "re-sharded and the run continues, but the data order differs from an uninterrupted run",
-                    self.train_dataset.resume_signature(), index.get("stream"))
-        if self.streaming:
-            self.train_dataset.set_consumed_batches(state.global_step * self.args.gradient_accumulation_steps)
-        if self.tower_cache is not None:
-            self.tower_cache.close()
-        self.tower_cache = build_tower_cache(  # tower_embedding_cache: outputs of wholly locked towers per sample_idx
-            self.model, mode=self.args.tower_embedding_cache, output_dir=self.args.output_dir,
-            num_samples=self._num_samples(), dataset=self.train_dataset, collator=self.data_collator,
-            device=self.args.device, is_main=self.args.should_save, unsupported=backend_problem(self.args))
-        if not self.streaming:
-            sampler = self._get_train_sampler()
-            logger.info(
-                "dataloader_drop_last=True (equal k on every rank): %d of this rank's pairs are not candidates in "
-                "each pass; the next pass's permutation covers them", sampler.dropped_per_pass)
-        logger.info("per-sample hook state: %d bytes on this rank (%.2f B/sample owned)", runner.state_bytes_per_rank(),
-                    runner.state_bytes_per_rank() / max(1, runner.ownership.num_local))
-
-    def _end_completed_passes(self) -> None:
-        if self.runner is None:
-            return
-        logs = self.runner.end_completed_passes()
-        if logs and self.gsc_hook is not None and self.args.selection_diagnostics:  # O(N) gathers: opt-in
-            logs.update(self._gsc_diagnostics())
-        self._pending_logs.update(logs)
-
-    def _gsc_diagnostics(self) -> dict[str, float]:
-        """GSC's ``w`` against the ground-truth ``is_noisy`` flags (``selection_diagnostics``; O(N) gathers)."""
-        noisy = self.selection_hook.noisy if self.selection_hook is not None else None
-        return weight_diagnostics(self.gsc_weights(), None if noisy is None
-                                  else self.runner.gather_local(noisy, fill=-1).cpu())
 
     # ---------------------------------------------------------------------------------------- the step
     def _uses_wrapper_forward(self, model) -> bool:
@@ -326,7 +269,7 @@ class ContrastiveTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "sample_idx" not in inputs:
             raise KeyError(f"ContrastiveTrainer batches need 'sample_idx'; got {sorted(inputs)}")
-        runner = self._build_hooks()
+        runner = self.build_hooks()
         inputs = dict(inputs)
         size = int(inputs["sample_idx"].shape[0])
         training = model.training
@@ -360,23 +303,16 @@ class ContrastiveTrainer(Trainer):
             return loss, {"image_embeds": image, "text_embeds": text, "per_sample_loss": per_sample}
         return loss
 
-    @torch.no_grad()
-    def _clamp_logit_scale(self) -> None:
-        inner = unwrap_model(self.model)
-        for module in (inner.networks if isinstance(inner, CoTrainedDualEncoder) else [inner]):
-            raw = getattr(module, "logit_scale", None)
-            if isinstance(raw, torch.Tensor) and raw.numel():
-                raw.clamp_(0.0, math.log(self.args.logit_scale_max))
-
     # ---------------------------------------------------------------------------------------- logging
     def _accumulate_logs(self, logs: dict[str, torch.Tensor]) -> None:
         self._log_window.add(logs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._log_window:
-            logs = {**logs, **self._log_window.means(self.args.device, self.runner.dist if self.runner is not None else None)}
-        if self._pending_logs:
-            logs, self._pending_logs = {**logs, **self._pending_logs}, {}
+            dist = self.runner.dist if self.runner is not None else None
+            logs = {**logs, **self._log_window.means(self.args.device, dist)}
+        if self.pass_end_logs:
+            logs, self.pass_end_logs = {**logs, **self.pass_end_logs}, {}
         super().log(logs, start_time)
 
     def save_score_plot(self, path: str | os.PathLike | None = None) -> Path | None:
@@ -393,7 +329,7 @@ class ContrastiveTrainer(Trainer):
     # ------------------------------------------------------------------------------------ checkpoints
     def hook_state_dict(self) -> dict[str, torch.Tensor]:
         """This rank's hook state (its shard of the per-sample arrays + replicated state) plus the counters."""
-        runner = self._build_hooks()
+        runner = self.build_hooks()
         state = {k: v.detach().cpu().contiguous() for k, v in runner.hooks.state_dict().items()}
         state["trainer.hook_step"] = torch.tensor(runner.step, dtype=torch.long)
         state["trainer.passes_ended"] = torch.tensor(runner.passes_ended, dtype=torch.long)
@@ -438,7 +374,7 @@ class ContrastiveTrainer(Trainer):
             meta["stream"] = self.train_dataset.resume_signature()
         if self.tower_cache is not None:
             self.tower_cache.flush()  # the filled flags of the rows written so far
-        self._build_hooks().save(folder, self.state.global_step, meta)
+        self.build_hooks().save(folder, self.state.global_step, meta)
         super()._save_checkpoint(model, trial)
 
     # ------------------------------------------------------------------------------------- evaluation

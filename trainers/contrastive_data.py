@@ -18,8 +18,8 @@ from transformers.trainer_pt_utils import BatchRebalanceSampler
 from hf_mmsel.selection import SelectingBatchSampler, num_to_keep
 from hf_mmsel.state import OwnerStableBatchSampler, PassSchedule, check_unique_sample_idx
 
-__all__ = ["OwnerStableTrainerSampler", "SelectingTrainerSampler", "check_dataset", "check_train_inputs", "is_streaming", "num_samples",
-           "pass_schedule", "sample_indices", "stream_loader", "train_sampler"]
+__all__ = ["OwnerStableTrainerSampler", "SelectingTrainerSampler", "check_dataset", "check_train_inputs",
+           "is_streaming", "num_samples", "pass_schedule", "sample_indices", "stream_loader", "train_sampler"]
 
 
 def is_streaming(dataset) -> bool:

@@ -22,8 +22,8 @@ from hf_mmsel.state import PassSchedule
 
 from .reference_scoring import build_reference_model
 
-__all__ = ["check_hooks_for_model", "gsc_hook_from_args", "kwargs_from_fields", "reference_from_args", "runner_settings",
-           "selection_hook_from_args"]
+__all__ = ["check_hooks_for_model", "gsc_hook_from_args", "kwargs_from_fields", "reference_from_args",
+           "runner_settings", "selection_hook_from_args"]
 
 
 def _parameters(fn: Callable) -> list[str]:

@@ -1,9 +1,9 @@
 """``SelectionHook``: online sample selection as a :class:`~hf_mmsel.hooks.BatchHook` (dissect.md §8).
 
 Each step, on every rank: run the strategy's no-grad scoring forward only when it needs one, compute the keep
-criterion, keep ``k = round(r * B)`` pairs (the same k on every rank), then update the rank's shard of the
-:class:`ScoreBank` with its own ``(sample_idx, s)``: the owner-stable data order puts only owned samples in a
-rank's batches, so no collective is needed. Ground-truth diagnostics (last score / criterion, scored pass,
+criterion, keep ``k = round(r * B)`` pairs (the same k on every rank), then let the strategy record its own
+``(sample_idx, s)`` into its state (DISSect: its shard of the :class:`ScoreBank`, created by the strategy's
+``setup``): the owner-stable data order puts only owned samples in a rank's batches, so no collective is needed. Ground-truth diagnostics (last score / criterion, scored pass,
 ``is_noisy``, per-pass histograms) are allocated only with ``diagnostics=True``.
 Randomness comes from a generator seeded by ``(seed, step, rank)``, so a resumed run draws exactly what an
 uninterrupted run draws.

@@ -4,12 +4,15 @@ Each rank allocates only the slots of the samples it owns (:class:`~hf_mmsel.sta
 in compact dtypes chosen by the hooks (DISSect: ``hist`` float32 + ``seen`` bool = 5 B/sample; GSC: five float16
 arrays = 10 B/sample, + a uint8 EMA count with the optional bias-corrected EMA). Hooks register their arrays under a namespace (``"selection.hist"``, ``"gsc.weight"``)
 and index them with *global* ``sample_idx``; lookups and updates are local (no collective). ``gather_global``
-assembles a full ``[N]`` array on every rank (for diagnostics and final exports only).
+assembles a full ``[N]`` array on every rank (for diagnostics and final exports only). The state saves, loads and
+re-shards every array it holds (``save`` / ``load``), so a hook that adds an array needs nothing else to
+checkpoint it.
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Mapping
+import os
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -47,6 +50,21 @@ class PerSampleState:
 
     def slots(self, idx: torch.Tensor) -> torch.Tensor:
         return self.ownership.local_slot(idx.to(self.device))
+
+    def save(self, folder: str | os.PathLike, *, replicated: Mapping[str, torch.Tensor], meta: Mapping[str, Any],
+             rank_local: Mapping[str, torch.Tensor] | None = None):
+        """Write this rank's shard of every array into ``folder/hook_state`` (every rank), then rank 0 the
+        ``replicated`` state and ``index.json`` (:func:`~hf_mmsel.state.checkpoint.save_sharded_state`)."""
+        from .checkpoint import save_sharded_state
+
+        return save_sharded_state(folder, self, replicated=replicated, meta=meta, rank_local=rank_local)
+
+    def load(self, checkpoint: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Fill every array from ``checkpoint/hook_state``, re-sharded when it was written by another world size;
+        returns ``(index, replicated state)`` (:func:`~hf_mmsel.state.checkpoint.load_sharded_state`)."""
+        from .checkpoint import load_sharded_state
+
+        return load_sharded_state(checkpoint, self)
 
     def nbytes(self) -> int:
         """Bytes of all per-sample arrays on this rank."""

@@ -22,7 +22,7 @@ import torch
 
 from ..contrastive_loss import PairLoss
 from ..hooks import BatchHook, Dist, HookList, LossTerms, PairEmbeddings, StepContext
-from .checkpoint import load_rank_local, load_sharded_state, read_index, save_sharded_state
+from .checkpoint import load_rank_local, read_index
 from .ownership import SampleOwnership
 from .per_sample import PerSampleState, gather_global
 from .schedule import PassSchedule
@@ -144,8 +144,8 @@ class HookRunner:
                       "batches_per_pass": self.schedule.batches_per_pass if self.schedule else None,
                       "hooks": self.hooks.state_kinds(), "settings": self.settings,
                       "state_bytes_per_rank": state.nbytes(), **dict(meta or {})}
-        return save_sharded_state(checkpoint_dir, state, replicated=self._per_hook("replicated_state_dict"),
-                                  meta=index_meta, rank_local=self._per_hook("rank_state_dict"))
+        return state.save(checkpoint_dir, replicated=self._per_hook("replicated_state_dict"), meta=index_meta,
+                          rank_local=self._per_hook("rank_state_dict"))
 
     def check_compatible(self, index: Mapping[str, Any]) -> None:
         """Named errors when a checkpoint was written with other hook settings than this run's."""
@@ -169,7 +169,7 @@ class HookRunner:
         if global_step is not None and int(index["step"]) != int(global_step):
             raise ValueError(f"hook state in {checkpoint_dir} was saved at step {index['step']}, the trainer "
                              f"resumed at step {global_step}")
-        index, replicated = load_sharded_state(checkpoint_dir, state)  # the per-sample arrays, re-sharded
+        index, replicated = state.load(checkpoint_dir)  # every per-sample array, re-sharded if needed
         for i, hook in enumerate(self.hooks.hooks):
             hook.load_replicated_state_dict(_strip(replicated, f"{i}."))
         self.step, self.passes_ended = int(index["hook_step"]), int(index["passes_ended"])
