@@ -363,36 +363,31 @@ def load_dual_encoder(args: CurateArguments):
     return model, tokenizer, transform, max_length
 
 
-def _legacy_pair(state: dict[str, Any], name: str, companion: str) -> dict[str, Any]:
-    """``{name, companion}`` of a ``selection_state.safetensors`` file (hf_mmsel <= 0.1: hook-prefixed keys and no
-    index of hook kinds): the first hook prefix holding both, else the first holding ``name``."""
-    prefixes = sorted(k[: -len(name)] for k in state if k == name or k.endswith("." + name))
-    prefixes = [p for p in prefixes if p + companion in state] + [p for p in prefixes if p + companion not in state]
-    if not prefixes:
-        return {}
-    prefix = prefixes[0]
-    return {name: state[prefix + name], **({companion: state[prefix + companion]} if prefix + companion in state else {})}
+def _legacy_pair(state: dict[str, Any], name: str, other: str) -> dict[str, Any]:
+    """``name`` (and ``other``, same hook prefix) of a hf_mmsel <= 0.1 state file (no index of hook kinds)."""
+    prefixes = sorted(sorted(k[: -len(name)] for k in state if k == name or k.endswith("." + name)),
+                      key=lambda p: p + other not in state)  # prefixes holding both first
+    return {n: state[prefixes[0] + n] for n in (name, other) if prefixes and prefixes[0] + n in state}
 
 
 def read_training_state(path: str, num_rows: int) -> dict[str, Any]:
     """DISSect bank (``hist``/``seen``) and GSC weights from a ContrastiveTrainer checkpoint.
 
-    A checkpoint folder holds the sharded per-sample state (``hook_state/index.json`` + one file per rank), read by
-    hook kind through :func:`hf_mmsel.state.checkpoint.read_hook_state`: the ``selection`` hook's ``bank.hist``/
-    ``bank.seen`` and the ``gsc`` hook's (GSC+: network 0's) ``buffers.weight``. A ``selection_state.safetensors``
-    file (checkpoints of hf_mmsel <= 0.1, hook-prefixed keys without an index) is read as is. Raises when the state
-    holds neither or was written for a different number of samples."""
+    A checkpoint folder holds the sharded per-sample state, read by hook kind (the ``selection`` hook's
+    ``bank.hist``/``bank.seen``, the ``gsc`` hook's or GSC+ network 0's ``buffers.weight``) through
+    :func:`hf_mmsel.state.checkpoint.read_hook_state`; a ``selection_state.safetensors`` file (checkpoints of
+    hf_mmsel <= 0.1) is read as is. Raises when the state holds neither or was written for a different number of
+    samples."""
     from safetensors.torch import load_file
 
     from hf_mmsel.state.checkpoint import HOOK_STATE_DIR, INDEX_NAME, read_hook_state
 
     file = Path(path)
     if file.is_dir() and (file / HOOK_STATE_DIR / INDEX_NAME).is_file():
-        gsc_plus = {k[len("net0."):]: v for k, v in (read_hook_state(file, "gsc_plus") or {}).items()
-                    if k.startswith("net0.")}
-        hooks = {"selection": read_hook_state(file, "selection") or {}, "gsc": read_hook_state(file, "gsc") or gsc_plus}
-        keys = [f"{kind}:{name}" for kind, state in hooks.items() for name in state]
-        bank, buffers = hooks["selection"], hooks["gsc"]
+        plus = read_hook_state(file, "gsc_plus") or {}
+        bank = read_hook_state(file, "selection") or {}
+        buffers = read_hook_state(file, "gsc") or {k[5:]: v for k, v in plus.items() if k.startswith("net0.")}
+        keys = sorted({**bank, **buffers})
     else:
         if file.is_dir():
             file = file / STATE_FILE_NAME
@@ -401,17 +396,16 @@ def read_training_state(path: str, num_rows: int) -> dict[str, Any]:
                 f"--training_state: {str(path)!r} holds neither {HOOK_STATE_DIR}/{INDEX_NAME} (a ContrastiveTrainer "
                 f"checkpoint folder) nor {STATE_FILE_NAME}")
         state = load_file(str(file))
-        bank, buffers = _legacy_pair(state, "bank.hist", "bank.seen"), _legacy_pair(state, "buffers.weight", "buffers.num_updates")
-        keys = sorted(state)
+        bank, keys = _legacy_pair(state, "bank.hist", "bank.seen"), sorted(state)
+        buffers = _legacy_pair(state, "buffers.weight", "buffers.num_updates")
     out: dict[str, Any] = {}
     if "bank.hist" in bank and "bank.seen" in bank:
-        out["dissect_hist"], out["dissect_seen"] = bank["bank.hist"].float(), bank["bank.seen"].bool()
-        out["dissect_key"] = "bank.hist"
+        out.update(dissect_hist=bank["bank.hist"].float(), dissect_seen=bank["bank.seen"].bool(),
+                   dissect_key="bank.hist")
     if "buffers.weight" in buffers:
-        out["gsc_weight"] = buffers["buffers.weight"].float()
         updates = buffers.get("buffers.num_updates")
+        out["gsc_weight"], out["gsc_key"] = buffers["buffers.weight"].float(), "buffers.weight"
         out["gsc_num_updates"] = int(updates) if updates is not None else None
-        out["gsc_key"] = "buffers.weight"
     if "dissect_hist" not in out and "gsc_weight" not in out:
         raise ValueError(
             f"{str(file)!r} holds no DISSect score bank (selection: bank.hist/bank.seen) and no GSC buffers "
