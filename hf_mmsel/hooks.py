@@ -15,15 +15,16 @@ of ``ContrastiveTrainer`` calls, in order::
     ...
     hook.on_epoch_end(epoch, dist)             # end of every pass over the pool (e.g. GSC's GMM fit)
 
-(through :class:`~hf_mmsel.state.HookRunner`, which also checkpoints: per-sample arrays one file per rank,
-the rest of ``hook.state_dict()`` from rank 0, restored with ``load_state_dict`` on resume). "Epoch" here means
-a pass over the pool (``hf_mmsel.state.PassSchedule``). Rules every hook follows:
+(through :class:`~hf_mmsel.state.HookRunner`, which also checkpoints: the per-sample arrays of every hook's
+``storage`` one file per rank, re-sharded on resume; ``replicated_state_dict()`` from rank 0;
+``rank_state_dict()`` per rank). "Epoch" here means a pass over the pool (``hf_mmsel.state.PassSchedule``). Rules every hook follows:
 
 * **Same k on every rank.** ``prepare`` returns the same number of indices on every rank (the all-gathered
   negatives need equal shapes).
-* **Sharded state.** Anything keyed by ``sample_idx`` lives in the one :class:`~hf_mmsel.state.PerSampleState`
-  passed to ``setup(..., storage=)``: a rank holds only the samples it owns, and the owner-stable data order
-  puts only owned samples in its batches, so updates are local. Pass-end updates that need the whole pool
+* **Sharded state.** Anything keyed by ``sample_idx`` lives in the hook's namespace ``self.storage`` of the one
+  :class:`~hf_mmsel.state.PerSampleState` (set before ``setup``; ``storage.add(name, dtype, fill)``): a rank
+  holds only the samples it owns, and the owner-stable data order puts only owned samples in its batches, so
+  updates are local. Adding an array is a change to the hook alone: the runner checkpoints and re-shards it. Pass-end updates that need the whole pool
   (GSC's GMM) use collectives that make every rank's result equal to the single-process one.
 * **No host syncs per sample.** Vectorised tensor code; logs are tensors (``ctx.log``), read at logging steps.
 
@@ -34,12 +35,14 @@ weights multiply and extra losses add.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, ClassVar, Mapping, Sequence
 
 import torch
 
 from .losses import PairLoss, SoftmaxPairLoss
 from .losses import gather_no_grad, gather_with_grad
+from .state.ownership import SampleOwnership
+from .state.per_sample import PerSampleState, StateNamespace
 
 __all__ = ["BatchHook", "Dist", "HookList", "LossTerms", "PairEmbeddings", "StepContext", "subset_batch"]
 
@@ -152,10 +155,21 @@ def subset_batch(batch: Mapping[str, object], keep: torch.Tensor, batch_size: in
 
 
 class BatchHook:
-    """Base class with no-op defaults; subclasses override what they need (see the module docstring)."""
+    """Base class with no-op defaults; subclasses override what they need (see the module docstring).
+
+    Persistence is split by who owns what: per-sample arrays live in ``storage`` (the hook's namespace of the
+    sharded :class:`~hf_mmsel.state.PerSampleState`, set by :class:`HookList` before :meth:`setup`), which the
+    :class:`~hf_mmsel.state.HookRunner` saves, loads and re-shards; a hook returns only its replicated state
+    (:meth:`replicated_state_dict`, e.g. an anchor bank) and its per-rank state (:meth:`rank_state_dict`, e.g. a
+    FIFO of pending records). :meth:`state_dict` is the sum of the first two, for single-process use.
+    """
+
+    state_kind: ClassVar[str | None] = None  # recorded in checkpoints (default: the class name)
+    storage: StateNamespace | None = None  # this hook's namespace of the per-sample state (HookList sets it)
 
     def setup(self, num_samples: int, device: torch.device) -> None:
-        """Allocate per-sample state for ``sample_idx`` in ``[0, num_samples)`` on ``device`` (called at train start)."""
+        """Allocate per-sample state for ``sample_idx`` in ``[0, num_samples)`` (called at train start): arrays
+        added to ``self.storage`` are checkpointed by the runner."""
 
     def prepare(self, batch: Mapping[str, torch.Tensor], ctx: StepContext) -> torch.Tensor | None:
         """Return local indices of the pairs to train on (same count on every rank), or ``None`` to keep all."""
@@ -177,11 +191,46 @@ class BatchHook:
         """Epoch-end update (must leave identical state on every rank); returns scalar logs."""
         return {}
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    # ------------------------------------------------------------------------------------------- state
+    def use_storage(self, num_samples: int, device: torch.device | str,
+                    storage: StateNamespace | None = None) -> StateNamespace:
+        """Set and return the namespace this hook allocates in: ``storage`` when given, else the one
+        :class:`HookList` attached, else (a hook used on its own) a one-process state of its own."""
+        if storage is None:
+            storage = self.storage
+        if storage is None or storage.ownership.num_samples != num_samples:
+            prefix = self.state_kind or type(self).__name__
+            storage = PerSampleState(SampleOwnership.single(num_samples), device).namespace(prefix)
+        self.storage = storage
+        return storage
+
+    def replicated_state_dict(self) -> dict[str, torch.Tensor]:
+        """State that is the same on every rank and not per sample (saved once, by rank 0)."""
         return {}
 
+    def load_replicated_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore :meth:`replicated_state_dict`."""
+
+    def rank_state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's state that is not per sample (saved in the rank's own file)."""
+        return {}
+
+    def load_rank_state_dicts(self, states: Sequence[Mapping[str, torch.Tensor]], exact: bool = True,
+                              step: int | None = None) -> None:
+        """Restore :meth:`rank_state_dict`: ``[this rank's]`` (``exact``: same world size and step numbering) or
+        the dicts of every old rank after a world-size change, at candidate-batch counter ``step``."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Per-sample arrays (names relative to ``storage``) plus :meth:`replicated_state_dict`."""
+        arrays = self.storage.state_dict() if self.storage is not None else {}
+        return {**arrays, **self.replicated_state_dict()}
+
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        pass
+        """Inverse of :meth:`state_dict`."""
+        arrays = self.storage.arrays() if self.storage is not None else {}
+        if self.storage is not None:
+            self.storage.load_state_dict(state)
+        self.load_replicated_state_dict({k: v for k, v in state.items() if k not in arrays})
 
 
 class HookList(BatchHook):
@@ -190,20 +239,18 @@ class HookList(BatchHook):
     def __init__(self, hooks: Sequence[BatchHook]) -> None:
         self.hooks = list(hooks)
 
-    def setup(self, num_samples: int, device: torch.device, state=None) -> None:
-        """Allocate every hook's per-sample arrays; with ``state`` (a :class:`~hf_mmsel.state.PerSampleState`)
-        hook ``i`` gets the namespace ``"{i}"`` of it (hooks whose ``setup`` takes no ``storage`` keep their own)."""
-        import inspect
-
+    def setup(self, num_samples: int, device: torch.device, state: PerSampleState | None = None) -> None:
+        """Allocate every hook's per-sample arrays: hook ``i`` gets the namespace ``"{i}"`` of ``state`` (default:
+        a one-process :class:`~hf_mmsel.state.PerSampleState`) as its ``storage``."""
+        if state is None:
+            state = PerSampleState(SampleOwnership.single(num_samples), device)
         for i, hook in enumerate(self.hooks):
-            if state is not None and "storage" in inspect.signature(hook.setup).parameters:
-                hook.setup(num_samples, device, storage=state.namespace(str(i)))
-            else:
-                hook.setup(num_samples, device)
+            hook.storage = state.namespace(str(i))
+            hook.setup(num_samples, device)
 
     def state_kinds(self) -> list[str]:
         """One name per hook (``state_kind`` or the class name): recorded in checkpoints, compared on resume."""
-        return [getattr(hook, "state_kind", type(hook).__name__) for hook in self.hooks]
+        return [hook.state_kind or type(hook).__name__ for hook in self.hooks]
 
     def prepare(self, batch: Mapping[str, torch.Tensor], ctx: StepContext) -> torch.Tensor | None:
         keep_total: torch.Tensor | None = None

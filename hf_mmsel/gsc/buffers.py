@@ -274,14 +274,9 @@ class GSCBuffers:
         return ((beta * value.double() + (1 - beta) * d_prev * previous.double()) / d).float()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """All buffers (tensors only; safetensors-compatible)."""
-        state = {name: getattr(self, name).clone() for name in BUFFER_NAMES}
-        if self.clean_posterior is not None:
-            state["clean_posterior"] = self.clean_posterior.clone()
-        if self.num_estimates is not None:
-            state[COUNT_NAME] = self.num_estimates.clone()
-        state["num_updates"] = self.num_updates.clone()
-        return state
+        """All buffers (tensors only; safetensors-compatible): the per-sample arrays of ``storage`` by name, plus
+        the pass-end counter ``num_updates``."""
+        return {**self.storage.state_dict(), "num_updates": self.num_updates.clone()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         missing = sorted((set(BUFFER_NAMES) | {"num_updates"}) - set(state))
@@ -292,17 +287,11 @@ class GSCBuffers:
                 f"GSC buffer state was saved with{'' if COUNT_NAME in state else 'out'} the bias-corrected EMA "
                 f"(its {COUNT_NAME!r} count); set gsc_ema_bias_correction={COUNT_NAME in state} to resume it"
             )
-        names = (*BUFFER_NAMES, *(("clean_posterior",) if self.clean_posterior is not None else ()),
-                 *((COUNT_NAME,) if self.num_estimates is not None else ()))
-        for name in names:
-            if name in state and state[name].shape != self.weight.shape:
-                raise ValueError(
-                    f"GSC buffer {name!r} was saved for {state[name].numel()} samples, but this dataset has "
-                    f"{self.weight.numel()}"
-                )
-        for name in names:
-            if name in state:
-                getattr(self, name).copy_(state[name])
+        for name, t in self.storage.arrays().items():
+            if name in state and state[name].shape != t.shape:
+                raise ValueError(f"GSC buffer {name!r} was saved for {state[name].numel()} samples, but this dataset "
+                                 f"has {t.numel()}")
+        self.storage.load_state_dict(state)
         self.num_updates.copy_(state["num_updates"])
 
 
@@ -321,6 +310,15 @@ class GSCPlusBuffers:
             storage = PerSampleState(SampleOwnership.single(num_samples), device or "cpu").namespace("plus")
         self.networks = [GSCBuffers(storage=storage.namespace(f"net{k}.buffers"), keep_posterior=keep_posterior,
                                     bias_correction=bias_correction) for k in range(num_networks)]
+
+    @classmethod
+    def of(cls, networks: list[GSCBuffers]) -> "GSCPlusBuffers":
+        """GSC+ buffers over existing per-network :class:`GSCBuffers` (one per co-trained network)."""
+        if len(networks) < 2:
+            raise ValueError(f"GSC+ needs at least two networks, got {len(networks)}")
+        plus = cls.__new__(cls)
+        plus.networks = list(networks)
+        return plus
 
     def peer_of(self, network: int) -> int:
         return (network + 1) % len(self.networks)

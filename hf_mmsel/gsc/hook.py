@@ -84,12 +84,9 @@ class GSCHook(BatchHook):
         self._device: torch.device | None = None
 
     def setup(self, num_samples: int, device: torch.device, storage: StateNamespace | None = None) -> None:
-        if storage is not None:
-            self.buffers = GSCBuffers(storage=storage.namespace("buffers"), keep_posterior=self.diagnostics,
-                                      bias_correction=self.ema_bias_correction)
-        elif self.buffers is None or self.buffers.num_samples != num_samples:
-            self.buffers = GSCBuffers(num_samples, device=device, keep_posterior=self.diagnostics,
-                                      bias_correction=self.ema_bias_correction)
+        storage = self.use_storage(num_samples, device, storage)
+        self.buffers = GSCBuffers(storage=storage.namespace("buffers"), keep_posterior=self.diagnostics,
+                                  bias_correction=self.ema_bias_correction)
         self._device = torch.device(device)
 
     def _require_buffers(self) -> GSCBuffers:
@@ -152,16 +149,24 @@ class GSCHook(BatchHook):
         return {"gsc_mean_weight": stats.mean_weight, "gsc_clean_fraction": stats.clean_fraction,
                 "gsc_num_updated": float(stats.num_seen)}
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {f"buffers.{k}": v for k, v in self._require_buffers().state_dict().items()}
+    def weights(self, network: int | None = None) -> torch.Tensor:
+        """This rank's current ``w`` (local slots; ``network`` is GSC+'s)."""
+        if network is not None:
+            raise ValueError("gsc_weights(network=...) needs gsc_co_training=True (GSC+)")
+        return self._require_buffers().weight
+
+    def replicated_state_dict(self) -> dict[str, torch.Tensor]:
+        """The pass-end counter and the anchor bank (the per-sample buffers live in ``storage``)."""
+        state = {"buffers.num_updates": self._require_buffers().num_updates.clone()}
         if self.bank is not None:
             state.update({f"bank.{k}": v for k, v in self.bank.state_dict().items()})
         return state
 
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        self._require_buffers().load_state_dict(
-            {k[len("buffers."):]: v for k, v in state.items() if k.startswith("buffers.")}
-        )
+    def load_replicated_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        buffers = self._require_buffers()
+        if "buffers.num_updates" not in state:
+            raise KeyError("GSC state is missing 'buffers.num_updates'")
+        buffers.num_updates.copy_(state["buffers.num_updates"])
         bank_state = {k[len("bank."):]: v for k, v in state.items() if k.startswith("bank.")}
         if bank_state:
             bank = self._ensure_bank(int(bank_state["image_embeds"].shape[1]))
@@ -206,15 +211,10 @@ class GSCPlusHook(BatchHook):
         self.buffers: GSCPlusBuffers | None = None
 
     def setup(self, num_samples: int, device: torch.device, storage: StateNamespace | None = None) -> None:
-        if storage is not None:
-            self.buffers = GSCPlusBuffers(num_networks=self.num_networks, storage=storage,
-                                          keep_posterior=self.diagnostics, bias_correction=self.ema_bias_correction)
-        elif self.buffers is None or self.buffers.networks[0].num_samples != num_samples:
-            self.buffers = GSCPlusBuffers(num_samples, self.num_networks, device=device,
-                                          keep_posterior=self.diagnostics, bias_correction=self.ema_bias_correction)
-        for hook, buffers in zip(self.networks, self.buffers.networks):
-            hook.buffers = buffers  # each network's hook owns one of the GSC+ buffer sets
-            hook._device = torch.device(device)
+        storage = self.use_storage(num_samples, device, storage)
+        for k, hook in enumerate(self.networks):  # network k's arrays: "net{k}.buffers.*"
+            hook.setup(num_samples, device, storage=storage.namespace(f"net{k}"))
+        self.buffers = GSCPlusBuffers.of([hook.buffers for hook in self.networks])
 
     def _require_buffers(self) -> GSCPlusBuffers:
         if self.buffers is None:
@@ -248,16 +248,34 @@ class GSCPlusHook(BatchHook):
             return buffers.networks[network].weight
         return torch.stack([b.weight.float() for b in buffers.networks]).mean(0)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"net{k}.{key}": v for k, hook in enumerate(self.networks) for key, v in hook.state_dict().items()}
+    def replicated_state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"net{k}.{key}": v for k, hook in enumerate(self.networks)
+                for key, v in hook.replicated_state_dict().items()}
 
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+    def load_replicated_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         for k, hook in enumerate(self.networks):
             prefix = f"net{k}."
             sub = {key[len(prefix):]: v for key, v in state.items() if key.startswith(prefix)}
             if not sub:
                 raise KeyError(f"GSC+ state has no entries for network {k} (expected keys starting {prefix!r})")
-            hook.load_state_dict(sub)
+            hook.load_replicated_state_dict(sub)
         extra = sorted({key.split(".", 1)[0] for key in state} - {f"net{k}" for k in range(self.num_networks)})
         if extra:
             raise ValueError(f"GSC+ state holds {extra}, but this hook has {self.num_networks} networks")
+
+
+def weight_diagnostics(weights: torch.Tensor, noisy: torch.Tensor | None) -> dict[str, float]:
+    """Mean ``w``, and with ground-truth flags ``noisy`` (``[N]``: -1 unknown, 0 clean, 1 noisy) the mean ``w`` over
+    known-clean and known-noisy pairs and the AUROC of ``w`` (clean = positive). Diagnostics only."""
+    logs = {"gsc_epoch_weight_mean": float(weights.mean())}
+    if noisy is None:
+        return logs
+    clean, bad = noisy == 0, noisy == 1
+    if bool(clean.any()) and bool(bad.any()):
+        from ..metrics.detection import auroc
+
+        known = clean | bad
+        logs.update(gsc_weight_mean_clean=float(weights[clean].mean()),
+                    gsc_weight_mean_noisy=float(weights[bad].mean()),
+                    gsc_weight_auroc=auroc(weights[known].numpy(), clean[known].numpy()))
+    return logs

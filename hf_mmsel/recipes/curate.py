@@ -254,21 +254,31 @@ def scoring_config(args: CurateArguments, settings, source, model, max_length: i
     }
 
 
+def _legacy_pair(state: dict[str, Any], name: str, other: str) -> dict[str, Any]:
+    """``name`` (and ``other``, same hook prefix) of a hf_mmsel <= 0.1 state file (no index of hook kinds)."""
+    prefixes = sorted(sorted(k[: -len(name)] for k in state if k == name or k.endswith("." + name)),
+                      key=lambda p: p + other not in state)  # prefixes holding both first
+    return {n: state[prefixes[0] + n] for n in (name, other) if prefixes and prefixes[0] + n in state}
+
+
 def read_training_state(path: str, num_rows: int) -> dict[str, Any]:
     """DISSect bank (``hist``/``seen``) and GSC weights from a ContrastiveTrainer checkpoint.
 
-    A checkpoint folder holds the sharded per-sample state (``hook_state/index.json`` + one file per rank,
-    :mod:`hf_mmsel.state.checkpoint`), read back as full ``[N]`` arrays; a ``selection_state.safetensors`` file
-    (checkpoints of hf_mmsel <= 0.1) is read as is. Keys are hook-prefixed: the selection hook's
-    ``*.bank.hist``/``*.bank.seen`` and the GSC hook's ``*.buffers.weight``. Raises when the state holds neither
-    or was written for a different number of samples."""
+    A checkpoint folder holds the sharded per-sample state, read by hook kind (the ``selection`` hook's
+    ``bank.hist``/``bank.seen``, the ``gsc`` hook's or GSC+ network 0's ``buffers.weight``) through
+    :func:`hf_mmsel.state.checkpoint.read_hook_state`; a ``selection_state.safetensors`` file (checkpoints of
+    hf_mmsel <= 0.1) is read as is. Raises when the state holds neither or was written for a different number of
+    samples."""
     from safetensors.torch import load_file
 
-    from hf_mmsel.state.checkpoint import HOOK_STATE_DIR, INDEX_NAME, read_global_arrays
+    from hf_mmsel.state.checkpoint import HOOK_STATE_DIR, INDEX_NAME, read_hook_state
 
     file = Path(path)
     if file.is_dir() and (file / HOOK_STATE_DIR / INDEX_NAME).is_file():
-        state = read_global_arrays(file)
+        plus = read_hook_state(file, "gsc_plus") or {}
+        bank = read_hook_state(file, "selection") or {}
+        buffers = read_hook_state(file, "gsc") or {k[5:]: v for k, v in plus.items() if k.startswith("net0.")}
+        keys = sorted({**bank, **buffers})
     else:
         if file.is_dir():
             file = file / STATE_FILE_NAME
@@ -277,25 +287,20 @@ def read_training_state(path: str, num_rows: int) -> dict[str, Any]:
                 f"--training_state: {str(path)!r} holds neither {HOOK_STATE_DIR}/{INDEX_NAME} (a ContrastiveTrainer "
                 f"checkpoint folder) nor {STATE_FILE_NAME}")
         state = load_file(str(file))
+        bank, keys = _legacy_pair(state, "bank.hist", "bank.seen"), sorted(state)
+        buffers = _legacy_pair(state, "buffers.weight", "buffers.num_updates")
     out: dict[str, Any] = {}
-    hist_keys = sorted(k for k in state if k == "bank.hist" or k.endswith(".bank.hist"))
-    for key in hist_keys:
-        seen_key = key[: -len("hist")] + "seen"
-        if seen_key in state:
-            out["dissect_hist"], out["dissect_seen"] = state[key].float(), state[seen_key].bool()
-            out["dissect_key"] = key
-            break
-    weight_keys = sorted(k for k in state if k == "buffers.weight" or k.endswith(".buffers.weight"))
-    if weight_keys:
-        key = weight_keys[0]
-        out["gsc_weight"] = state[key].float()
-        updates = state.get(key[: -len("weight")] + "num_updates")
+    if "bank.hist" in bank and "bank.seen" in bank:
+        out.update(dissect_hist=bank["bank.hist"].float(), dissect_seen=bank["bank.seen"].bool(),
+                   dissect_key="bank.hist")
+    if "buffers.weight" in buffers:
+        updates = buffers.get("buffers.num_updates")
+        out["gsc_weight"], out["gsc_key"] = buffers["buffers.weight"].float(), "buffers.weight"
         out["gsc_num_updates"] = int(updates) if updates is not None else None
-        out["gsc_key"] = key
     if "dissect_hist" not in out and "gsc_weight" not in out:
         raise ValueError(
-            f"{str(file)!r} holds no DISSect score bank (*.bank.hist/*.bank.seen) and no GSC buffers "
-            f"(*.buffers.weight); keys: {sorted(state)[:12]}"
+            f"{str(file)!r} holds no DISSect score bank (selection: bank.hist/bank.seen) and no GSC buffers "
+            f"(gsc: buffers.weight); keys: {keys[:12]}"
         )
     for name in ("dissect_hist", "gsc_weight"):
         if name in out and out[name].numel() != num_rows:

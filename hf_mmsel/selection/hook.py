@@ -1,9 +1,9 @@
 """``SelectionHook``: online sample selection as a :class:`~hf_mmsel.hooks.BatchHook` (dissect.md §8).
 
 Each step, on every rank: run the strategy's no-grad scoring forward only when it needs one, compute the keep
-criterion, keep ``k = round(r * B)`` pairs (the same k on every rank), then update the rank's shard of the
-:class:`ScoreBank` with its own ``(sample_idx, s)``: the owner-stable data order puts only owned samples in a
-rank's batches, so no collective is needed. Ground-truth diagnostics (last score / criterion, scored pass,
+criterion, keep ``k = round(r * B)`` pairs (the same k on every rank), then let the strategy record its own
+``(sample_idx, s)`` into its state (DISSect: its shard of the :class:`ScoreBank`, created by the strategy's
+``setup``): the owner-stable data order puts only owned samples in a rank's batches, so no collective is needed. Ground-truth diagnostics (last score / criterion, scored pass,
 ``is_noisy``, per-pass histograms) are allocated only with ``diagnostics=True``.
 Randomness comes from a generator seeded by ``(seed, step, rank)``, so a resumed run draws exactly what an
 uninterrupted run draws.
@@ -14,8 +14,9 @@ float16 array ``last_visit`` (2 B/sample; the positive-pair cosine ``cos(v_i, u_
 per-pair training loss ``l_i`` for loss strategies). Rules:
 
 * selection is a pure read of the stored state (the bank too: every bank write happens at the training record,
-  :meth:`~hf_mmsel.selection.strategies.SelectionStrategy.update_bank_last_visit`), so it can run in the batch
-  sampler (``in_sampler``, :class:`~hf_mmsel.selection.SelectingBatchSampler`);
+  :meth:`~hf_mmsel.selection.strategies.SelectionStrategy.record_training_visit`), so it can run in the batch
+  sampler (``in_sampler``, :class:`~hf_mmsel.selection.SelectingBatchSampler`); the lagged view snapshots
+  ``last_visit`` and whatever arrays the strategy declares (``state_arrays``);
 * ``lag`` L: candidate batch b is selected from the state as of step b - L (records of batches <= b - L, the
   newest L - 1 wait in :class:`~hf_mmsel.state.LaggedRecords`), in the trainer and in the sampler alike;
 * a never-trained pair (``last_visit`` = NaN) ranks above every scored pair (criterion ``+inf``): each pair is
@@ -34,7 +35,7 @@ import torch
 
 from ..hooks import BatchHook, Dist, LossTerms, StepContext
 from ..state.lagged import LaggedRecords, StepRecord
-from ..state import PerSampleState, SampleOwnership, StateNamespace
+from ..state import StateNamespace
 from .bank import ScoreBank
 from .strategies import Candidates, SelectionStrategy, build_strategy, top_k
 
@@ -138,17 +139,13 @@ class SelectionHook(BatchHook):
         self.records = LaggedRecords()
         self.seed = int(seed)
         self.diagnostics = bool(diagnostics)
-        self.bank: ScoreBank | None = None
-        self._storage: StateNamespace | None = None
         self.epoch_histograms: list[torch.Tensor] = []  # per finished pass: [2 (clean, noisy), bins]
         self.histogram_epochs: list[int] = []
 
     # ----------------------------------------------------------------------------------------------- state
     def setup(self, num_samples: int, device: torch.device | str = "cpu", storage: StateNamespace | None = None) -> None:
-        if storage is None:
-            storage = PerSampleState(SampleOwnership.single(num_samples), device).namespace("selection")
-        self._storage = storage
-        self.bank = ScoreBank(storage=storage.namespace("bank")) if self.strategy.uses_bank else None
+        storage = self.use_storage(num_samples, device, storage)
+        self.strategy.setup(storage)  # the strategy's own arrays (DISSect: its ScoreBank under "bank.")
         # stale scores: cos (CLIPScore strategies) or l (loss strategies) of the last training forward; NaN = never
         self.last_visit = (storage.add("last_visit", torch.float16, float("nan")) if self.stale else None)
         self.records = LaggedRecords()
@@ -161,6 +158,11 @@ class SelectionHook(BatchHook):
             self.last_score = self.last_criterion = self.scored_epoch = self.noisy = None
 
     @property
+    def bank(self) -> ScoreBank | None:
+        """The strategy's :class:`ScoreBank` (DISSect), else None."""
+        return self.strategy.bank
+
+    @property
     def stale(self) -> bool:
         """Whether scores come from the last training visit (``score_source="last_visit"``)."""
         return self.score_source == "last_visit"
@@ -169,25 +171,29 @@ class SelectionHook(BatchHook):
     def device(self) -> torch.device:
         return self._require_setup().device
 
-    def _require_setup(self) -> StateNamespace:
-        if self._storage is None:
-            raise RuntimeError("SelectionHook.setup(num_samples, device) must be called before the first step")
-        return self._storage
+    @property
+    def _storage(self) -> StateNamespace | None:  # deprecated name of ``storage``
+        return self.storage
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    def _require_setup(self) -> StateNamespace:
+        if self.storage is None:
+            raise RuntimeError("SelectionHook.setup(num_samples, device) must be called before the first step")
+        return self.storage
+
+    def replicated_state_dict(self) -> dict[str, torch.Tensor]:
+        """With diagnostics, the per-pass score histograms (the per-sample arrays live in ``storage``)."""
         self._require_setup()
-        state = {f"bank.{k}": v for k, v in self.bank.state_dict().items()} if self.bank is not None else {}
-        if self.last_visit is not None:
-            state["last_visit"] = self.last_visit.cpu().clone()
+        if not self.diagnostics:
+            return {}
+        return {"histogram_epochs": torch.tensor(self.histogram_epochs, dtype=torch.long),
+                "epoch_histograms": (torch.stack(self.epoch_histograms) if self.epoch_histograms
+                                     else torch.zeros(0, 2, _HIST_BINS))}
+
+    def load_replicated_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self._require_setup()
         if self.diagnostics:
-            state.update(
-                last_score=self.last_score.cpu().clone(), last_criterion=self.last_criterion.cpu().clone(),
-                scored_epoch=self.scored_epoch.cpu().clone(), noisy=self.noisy.cpu().clone(),
-                histogram_epochs=torch.tensor(self.histogram_epochs, dtype=torch.long),
-                epoch_histograms=(torch.stack(self.epoch_histograms) if self.epoch_histograms
-                                  else torch.zeros(0, 2, _HIST_BINS)),
-            )
-        return state
+            self.histogram_epochs = [int(e) for e in state["histogram_epochs"]]
+            self.epoch_histograms = list(state["epoch_histograms"].unbind(0))
 
     def rank_state_dict(self) -> dict[str, torch.Tensor]:
         """Per-rank state that is not per sample: the pending (not yet committed) training records."""
@@ -200,25 +206,13 @@ class SelectionHook(BatchHook):
         candidate-batch counter ``step``."""
         if not self.stale:
             return
-        records = LaggedRecords.merged(states, self._storage.ownership)
+        records = LaggedRecords.merged(states, self.storage.ownership)
         if not exact:
             for record in records.pending:
                 self._apply_record(record)
             records = LaggedRecords()
             records.trained_through = (int(step) - 1) if step is not None else -1
         self.records = records
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        self._require_setup()
-        if self.bank is not None:
-            self.bank.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("bank.")})
-        if self.last_visit is not None:
-            self.last_visit.copy_(state["last_visit"])
-        if self.diagnostics:
-            for name in ("last_score", "last_criterion", "scored_epoch", "noisy"):
-                getattr(self, name).copy_(state[name])
-            self.histogram_epochs = [int(e) for e in state["histogram_epochs"]]
-            self.epoch_histograms = list(state["epoch_histograms"].unbind(0))
 
     # ------------------------------------------------------------------------------------------------ step
     def prepare(self, batch: Mapping[str, torch.Tensor], ctx: StepContext) -> torch.Tensor | None:
@@ -248,9 +242,9 @@ class SelectionHook(BatchHook):
             strategy.extend_candidates(cand, batch, ctx)
             k = num_to_keep(size, self.select_rate)
             generator = selection_generator(self.seed, ctx.step, ctx.dist.rank)
-            if self.bank is not None and cand.clip_scores is not None:
-                strategy.before_criterion(self.bank, cand)
-            crit = strategy.criterion(cand, self.bank)
+            if cand.clip_scores is not None:
+                strategy.before_scored_criterion(cand)
+            crit = strategy.criterion(cand, strategy.bank)
             if crit is None:
                 keep = torch.randperm(size, generator=generator)[:k].to(device)
             elif self.exploration > 0:
@@ -267,8 +261,8 @@ class SelectionHook(BatchHook):
         size = cand.sample_idx.shape[0]
         unscored = self._stale_candidates(cand)
         k = num_to_keep(size, self.select_rate)
-        generator = selection_generator(self.seed, step, self._storage.ownership.rank)
-        crit = self.strategy.criterion(cand, self.bank)
+        generator = selection_generator(self.seed, step, self.storage.ownership.rank)
+        crit = self.strategy.criterion(cand, self.strategy.bank)
         if crit is None:
             return None, torch.randperm(size, generator=generator)[:k].to(cand.sample_idx.device)
         # never trained: first (each pair is scored once before its score can reject it); ties at random
@@ -280,12 +274,12 @@ class SelectionHook(BatchHook):
         of the state as of step ``step - L``; the same as :meth:`prepare` computes for that batch with the same
         lag. Raises :class:`~hf_mmsel.state.SelectionLagError` when step ``step - L`` has not been trained yet."""
         self._require_setup()
-        cand = Candidates(sample_idx=torch.as_tensor(sample_idx).to(self._storage.device).long(), epoch=epoch)
+        cand = Candidates(sample_idx=torch.as_tensor(sample_idx).to(self.storage.device).long(), epoch=epoch)
         with self._lagged_view(step):
             return self._stale_keep(cand, step)[1]
     def _stale_candidates(self, cand: Candidates) -> torch.Tensor:
         """Fill ``cand`` from the stored last-visit values (0 where never trained); returns the never-trained mask."""
-        stored = self.last_visit[self._storage.slots(cand.sample_idx)].float()
+        stored = self.last_visit[self.storage.slots(cand.sample_idx)].float()
         unscored = torch.isnan(stored)
         stored = torch.where(unscored, torch.zeros_like(stored), stored)
         if self.strategy.requires == "loss":
@@ -319,12 +313,10 @@ class SelectionHook(BatchHook):
     def _apply_record(self, record: StepRecord) -> None:
         """Step ``record.step``'s training record into the state: ``last_visit`` and the strategy's bank update
         (from the rounded stored value, so ``h == s`` exactly until the pair is trained again)."""
-        slots = self._storage.slots(record.sample_idx)
+        slots = self.storage.slots(record.sample_idx)
         self.last_visit[slots] = record.value.to(self.last_visit.device)
-        if self.bank is not None:
-            stored = self.last_visit[slots].float()
-            self.strategy.update_bank_last_visit(self.bank, record.sample_idx, 100.0 * stored.clamp(min=0.0),
-                                                 record.epoch)
+        stored = self.last_visit[slots].float()
+        self.strategy.record_training_visit(record.sample_idx, 100.0 * stored.clamp(min=0.0), record.epoch)
 
     @contextlib.contextmanager
     def _lagged_view(self, step: int):
@@ -335,8 +327,8 @@ class SelectionHook(BatchHook):
         if not pending:
             yield
             return
-        slots = torch.unique(torch.cat([self._storage.slots(r.sample_idx) for r in pending]))
-        arrays = [self.last_visit] + ([self.bank.hist, self.bank.seen] if self.bank is not None else [])
+        slots = torch.unique(torch.cat([self.storage.slots(r.sample_idx) for r in pending]))
+        arrays = [self.last_visit, *self.strategy.state_arrays()]
         saved = [a[slots].clone() for a in arrays]
         try:
             for record in pending:
@@ -351,10 +343,10 @@ class SelectionHook(BatchHook):
         size = cand.sample_idx.shape[0]
         noisy = batch.get("is_noisy")
         fresh = not self.stale  # stale: the bank and last_score are written at the training record (loss_terms)
-        if fresh and cand.clip_scores is not None and self.bank is not None:
-            self.strategy.update_bank(self.bank, cand.sample_idx, cand.clip_scores, cand.epoch)
+        if fresh and cand.clip_scores is not None:
+            self.strategy.record_scores(cand.sample_idx, cand.clip_scores, cand.epoch)
         if self.diagnostics:
-            slots = self._storage.slots(cand.sample_idx)
+            slots = self.storage.slots(cand.sample_idx)
             if fresh and cand.clip_scores is not None:
                 self.last_score[slots] = cand.clip_scores
                 self.scored_epoch[slots] = cand.epoch

@@ -34,11 +34,13 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..state import StateNamespace
 from .bank import ScoreBank
 
 __all__ = [
     "SELECTION_STRATEGIES",
     "Candidates",
+    "ScoreBankStrategy",
     "SelectionStrategy",
     "build_strategy",
     "top_k",
@@ -68,14 +70,28 @@ def top_k(criterion: torch.Tensor, k: int, generator: torch.Generator | None = N
 
 
 class SelectionStrategy:
-    """Base class: ``criterion`` (``None`` = random) plus an optional bank update with gathered scores."""
+    """Base class: ``criterion`` (``None`` = random) plus the strategy's own per-sample state.
+
+    A strategy that keeps per-sample state allocates it in :meth:`setup` (e.g. DISSect's :class:`ScoreBank`) and
+    declares the arrays it writes in :meth:`state_arrays`; :class:`~hf_mmsel.selection.SelectionHook` checkpoints
+    them with the rest of its namespace and snapshots them for its lagged view. The hook tells the strategy about
+    scores through :meth:`before_scored_criterion` (fresh scores, before the criterion), :meth:`record_scores`
+    (fresh scores, after the selection) and :meth:`record_training_visit` (stale scores of a training forward).
+    """
 
     name: ClassVar[str]
     requires: ClassVar[str] = "none"  # "none" | "clip_score" | "loss"
     random_ties: ClassVar[bool] = False
     selects: ClassVar[bool] = True  # False: keep every candidate
-    uses_bank: ClassVar[bool] = False  # True: allocate a ScoreBank (5 B/sample)
     needs_reference: ClassVar[bool] = False  # True: needs a frozen reference model (learnability.py)
+    bank: ScoreBank | None = None  # the per-sample score table of the strategies that keep one (DISSect)
+
+    def setup(self, storage: StateNamespace) -> None:
+        """Allocate this strategy's per-sample arrays in ``storage`` (the selection hook's namespace)."""
+
+    def state_arrays(self) -> list[torch.Tensor]:
+        """The per-sample arrays this strategy writes (snapshotted around a lagged read)."""
+        return []
 
     def needs_scoring(self, epoch: int) -> bool:
         """Whether this epoch needs the no-grad scoring forward of the current model."""
@@ -91,6 +107,35 @@ class SelectionStrategy:
         """The ``k`` kept indices given the criterion (default: top-k; JEST's joint sampling overrides it)."""
         return top_k(crit, k, generator if self.random_ties else None)
 
+    def before_scored_criterion(self, cand: Candidates) -> None:
+        """State writes needed before this batch's criterion (candidates with fresh scores only)."""
+
+    def record_scores(self, sample_idx: torch.Tensor, clip_scores: torch.Tensor, epoch: int) -> None:
+        """This rank's (owned) fresh ``(sample_idx, s)`` of this step, after the selection."""
+
+    def record_training_visit(self, sample_idx: torch.Tensor, clip_scores: torch.Tensor, epoch: int) -> None:
+        """``selection_score_source="last_visit"``: the scores ``s`` of the kept pairs' training forward (the only
+        scores there are; nothing is written at selection time)."""
+
+
+class ScoreBankStrategy(SelectionStrategy):
+    """A strategy with DISSect's per-sample historical score ``h`` (:class:`ScoreBank`, 5 B/sample)."""
+
+    def setup(self, storage: StateNamespace) -> None:
+        self.bank = ScoreBank(storage=storage.namespace("bank"))
+
+    def state_arrays(self) -> list[torch.Tensor]:
+        return [self.bank.hist, self.bank.seen] if self.bank is not None else []
+
+    def before_scored_criterion(self, cand: Candidates) -> None:
+        self.before_criterion(self.bank, cand)
+
+    def record_scores(self, sample_idx: torch.Tensor, clip_scores: torch.Tensor, epoch: int) -> None:
+        self.update_bank(self.bank, sample_idx, clip_scores, epoch)
+
+    def record_training_visit(self, sample_idx: torch.Tensor, clip_scores: torch.Tensor, epoch: int) -> None:
+        self.update_bank_last_visit(self.bank, sample_idx, clip_scores, epoch)
+
     def before_criterion(self, bank: ScoreBank, cand: Candidates) -> None:
         """Bank writes needed before this batch's criterion (scored candidates only)."""
 
@@ -99,8 +144,7 @@ class SelectionStrategy:
 
     def update_bank_last_visit(self, bank: ScoreBank, sample_idx: torch.Tensor, clip_scores: torch.Tensor,
                                epoch: int) -> None:
-        """``selection_score_source="last_visit"``: the bank update from the *training* forward's scores ``s`` of
-        the kept pairs (the only scores there are; nothing is written at selection time). Default: ``update_bank``."""
+        """The bank update from a training forward's scores (stale scores). Default: ``update_bank``."""
         self.update_bank(bank, sample_idx, clip_scores, epoch)
 
 
@@ -171,7 +215,7 @@ class ReferenceClipScore(SelectionStrategy):
         return self.reference_scores[cand.sample_idx]
 
 
-class DissectWarmup(SelectionStrategy):
+class DissectWarmup(ScoreBankStrategy):
     """DISSect, warm-up variant (dissect.md §2a; the paper's CC3M script).
 
     Epochs ``e < W``: random k. The score of each pair on its visit in epoch ``W-1`` is snapshotted as ``h``;
@@ -183,7 +227,6 @@ class DissectWarmup(SelectionStrategy):
 
     name = "dissect"
     requires = "clip_score"
-    uses_bank = True
 
     def __init__(self, warmup_epochs: int = 1) -> None:
         if int(warmup_epochs) < 1:
@@ -223,7 +266,7 @@ class DissectWarmup(SelectionStrategy):
             bank.update(sample_idx, clip_scores, mode="overwrite")
 
 
-class DissectEMA(SelectionStrategy):
+class DissectEMA(ScoreBankStrategy):
     """DISSect, momentum variant (dissect.md §2b): ``d = h - s`` from epoch 0 with ``h`` the EMA (``beta``) of a
     pair's past scores, then ``h <- beta*h + (1-beta)*s`` (``h <- s`` on the first visit).
 
@@ -234,7 +277,6 @@ class DissectEMA(SelectionStrategy):
     name = "dissect_ema"
     requires = "clip_score"
     random_ties = True
-    uses_bank = True
     FALLBACKS = ("zero", "score")
 
     def __init__(self, ema_beta: float = 0.9, first_visit_fallback: str = "zero") -> None:

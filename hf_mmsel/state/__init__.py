@@ -6,7 +6,7 @@ per-sample arrays), ``OwnerStableBatchSampler`` (map-style candidates from owned
 """
 
 from .checkpoint import (HOOK_STATE_DIR, IncompleteCheckpointError, check_checkpoint_complete, load_sharded_state,
-                         read_global_arrays, read_index, save_sharded_state)
+                         read_global_arrays, read_hook_state, read_index, save_sharded_state)
 from .lagged import LaggedRecords, SelectionLagError, StepRecord
 from .ownership import NotOwnedError, SampleOwnership
 from .per_sample import PerSampleState, StateNamespace, all_gather_uneven, gather_global
@@ -15,5 +15,5 @@ from .schedule import PassSchedule, streaming_batches_per_pass
 
 __all__ = ["HOOK_STATE_DIR", "IncompleteCheckpointError", "LaggedRecords", "SelectionLagError", "StepRecord", "NotOwnedError", "OwnerStableBatchSampler", "PassSchedule",
            "PerSampleState", "SampleOwnership", "StateNamespace", "all_gather_uneven", "check_checkpoint_complete",
-           "gather_global", "load_sharded_state", "read_global_arrays", "read_index", "save_sharded_state",
+           "gather_global", "load_sharded_state", "read_global_arrays", "read_hook_state", "read_index", "save_sharded_state",
            "streaming_batches_per_pass", "check_unique_sample_idx"]

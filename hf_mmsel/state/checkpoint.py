@@ -25,7 +25,8 @@ from .ownership import SampleOwnership
 from .per_sample import PerSampleState
 
 __all__ = ["HOOK_STATE_DIR", "INDEX_NAME", "FORMAT_VERSION", "IncompleteCheckpointError", "check_checkpoint_complete",
-           "save_sharded_state", "load_sharded_state", "load_rank_local", "read_index", "read_global_arrays", "rank_file_name"]
+           "save_sharded_state", "load_sharded_state", "load_rank_local", "read_index", "read_global_arrays", "read_hook_state",
+           "rank_file_name"]
 
 HOOK_STATE_DIR = "hook_state"
 INDEX_NAME = "index.json"
@@ -213,3 +214,20 @@ def read_global_arrays(checkpoint: str | os.PathLike) -> dict[str, torch.Tensor]
                 out[array_name] = torch.full((n,), index["fills"][array_name], dtype=t.dtype)
             out[array_name][idx] = t
     return out
+
+
+def read_hook_state(checkpoint: str | os.PathLike, kind: str) -> dict[str, torch.Tensor] | None:
+    """The state of the first hook of ``kind`` (``"selection"``, ``"gsc"``, ``"gsc_plus"``: the kinds listed in
+    ``index.json``) in a checkpoint: its per-sample arrays as full ``[N]`` tensors and its replicated state, by names
+    relative to the hook (``"bank.hist"``, ``"buffers.weight"``, ``"buffers.num_updates"``); ``None`` when the
+    checkpoint holds no hook of that kind. One process, no collectives (curation, analysis)."""
+    from safetensors.torch import load_file
+
+    kinds = list(read_index(checkpoint).get("hooks", []))
+    if kind not in kinds:
+        return None
+    prefix = f"{kinds.index(kind)}."
+    replicated_path = Path(checkpoint) / HOOK_STATE_DIR / REPLICATED_NAME
+    replicated = load_file(str(replicated_path)) if replicated_path.is_file() else {}
+    state = {**read_global_arrays(checkpoint), **replicated}
+    return {name[len(prefix):]: t for name, t in state.items() if name.startswith(prefix)}

@@ -4,12 +4,15 @@ Each rank allocates only the slots of the samples it owns (:class:`~hf_mmsel.sta
 in compact dtypes chosen by the hooks (DISSect: ``hist`` float32 + ``seen`` bool = 5 B/sample; GSC: five float16
 arrays = 10 B/sample, + a uint8 EMA count with the optional bias-corrected EMA). Hooks register their arrays under a namespace (``"selection.hist"``, ``"gsc.weight"``)
 and index them with *global* ``sample_idx``; lookups and updates are local (no collective). ``gather_global``
-assembles a full ``[N]`` array on every rank (for diagnostics and final exports only).
+assembles a full ``[N]`` array on every rank (for diagnostics and final exports only). The state saves, loads and
+re-shards every array it holds (``save`` / ``load``), so a hook that adds an array needs nothing else to
+checkpoint it.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+import os
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -48,6 +51,21 @@ class PerSampleState:
     def slots(self, idx: torch.Tensor) -> torch.Tensor:
         return self.ownership.local_slot(idx.to(self.device))
 
+    def save(self, folder: str | os.PathLike, *, replicated: Mapping[str, torch.Tensor], meta: Mapping[str, Any],
+             rank_local: Mapping[str, torch.Tensor] | None = None):
+        """Write this rank's shard of every array into ``folder/hook_state`` (every rank), then rank 0 the
+        ``replicated`` state and ``index.json`` (:func:`~hf_mmsel.state.checkpoint.save_sharded_state`)."""
+        from .checkpoint import save_sharded_state
+
+        return save_sharded_state(folder, self, replicated=replicated, meta=meta, rank_local=rank_local)
+
+    def load(self, checkpoint: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Fill every array from ``checkpoint/hook_state``, re-sharded when it was written by another world size;
+        returns ``(index, replicated state)`` (:func:`~hf_mmsel.state.checkpoint.load_sharded_state`)."""
+        from .checkpoint import load_sharded_state
+
+        return load_sharded_state(checkpoint, self)
+
     def nbytes(self) -> int:
         """Bytes of all per-sample arrays on this rank."""
         return sum(t.numel() * t.element_size() for t in self.arrays.values())
@@ -84,6 +102,24 @@ class StateNamespace:
 
     def namespace(self, prefix: str) -> "StateNamespace":
         return StateNamespace(self.state, f"{self.prefix}.{prefix}")
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        """This namespace's arrays by their names relative to it (``"bank.hist"`` in namespace ``"0"``)."""
+        head = self.prefix + "."
+        return {name[len(head):]: t for name, t in self.state.arrays.items() if name.startswith(head)}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Copies (on CPU) of :meth:`arrays`: the per-sample part of a hook's ``state_dict``."""
+        return {name: t.detach().cpu().clone() for name, t in self.arrays().items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Copy ``state``'s entries named like this namespace's arrays into them (same shapes required)."""
+        for name, t in self.arrays().items():
+            if name in state:
+                if state[name].shape != t.shape:
+                    raise ValueError(f"per-sample array {self.prefix}.{name} has {t.numel()} local samples, the "
+                                     f"loaded state {state[name].numel()}: it was saved for another dataset")
+                t.copy_(state[name].to(t.device, t.dtype))
 
 
 def _world() -> tuple[int, int]:

@@ -22,7 +22,7 @@ import torch
 
 from ..losses import PairLoss
 from ..hooks import BatchHook, Dist, HookList, LossTerms, PairEmbeddings, StepContext
-from .checkpoint import load_rank_local, load_sharded_state, read_index, save_sharded_state
+from .checkpoint import load_rank_local, read_index
 from .ownership import SampleOwnership
 from .per_sample import PerSampleState, gather_global
 from .schedule import PassSchedule
@@ -132,24 +132,20 @@ class HookRunner:
         return gather_global(local, self._require().ownership, fill)
 
     # ------------------------------------------------------------------------------------------- checkpoints
-    def _replicated_state(self) -> dict[str, torch.Tensor]:
-        per_sample = set(self._require().arrays)
-        return {k: v for k, v in self.hooks.state_dict().items() if k not in per_sample}
+    def _per_hook(self, method: str) -> dict[str, torch.Tensor]:
+        """Every hook's ``replicated_state_dict`` / ``rank_state_dict``, keys prefixed ``"{i}."``."""
+        return {f"{i}.{k}": v for i, hook in enumerate(self.hooks.hooks) for k, v in getattr(hook, method)().items()}
 
     def save(self, checkpoint_dir: str | os.PathLike, global_step: int, meta: Mapping[str, Any] | None = None):
-        """Write this rank's shard (every rank), then rank 0 the replicated part and ``index.json``."""
+        """Write this rank's shard of every per-sample array and the hooks' per-rank state (every rank), then
+        rank 0 the hooks' replicated state and ``index.json``."""
         state = self._require()
         index_meta = {"step": int(global_step), "hook_step": self.step, "passes_ended": self.passes_ended,
                       "batches_per_pass": self.schedule.batches_per_pass if self.schedule else None,
                       "hooks": self.hooks.state_kinds(), "settings": self.settings,
                       "state_bytes_per_rank": state.nbytes(), **dict(meta or {})}
-        return save_sharded_state(checkpoint_dir, state, replicated=self._replicated_state(), meta=index_meta,
-                                  rank_local=self._rank_local_state())
-
-    def _rank_local_state(self) -> dict[str, torch.Tensor]:
-        """Hooks' per-rank state that is not per sample (``rank_state_dict``, e.g. the lagged-view FIFO)."""
-        return {f"{i}.{k}": v for i, hook in enumerate(self.hooks.hooks)
-                for k, v in (hook.rank_state_dict() if hasattr(hook, "rank_state_dict") else {}).items()}
+        return state.save(checkpoint_dir, replicated=self._per_hook("replicated_state_dict"), meta=index_meta,
+                          rank_local=self._per_hook("rank_state_dict"))
 
     def check_compatible(self, index: Mapping[str, Any]) -> None:
         """Named errors when a checkpoint was written with other hook settings than this run's."""
@@ -173,8 +169,9 @@ class HookRunner:
         if global_step is not None and int(index["step"]) != int(global_step):
             raise ValueError(f"hook state in {checkpoint_dir} was saved at step {index['step']}, the trainer "
                              f"resumed at step {global_step}")
-        index, replicated = load_sharded_state(checkpoint_dir, state)
-        self.hooks.load_state_dict({**{k: v for k, v in state.arrays.items()}, **replicated})
+        index, replicated = state.load(checkpoint_dir)  # every per-sample array, re-sharded if needed
+        for i, hook in enumerate(self.hooks.hooks):
+            hook.load_replicated_state_dict(_strip(replicated, f"{i}."))
         self.step, self.passes_ended = int(index["hook_step"]), int(index["passes_ended"])
         renumbered = False
         if self.schedule is not None and index.get("batches_per_pass") not in (None, self.schedule.batches_per_pass):
@@ -185,8 +182,9 @@ class HookRunner:
         rank_local = load_rank_local(checkpoint_dir, state.ownership)
         exact = len(rank_local) == 1 and not renumbered  # same world size and step numbering
         for i, hook in enumerate(self.hooks.hooks):
-            if hasattr(hook, "load_rank_state_dicts"):
-                prefix = f"{i}."
-                hook.load_rank_state_dicts([{k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}
-                                            for d in rank_local], exact=exact, step=self.step)
+            hook.load_rank_state_dicts([_strip(d, f"{i}.") for d in rank_local], exact=exact, step=self.step)
         return index
+
+
+def _strip(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
