@@ -112,7 +112,7 @@ GSC_FLAGS = ("gsc_gamma", "gsc_beta", "gsc_ema_bias_correction", "gsc_prior_beta
 
 BenchmarkTrainerFlags = dataclass_from_fields(
     "BenchmarkTrainerFlags", ContrastiveTrainingArguments,
-    (*TRAINER_FLAGS[:4], "selection_warmup_epochs", *SCORE_SOURCE_FLAGS, *GSC_FLAGS, *TOWER_OPTIONS),
+    (*TRAINER_FLAGS, "selection_warmup_epochs", *SCORE_SOURCE_FLAGS, *GSC_FLAGS),
     defaults={"learning_rate": 2e-3, "weight_decay": 0.0}, module=__name__,
     doc="The ``ContrastiveTrainingArguments`` fields the benchmark exposes as flags (their types, help and "
         "defaults are the trainer's; lr 2e-3 and weight decay 0 are the benchmark's: with them full-data training "
