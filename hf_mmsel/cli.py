@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["COMMANDS", "main", "parse_args_with_config", "serve_cached_help"]
+__all__ = ["COMMANDS", "dataclass_from_fields", "main", "parse_args_with_config", "serve_cached_help"]
 
 # command -> (module, one-line description); modules are imported only when their command runs.
 # DEFAULT_CONFIGS: the YAML a command reads without --config (part of its cached --help key).
@@ -245,6 +245,50 @@ def parse_args_with_config(
         raise SystemExit(0)
     *parsed, _config_namespace = parser.parse_args_into_dataclasses(args=argv)
     return tuple(parsed)
+
+
+def dataclass_from_fields(
+    name: str,
+    source: type,
+    names: Sequence[str],
+    *,
+    defaults: dict[str, Any] | None = None,
+    bases: tuple[type, ...] = (),
+    module: str | None = None,
+    doc: str | None = None,
+) -> type:
+    """A dataclass ``name`` (on top of ``bases``) holding the fields ``names`` of the dataclass ``source`` with their
+    types, defaults and metadata (the ``--help`` text ``HfArgumentParser`` shows); ``defaults`` replaces some
+    defaults. A recipe exposes a few settings of a large argument class (``ContrastiveTrainingArguments``: ~150
+    fields) as flags of the same name, help text included, without re-declaring them."""
+    import dataclasses
+    import typing
+
+    source_fields = {f.name: f for f in dataclasses.fields(source)}
+    unknown = [n for n in names if n not in source_fields]
+    if unknown:
+        raise ValueError(f"{source.__name__} has no fields {unknown}")
+    defaults = dict(defaults or {})
+    extra = sorted(set(defaults) - set(names))
+    if extra:
+        raise ValueError(f"defaults for fields not taken from {source.__name__}: {extra}")
+    hints = typing.get_type_hints(source)
+    specs = []
+    for field_name in names:
+        original = source_fields[field_name]
+        if field_name in defaults:
+            default = {"default": defaults[field_name]}
+        elif original.default_factory is not dataclasses.MISSING:
+            default = {"default_factory": original.default_factory}
+        else:
+            default = {"default": original.default}
+        specs.append((field_name, hints[field_name], dataclasses.field(metadata=original.metadata, **default)))
+    cls = dataclasses.make_dataclass(name, specs, bases=bases)
+    if module is not None:  # where the class is defined (pickling, reprs); make_dataclass's own argument is 3.12+
+        cls.__module__ = module
+    if doc is not None:
+        cls.__doc__ = doc
+    return cls
 
 
 def _flags_win_over_renamed_settings(values: dict[str, Any], argv: Sequence[str]) -> dict[str, Any]:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_mmsel.gsc.gmm import TwoGaussians, fit_two_gaussians, high_mean_posterior
-from hf_mmsel.gsc.scoring import DEFAULT_STRUCTURE, _mean_valid_cosine, anchor_consistency
+from hf_mmsel.gsc.scoring import DEFAULT_STRUCTURE, anchor_consistency, mean_anchor_cosine
 from hf_mmsel.gsc.structure import StructureConfig
 
 RAW_SCORE_COLUMNS = ("similarity", "positive_prob", "consistency")
@@ -96,7 +96,7 @@ class AnchorSet:
         if ids.numel() < 2:
             raise ValueError("GSC structure scores need at least 2 anchor pairs")
         rows = torch.arange(ids.numel())
-        return cls(ids, v, u, _mean_valid_cosine(v, rows, 4096), _mean_valid_cosine(u, rows, 4096))
+        return cls(ids, v, u, mean_anchor_cosine(v, rows, 4096), mean_anchor_cosine(u, rows, 4096))
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
@@ -170,7 +170,7 @@ class PosteriorFit:
     @classmethod
     def fit(cls, values: torch.Tensor, *, max_iter: int = 10, tol: float = 1e-2, reg_covar: float = 5e-4,
             max_fit_samples: int = 200_000, seed: int = 0, monotone: bool = True) -> PosteriorFit:
-        """As :func:`hf_mmsel.gsc.buffers._clean_posterior` (gsc.md §4): normalise, subsample, fit."""
+        """As :func:`hf_mmsel.gsc.buffers.gmm_clean_posterior` (gsc.md §4): normalise, subsample, fit."""
         x = values.detach().double().flatten().cpu()
         lo, hi = float(x.min()), float(x.max())
         if not hi - lo > 1e-12:

@@ -89,7 +89,7 @@ def _all_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
     return t
 
 
-def _clean_posterior(
+def gmm_clean_posterior(
     scores: torch.Tensor, sample_idx: torch.Tensor | None = None, *, max_iter: int, tol: float, reg_covar: float,
     max_fit_samples: int, seed: int, monotone: bool, distributed: bool = False
 ) -> tuple[torch.Tensor, int, tuple[float, float] | None, bool | None]:
@@ -226,10 +226,10 @@ class GSCBuffers:
         global_idx = self.storage.ownership.global_of_slots(seen)
         fit = dict(max_iter=max_iter, tol=tol, reg_covar=reg_covar, max_fit_samples=max_fit_samples, seed=seed,
                    monotone=monotone_posterior, distributed=True)
-        posterior, num_fit, means, converged = _clean_posterior(c, global_idx, **fit)
+        posterior, num_fit, means, converged = gmm_clean_posterior(c, global_idx, **fit)
         degenerate = means is None
         if prob_posterior:
-            p = _clean_posterior(p.to(torch.float64), global_idx, **fit)[0].float()
+            p = gmm_clean_posterior(p.to(torch.float64), global_idx, **fit)[0].float()
         posterior = posterior.float()
         # estimates so far per seen pair (this pass's not counted); None: GSC's EMA started at 1
         n = self.num_estimates[seen].double() if self.num_estimates is not None else None

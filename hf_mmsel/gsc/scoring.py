@@ -30,10 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from ..losses import PairLoss, SigmoidPairLoss, SoftmaxPairLoss
-from .buffers import _clean_posterior
+from .buffers import gmm_clean_posterior
 from .structure import StructureConfig, StructureProfiles, positive_map, structure_consistency
 
-__all__ = ["DEFAULT_STRUCTURE", "anchor_consistency", "chunked_positive_probability", "gsc_clean_probability"]
+__all__ = ["DEFAULT_STRUCTURE", "anchor_consistency", "chunked_positive_probability", "gsc_clean_probability",
+           "mean_anchor_cosine"]
 
 DEFAULT_STRUCTURE = StructureConfig(similarity="sigmoid", temperature=0.1, centered=True)
 
@@ -63,7 +64,7 @@ def chunked_positive_probability(
     return p
 
 
-def _mean_valid_cosine(embeds: torch.Tensor, anchor_idx: torch.Tensor, row_chunk: int) -> torch.Tensor:
+def mean_anchor_cosine(embeds: torch.Tensor, anchor_idx: torch.Tensor, row_chunk: int) -> torch.Tensor:
     """Mean of ``cos(x_i, x_k)`` over all rows i and anchors k with i != k (the sigmoid map's centre)."""
     anchors = embeds[anchor_idx].float()
     total = torch.zeros((), dtype=torch.float64, device=embeds.device)
@@ -100,8 +101,8 @@ def anchor_consistency(
     if mu is not None:
         mu_v, mu_u = mu
     elif structure.similarity == "sigmoid":
-        mu_v = _mean_valid_cosine(image_embeds, anchor_idx, row_chunk)
-        mu_u = _mean_valid_cosine(text_embeds, anchor_idx, row_chunk)
+        mu_v = mean_anchor_cosine(image_embeds, anchor_idx, row_chunk)
+        mu_u = mean_anchor_cosine(text_embeds, anchor_idx, row_chunk)
     fmap = dict(similarity=structure.similarity, temperature=structure.temperature)
 
     n = image_embeds.shape[0] if num_rows is None else int(num_rows)
@@ -180,7 +181,7 @@ def gsc_clean_probability(
                seed=seed, monotone=True)
 
     def posterior(x: torch.Tensor) -> torch.Tensor:
-        return _clean_posterior(x.double(), **fit)[0].float()
+        return gmm_clean_posterior(x.double(), **fit)[0].float()
 
     if pair_loss.in_batch_positive_prob:
         p = chunked_positive_probability(v, u, logit_scale, chunk_size=chunk_size, seed=seed, pair_loss=pair_loss)

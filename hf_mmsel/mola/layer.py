@@ -64,7 +64,7 @@ class MolaMergedTaskError(ValueError):
     """A batch was routed to a task other than the one whose expert is merged into the base weights."""
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
     """transformers' ``pytorch_utils.Conv1D`` (GPT-2's linear layers), without importing transformers here."""
     return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.dim() == 2
 
@@ -95,7 +95,7 @@ class MolaLayer(BaseTunerLayer):
         self.fan_in_fan_out = False
         if isinstance(base, nn.Linear):
             self.in_features, self.out_features = base.in_features, base.out_features
-        elif _is_conv1d(base):  # transformers' GPT-2 style Conv1D: weight [in, out], y = x W + b
+        elif is_conv1d(base):  # transformers' GPT-2 style Conv1D: weight [in, out], y = x W + b
             self.in_features, self.out_features = base.weight.shape
             self.fan_in_fan_out = True
         elif isinstance(base, nn.Conv2d):

@@ -36,7 +36,7 @@ from peft.utils.other import get_pattern_key
 from torch import nn
 
 from .config import MolaConfig
-from .layer import Conv2d, Linear, MolaLayer, MolaMergedTaskError, TaskGroups, TransientCache, _is_conv1d
+from .layer import Conv2d, Linear, MolaLayer, MolaMergedTaskError, TaskGroups, TransientCache, is_conv1d
 from .router import ROUTER_LAYER_NAME, MolaRouter, MolaRouterLayer, TwdProjection, pool_features, run_router
 from .router_input import (
     ROUTER_INPUT_KWARGS,
@@ -86,7 +86,7 @@ class MolaModel(BaseTuner):
     @staticmethod
     def _create_new_module(config: MolaConfig, adapter_name: str, target: nn.Module, r: int, alpha: float):
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if isinstance(base, nn.Linear) or _is_conv1d(base):
+        if isinstance(base, nn.Linear) or is_conv1d(base):
             return Linear(target, adapter_name, config, r, alpha)
         if isinstance(base, nn.Conv2d):
             return Conv2d(target, adapter_name, config, r, alpha)

@@ -76,15 +76,17 @@ import math
 import statistics
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from hf_mmsel.cli import dataclass_from_fields
 from hf_mmsel.data.in_memory import InMemoryPairs
 from hf_mmsel.state.schedule import default_warmup_passes
 from hf_mmsel.metrics.validation_curve import ValidationCurve, add_time_to_full_best, best_validation_point
+from hf_mmsel.trainers import ContrastiveTrainingArguments
 
 from .benchmark_data import build_model, curation_pool, load_splits, parse_csv  # noqa: F401
 from .benchmark_strategies import is_joint, parse_strategy, run_options
@@ -92,9 +94,37 @@ from .selection_report import aggregate_runs, format_number, write_reports
 
 PROG = "hf-mmsel benchmark-selection"
 
+#: ``ContrastiveTrainingArguments`` settings of the benchmark's regime, the same in every run (not flags)
+RUN_SETTINGS: dict[str, Any] = dict(
+    per_device_eval_batch_size=512, warmup_steps=0.05, lr_scheduler_type="cosine", logging_strategy="epoch",
+    save_strategy="no", eval_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+    plot_score_distributions=False, dataloader_num_workers=0, selection_diagnostics=True,
+)
+TOWER_OPTIONS = ("lock_image_tower", "lock_text_tower", "image_unlocked_layers", "text_unlocked_layers",
+                 "tower_lora_r", "tower_lora_alpha", "image_lora_target_modules", "text_lora_target_modules")
+#: trainer flags every run takes as given
+TRAINER_FLAGS = ("learning_rate", "weight_decay", "select_rate", "selection_warmup_passes", *TOWER_OPTIONS)
+#: trainer flags only the strategies that score from the learner alone take (the others keep the trainer's defaults)
+SCORE_SOURCE_FLAGS = ("selection_score_source", "selection_exploration", "selection_in_sampler")
+#: trainer flags only the ``+gsc`` runs take (the others keep the trainer's defaults)
+GSC_FLAGS = ("gsc_gamma", "gsc_beta", "gsc_ema_bias_correction", "gsc_prior_beta", "gsc_weight_threshold",
+             "gsc_prob_posterior")
+
+BenchmarkTrainerFlags = dataclass_from_fields(
+    "BenchmarkTrainerFlags", ContrastiveTrainingArguments,
+    (*TRAINER_FLAGS, "selection_warmup_epochs", *SCORE_SOURCE_FLAGS, *GSC_FLAGS),
+    defaults={"learning_rate": 2e-3, "weight_decay": 0.0}, module=__name__,
+    doc="The ``ContrastiveTrainingArguments`` fields the benchmark exposes as flags (their types, help and "
+        "defaults are the trainer's; lr 2e-3 and weight decay 0 are the benchmark's: with them full-data training "
+        "memorises the noisy pairs, the regime the strategies target).",
+)
+
 
 @dataclass
-class BenchmarkArguments:
+class BenchmarkArguments(BenchmarkTrainerFlags):
+    """The benchmark's settings: data, model, runs (``--epochs`` / ``--batch_size`` / ``--seed(s)`` of every run)
+    and the trainer flags of :class:`BenchmarkTrainerFlags`."""
+
     dataset: str | None = field(default=None, metadata={"help": "Hub id or local path (default: embedded easy-vqa)"})
     image_column: str = field(default="image")
     caption_column: str = field(default="caption")
@@ -106,21 +136,13 @@ class BenchmarkArguments:
         default="dissect,random,full",
         metadata={"help": "comma list: selection strategies, 'gsc' and '<selection>+gsc' (e.g. dissect+gsc)"},
     )
-    select_rate: float = field(default=0.5)
-    epochs: int = field(default=20)
-    selection_warmup_passes: int | None = field(default=None, metadata={"help": "DISSect warm-up in passes over the "
-                                                                                "pool; default: a quarter of --epochs"})
-    selection_warmup_epochs: int | None = field(
-        default=None, metadata={"help": "deprecated alias of --selection_warmup_passes (removed in the next release)"})
+    epochs: int = field(default=20, metadata={"help": "passes over the training pool of every run (num_train_epochs)"})
     seed: int = field(default=0)
     seeds: str | None = field(default=None, metadata={"help": "comma list, e.g. 0,1,2 (overrides --seed)"})
     output_dir: str = field(default="outputs/benchmark-selection")
     overwrite_output_dir: bool = field(default=False, metadata={"help": "write into a non-empty --output_dir, "
                                                                         "replacing only the files this run writes"})
-    batch_size: int = field(default=128, metadata={"help": "candidate batch B"})
-    learning_rate: float = field(default=2e-3)
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (0: lets full-data training "
-                                                               "memorise noisy pairs, the targeted regime)"})
+    batch_size: int = field(default=128, metadata={"help": "candidate batch B (per_device_train_batch_size)"})
     model: str = field(default="small", metadata={"help": "'small' (CNN + bag of words) or 'clip' (tiny ViT CLIP)"})
     image_size: int = field(default=28)
     hidden_size: int = field(default=128, metadata={"help": "text width (small) / transformer width (clip)"})
@@ -133,18 +155,6 @@ class BenchmarkArguments:
     max_length: int = field(default=16)
     initializer_factor: float = field(default=4.0, metadata={"help": "clip model only: init scale"})
     logit_scale_init: float = field(default=10.0, metadata={"help": "initial exp(logit_scale) (CLIP: 1/0.07)"})
-    gsc_gamma: float = field(default=0.05, metadata={"help": "GSC structure-loss weight"})
-    gsc_beta: float = field(default=0.9, metadata={"help": "GSC EMA momentum of the epoch-end update"})
-    gsc_ema_bias_correction: bool = field(
-        default=False, metadata={"help": "GSC: bias-corrected EMA (False: GSC's prior of 1 that decays as (1-beta)^n)"}
-    )
-    gsc_prior_beta: float = field(default=0.9, metadata={"help": "GSC: the prior w = 1 weighs (1 - it)^n after n passes"})
-    gsc_weight_threshold: float = field(default=0.0, metadata={"help": "GSC: pairs with w below it train with weight 0"})
-    gsc_prob_posterior: bool = field(
-        default=True,
-        metadata={"help": "GSC: feed the EMA with the GMM clean posterior of p instead of raw p (with "
-                          "repeated captions in a batch raw p is small even for clean pairs)"},
-    )
     loss_type: str = field(
         default="softmax",
         metadata={"help": "contrastive loss: 'softmax' (InfoNCE), 'sigmoid' (SigLIP; t' = log 10, b = -10 added to the "
@@ -167,11 +177,6 @@ class BenchmarkArguments:
         metadata={"help": "also log, at every validation point, the mean train cosine of clean vs noisy pairs (the "
                           "memorisation diagnostic; timed and subtracted from train_seconds; curves.png)"},
     )
-    selection_score_source: str = field(
-        default="fresh", metadata={"help": "'fresh' or 'last_visit' (stale scores, no scoring forward) for the "
-                                           "strategies that score (dissect*, clipscore, small_loss, big_loss)"})
-    selection_exploration: float = field(default=0.0, metadata={"help": "share of k drawn from the rejected"})
-    selection_in_sampler: bool = field(default=False, metadata={"help": "last_visit: select in the batch sampler"})
     max_train: int | None = field(default=None, metadata={"help": "use only the first n training pairs"})
     max_test: int | None = field(default=None, metadata={"help": "use only the first n test (and validation) pairs"})
     test_fraction: float = field(default=0.2, metadata={"help": "held-out share when the dataset has one split"})
@@ -199,15 +204,6 @@ class BenchmarkArguments:
                 "tokenizer, --max_length tokens)"})
     vision_checkpoint: str | None = field(default=None, metadata={
         "help": "a local timm checkpoint file with the weights of --vision_model timm/<name> (offline use)"})
-    lock_image_tower: bool = field(default=False, metadata={"help": "LiT: freeze the image tower (eval mode)"})
-    lock_text_tower: bool = field(default=False, metadata={"help": "freeze the text tower (eval mode)"})
-    image_unlocked_layers: int = field(default=0, metadata={"help": "with --lock_image_tower: last N groups train"})
-    text_unlocked_layers: int = field(default=0, metadata={"help": "with --lock_text_tower: last N groups train"})
-    tower_lora_r: int = field(default=0, metadata={"help": "LoRA rank on the locked towers (0: none)"})
-    tower_lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default 2 * r)"})
-    image_lora_target_modules: str | None = field(default=None, metadata={"help": "comma list (default per tower)"})
-    text_lora_target_modules: str | None = field(default=None, metadata={"help": "comma list (default per tower)"})
-
     def __post_init__(self) -> None:
         if self.selection_warmup_epochs is not None:  # deprecated name: warn and forward
             if self.selection_warmup_passes is not None:
@@ -218,51 +214,46 @@ class BenchmarkArguments:
             self.selection_warmup_passes, self.selection_warmup_epochs = self.selection_warmup_epochs, None
 
 
-def _gsc_options(args, with_gsc: bool) -> dict[str, Any]:
-    """The ``gsc*`` training arguments of a ``+gsc`` run (its GSC seed is the run's ``seed``), else none."""
-    if not with_gsc:
-        return {}
-    return dict(gsc=True, gsc_gamma=args.gsc_gamma, gsc_beta=args.gsc_beta, gsc_prob_posterior=args.gsc_prob_posterior,
-                gsc_weight_threshold=args.gsc_weight_threshold, gsc_ema_bias_correction=args.gsc_ema_bias_correction,
-                gsc_prior_beta=args.gsc_prior_beta)
+def parse_args(argv: list[str] | None = None) -> BenchmarkArguments:
+    """The benchmark's flags (YAML ``--config`` included; flags win)."""
+    from hf_mmsel.cli import parse_args_with_config
+
+    (args,) = parse_args_with_config(BenchmarkArguments, argv, prog=PROG, help_sources=[__file__])
+    return args
 
 
-def _training_arguments(args, selection: str, seed: int, out: Path, epochs: int, loss_type: str = "softmax",
-                        joint: bool = False, gsc: bool = False):
-    from hf_mmsel.trainers import ContrastiveTrainingArguments
-
+def training_template(args: BenchmarkArguments) -> ContrastiveTrainingArguments:
+    """The ``ContrastiveTrainingArguments`` every run of ``args`` starts from: :data:`RUN_SETTINGS`, ``--epochs``,
+    ``--batch_size``, ``--seed``, ``--joint_chunks`` and the :data:`TRAINER_FLAGS`; ``full`` selection, no GSC,
+    softmax loss until :func:`training_arguments` sets the run's."""
     return ContrastiveTrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=512,
-        num_train_epochs=epochs, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
-        warmup_steps=0.05, lr_scheduler_type="cosine", logging_strategy="epoch", save_strategy="no",
-        eval_strategy="no", report_to=[], use_cpu=True, seed=seed, disable_tqdm=True,
-        selection_strategy=selection, select_rate=args.select_rate,
-        selection_warmup_passes=args.selection_warmup_passes, plot_score_distributions=False,
-        dataloader_num_workers=0, selection_diagnostics=True, loss_type=loss_type,
-        selection_joint=joint, selection_joint_chunks=args.joint_chunks, **_score_source_options(args, selection),
-        **_gsc_options(args, gsc), **_tower_options(args),
+        output_dir=args.output_dir, num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
+        seed=args.seed, selection_strategy="full", selection_joint_chunks=args.joint_chunks, **RUN_SETTINGS,
+        **{name: getattr(args, name) for name in TRAINER_FLAGS},
     )
 
 
-TOWER_OPTIONS = ("lock_image_tower", "lock_text_tower", "image_unlocked_layers", "text_unlocked_layers",
-                 "tower_lora_r", "tower_lora_alpha", "image_lora_target_modules", "text_lora_target_modules")
+def training_arguments(args: BenchmarkArguments, selection: str, seed: int, out: Path, epochs: int,
+                       loss_type: str = "softmax", joint: bool = False, gsc: bool = False) -> ContrastiveTrainingArguments:
+    """One run's arguments: :func:`training_template` with the run's folder, seed, passes, selection strategy, loss
+    and JEST, plus the :data:`SCORE_SOURCE_FLAGS` (strategies that score) and :data:`GSC_FLAGS` (``+gsc`` runs)."""
+    return replace(training_template(args), output_dir=str(out), seed=seed, num_train_epochs=epochs,
+                   selection_strategy=selection, loss_type=loss_type, selection_joint=joint,
+                   **_score_source_options(args, selection), **({"gsc": True, **_flags(args, GSC_FLAGS)} if gsc else {}))
 
 
-def _tower_options(args) -> dict[str, Any]:
-    """The tower locking / LoRA training arguments (``hf_mmsel.models.locking``) of every run."""
-    return {name: getattr(args, name) for name in TOWER_OPTIONS if hasattr(args, name)}
+def _flags(args, names: tuple[str, ...]) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in names}
 
 
 def _score_source_options(args, selection: str) -> dict[str, Any]:
-    """``--selection_score_source`` etc. for the strategies that score from the learner alone; the others keep the
-    defaults."""
+    """The :data:`SCORE_SOURCE_FLAGS` for the strategies that score from the learner alone; none for the others."""
     from hf_mmsel.selection import SELECTION_STRATEGIES
 
     strategy = SELECTION_STRATEGIES[selection]
     if strategy.requires not in ("clip_score", "loss") or strategy.needs_reference:
         return {}
-    return dict(selection_score_source=args.selection_score_source, selection_exploration=args.selection_exploration,
-                selection_in_sampler=args.selection_in_sampler)
+    return _flags(args, SCORE_SOURCE_FLAGS)
 
 
 REFERENCE_STRATEGIES = ("reference_clipscore", "learnability", "easy_reference")  # need the fixed reference model
@@ -288,7 +279,7 @@ def train_reference(args, bundle, data, class_captions, seed, out: Path, loss_ty
     from hf_mmsel.trainers import ContrastiveTrainer
 
     epochs = reference_epochs(args)
-    targs = _training_arguments(args, "full", seed, out, epochs, loss_type)
+    targs = training_arguments(args, "full", seed, out, epochs, loss_type)
     collator = ImageTextCollator(bundle.tokenizer, max_length=args.max_length)
     trainer = ContrastiveTrainer(bundle.model, targs, train_dataset=data["train"], eval_dataset=data["test"],
                                  data_collator=collator, processing_class=bundle.tokenizer,
@@ -314,8 +305,6 @@ def _warm_up(args, data, captions, out: Path, with_gsc: bool, loss_types: tuple[
     which would otherwise be charged to whichever strategy happens to run first (measured on 2 CPU cores: 2-6 s of a
     ~16 s run; 1-2 warm-up epochs were not enough). 3-epoch ``dissect`` (random-k epoch, then scoring + top-k) and
     ``full`` runs cover every batch shape."""
-    from dataclasses import replace
-
     from hf_mmsel.data import ImageTextCollator
     from hf_mmsel.trainers import ContrastiveTrainer
 
@@ -325,7 +314,7 @@ def _warm_up(args, data, captions, out: Path, with_gsc: bool, loss_types: tuple[
         warm = replace(args, selection_warmup_passes=1, select_rate=rate)
         bundle = build_model(args, captions, seed=0)
         trainer = ContrastiveTrainer(
-            bundle.model, _training_arguments(warm, selection, 0, out / f"warmup_{selection}_{loss_type}_{rate}",
+            bundle.model, training_arguments(warm, selection, 0, out / f"warmup_{selection}_{loss_type}_{rate}",
                                               epochs, loss_type, gsc=with_gsc),
             train_dataset=data["train"], data_collator=ImageTextCollator(bundle.tokenizer, max_length=args.max_length),
             processing_class=bundle.tokenizer,
@@ -349,7 +338,7 @@ def train_run(args, strategy, bundle, data, class_captions, seed, out: Path,
         reference = None
     elif selection != "reference_clipscore":  # learnability family: the model itself, run on every candidate batch
         reference = {**reference, "seconds": reference["train_seconds"], "cpu_seconds": reference["train_cpu_seconds"]}
-    targs = _training_arguments(args, selection, seed, out, args.epochs, loss_type, joint=is_joint(strategy),
+    targs = training_arguments(args, selection, seed, out, args.epochs, loss_type, joint=is_joint(strategy),
                                 gsc=with_gsc)
     collator = ImageTextCollator(bundle.tokenizer, max_length=args.max_length)
     trainer = ContrastiveTrainer(bundle.model, targs, train_dataset=data["train"], eval_dataset=data["test"],
@@ -452,11 +441,7 @@ def _detection_auroc(trainer, emb, auroc) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    from dataclasses import replace
-
-    from hf_mmsel.cli import parse_args_with_config
-
-    (args,) = parse_args_with_config(BenchmarkArguments, argv, prog=PROG, help_sources=[__file__])
+    args = parse_args(argv)
     from hf_mmsel.data import inject_noisy_correspondence, preprocess_image_text
     from hf_mmsel.models import ARCHITECTURES
     from hf_mmsel.recipes.run_utils import prepare_output_dir, print_run_summary
@@ -473,6 +458,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if not 0.0 < args.select_rate <= 1.0:
         raise ValueError(f"select_rate must be in (0, 1], got {args.select_rate}")
     reference_epochs(args)  # raises on a bad --reference_epochs before any training
+    training_template(args)  # raises on bad trainer flags before any training
     from hf_mmsel.losses import check_loss_type
 
     loss_types = [check_loss_type(lt) for lt in parse_csv(args.loss_type, str)]
