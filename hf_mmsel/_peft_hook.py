@@ -9,7 +9,7 @@ registration runs at once.
 The wheel and the editable install ship ``hf_mmsel_peft_hook.pth`` in site-packages, which calls ``install()`` at
 interpreter start-up: a process that never imports hf_mmsel can still load a MoLA adapter with peft alone. Until
 peft is imported this costs one small import and one finder lookup per import statement that misses the module
-cache (measured in README). Set ``HF_MMSEL_NO_PEFT_HOOK=1`` to disable the start-up hook.
+cache (measured in docs/mola.md). Set ``HF_MMSEL_NO_PEFT_HOOK=1`` to disable the start-up hook.
 
 A failed registration must not break an unrelated ``import peft``, nor hide: the hook warns, keeps the exception and
 puts a stand-in under ``"MOLA"`` in peft's ``PEFT_TYPE_TO_CONFIG_MAPPING``, so loading a MoLA adapter

@@ -13,11 +13,12 @@ of ``ContrastiveTrainer`` calls, in order::
     terms = hook.loss_terms(v, u, s, batch["sample_idx"][keep], l, ctx)
     loss = mean(terms.weights * l) + terms.extra_loss
     ...
-    hook.on_epoch_end(epoch, dist)             # end of every pass over the pool (e.g. GSC's GMM fit)
+    hook.on_pass_end(pass_index, dist)         # end of every pass over the pool (e.g. GSC's GMM fit)
 
 (through :class:`~hf_mmsel.state.HookRunner`, which also checkpoints: the per-sample arrays of every hook's
 ``storage`` one file per rank, re-sharded on resume; ``replicated_state_dict()`` from rank 0;
-``rank_state_dict()`` per rank). "Epoch" here means a pass over the pool (``hf_mmsel.state.PassSchedule``). Rules every hook follows:
+``rank_state_dict()`` per rank). A pass is one sweep over the pool (``hf_mmsel.state.PassSchedule``): an epoch
+map-style, ``ceil(N / (W * B))`` candidate batches streaming. Rules every hook follows:
 
 * **Same k on every rank.** ``prepare`` returns the same number of indices on every rank (the all-gathered
   negatives need equal shapes).
@@ -33,6 +34,8 @@ weights multiply and extra losses add.
 """
 
 from __future__ import annotations
+
+import warnings
 
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Mapping, Sequence
@@ -187,9 +190,19 @@ class BatchHook:
         """Per-sample weights / extra loss for the kept pairs (embeddings carry gradient)."""
         return LossTerms()
 
-    def on_epoch_end(self, epoch: int, dist: Dist) -> dict[str, float]:
-        """Epoch-end update (must leave identical state on every rank); returns scalar logs."""
+    def on_pass_end(self, pass_index: int, dist: Dist) -> dict[str, float]:
+        """End-of-pass update (must leave identical state on every rank); returns scalar logs."""
+        if type(self).on_epoch_end is not BatchHook.on_epoch_end:  # a hook written against the old name
+            warnings.warn(f"{type(self).__name__}.on_epoch_end is deprecated and will be removed in the next release; "
+                          "implement on_pass_end(pass_index, dist)", FutureWarning, stacklevel=2)
+            return type(self).on_epoch_end(self, pass_index, dist)
         return {}
+
+    def on_epoch_end(self, epoch: int, dist: Dist) -> dict[str, float]:
+        """Deprecated name of :meth:`on_pass_end` ("epoch" meant a pass over the pool)."""
+        warnings.warn("BatchHook.on_epoch_end is deprecated and will be removed in the next release; call "
+                      "on_pass_end(pass_index, dist)", FutureWarning, stacklevel=2)
+        return self.on_pass_end(epoch, dist)
 
     # ------------------------------------------------------------------------------------------- state
     def use_storage(self, num_samples: int, device: torch.device | str,
@@ -275,10 +288,10 @@ class HookList(BatchHook):
             total.logs.update(terms.logs)
         return total
 
-    def on_epoch_end(self, epoch: int, dist: Dist) -> dict[str, float]:
+    def on_pass_end(self, pass_index: int, dist: Dist) -> dict[str, float]:
         logs: dict[str, float] = {}
         for hook in self.hooks:
-            logs.update(hook.on_epoch_end(epoch, dist))
+            logs.update(hook.on_pass_end(pass_index, dist))
         return logs
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ def accelerate_launch(num_processes: int = 2) -> list[str]:
     """``accelerate launch`` with ``num_processes`` CPU processes, every option explicit (no config file needed).
 
     Two or more processes need ``--multi_gpu`` plus ``use_cpu`` in the script: ``--cpu`` would silently run
-    ONE process (hf_stack.md §5), so scripts launched with this assert their world size.
+    ONE process (docs/design.md, Stack §5), so scripts launched with this assert their world size.
     """
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]

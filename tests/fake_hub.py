@@ -1,7 +1,7 @@
 """A local in-memory fake of the Hugging Face Hub HTTP API for tests (stdlib only).
 
 Protocol-level test double, NOT Hub validation: it serves the endpoints huggingface_hub 2.x, transformers,
-peft and datasets call for create-repo / commit (regular + basic LFS) / download / listing (hf_stack.md §7),
+peft and datasets call for create-repo / commit (regular + basic LFS) / download / listing (docs/design.md, Stack §7),
 so that ``push_to_hub`` and ``from_pretrained`` / ``load_dataset`` code paths run end to end offline. It does
 not model auth scopes, Xet, multipart LFS, branches, PRs or real git object ids.
 

@@ -424,7 +424,7 @@ def test_gsc_hook_with_fake_embeddings_records_updates_and_round_trips():
             terms = hook.loss_terms(v, txt[idx], torch.tensor(10.0), idx, torch.zeros(10), ctx)
             terms.extra_loss.backward()
             assert torch.isfinite(v.grad).all() and terms.weights.shape == (10,)
-        logs = hook.on_epoch_end(epoch, dist)
+        logs = hook.on_pass_end(epoch, dist)
         assert logs["gsc_num_updated"] == n
     w = hook.buffers.weight
     assert w[~noisy].mean() > w[noisy].mean() + 0.1 and len(hook.bank) == 16
@@ -501,7 +501,7 @@ def test_gsc_state_keeps_its_dtypes_under_bf16_autocast():
             terms.extra_loss.backward()
             out = gsc_loss(image, text, 10.0, hook.buffers.weights_for(idx), sample_idx=idx)
             assert out.consistency.dtype == out.positive_prob.dtype == torch.float32
-        hook.on_epoch_end(0, Dist())
+        hook.on_pass_end(0, Dist())
     for name in BUFFER_NAMES:
         assert getattr(hook.buffers, name).dtype == STATE_DTYPE != torch.bfloat16
     assert hook.bank.image_embeds.dtype == hook.bank.weights.dtype == torch.float32

@@ -1,5 +1,6 @@
-"""GSC+ (gsc.md §6) in ContrastiveTrainer: a CoTrainedDualEncoder of two tiny CLIPs, each network's loss weighted by
-its peer's w, per-network buffers updated at every epoch end, exact resume, ensemble evaluation, save/load, errors."""
+"""GSC+ (docs/design.md, GSC §6) in ContrastiveTrainer: a CoTrainedDualEncoder of two tiny CLIPs, each network's loss
+weighted by its peer's w, per-network buffers updated at every epoch end, exact resume, ensemble evaluation, save/load,
+errors."""
 
 from __future__ import annotations
 

@@ -95,3 +95,23 @@ def test_a_deprecated_flag_still_overrides_the_renamed_yaml_setting(tmp_path):
     _, targs = train_clip.parse_args(["--config", str(config), "--selection_warmup_passes", "2",
                                       "--output_dir", str(tmp_path / "p")])
     assert targs.selection_warmup_passes == 2
+
+
+def test_batch_hook_on_epoch_end_is_a_deprecated_alias_of_on_pass_end():
+    """Hooks written against the old name still run at every pass end (with a FutureWarning), and the old call
+    reaches a hook that implements the new name."""
+    from hf_mmsel.hooks import BatchHook, Dist, HookList
+
+    class OldHook(BatchHook):
+        def on_epoch_end(self, epoch, dist):
+            return {"old_pass": float(epoch)}
+
+    class NewHook(BatchHook):
+        def on_pass_end(self, pass_index, dist):
+            return {"new_pass": float(pass_index)}
+
+    with pytest.warns(FutureWarning, match="OldHook.on_epoch_end is deprecated"):
+        assert HookList([OldHook(), NewHook()]).on_pass_end(3, Dist()) == {"old_pass": 3.0, "new_pass": 3.0}
+    with pytest.warns(FutureWarning, match="on_epoch_end is deprecated"):
+        assert NewHook().on_epoch_end(2, Dist()) == {"new_pass": 2.0}
+    assert BatchHook().on_pass_end(0, Dist()) == {}

@@ -208,7 +208,7 @@ def test_hook_state_round_trip_and_noisy_bookkeeping():
     keep = hook.prepare({"sample_idx": torch.arange(10, 20), "is_noisy": noisy}, ctx)
     torch.testing.assert_close(ctx.logs["selected_noisy_fraction"], noisy[keep].float().mean())
     assert hook.noisy[10:].tolist() == noisy.to(torch.int8).tolist() and (hook.noisy[:10] == -1).all()
-    logs = hook.on_epoch_end(0, Dist())
+    logs = hook.on_pass_end(0, Dist())
     assert "selection/epoch_noisy_score_mean" in logs and len(hook.epoch_histograms) == 1
     restored = _hook("dissect", 0.5, n, warmup_epochs=1, diagnostics=True)
     restored.load_state_dict(hook.state_dict())
@@ -325,7 +325,7 @@ def _hook_loop(warmup_point, epochs, b, rate, seed):
             clip_loss_per_sample(zi, zt, 10.0).mean().backward()
             opt.step()
             step += 1
-        hook.on_epoch_end(epoch, Dist())
+        hook.on_pass_end(epoch, Dist())
     return picked
 
 

@@ -197,7 +197,7 @@ def test_gsc_records_the_sigmoid_positive_probability():
             torch.testing.assert_close(recorded, p, atol=1e-3, rtol=1e-3)
         else:  # the softmax p: the in-batch probability of the positive, a different quantity
             assert not torch.allclose(recorded, expected, atol=1e-3)
-    hook.on_epoch_end(0, Dist())  # the GMM/EMA update runs on sigmoid p as on softmax p
+    hook.on_pass_end(0, Dist())  # the GMM/EMA update runs on sigmoid p as on softmax p
     assert bool(torch.isfinite(hook.buffers.weight).all())
 
 

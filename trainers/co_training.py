@@ -1,6 +1,7 @@
-"""GSC+ co-training step (gsc.md §6): every network of a :class:`~hf_mmsel.models.CoTrainedDualEncoder` gets its
-own per-pair loss on the same kept pairs, with the hooks' terms for ``ctx.network = k`` (GSC+: the peer's ``w``,
-its own ``c``/``p``); the step loss is the sum over networks, so each network receives exactly its own gradient."""
+"""GSC+ co-training step (docs/design.md, GSC §6): every network of a :class:`~hf_mmsel.models.CoTrainedDualEncoder`
+gets its own per-pair loss on the same kept pairs, with the hooks' terms for ``ctx.network = k`` (GSC+: the peer's
+``w``, its own ``c``/``p``); the step loss is the sum over networks, so each network receives exactly its own
+gradient."""
 
 from __future__ import annotations
 

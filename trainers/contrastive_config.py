@@ -24,8 +24,9 @@ GSC_MATCHINGS = ("cosine", "dot")
 
 @dataclass
 class ContrastiveTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` plus the selection settings (dissect.md §4/§8) and the GSC weighting settings
-    (``gsc``, ``gsc_*``: the arguments of :class:`~hf_mmsel.gsc.hook.GSCHook` with its defaults; gsc.md §4, §12).
+    """``TrainingArguments`` plus the selection settings (docs/design.md, DISSect §4/§8) and the GSC weighting settings
+    (``gsc``, ``gsc_*``: the arguments of :class:`~hf_mmsel.gsc.hook.GSCHook` with its defaults; docs/design.md, GSC §4,
+    §12).
 
     ``remove_unused_columns`` is forced off (batches carry ``sample_idx``) and ``dataloader_drop_last`` on, so every
     rank sees full candidate batches and keeps the same ``k = round(select_rate * per_device_train_batch_size)``;
@@ -125,7 +126,7 @@ class ContrastiveTrainingArguments(TrainingArguments):
     plot_score_distributions: bool = field(
         default=True, metadata={"help": f"write {SCORE_PLOT_NAME} (clean vs noisy scores per epoch) at the end"}
     )
-    # --- GSC per-sample weighting (gsc.md §4, §12; defaults = GSCHook's) -----------------------------------
+    # --- GSC per-sample weighting (docs/design.md, GSC §4, §12; defaults = GSCHook's) ---------------------------------
     gsc: bool = field(
         default=False,
         metadata={"help": "GSC noisy-correspondence weighting of the kept pairs (after selection): per-sample "
@@ -133,8 +134,8 @@ class ContrastiveTrainingArguments(TrainingArguments):
     )
     gsc_gamma: float = field(default=0.05, metadata={"help": "weight gamma >= 0 of the GSC structure loss"})
     gsc_beta: float = field(default=0.9, metadata={"help": "EMA factor beta in (0, 1] of the epoch-end update (GSC's "
-                                                          "code: 0.7; 0.9 chosen by pair-level validation rSum, README "
-                                                          "Results)"})
+                                                          "code: 0.7; 0.9 chosen by pair-level validation rSum, "
+                                                          "docs/results.md)"})
     gsc_ema_bias_correction: bool = field(
         default=False,
         metadata={"help": "optional: bias-corrected EMAs of the evidence (Adam's), the prior w = 1 forgotten at its own "
@@ -149,7 +150,7 @@ class ContrastiveTrainingArguments(TrainingArguments):
     gsc_weight_threshold: float = field(
         default=0.0,
         metadata={"help": "pairs whose w is below this train with weight 0 (filtered out; the stored w stays soft); "
-                          "0: GSC's soft weighting of every pair (default; see README Results before raising it)"},
+                          "0: GSC's soft weighting of every pair (default; see docs/results.md before raising it)"},
     )
     gsc_bank_size: int = field(
         default=0, metadata={"help": "size of the bank of confident-clean anchor pairs (0: in-batch anchors only)"}

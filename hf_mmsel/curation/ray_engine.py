@@ -5,7 +5,7 @@
 ``num_gpus=1``) -> ``groupby(path).map_groups`` that turns one shard's embeddings into its score file through
 the very methods of the local engine (:meth:`~hf_mmsel.curation.pipeline.CurationScorer.write_raw`, then
 :meth:`~hf_mmsel.curation.pipeline.CurationScorer.write_final`). Per-shard files are sorted by ``sample_idx``
-and replaced atomically, so Ray's retries and the output order of its blocks do not matter (scale_and_speed.md
+and replaced atomically, so Ray's retries and the output order of its blocks do not matter (docs/design.md, Scale
 §G). Anchors and the mixture are prepared by the driver exactly as in the local engine.
 """
 

@@ -170,7 +170,7 @@ class PosteriorFit:
     @classmethod
     def fit(cls, values: torch.Tensor, *, max_iter: int = 10, tol: float = 1e-2, reg_covar: float = 5e-4,
             max_fit_samples: int = 200_000, seed: int = 0, monotone: bool = True) -> PosteriorFit:
-        """As :func:`hf_mmsel.gsc.buffers.gmm_clean_posterior` (gsc.md §4): normalise, subsample, fit."""
+        """As :func:`hf_mmsel.gsc.buffers.gmm_clean_posterior` (docs/design.md, GSC §4): normalise, subsample, fit."""
         x = values.detach().double().flatten().cpu()
         lo, hi = float(x.min()), float(x.max())
         if not hi - lo > 1e-12:

@@ -2,7 +2,7 @@
 
 easy-vqa (PyPI ``easy-vqa``, MIT) ships 5,000 real 64x64 PNG images (4,000 train / 1,000 test), each showing one
 coloured shape, and ~48k yes/no and open questions about them. A caption needs the image's colour and shape,
-which :func:`derive_color_shape` reads off the QA pairs (offline_data.md §1.3):
+which :func:`derive_color_shape` reads off the QA pairs (docs/design.md, Data §1.3):
 
 * open questions: "what color is the {shape}?" -> colour (and the shape from the question), "what is the
   {color} shape?" -> shape (and the colour from the question), "what shape ..." -> shape;

@@ -1,4 +1,4 @@
-"""Heterogeneous multi-task image classification data for MoLA (mola.md §2, offline_data.md §1.5).
+"""Heterogeneous multi-task image classification data for MoLA (docs/design.md, MoLA §2, Data §1.5).
 
 Every example has three columns: ``pixel_values`` (float32 ``[3, H, W]``, normalised), ``label`` (int, in the
 label space of its task) and ``task_id`` (int, index into :class:`MultiTaskSpec.task_names`).

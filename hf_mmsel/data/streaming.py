@@ -1,6 +1,6 @@
 """An infinite, rank- and worker-aware stream of fixed-size batches over manifest shards, with stateless resume.
 
-Layout of the stream (design: scale_and_speed.md §A):
+Layout of the stream (design: docs/design.md, Scale §A):
 
 * rank ``r`` reads only the shards ``assign_shards(manifest, W)[r]`` (greedy by count, handles any shard count
   >= W), and its dataloader worker ``w`` only ``assign_worker_shards(...)[w]`` of those;

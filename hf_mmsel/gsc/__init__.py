@@ -8,7 +8,7 @@
 - :mod:`.scoring`: :func:`gsc_clean_probability`, one-pass clean probability of a whole dataset (curation).
 - ``p`` under the step's loss: :meth:`hf_mmsel.losses.PairLoss.positive_prob` (:mod:`.sigmoid`: deprecated).
 
-See ``shared/design/gsc.md`` for the method and its adaptation to CLIP-style models.
+See docs/design.md (GSC) for the method and its adaptation to CLIP-style models.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A bank of confident-clean anchor pairs for GSC structure profiles (gsc.md §12.4 item 2b).
+"""A bank of confident-clean anchor pairs for GSC structure profiles (docs/design.md, GSC §12.4 item 2b).
 
 The bank is a first-in-first-out queue of detached ``(v_k, u_k)`` embedding pairs with their dataset index.
 Pairs enter only if their GSC weight ``w`` is at least ``min_weight``; when a batch offers more candidates than

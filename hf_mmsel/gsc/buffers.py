@@ -1,8 +1,8 @@
-"""Per-sample GSC state and the epoch-end label inference (gsc.md §2, §4, §12.2).
+"""Per-sample GSC state and the epoch-end label inference (docs/design.md, GSC §2, §4, §12.2).
 
 Per-sample arrays, float16 (10 B/sample, in the sharded :class:`~hf_mmsel.state.PerSampleState`): weight ``w``,
 consistency ``c`` (NaN = not seen this pass), positive probability ``p``, ``ema_topo``, ``ema_pred``; with the
-bias-corrected EMA (default) a uint8 count ``n`` of the pass ends that updated the sample (1 B/sample more); the
+optional bias-corrected EMA a uint8 count ``n`` of the pass ends that updated the sample (1 B/sample more); the
 last clean posterior ``π`` only with ``keep_posterior`` (diagnostics). During a pass each rank records its own
 ``(sample_idx, c, p)`` (it owns its candidates); at the pass end, over the samples seen this pass only:
 
@@ -10,14 +10,14 @@ last clean posterior ``π`` only with ``keep_posterior`` (diagnostics). During a
     E ← β·x + (1-β)·E   for (E, x) = (ema_topo, π) and (ema_pred, p);   w = min(ema_pred, ema_topo)
 
 GSC's code starts both EMAs at 1 ("all clean"), so one β sets both how fast that prior is forgotten, (1-β)^n,
-and how long the pair's past evidence is remembered. With ``bias_correction`` (a deviation, README "Deviations
-from the paper") the two are separate: the EMAs are Adam's bias-corrected ones of the evidence alone,
+and how long the pair's past evidence is remembered. With ``bias_correction`` (optional; docs/curation.md,
+"Deviations from the paper") the two are separate: the EMAs are Adam's bias-corrected ones of the evidence alone,
 ``E_n = Σ_s β(1-β)^(n-s) x_s / (1 - (1-β)^n)`` (updated in place from the stored ``E`` and ``n``:
 ``E ← (β·x + (1-β)·d_(n-1)·E) / d_n``, ``d_n = 1 - (1-β)^n``), and the prior enters ``w`` alone, with its own
 rate β₀: ``w = (1-β₀)^n + (1 - (1-β₀)^n)·min(E_pred, E_topo)``. β₀ = β is GSC's EMA exactly; a small β with a
 large β₀ is a long memory with GSC's fast start.
 
-Identical to the single-process result by construction (scale_and_speed.md §B): global min/max of ``c``
+Identical to the single-process result by construction (docs/design.md, Scale §B): global min/max of ``c``
 (all_reduce), a subsample chosen by a hash of ``(seed, sample_idx)`` (the ``max_fit_samples`` smallest hashes
 over all ranks, not ``randperm``), gathered with padding, **sorted by sample_idx** before the float64 EM, which
 every rank runs on the same values in the same order; the posterior is then applied locally.
@@ -93,12 +93,12 @@ def gmm_clean_posterior(
     scores: torch.Tensor, sample_idx: torch.Tensor | None = None, *, max_iter: int, tol: float, reg_covar: float,
     max_fit_samples: int, seed: int, monotone: bool, distributed: bool = False
 ) -> tuple[torch.Tensor, int, tuple[float, float] | None, bool | None]:
-    """gsc.md §4 steps 1-2 over the scores of every rank (each passes its own ``scores``/``sample_idx``): global
-    min-max normalisation, a 2-component GMM fitted on the ``max_fit_samples`` samples of smallest
-    :func:`sample_hash` (sorted by sample_idx), the posterior of the higher-mean component for this rank's scores,
-    the number of fitted scores, the component means and convergence. All-equal scores carry no evidence:
-    posterior 1, means ``None``. ``distributed=False``: ``scores`` are the whole pool (no collectives);
-    ``sample_idx`` defaults to positions."""
+    """docs/design.md, GSC §4 steps 1-2 over the scores of every rank (each passes its own ``scores``/``sample_idx``):
+    global min-max normalisation, a 2-component GMM fitted on the ``max_fit_samples`` samples of smallest
+    :func:`sample_hash` (sorted by sample_idx), the posterior of the higher-mean component for this rank's scores, the
+    number of fitted scores, the component means and convergence. All-equal scores carry no evidence: posterior 1, means
+    ``None``. ``distributed=False``: ``scores`` are the whole pool (no collectives); ``sample_idx`` defaults to
+    positions."""
     scores = scores.to(torch.float64)
     if sample_idx is None:
         sample_idx = torch.arange(scores.numel(), device=scores.device)
@@ -205,14 +205,14 @@ class GSCBuffers:
         prior_beta: float = 1.0,
         broadcast_fn: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
     ) -> EpochUpdateStats:
-        """Pass-end label inference (gsc.md §4) over the samples seen this pass on every rank (call on every
-        rank); resets the seen marks. The GMM is fitted on at most ``max_fit_samples`` scores (chosen by
+        """Pass-end label inference (docs/design.md, GSC §4) over the samples seen this pass on every rank (call on
+        every rank); resets the seen marks. The GMM is fitted on at most ``max_fit_samples`` scores (chosen by
         :func:`sample_hash` with ``seed``) and predicts for all seen samples. ``prob_posterior`` (a deviation,
-        gsc.md §12.1) feeds ``ema_pred`` with the GMM clean posterior of ``p`` instead of raw ``p``: raw ``p`` is
-        small even for clean pairs when the batch is large, the scale high or captions repeat within a batch,
-        which drags ``w = min(...)`` down for everyone. ``prior_beta`` (bias-corrected buffers only): ``w`` keeps
-        the prior 1 with weight ``(1 - prior_beta)^n``, ``w = (1-β₀)^n + (1 - (1-β₀)^n)·min(E_pred, E_topo)``
-        (1.0: no prior). Returns global summary statistics."""
+        docs/design.md, GSC §12.1) feeds ``ema_pred`` with the GMM clean posterior of ``p`` instead of raw ``p``: raw
+        ``p`` is small even for clean pairs when the batch is large, the scale high or captions repeat within a batch,
+        which drags ``w = min(...)`` down for everyone. ``prior_beta`` (bias-corrected buffers only): ``w`` keeps the
+        prior 1 with weight ``(1 - prior_beta)^n``, ``w = (1-β₀)^n + (1 - (1-β₀)^n)·min(E_pred, E_topo)`` (1.0: no
+        prior). Returns global summary statistics."""
         if not 0.0 < beta <= 1.0:
             raise ValueError(f"beta must be in (0, 1], got {beta}")
         if not 0.0 < prior_beta <= 1.0:
@@ -296,7 +296,7 @@ class GSCBuffers:
 
 
 class GSCPlusBuffers:
-    """GSC+ (gsc.md §6): one :class:`GSCBuffers` per network; network k is trained with its peer's weights
+    """GSC+ (docs/design.md, GSC §6): one :class:`GSCBuffers` per network; network k is trained with its peer's weights
     (for two networks, the other one; in general network ``(k + 1) % n``) and updates its own buffers."""
 
     def __init__(self, num_samples: int | None = None, num_networks: int = 2, device: torch.device | str | None = None,

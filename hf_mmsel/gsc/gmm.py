@@ -1,4 +1,4 @@
-"""A deterministic two-component 1-D Gaussian mixture (gsc.md §4 step 2), in float64 torch.
+"""A deterministic two-component 1-D Gaussian mixture (docs/design.md, GSC §4 step 2), in float64 torch.
 
 Equivalent in intent to sklearn's ``GaussianMixture(n_components=2, max_iter, tol, reg_covar)`` as GSC uses it,
 but initialised deterministically (1-D k-means started at the min and max), so that every process fitting the

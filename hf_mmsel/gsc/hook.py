@@ -1,6 +1,6 @@
 """GSC as a :class:`~hf_mmsel.hooks.BatchHook`: per-sample weights + structure loss at the data boundary.
 
-Thin adapter over the core :func:`~hf_mmsel.gsc.loss.gsc_terms` (gsc.md §12.2; the same function
+Thin adapter over the core :func:`~hf_mmsel.gsc.loss.gsc_terms` (docs/design.md, GSC §12.2; the same function
 :func:`~hf_mmsel.gsc.loss.gsc_loss` uses). Per training step, on the kept pairs of the local batch:
 weights ``w[sample_idx]`` for the trainer's per-sample InfoNCE, ``extra_loss = γ · structure loss`` (in-batch
 anchors + optional :class:`AnchorBank`), and ``(sample_idx, c, p)`` recorded into this rank's shard of the
@@ -11,7 +11,7 @@ min/max, hashed subsample, sorted EM). The anchor bank (fixed size, not per-samp
 gathered from every rank, and their current weights are looked up from their owners (one all_reduce). Nothing
 is recorded when gradients are disabled (evaluation).
 
-:class:`GSCPlusHook` is GSC+ (gsc.md §6) for a co-trained ensemble: one :class:`GSCHook` per network (own
+:class:`GSCPlusHook` is GSC+ (docs/design.md, GSC §6) for a co-trained ensemble: one :class:`GSCHook` per network (own
 buffers, GMM/EMA, anchor bank), called per network (``ctx.network = k``); network k's losses are weighted by its
 peer's ``w`` (:class:`GSCPlusBuffers`), its ``c``/``p`` recorded into its own buffers.
 """
@@ -34,7 +34,7 @@ from .structure import StructureConfig
 def filter_weights(weights: torch.Tensor, threshold: float) -> torch.Tensor:
     """The weights a step trains with: ``w`` where ``w >= threshold``, else 0 (the pair is filtered out: no loss, no
     anchor); ``threshold = 0`` (default) is GSC's soft weighting of every pair. The stored ``w`` stays continuous.
-    Optional (``gsc_weight_threshold``): measured on the embedded benchmarks (README "Results"), filtering at 0.5
+    Optional (``gsc_weight_threshold``): measured on the embedded benchmarks (docs/results.md), filtering at 0.5
     lifts ``w``'s AUROC above the trained model's own cosine at 40 % noise on easy-vqa but costs rSum there and
     collapses at 60 % noise and with selection (an early wrong split is never trained on again)."""
     if threshold <= 0.0:
@@ -138,10 +138,10 @@ class GSCHook(BatchHook):
                                 priority=all_w * dist.gather(p))
         return LossTerms(weights=weights, extra_loss=self.gamma * structure_loss, logs=logs)
 
-    def on_epoch_end(self, epoch: int, dist: Dist) -> dict[str, float]:
+    def on_pass_end(self, pass_index: int, dist: Dist) -> dict[str, float]:
         buffers = self._require_buffers()
         stats = buffers.epoch_update(
-            beta=self.beta, seed=self.seed + epoch, prob_posterior=self.prob_posterior, prior_beta=self.prior_beta,
+            beta=self.beta, seed=self.seed + pass_index, prob_posterior=self.prob_posterior, prior_beta=self.prior_beta,
             **self.gmm,
         )
         if stats.num_seen == 0:
@@ -235,10 +235,10 @@ class GSCPlusHook(BatchHook):
         terms.logs = {f"{name}_net{k}": value for name, value in terms.logs.items()}
         return terms
 
-    def on_epoch_end(self, epoch: int, dist: Dist) -> dict[str, float]:
+    def on_pass_end(self, pass_index: int, dist: Dist) -> dict[str, float]:
         logs: dict[str, float] = {}
         for k, hook in enumerate(self.networks):
-            logs.update({f"{name}_net{k}": value for name, value in hook.on_epoch_end(epoch, dist).items()})
+            logs.update({f"{name}_net{k}": value for name, value in hook.on_pass_end(pass_index, dist).items()})
         return logs
 
     def weights(self, network: int | None = None) -> torch.Tensor:

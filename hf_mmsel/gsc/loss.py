@@ -1,4 +1,4 @@
-"""The GSC training objective for a dual encoder (gsc.md §3 step 8, §12.1-12.2).
+"""The GSC training objective for a dual encoder (docs/design.md, GSC §3 step 8, §12.1-12.2).
 
     L = (1/B) Σ_i w_i · ℓ_i + γ · (1/B) Σ_i w_i · ℓ^str_i
 
@@ -55,8 +55,8 @@ class GSCLossOutput:
 
 
 def weighted_bidirectional_infonce(logits_per_image: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``(1/B) Σ_i w_i · ½(ℓ^i2t_i + ℓ^t2i_i)`` for given square logits (gsc.md §3 step 2; divided by B, not
-    Σw). A logits-level helper; :func:`gsc_loss` and the trainer compute ``ℓ_i`` with
+    """``(1/B) Σ_i w_i · ½(ℓ^i2t_i + ℓ^t2i_i)`` for given square logits (docs/design.md, GSC §3 step 2; divided by B,
+    not Σw). A logits-level helper; :func:`gsc_loss` and the trainer compute ``ℓ_i`` with
     :meth:`~hf_mmsel.losses.PairLoss.per_sample`."""
     target = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
     per_sample = 0.5 * (
@@ -85,8 +85,8 @@ def structure_terms(
     anchor_sample_idx: torch.Tensor | None = None,
     structure: StructureConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``((1/B) Σ_a w_a ℓ^str_a, detached c)`` for L2-normalised (B, d) embeddings with in-batch anchors (self
-    excluded, at most ``structure.max_batch_anchors``) plus optional detached bank anchors (gsc.md §3 steps 4-7)."""
+    """``((1/B) Σ_a w_a ℓ^str_a, detached c)`` for L2-normalised (B, d) embeddings with in-batch anchors (self excluded,
+    at most ``structure.max_batch_anchors``) plus optional detached bank anchors (docs/design.md, GSC §3 steps 4-7)."""
     cfg = structure or StructureConfig()
     v, u = image_embeds, text_embeds
     b = v.shape[0]
@@ -130,12 +130,12 @@ def gsc_terms(
     structure: StructureConfig | None = None,
     pair_loss: PairLoss | None = None,
 ) -> GSCTerms:
-    """GSC's per-step terms for L2-normalised local (B, d) embeddings with weights ``w`` (gsc.md §3 steps 3-7):
-    the structure loss and ``c`` (:func:`structure_terms`), and ``p`` =
-    :meth:`pair_loss.positive_prob <hf_mmsel.losses.PairLoss.positive_prob>` with scale ``s_p = prob_logit_scale``
-    (default :class:`~hf_mmsel.losses.SoftmaxPairLoss`: the softmax probability of the positive in the local B×B
-    logits ``s_p · V Uᵀ``, as GSC scores ``p`` inside its B = 128 batch; SigLIP's sigmoid loss: the pair's own match
-    probability ``σ(s_p·cos_ii + b)``). Used by :class:`GSCHook` and :func:`gsc_loss`."""
+    """GSC's per-step terms for L2-normalised local (B, d) embeddings with weights ``w`` (docs/design.md, GSC §3 steps
+    3-7): the structure loss and ``c`` (:func:`structure_terms`), and ``p`` = :meth:`pair_loss.positive_prob
+    <hf_mmsel.losses.PairLoss.positive_prob>` with scale ``s_p = prob_logit_scale`` (default
+    :class:`~hf_mmsel.losses.SoftmaxPairLoss`: the softmax probability of the positive in the local B×B logits ``s_p · V
+    Uᵀ``, as GSC scores ``p`` inside its B = 128 batch; SigLIP's sigmoid loss: the pair's own match probability
+    ``σ(s_p·cos_ii + b)``). Used by :class:`GSCHook` and :func:`gsc_loss`."""
     structure_loss, consistency = structure_terms(
         image_embeds, text_embeds, weights, anchor_embeds, anchor_weights, sample_idx=sample_idx,
         anchor_sample_idx=anchor_sample_idx, structure=structure,
@@ -163,8 +163,8 @@ def gsc_loss(
     logit_bias: torch.Tensor | float | None = None,
     pair_loss: PairLoss | None = None,
 ) -> GSCLossOutput:
-    """Weighted contrastive loss + ``gamma`` · structure loss, plus detached ``c`` and ``p`` (gsc.md §3, §12.2):
-    the trainer's ``ContrastiveTrainingArguments(gsc=True)`` objective for one process (local negatives; the
+    """Weighted contrastive loss + ``gamma`` · structure loss, plus detached ``c`` and ``p`` (docs/design.md, GSC §3,
+    §12.2): the trainer's ``ContrastiveTrainingArguments(gsc=True)`` objective for one process (local negatives; the
     trainer gathers them across ranks), built from the same :func:`gsc_terms`.
 
     Args:
@@ -179,7 +179,7 @@ def gsc_loss(
             found in the bank is excluded from its own profile (required with ``anchor_embeds``).
         structure: profile / matching settings; default :class:`StructureConfig`.
         prob_logit_scale: scale used for ``p`` only (``None``: ``logit_scale``); a fixed ``1/0.07`` keeps ``p``
-            comparable when the learned scale grows (gsc.md §12.1, "p with big batches").
+            comparable when the learned scale grows (docs/design.md, GSC §12.1, "p with big batches").
         logit_bias: the bias ``b`` of SigLIP's sigmoid loss: short for ``pair_loss=SigmoidPairLoss(b)``.
         pair_loss: the :class:`~hf_mmsel.losses.PairLoss` giving ``ℓ_i`` and ``p_i`` (``None``: softmax InfoNCE, or
             the sigmoid loss with ``logit_bias``).

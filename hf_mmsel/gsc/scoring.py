@@ -1,23 +1,24 @@
-"""One-pass GSC clean probability for a whole dataset (curation; gsc.md §4, §12.4 items 1-3).
+"""One-pass GSC clean probability for a whole dataset (curation; docs/design.md, GSC §4, §12.4 items 1-3).
 
 The training-time GSC hook scores each pair inside its own training batch and smooths the scores over epochs.
 For curation, a trained model embeds all N pairs once (no grad) and this module scores them in one go:
 
-1. ``p_i``: cross-modal positive-pair probability (gsc.md §3 step 3) inside chunks of ``chunk_size`` pairs drawn
-   by a seeded permutation (like GSC's random training batches; chunk sizes differ by at most one);
-2. ``c_i``: structure consistency against ONE fixed set of M anchor pairs drawn with ``seed`` (self excluded),
-   so every pair is measured in the same reference frame (gsc.md §12.4 item 2a). The sigmoid map's centre ``mu``
-   is the mean valid cosine over *all* rows (per modality), so the result does not depend on how rows are
-   chunked. Default profile settings: row-centred profiles (Pearson) and sigmoid temperature 0.1, compared by
-   the validation rSum of models trained on the kept pairs (``hf-mmsel benchmark-downstream``, README "Results");
-   the variants (centring, t, posterior of ``p``) tie there within the seed spread, so the calibrated defaults stay
-   (a threshold of 0.5 then means "more likely clean than noisy"). Confident anchors (the M cleanest pairs of a first round) gave
-   less contrast than random anchors: they cluster, and the profiles lose contrast;
-3. ``π_i``: posterior of the higher-mean component of a 2-component GMM on min-max normalised ``c`` (gsc.md §4);
+1. ``p_i``: cross-modal positive-pair probability (docs/design.md, GSC §3 step 3) inside chunks of ``chunk_size`` pairs
+   drawn by a seeded permutation (like GSC's random training batches; chunk sizes differ by at most one);
+2. ``c_i``: structure consistency against ONE fixed set of M anchor pairs drawn with ``seed`` (self excluded), so every
+   pair is measured in the same reference frame (docs/design.md, GSC §12.4 item 2a). The sigmoid map's centre ``mu`` is
+   the mean valid cosine over *all* rows (per modality), so the result does not depend on how rows are chunked. Default
+   profile settings: row-centred profiles (Pearson) and sigmoid temperature 0.1, compared by the validation rSum of
+   models trained on the kept pairs (``hf-mmsel benchmark-downstream``, docs/results.md); the variants (centring, t,
+   posterior of ``p``) tie there within the seed spread, so the calibrated defaults stay (a threshold of 0.5 then means
+   "more likely clean than noisy"). Confident anchors (the M cleanest pairs of a first round) gave less contrast than
+   random anchors: they cluster, and the profiles lose contrast;
+3. ``π_i``: posterior of the higher-mean component of a 2-component GMM on min-max normalised ``c`` (docs/design.md, GSC
+§4);
 4. ``clean_prob = min(π, P)`` as GSC's ``w = min(EMA_pred, EMA_topo)`` with a single "epoch": ``P`` is raw ``p``
-   (``prob_posterior=False``, GSC exactly) or, by default, the GMM posterior of ``p`` (the deviation of
-   gsc.md §12.1 also offered by :meth:`GSCBuffers.epoch_update`): raw ``p`` is small for clean pairs whenever a
-   chunk holds near-duplicate captions or the logit scale is high, which would read as noise.
+   (``prob_posterior=False``, GSC exactly) or, by default, the GMM posterior of ``p`` (the deviation of docs/design.md,
+   GSC §12.1 also offered by :meth:`GSCBuffers.epoch_update`): raw ``p`` is small for clean pairs whenever a chunk holds
+   near-duplicate captions or the logit scale is high, which would read as noise.
 
 Everything is a deterministic function of the embeddings and ``seed`` (no communication, no global RNG):
 scoring the gathered embeddings of an N-process run gives exactly the single-process result.

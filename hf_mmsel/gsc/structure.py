@@ -1,13 +1,13 @@
-"""Intra-modal geometrical structure of image-text pairs (GSC, gsc.md §3 steps 3-7 and §12.1).
+"""Intra-modal geometrical structure of image-text pairs (GSC, docs/design.md, GSC §3 steps 3-7 and §12.1).
 
 For a batch of L2-normalised image embeddings ``v_i`` and text embeddings ``u_i`` and a set of M paired anchors
 ``(v_k, u_k)`` with weights ``w_k``, the *structure profiles* are
 
-    Ã_ik = f(v_i · v_k) · w_k        C̃_ik = f(u_i · u_k) · w_k        (gsc.md §3 step 5, §12.1)
+    Ã_ik = f(v_i · v_k) · w_k        C̃_ik = f(u_i · u_k) · w_k        (docs/design.md, GSC §3 step 5, §12.1)
 
-with ``f`` a positive monotone map of the cosine. An anchor that is the sample itself is excluded (gsc.md §12.1:
-``cos(v_i, v_i) = 1`` is a constant), by masking, which is exactly equivalent to removing the column.
-From the profiles:
+with ``f`` a positive monotone map of the cosine. An anchor that is the sample itself is excluded (docs/design.md, GSC
+§12.1: ``cos(v_i, v_i) = 1`` is a constant), by masking, which is exactly equivalent to removing the column. From the
+profiles:
 
 - structure consistency ``c_i = cos(Ã_i, C̃_i)`` (optionally row-centred: Pearson correlation), §3 step 6;
 - structure-matching matrix ``G_ab`` between the image profile of a and the text profile of b, §3 step 7, scaled
@@ -39,7 +39,7 @@ class StructureConfig:
     Attributes:
         similarity: ``"sigmoid"``: ``f(x) = sigmoid((x - mu) / temperature)`` with ``mu`` the mean of the valid
             (non-self) cosines of the block (per modality, detached); ``"affine"``: ``f(x) = (1 + x) / 2``.
-        temperature: ``t`` of the sigmoid map (gsc.md §12.1 suggests ~0.1).
+        temperature: ``t`` of the sigmoid map (docs/design.md, GSC §12.1 suggests ~0.1).
         centered: subtract each profile's mean over its valid anchors before comparing (Pearson correlation).
         matching: ``"cosine"``: ``G_ab = cos(Ã_a, C̃_b) / matching_temperature`` (row-normalised profiles, so
             ``G_aa · matching_temperature = c_a``); ``"dot"``: ``G_ab = Ã_a · C̃_b / matching_temperature`` as in
@@ -83,9 +83,9 @@ def positive_map(
     cos: torch.Tensor, valid: torch.Tensor, similarity: SimilarityMap, temperature: float,
     mu: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
-    """``f(cos)`` of gsc.md §12.1, a positive monotone map: ``(1 + cos)/2`` or ``σ((cos - μ)/t)``. The sigmoid's
-    centre ``μ`` is, by default, the (detached) mean of the ``valid`` entries, so the map adapts to how spread-out
-    the embedding space currently is; one-pass scoring passes a fixed ``mu`` (one frame for every chunk)."""
+    """``f(cos)`` of docs/design.md, GSC §12.1, a positive monotone map: ``(1 + cos)/2`` or ``σ((cos - μ)/t)``. The
+    sigmoid's centre ``μ`` is, by default, the (detached) mean of the ``valid`` entries, so the map adapts to how
+    spread-out the embedding space currently is; one-pass scoring passes a fixed ``mu`` (one frame for every chunk)."""
     if similarity == "affine":
         return (1.0 + cos) / 2.0
     if similarity == "sigmoid":
@@ -113,7 +113,7 @@ def structure_profiles(
     temperature: float = 0.1,
 ) -> StructureProfiles:
     """Anchor-weighted intra-modal similarity profiles ``Ã_ik = f(v_i·v_k) w_k``, ``C̃_ik = f(u_i·u_k) w_k``
-    (gsc.md §3 steps 4-5). Embeddings must be L2-normalised. ``exclude`` (B, M) bool masks self anchors."""
+    (docs/design.md, GSC §3 steps 4-5). Embeddings must be L2-normalised. ``exclude`` (B, M) bool masks self anchors."""
     b, m = image_embeds.shape[0], anchor_image_embeds.shape[0]
     if text_embeds.shape[0] != b or anchor_text_embeds.shape[0] != m or anchor_weights.shape != (m,):
         raise ValueError(
@@ -142,8 +142,8 @@ def _comparable(profiles: torch.Tensor, valid: torch.Tensor, centered: bool) -> 
 
 
 def structure_consistency(profiles: StructureProfiles, centered: bool = False) -> torch.Tensor:
-    """``c_i = cos(Ã_i, C̃_i)`` (gsc.md §3 step 6), or the Pearson correlation when ``centered``; a zero profile
-    (e.g. all anchor weights 0) gives ``c_i = 0``, never NaN."""
+    """``c_i = cos(Ã_i, C̃_i)`` (docs/design.md, GSC §3 step 6), or the Pearson correlation when ``centered``; a zero
+    profile (e.g. all anchor weights 0) gives ``c_i = 0``, never NaN."""
     a = _comparable(profiles.image, profiles.valid, centered)
     c = _comparable(profiles.text, profiles.valid, centered)
     return F.cosine_similarity(a, c, dim=1, eps=_EPS)
@@ -156,7 +156,7 @@ def structure_matching(
     matching: MatchingMode = "cosine",
     matching_temperature: float | None = None,
 ) -> torch.Tensor:
-    """Structure-matching logits ``G`` (B, B) of gsc.md §3 step 7, already divided by the temperature."""
+    """Structure-matching logits ``G`` (B, B) of docs/design.md, GSC §3 step 7, already divided by the temperature."""
     a = _comparable(profiles.image, profiles.valid, centered)
     c = _comparable(profiles.text, profiles.valid, centered)
     if matching == "cosine":
@@ -169,13 +169,14 @@ def structure_matching(
 
 
 def structure_infonce(matching_logits: torch.Tensor) -> torch.Tensor:
-    """Per-sample structure loss ``ℓ^str_a = -log softmax_b(G_a·)_a`` (image -> text, gsc.md §3 step 7)."""
+    """Per-sample structure loss ``ℓ^str_a = -log softmax_b(G_a·)_a`` (image -> text, docs/design.md, GSC §3 step 7)."""
     target = torch.arange(matching_logits.shape[0], device=matching_logits.device)
     return F.cross_entropy(matching_logits, target, reduction="none")
 
 
 def positive_probability(logits_per_image: torch.Tensor) -> torch.Tensor:
-    """``p_i = ½(softmax_j(S_i·)_i + softmax_j(S_·i)_i)`` for square image-text logits ``S`` (gsc.md §3 step 3)."""
+    """``p_i = ½(softmax_j(S_i·)_i + softmax_j(S_·i)_i)`` for square image-text logits ``S`` (docs/design.md, GSC §3
+    step 3)."""
     i2t = logits_per_image.softmax(dim=1).diagonal()
     t2i = logits_per_image.softmax(dim=0).diagonal()
     return 0.5 * (i2t + t2i)

@@ -1,4 +1,4 @@
-"""``CoTrainedDualEncoder``: two (or more) dual encoders trained together, for GSC+ (gsc.md §6).
+"""``CoTrainedDualEncoder``: two (or more) dual encoders trained together, for GSC+ (docs/design.md, GSC §6).
 
 Training (``ContrastiveTrainer`` with ``gsc=True, gsc_co_training=True``) calls :meth:`forward`, which returns
 every network's own L2-normalised embeddings; each network gets its own InfoNCE, weighted by its peer's GSC

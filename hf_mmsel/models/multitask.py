@@ -1,4 +1,4 @@
-"""Multi-task image classifier for MoLA: a shared backbone and one linear head per task (mola.md §2).
+"""Multi-task image classifier for MoLA: a shared backbone and one linear head per task (docs/design.md, MoLA §2).
 
 The loss is the sum over the tasks present in the batch of each task's mean cross-entropy (equal task weights,
 the official "ourbase" balancer). Logits of all tasks are padded to the largest label space; the classes a task

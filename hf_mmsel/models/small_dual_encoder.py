@@ -4,7 +4,7 @@
 embeddings, optionally followed by a residual 1-hidden-layer MLP), linear projections to a shared space and a learned
 logit scale, trained with CLIP's symmetric InfoNCE. It is the benchmark model of ``recipes/benchmark_selection.py``:
 on CPU a step at 28 px and B = 128 costs a few milliseconds, and it has enough capacity to *memorise* noisy
-image-text pairs over a 20-epoch run, the regime DISSect and GSC target (dissect.md "Prototype findings").
+image-text pairs over a 20-epoch run, the regime DISSect and GSC target (docs/design.md, DISSect "Prototype findings").
 
 The image tower uses GroupNorm (batch-independent), so a pair's embedding never depends on which other pairs share
 its batch (DISSect's scoring forward on B pairs and the training forward on k pairs give identical embeddings).

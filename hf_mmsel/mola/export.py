@@ -1,4 +1,4 @@
-"""Export one MoLA expert as a plain peft LoRA adapter (mola.md §6.4 "Merge"), loadable with vanilla peft.
+"""Export one MoLA expert as a plain peft LoRA adapter (docs/design.md, MoLA §6.4 "Merge"), loadable with vanilla peft.
 
 Expert t of every layer becomes ``lora_A``/``lora_B`` of a ``LoraConfig`` adapter: ``adapter_config.json`` +
 ``adapter_model.safetensors``; ``PeftModel.from_pretrained(base, path)`` then reproduces MoLA's output for task t in

@@ -1,11 +1,11 @@
 """`MolaModel(BaseTuner)`: injects MoLA layers, routes each sample to its experts, holds the router and TwD head.
 
-Per-sample ``task_ids`` cannot reach a third-party tuner through ``PeftModel`` (mola.md §6.3), so a forward pre-hook
-on the wrapped model takes ``task_ids`` (alias ``mola_task_ids`` for PeftModelFor* task classes) from the kwargs,
-validates them, runs the router (``routing="router"``, keeping its logits for TwD) and writes the per-sample gates
-onto every MoLA layer. The ids are popped, unless the wrapped model's ``forward`` declares a ``task_ids`` parameter
-(e.g. a multi-task model that picks per-task heads): then it receives them too, also when given as ``mola_task_ids``
-(signature inspected once, when the hook is registered). Usage::
+Per-sample ``task_ids`` cannot reach a third-party tuner through ``PeftModel`` (docs/design.md, MoLA §6.3), so a forward
+pre-hook on the wrapped model takes ``task_ids`` (alias ``mola_task_ids`` for PeftModelFor* task classes) from the
+kwargs, validates them, runs the router (``routing="router"``, keeping its logits for TwD) and writes the per-sample
+gates onto every MoLA layer. The ids are popped, unless the wrapped model's ``forward`` declares a ``task_ids``
+parameter (e.g. a multi-task model that picks per-task heads): then it receives them too, also when given as
+``mola_task_ids`` (signature inspected once, when the hook is registered). Usage::
 
     import hf_mmsel  # registers peft_type "MOLA"
     from peft import get_peft_model

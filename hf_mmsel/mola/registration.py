@@ -1,4 +1,5 @@
-"""Register MoLA with peft: peft_type ``"MOLA"``, name ``"mola"``, prefix ``"mola_"`` (mola.md §0, hf_stack.md §4).
+"""Register MoLA with peft: peft_type ``"MOLA"``, name ``"mola"``, prefix ``"mola_"`` (docs/design.md, MoLA §0, Stack
+§4).
 
 peft has no plugin discovery and no API to add a ``PeftType``; ``register_peft_method`` requires the enum member.
 So this module (run by ``import hf_mmsel``) adds ``PeftType.MOLA`` to the str Enum (CPython 3.10-3.13 internals;

@@ -40,7 +40,7 @@ the global flags are the defaults).
 No caption is shuffled unless ``--noise_ratio`` (or ``--noise_ratios 0.2,0.4``) is given. Results go to
 ``--output_dir`` (default ``outputs/benchmark-selection``; a non-empty folder needs ``--overwrite_output_dir true``).
 
-Defaults (documented choice, README "Results"): the model is :class:`~hf_mmsel.models.SmallDualEncoderModel`
+Defaults (documented choice, docs/results.md): the model is :class:`~hf_mmsel.models.SmallDualEncoderModel`
 (``--model small``: a CNN image tower + bag-of-words text tower from scratch at 28 px), trained on cached tensors
 with B = 128, AdamW lr 2e-3, weight decay 0.0 (``--weight_decay``), cosine schedule, 20 epochs, DISSect warm-up of
 a quarter of the epochs. In this regime full-data training fits the clean pairs first and then memorises the

@@ -7,7 +7,7 @@
 Every field of ``ClipRecipeArguments`` and ``ContrastiveTrainingArguments`` is a flag; ``--config`` reads a YAML
 file of the same names and flags given on the command line override it. Without ``--dataset`` it trains on the
 embedded easy-vqa captions; ``--dataset DIR --streaming true --max_steps S`` streams WebDataset/parquet shards
-(see README "Training at scale"); ``--vision_model``/``--text_model`` start from pretrained towers: transformers
+(see docs/scale.md); ``--vision_model``/``--text_model`` start from pretrained towers: transformers
 folders or Hub ids (a full CLIP / SigLIP / SigLIP2 checkpoint lends its tower), timm models (a TimmWrapper folder,
 e.g. ``python -m hf_mmsel.models.towers export efficientnet-lite0 DIR``, or ``timm/<name>``, offline with
 ``--vision_checkpoint FILE``) and sentence-transformers folders (pooled as their ``1_Pooling`` config says), each

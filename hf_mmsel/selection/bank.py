@@ -1,4 +1,4 @@
-"""``ScoreBank``: the per-sample "historical model" of DISSect (dissect.md §2, §8).
+"""``ScoreBank``: the per-sample "historical model" of DISSect (docs/design.md, DISSect §2, §8).
 
 One float32 ``hist`` (warm-up snapshot or EMA of CLIPScores) and one bool ``seen`` ("never scored" is not the same
 as a score of 0, which the official code conflates): 5 B per sample. The arrays live in the sharded
@@ -49,8 +49,8 @@ class ScoreBank:
     def update(self, idx: torch.Tensor, scores: torch.Tensor, mode: str = "overwrite", beta: float = 0.9) -> None:
         """Write ``scores`` at the (owned) ``idx``.
 
-        ``overwrite``: ``h <- s`` (the warm-up snapshot, dissect.md §2a). ``ema``: ``h <- beta*h + (1-beta)*s`` for
-        seen samples and ``h <- s`` on a sample's first visit (the momentum variant, §2b).
+        ``overwrite``: ``h <- s`` (the warm-up snapshot, docs/design.md, DISSect §2a). ``ema``: ``h <- beta*h +
+        (1-beta)*s`` for seen samples and ``h <- s`` on a sample's first visit (the momentum variant, §2b).
         """
         if mode not in _MODES:
             raise ValueError(f"unknown ScoreBank update mode {mode!r}; choose one of {list(_MODES)}")

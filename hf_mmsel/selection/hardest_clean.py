@@ -13,7 +13,7 @@ points that are learnable but not yet learnt. ``clipscore`` keeps the *easiest* 
 share it spends its budget on pairs the model already fits; ``hardest_clean`` spends it on the clean pairs closest
 to the decision boundary. The mixture needs no noise-rate guess and no state; a batch whose scores are all equal
 falls back to ``clipscore``'s order. Works with fresh or ``last_visit`` scores (it reads only ``s``), with GSC
-weighting of the kept pairs and with in-sampler selection. README "Results" gives the measurements and the
+weighting of the kept pairs and with in-sampler selection. docs/results.md gives the measurements and the
 variants that did not help.
 """
 

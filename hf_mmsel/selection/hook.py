@@ -1,4 +1,4 @@
-"""``SelectionHook``: online sample selection as a :class:`~hf_mmsel.hooks.BatchHook` (dissect.md §8).
+"""``SelectionHook``: online sample selection as a :class:`~hf_mmsel.hooks.BatchHook` (docs/design.md, DISSect §8).
 
 Each step, on every rank: run the strategy's no-grad scoring forward only when it needs one, compute the keep
 criterion, keep ``k = round(r * B)`` pairs (the same k on every rank), then let the strategy record its own
@@ -8,7 +8,7 @@ criterion, keep ``k = round(r * B)`` pairs (the same k on every rank), then let 
 Randomness comes from a generator seeded by ``(seed, step, rank)``, so a resumed run draws exactly what an
 uninterrupted run draws.
 
-**Stale scores** (``score_source="last_visit"``, scale_and_speed.md §D): no scoring forward at all. The current
+**Stale scores** (``score_source="last_visit"``, docs/design.md, Scale §D): no scoring forward at all. The current
 score of a pair is the one of its last *training* forward, recorded in ``loss_terms`` into one more per-sample
 float16 array ``last_visit`` (2 B/sample; the positive-pair cosine ``cos(v_i, u_i)`` for CLIPScore strategies, the
 per-pair training loss ``l_i`` for loss strategies). Rules:
@@ -47,7 +47,7 @@ SCORE_SOURCES = ("fresh", "last_visit")
 
 
 def num_to_keep(batch_size: int, select_rate: float) -> int:
-    """``k = round(r * B)``, at least 1 (the official ``int(r*B)`` truncates, dissect.md §6)."""
+    """``k = round(r * B)``, at least 1 (the official ``int(r*B)`` truncates, docs/design.md, DISSect §6)."""
     return max(1, min(batch_size, int(round(select_rate * batch_size))))
 
 
@@ -58,7 +58,7 @@ def selection_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
 
 
 def clip_score(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(cos, s)`` per pair with ``s = 100 * max(cos, 0)`` (dissect.md §6); reduced in float32."""
+    """``(cos, s)`` per pair with ``s = 100 * max(cos, 0)`` (docs/design.md, DISSect §6); reduced in float32."""
     cos = (image_embeds.float() * text_embeds.float()).sum(-1)
     return cos, 100.0 * cos.clamp(min=0.0)
 
@@ -367,13 +367,13 @@ class SelectionHook(BatchHook):
             ctx.log("selected_noisy_fraction", flags[keep].mean() if keep is not None else flags.mean())
 
     # ------------------------------------------------------------------------------------------- epochs
-    def on_epoch_end(self, epoch: int, dist: Dist) -> dict[str, float]:
+    def on_pass_end(self, pass_index: int, dist: Dist) -> dict[str, float]:
         """With diagnostics: histograms of this pass's CLIPScores for clean and noisy pairs (summed over ranks,
         for the end-of-training plot) and the pass's mean scores."""
         self._require_setup()
         if not self.diagnostics:
             return {}
-        scored = self.scored_epoch == epoch
+        scored = self.scored_epoch == pass_index
         edges = torch.linspace(0.0, 100.0, _HIST_BINS + 1)
         scores, noisy = self.last_score[scored].cpu().float(), self.noisy[scored].cpu()
         hist = torch.stack([torch.histogram(scores[noisy == flag], bins=edges).hist for flag in (-1, 0, 1)])
@@ -395,7 +395,7 @@ class SelectionHook(BatchHook):
         else:
             hist = torch.stack([hist[0] + hist[1], hist[2]])
         self.epoch_histograms.append(hist)
-        self.histogram_epochs.append(int(epoch))
+        self.histogram_epochs.append(int(pass_index))
         logs = {"selection/epoch_score_mean": float(sums[:, 0].sum()) / total}
         if float(sums[1, 1]) > 0 and float(sums[2, 1]) > 0:
             logs["selection/epoch_clean_score_mean"] = float(sums[1, 0] / sums[1, 1])

@@ -1,4 +1,4 @@
-"""JEST-style joint selection (Evans et al. 2024, arXiv 2406.17711; scale_and_speed.md §E): draw the ``k`` kept
+"""JEST-style joint selection (Evans et al. 2024, arXiv 2406.17711; docs/design.md, Scale §E): draw the ``k`` kept
 pairs of a super-batch in ``n`` chunks, each chunk sampled without replacement with probability proportional to
 ``exp(c_i / tau)``, ``c_i`` the learnability gain of adding pair ``i`` to the chunks already chosen ``A``.
 

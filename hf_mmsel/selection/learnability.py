@@ -1,5 +1,5 @@
 """Learnability selection with a frozen reference model (RHO-LOSS, Mindermann et al. 2022; JEST, Evans et al.
-2024; scale_and_speed.md §E).
+2024; docs/design.md, Scale §E).
 
 ==================== ======================================================= ==========================
 name                 criterion (keep the k largest)                          needs

@@ -1,4 +1,4 @@
-"""``SelectingBatchSampler``: selection before loading (``selection_in_sampler``, scale_and_speed.md §D).
+"""``SelectingBatchSampler``: selection before loading (``selection_in_sampler``, docs/design.md, Scale §D).
 
 It draws the same candidate batches as :class:`~hf_mmsel.state.OwnerStableBatchSampler` (candidate batch
 ``b = pass * batches_per_pass + j``, rows owned by this rank, ``candidate_batch_size`` B), asks the selection for the keep decision of batch

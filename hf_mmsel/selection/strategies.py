@@ -1,10 +1,11 @@
-"""Online selection strategies (dissect.md §2-3): each maps a candidate batch to a per-pair *keep criterion*.
+"""Online selection strategies (docs/design.md, DISSect §2-3): each maps a candidate batch to a per-pair *keep
+criterion*.
 
 A strategy returns, for the ``B`` candidates of one rank, a criterion ``c[B]`` ("larger = keep") or ``None``
 (uniformly random pick); :func:`top_k` keeps the ``k`` largest. Scores follow the official code: the CLIPScore
 ``s = 100 * max(cos(v, u), 0)`` of the current model (no-grad forward), the historical score ``h`` from the
 :class:`~hf_mmsel.selection.bank.ScoreBank`, and the differential ``d = h - s`` (its batch-mean centring in the
-official code is a ranking no-op, dissect.md §2a).
+official code is a ranking no-op, docs/design.md, DISSect §2a).
 
 =======================  ====================================================  ==============================
 name                     criterion (keep the k largest)                        scoring forward
@@ -216,7 +217,7 @@ class ReferenceClipScore(SelectionStrategy):
 
 
 class DissectWarmup(ScoreBankStrategy):
-    """DISSect, warm-up variant (dissect.md §2a; the paper's CC3M script).
+    """DISSect, warm-up variant (docs/design.md, DISSect §2a; the paper's CC3M script).
 
     Epochs ``e < W``: random k. The score of each pair on its visit in epoch ``W-1`` is snapshotted as ``h``;
     from epoch ``W`` on keep the top-k of ``d = h - s``. Scoring is skipped in epochs ``0..W-2`` (their scores
@@ -267,8 +268,8 @@ class DissectWarmup(ScoreBankStrategy):
 
 
 class DissectEMA(ScoreBankStrategy):
-    """DISSect, momentum variant (dissect.md §2b): ``d = h - s`` from epoch 0 with ``h`` the EMA (``beta``) of a
-    pair's past scores, then ``h <- beta*h + (1-beta)*s`` (``h <- s`` on the first visit).
+    """DISSect, momentum variant (docs/design.md, DISSect §2b): ``d = h - s`` from epoch 0 with ``h`` the EMA (``beta``)
+    of a pair's past scores, then ``h <- beta*h + (1-beta)*s`` (``h <- s`` on the first visit).
 
     ``first_visit_fallback``: ``"zero"`` (official: ``h = 0``, so epoch 0 keeps the lowest-score pairs) or
     ``"score"`` (``h = s``, ``d = 0``: a random pick among unseen pairs). Ties are broken at random.

@@ -1,4 +1,4 @@
-"""Backend-independent checkpoints of the sharded hook state (scale_and_speed.md §B, §C).
+"""Backend-independent checkpoints of the sharded hook state (docs/design.md, Scale §B, §C).
 
 Layout inside ``checkpoint-S/``::
 

@@ -1,4 +1,4 @@
-"""A lagged view of per-sample state (scale_and_speed.md §D): the FIFO of the last training records.
+"""A lagged view of per-sample state (docs/design.md, Scale §D): the FIFO of the last training records.
 
 The selection of candidate batch ``b`` reads the state *as of step b - L*: the training records of the batches
 ``<= b - L`` and nothing newer. The record of step ``t`` is pushed after its loss; right away the records the next

@@ -1,4 +1,4 @@
-"""Which rank owns each ``sample_idx`` and where the sample lives in that rank's arrays (scale_and_speed.md §B (i)).
+"""Which rank owns each ``sample_idx`` and where the sample lives in that rank's arrays (docs/design.md, Scale §B (i)).
 
 Two rules, both fixed functions of ``sample_idx`` and the world size ``W``:
 

@@ -118,7 +118,7 @@ class HookRunner:
         if self.schedule is None:
             return logs
         while self.passes_ended < self.schedule.pass_of(self.step):
-            logs.update(self.hooks.on_epoch_end(self.passes_ended, self.dist))
+            logs.update(self.hooks.on_pass_end(self.passes_ended, self.dist))
             self.passes_ended += 1
         return logs
 

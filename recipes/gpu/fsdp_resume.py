@@ -1,5 +1,5 @@
 """GPU-only check: FSDP resume keeps the sharded hook state (issue 8; FSDP cannot run on CPU through Trainer:
-with ``use_cpu`` it silently trains DDP, scale_and_speed.md §0.4). NOT run by the CPU test suite.
+with ``use_cpu`` it silently trains DDP, docs/design.md, Scale §0.4). NOT run by the CPU test suite.
 
     accelerate launch --num_processes 2 --use_fsdp --fsdp_sharding_strategy FULL_SHARD \
         recipes/gpu/fsdp_resume.py /tmp/fsdp_resume          # 2 GPUs (1 GPU: --num_processes 1)
