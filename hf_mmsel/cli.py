@@ -408,7 +408,6 @@ def parse_args_with_config(
     if remaining:
         known_flags = sorted({o for a in parser._actions for o in a.option_strings if o.startswith("--")})
         raise _unknown_flags_error(prog or parser.prog, remaining, known_flags)
-    check_sources(parsed)
     return tuple(parsed)
 
 

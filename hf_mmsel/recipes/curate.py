@@ -54,6 +54,7 @@ from hf_mmsel.curation.outputs import (
 )
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "curate_default.yaml"
+PROG = "hf-mmsel curate"
 
 
 @dataclass
@@ -127,7 +128,8 @@ def parse_args(argv: list[str] | None = None) -> CurateArguments:
     """:class:`CurateArguments` from the ``--config`` YAML, overridden by command-line flags."""
     from hf_mmsel.cli import parse_args_with_config
 
-    (args,) = parse_args_with_config(CurateArguments, argv, default_config=DEFAULT_CONFIG)
+    (args,) = parse_args_with_config(CurateArguments, argv, default_config=DEFAULT_CONFIG, prog=PROG,
+                                     help_sources=[__file__])
     return args
 
 
@@ -449,12 +451,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     state = PartialState(cpu=args.use_cpu)
     if args.engine == "ray" and state.num_processes > 1:
         raise ValueError("--engine ray runs from one driver process; do not start it with accelerate launch")
+    with state.main_process_first():  # first the data: a wrong --caption_column fails before the model loads
+        source = load_source(args, is_main_process=state.is_main_process)
     model, tokenizer, transform, max_length = load_scoring_model(
         args.model_name_or_path, image_size=args.image_size, max_length=args.max_length, image_mean=args.image_mean,
         image_std=args.image_std)
     model.to(state.device).eval()
-    with state.main_process_first():
-        source = load_source(args, is_main_process=state.is_main_process)
     training_state = read_training_state(args.training_state, source.num_samples) if args.training_state else {}
     if args.select_by == "gsc_weight" and "gsc_weight" not in training_state:
         raise ValueError("--select_by gsc_weight needs a --training_state with GSC buffers")
@@ -516,5 +518,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return stats
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # through the dispatcher: its checks before any import, one-line errors
+    import sys
+
+    from hf_mmsel.cli import main as cli_main
+
+    sys.exit(cli_main(["curate", *sys.argv[1:]]))

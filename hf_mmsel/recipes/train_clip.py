@@ -349,5 +349,9 @@ def _card(args: ClipRecipeArguments, targs, metrics: dict[str, float], state=Non
     )
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # through the dispatcher: its checks before any import, one-line errors
+    import sys
+
+    from hf_mmsel.cli import main as cli_main
+
+    sys.exit(cli_main(["train-clip", *sys.argv[1:]]))

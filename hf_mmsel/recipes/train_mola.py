@@ -444,5 +444,9 @@ def main(argv: list[str] | None = None) -> dict:
     return eval_results
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # through the dispatcher: its checks before any import, one-line errors
+    import sys
+
+    from hf_mmsel.cli import main as cli_main
+
+    sys.exit(cli_main(["train-mola", *sys.argv[1:]]))

@@ -1,0 +1,151 @@
+"""Bad input fails in the first second as one line naming the fix, exit code 2 (issue 25): misspelled flags, paths
+that look local but do not exist, wrong columns, used output folders, configs by name. Times: benchmarks/."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hf_mmsel.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pythonpath() -> str:
+    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+
+
+def _run(*argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": _pythonpath()}
+    return subprocess.run([sys.executable, "-m", "hf_mmsel", *argv], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=120)
+
+
+def _one_line_error(capsys, command: str) -> str:
+    text = capsys.readouterr().err.strip()
+    err = text.splitlines()[-1]  # (progress bars of datasets may come before it)
+    assert err.startswith(f"hf-mmsel {command}: error: ") and "Traceback" not in text, text
+    return err
+
+
+def test_misspelled_flag_is_one_line_with_close_matches(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_MMSEL_CACHE", str(tmp_path / "cache"))
+    for _ in range(2):  # first: the recipe's parser (and the flag list is cached); then: before any import
+        assert main(["train-clip", "--max_stepz", "3"]) == 2
+        err = _one_line_error(capsys, "train-clip")
+        assert "--max_stepz (did you mean --max_steps" in err and "--max-steps" not in err
+    assert list((tmp_path / "cache" / "help").glob("*.flags"))
+
+
+def test_misspelled_flag_before_imports_in_a_fresh_process(tmp_path):
+    env_cache = tmp_path / "cache"
+    os.environ["HF_MMSEL_CACHE"] = str(env_cache)
+    try:
+        _run("train-mola", "--max_stepz", "3")  # fills the flag list
+        out = subprocess.run([sys.executable, "-c", "import sys; from hf_mmsel.cli import main; code = main("
+                              "['train-mola', '--lerning_rate', '1']); print(code, 'torch' in sys.modules, "
+                              "'transformers' in sys.modules)"], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "PYTHONPATH": _pythonpath()})
+    finally:
+        del os.environ["HF_MMSEL_CACHE"]
+    assert out.stdout.split() == ["2", "False", "False"], out.stderr
+    assert "did you mean --learning_rate" in out.stderr
+
+
+@pytest.mark.parametrize("flag", ["--dataset", "--model_name_or_path", "--vision_model"])
+@pytest.mark.parametrize("value", ["./no_such_dir", "no_such_parent/x/", "/no/such/dir"])
+def test_a_local_looking_path_that_does_not_exist_is_never_sent_to_the_hub(capsys, tmp_path, flag, value):
+    assert main(["train-clip", flag, value, "--output_dir", str(tmp_path / "out")]) == 2
+    err = _one_line_error(capsys, "train-clip")
+    assert f"{flag} {value!r}: no such" in err and "check the path" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_path_whose_parent_exists_is_local(capsys, tmp_path):
+    assert main(["train-mola", "--model_name_or_path", str(tmp_path / "missing_model"),
+                 "--output_dir", str(tmp_path / "out")]) == 2
+    assert "no such model folder" in _one_line_error(capsys, "train-mola")
+
+
+def test_a_bare_name_offline_is_refused(capsys, tmp_path):
+    assert main(["train-clip", "--dataset", "no_such_dir", "--output_dir", str(tmp_path / "out")]) == 2
+    assert "HF_HUB_OFFLINE is set" in _one_line_error(capsys, "train-clip")
+
+
+def test_each_source_of_a_multi_task_dataset_is_checked(capsys, tmp_path):
+    assert main(["train-mola", "--dataset", f"a={tmp_path},b=./missing/", "--output_dir", str(tmp_path / "o")]) == 2
+    assert "--dataset './missing/': no such" in _one_line_error(capsys, "train-mola")
+
+
+def test_used_output_folder_is_refused_in_one_line_by_every_recipe(capsys, tmp_path):
+    (tmp_path / "old.txt").write_text("x")
+    for command in ("train-clip", "train-mola", "curate"):
+        extra = ["--model_name_or_path", str(tmp_path)] if command == "curate" else []
+        assert main([command, "--output_dir", str(tmp_path), *extra]) == 2
+        assert "is not empty" in _one_line_error(capsys, command)
+
+
+def test_curate_refusal_after_a_changed_run_is_one_line():
+    from hf_mmsel.curation.outputs import prepare_curation_dir
+    from hf_mmsel.errors import UsageError
+
+    assert issubclass(__import__("hf_mmsel.recipes.run_utils", fromlist=["x"]).OutputDirExistsError, UsageError)
+    assert prepare_curation_dir  # raises OutputDirExistsError (a UsageError): see test_curate
+
+
+def test_wrong_caption_column_names_the_available_ones(capsys, tmp_path):
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(data / f"{i}.png")
+    (data / "metadata.csv").write_text("file_name,text\n" + "".join(f"{i}.png,red {i}\n" for i in range(4)))
+    assert main(["train-clip", "--dataset", str(data), "--output_dir", str(tmp_path / "out"), "--use_cpu",
+                 "true"]) == 2
+    err = _one_line_error(capsys, "train-clip")
+    assert "column 'caption' (caption_column) not found" in err and "'text'" in err and "--caption_column" in err
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from hf_mmsel.errors import UsageError
+
+    with pytest.raises(UsageError):
+        main(["train-clip", "--dataset", "./no_such_dir", "--debug"])
+
+
+# ------------------------------------------------------------------------------------------ configs by name
+def test_config_by_name_and_listing(capsys, tmp_path):
+    from hf_mmsel.cli import CONFIGS_DIR, resolve_config
+
+    assert resolve_config("clip_dissect") == CONFIGS_DIR / "clip_dissect.yaml"
+    assert resolve_config("clip_dissect.yaml") == CONFIGS_DIR / "clip_dissect.yaml"
+    assert resolve_config("recipes/configs/clip_gsc.yaml").name == "clip_gsc.yaml"  # README paths work anywhere
+    own = tmp_path / "clip_dissect.yaml"
+    own.write_text("max_steps: 3\n")
+    assert resolve_config(str(own)) == own  # a path wins
+    assert main(["configs"]) == 0
+    listing = capsys.readouterr().out
+    assert all(p.stem in listing for p in CONFIGS_DIR.glob("*.yaml")) and "DISSect" in listing
+    assert main(["train-clip", "--config", "clip_dissekt"]) == 2
+    err = _one_line_error(capsys, "train-clip")
+    assert "Did you mean 'clip_dissect'?" in err and "mola_default" in err
+
+
+def test_config_by_name_parses_outside_a_checkout(tmp_path, monkeypatch):
+    from hf_mmsel.recipes import train_clip
+
+    monkeypatch.chdir(tmp_path)
+    _, targs = train_clip.parse_args(["--config", "clip_dissect", "--use_cpu", "true"])
+    assert targs.output_dir == "outputs/clip_dissect"
+
+
+def test_two_readme_commands_run_from_a_folder_outside_the_repository(tmp_path):
+    listed = _run("configs", cwd=tmp_path)
+    assert listed.returncode == 0 and "clip_dissect" in listed.stdout, listed.stderr
+    bad = _run("train-clip", "--config", "clip_dissect", "--dataset", "./mine", cwd=tmp_path)
+    assert bad.returncode == 2 and "--dataset './mine': no such" in bad.stderr and "Traceback" not in bad.stderr
