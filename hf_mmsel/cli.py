@@ -71,7 +71,9 @@ def _usage() -> str:
               f"  accelerate launch -m hf_mmsel train-mola --max_steps 300",
               "Results go to --output_dir (default: the config's, else outputs/<command>); a non-empty folder is",
               "refused unless --overwrite_output_dir true or --resume_from_checkpoint is given.",
-              "Errors are one line (exit code 2 for bad input); --debug shows the traceback."]
+              "Errors are one line (exit code 2 for bad input); --debug shows the traceback.",
+              "CPU runs use --threads N torch threads (default: 1 per process under a multi-process launch, else",
+              "the idle cores; OMP_NUM_THREADS is respected)."]
     return "\n".join(lines)
 
 
@@ -100,11 +102,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hf_mmsel.errors import UsageError
 
     try:
+        rest, threads = _pop_threads(rest)
         if _wants_help(rest):
             return _command_help(command, rest)
-        preflight(command, rest)
+        settings = preflight(command, rest)
         module = importlib.import_module(COMMANDS[command][0])
         sys.argv = [f"{PROG} {command}", *rest]
+        from hf_mmsel.recipes.run_utils import configure_cpu_threads
+
+        configure_cpu_threads(threads, use_cpu=_true(settings.get("use_cpu", False)))
         module.main(rest)
     except UsageError as err:  # a user error, not a crash: one line naming the fix, no traceback
         if debug:
@@ -166,13 +172,33 @@ def _argv_values(argv: Sequence[str]) -> dict[str, str]:
     return values
 
 
+def _pop_threads(argv: list[str]) -> tuple[list[str], int | None]:
+    """``--threads N`` (a dispatcher flag, like ``--debug``): torch's intra-op threads of a CPU run."""
+    from hf_mmsel.errors import UsageError
+
+    out, threads, i = [], None, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--threads" or arg.startswith("--threads="):
+            value = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            i += 1 if "=" in arg else 2
+            if not value.isdigit() or int(value) < 1:
+                raise UsageError(f"--threads takes a number of threads >= 1, got {value!r}")
+            threads = int(value)
+            continue
+        out.append(arg)
+        i += 1
+    return out, threads
+
+
 def _true(value: Any) -> bool:
     return str(value).lower() in ("1", "true", "yes", "y")
 
 
-def preflight(command: str, argv: Sequence[str]) -> None:
+def preflight(command: str, argv: Sequence[str]) -> dict[str, Any]:
     """Checks of ``hf-mmsel <command> argv`` that need no heavy import (a ``UsageError`` on failure): unknown flags
-    (once their list is cached), the ``--config``, local paths that do not exist, a non-empty output folder."""
+    (once their list is cached), the ``--config``, local paths that do not exist, a non-empty output folder.
+    Returns the settings as far as they can be read without the recipe's parser (YAML values, flag strings)."""
     from importlib.util import find_spec
 
     import yaml
@@ -181,7 +207,7 @@ def preflight(command: str, argv: Sequence[str]) -> None:
 
     module_name = COMMANDS[command][0]
     if command == "train-mola" and any(a == "--model" or a.startswith("--model=") for a in argv):
-        return  # the causal-LM recipe: its own flags (train_mola_causal_lm)
+        return _argv_values(argv)  # the causal-LM recipe: its own flags (train_mola_causal_lm)
     spec = find_spec(module_name)
     sources = [spec.origin] if spec is not None and spec.origin else []
     if sources:
@@ -198,10 +224,11 @@ def preflight(command: str, argv: Sequence[str]) -> None:
     check_sources([values])
     output_dir = values.get("output_dir") or OUTPUT_DIRS.get(command)
     if output_dir and command in OUTPUT_DIRS:
-        if command == "curate" and (Path(output_dir) / "curation_config.json").is_file():
-            return  # curate resumes a run with the same settings (decided once the model is loaded)
-        run_utils.check_output_dir(output_dir, overwrite_output_dir=_true(values.get("overwrite_output_dir")),
-                                   resume_from_checkpoint=values.get("resume_from_checkpoint"))
+        resumable = command == "curate" and (Path(output_dir) / "curation_config.json").is_file()
+        if not resumable:  # (curate resumes a run with the same settings: decided once the model is loaded)
+            run_utils.check_output_dir(output_dir, overwrite_output_dir=_true(values.get("overwrite_output_dir")),
+                                       resume_from_checkpoint=values.get("resume_from_checkpoint"))
+    return values
 
 
 #: the commands whose output folder is checked before any import -> their default output folder
@@ -243,7 +270,7 @@ def _check_cached_flags(prog: str, sources: Sequence[str | Path], argv: Sequence
         known = set(_flags_file(prog, sources).read_text(encoding="utf-8").split())
     except OSError:
         return  # not cached yet: the recipe's parser checks them (after its imports)
-    known |= {"--config", "--debug"}
+    known |= {"--config", "--debug", "--threads"}
     def is_known(flag: str) -> bool:  # exact, or a unique prefix (argparse's abbreviations)
         return flag in known or sum(k.startswith(flag) for k in known) == 1
 

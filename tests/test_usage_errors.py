@@ -149,3 +149,30 @@ def test_two_readme_commands_run_from_a_folder_outside_the_repository(tmp_path):
     assert listed.returncode == 0 and "clip_dissect" in listed.stdout, listed.stderr
     bad = _run("train-clip", "--config", "clip_dissect", "--dataset", "./mine", cwd=tmp_path)
     assert bad.returncode == 2 and "--dataset './mine': no such" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ------------------------------------------------------------------------------------------ CPU threads
+def test_cpu_threads_flag_default_and_respect_for_omp(monkeypatch):
+    import torch
+
+    from hf_mmsel.cli import _pop_threads
+    from hf_mmsel.errors import UsageError
+    from hf_mmsel.recipes.run_utils import configure_cpu_threads, default_cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert _pop_threads(["--max_steps", "3", "--threads", "2"]) == (["--max_steps", "3"], 2)
+        assert _pop_threads(["--threads=3"]) == ([], 3)
+        with pytest.raises(UsageError, match="--threads"):
+            _pop_threads(["--threads", "0"])
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert configure_cpu_threads(None, use_cpu=True) is None  # the user's OMP_NUM_THREADS is kept
+        assert configure_cpu_threads(2, use_cpu=True) == 2 and torch.get_num_threads() == 2  # --threads wins
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert default_cpu_threads() == 1  # one per process under a multi-process launch
+        assert configure_cpu_threads(None, use_cpu=True) == 1 and torch.get_num_threads() == 1
+        monkeypatch.delenv("WORLD_SIZE")
+        assert 1 <= default_cpu_threads() <= (os.cpu_count() or 1)
+    finally:
+        torch.set_num_threads(before)
