@@ -176,3 +176,19 @@ def test_cpu_threads_flag_default_and_respect_for_omp(monkeypatch):
         assert 1 <= default_cpu_threads() <= (os.cpu_count() or 1)
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_dataset_without_test_split_says_evaluation_is_skipped(capsys, tmp_path):
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(8):
+        Image.new("RGB", (8, 8), (30 * i, 0, 255 - 30 * i)).save(data / f"{i}.png")
+    (data / "metadata.csv").write_text("file_name,text\n" + "".join(f"{i}.png,colour {i}\n" for i in range(8)))
+    code = main(["train-clip", "--dataset", str(data), "--caption_column", "text", "--output_dir",
+                 str(tmp_path / "out"), "--use_cpu", "true", "--max_steps", "1", "--per_device_train_batch_size", "4",
+                 "--architecture", "small", "--selection_strategy", "full", "--report_to", "none",
+                 "--save_strategy", "no"])
+    assert code == 0
+    assert "no test/validation split" in capsys.readouterr().out and (tmp_path / "out" / "metrics.json").is_file()
