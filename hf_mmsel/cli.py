@@ -14,7 +14,8 @@ recipe's sources, its config and the transformers version), so that only the fir
 
 Bad input fails in the first second: before importing a recipe the dispatcher checks the flags (against the flag
 list cached with the help text), the local paths (``run_utils.check_source``) and the output folder; a
-:class:`~hf_mmsel.errors.UsageError` is printed as one line and exits with code 2 (``--debug`` shows the traceback).
+:class:`~hf_mmsel.errors.UsageError` is printed as one line and exits with code 2 (1 for a used output folder, as
+before; ``--debug`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def _usage() -> str:
               f"  accelerate launch -m hf_mmsel train-mola --max_steps 300",
               "Results go to --output_dir (default: the config's, else outputs/<command>); a non-empty folder is",
               "refused unless --overwrite_output_dir true or --resume_from_checkpoint is given.",
-              "Errors are one line (exit code 2 for bad input); --debug shows the traceback.",
+              "Errors are one line (exit code 2 for bad input, 1 for a used output folder); --debug shows the",
+              "traceback.",
               "CPU runs use --threads N torch threads (default: 1 per process under a multi-process launch, else",
               "the idle cores; OMP_NUM_THREADS is respected)."]
     return "\n".join(lines)
@@ -116,7 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         print(f"{PROG} {command}: error: {err}", file=sys.stderr)
-        return 2
+        from hf_mmsel.recipes.run_utils import OutputDirExistsError
+
+        return 1 if isinstance(err, OutputDirExistsError) else 2  # a used output folder: 1, as before
     return 0
 
 
