@@ -226,6 +226,10 @@ def preflight(command: str, argv: Sequence[str]) -> dict[str, Any]:
             values = {}
     values.update(given)
     check_sources([values])
+    if command in ("train-clip", "curate") and not _true(values.get("streaming", False)):
+        columns = {"image_column": values.get("image_column", "image"),
+                   "caption_column": values.get("caption_column", "caption"), "label_column": values.get("label_column")}
+        run_utils.check_imagefolder_columns(values.get("dataset"), columns)
     output_dir = values.get("output_dir") or OUTPUT_DIRS.get(command)
     if output_dir and command in OUTPUT_DIRS:
         resumable = command == "curate" and (Path(output_dir) / "curation_config.json").is_file()

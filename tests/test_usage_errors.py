@@ -111,6 +111,18 @@ def test_wrong_caption_column_names_the_available_ones(capsys, tmp_path):
     assert "column 'caption' (caption_column) not found" in err and "'text'" in err and "--caption_column" in err
 
 
+def test_wrong_column_of_a_saved_dataset_is_named_right_after_loading(capsys, tmp_path):
+    from datasets import Dataset
+    from PIL import Image
+
+    Dataset.from_dict({"img": [Image.new("RGB", (8, 8))] * 2, "text": ["a", "b"]}).save_to_disk(str(tmp_path / "d"))
+    assert main(["train-clip", "--dataset", str(tmp_path / "d"), "--image_column", "img", "--output_dir",
+                 str(tmp_path / "out"), "--use_cpu", "true"]) == 2
+    err = _one_line_error(capsys, "train-clip")
+    assert "column 'caption' (caption_column) not found in split 'train'" in err and "'text'" in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 def test_debug_shows_the_traceback(tmp_path):
     from hf_mmsel.errors import UsageError
 

@@ -20,7 +20,8 @@ from typing import Any, Mapping
 
 from hf_mmsel.errors import UsageError
 
-__all__ = ["UsageError", "OutputDirExistsError", "check_output_dir", "check_source", "configure_cpu_threads",
+__all__ = ["UsageError", "OutputDirExistsError", "check_imagefolder_columns", "check_output_dir", "check_source",
+           "configure_cpu_threads",
            "default_cpu_threads", "looks_local",
            "prepare_output_dir", "format_run_summary", "print_run_summary", "check_push_settings",
            "hub_ids_only", "parse_bool"]
@@ -87,6 +88,35 @@ def _in_hub_cache(repo_id: str) -> bool:
     return any(os.path.isdir(os.path.join(root, f"{kind}--{folder}")) for kind in ("models", "datasets", "spaces")) or (
         os.path.isdir(datasets_root) and any(name.startswith(folder.replace("--", "___"))
                                              for name in os.listdir(datasets_root)))
+
+
+def check_imagefolder_columns(dataset: str | None, columns: Mapping[str, str | None]) -> None:
+    """For a local imagefolder (images + ``metadata.csv`` / ``metadata.jsonl``, no dataset card), check the column
+    flags (``{"caption_column": "text", ...}``) against the metadata header before anything is imported: its columns
+    are ``image`` and the header's, ``file_name`` excepted. Other inputs are checked once loaded."""
+    import json
+
+    if not dataset or not os.path.isdir(dataset):
+        return
+    root = Path(dataset)
+    if (root / "README.md").is_file() or (root / "dataset_dict.json").is_file() or (root / "state.json").is_file():
+        return
+    found = sorted(root.glob("metadata.*")) + sorted(root.glob("*/metadata.*"))
+    found = [p for p in found if p.suffix in (".csv", ".jsonl")]
+    if not found:
+        return
+    first = found[0]
+    with first.open(encoding="utf-8") as handle:
+        line = handle.readline()
+    try:
+        header = line.strip().split(",") if first.suffix == ".csv" else list(json.loads(line))
+    except ValueError:
+        return
+    existing = ["image", *(c.strip().strip('"') for c in header if c.strip().strip('"') != "file_name")]
+    for flag, column in columns.items():
+        if column is not None and column not in existing:
+            raise UsageError(f"column {column!r} ({flag}) not found in {first}; existing columns: {existing} "
+                             f"(pass --{flag} <one of them>)")
 
 
 def check_output_dir(output_dir: str | Path, *, overwrite_output_dir: bool = False,
