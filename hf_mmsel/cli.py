@@ -121,7 +121,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         from hf_mmsel.recipes.run_utils import OutputDirExistsError
 
         return 1 if isinstance(err, OutputDirExistsError) else 2  # a used output folder: 1, as before
+    except Exception as err:  # the Hub unreachable, or an id it refuses: one line too; anything else is a bug
+        if debug or not _is_hub_error(err):
+            raise
+        print(f"{PROG} {command}: error: the Hub refused or could not be reached ({type(err).__name__}: "
+              f"{' '.join(str(err).split())[:300]}); check the Hub id and the network, or pass a local folder "
+              "(HF_HUB_OFFLINE=1 uses only the cache; --debug shows the traceback)", file=sys.stderr)
+        return 1
     return 0
+
+
+def _is_hub_error(err: BaseException) -> bool:
+    """An error of the Hub client or of the network under it (``huggingface_hub``, ``requests``, ``httpx``)."""
+    for cls in type(err).__mro__:
+        if cls.__module__.split(".")[0] in ("huggingface_hub", "requests", "httpx", "urllib3"):
+            return True
+    return isinstance(err, ConnectionError)
 
 
 # ------------------------------------------------------------------------------------------ configs by name

@@ -123,6 +123,24 @@ def test_wrong_column_of_a_saved_dataset_is_named_right_after_loading(capsys, tm
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def test_a_hub_error_is_one_line(capsys, monkeypatch, tmp_path):
+    from huggingface_hub.errors import HFValidationError
+
+    monkeypatch.chdir(tmp_path)  # (the default output folder is relative)
+
+    from hf_mmsel.recipes import train_clip
+
+    def refuse(argv):
+        raise HFValidationError("Repo id must be in the form 'repo_name' or 'namespace/repo_name': 'a/b/c'.")
+
+    monkeypatch.setattr(train_clip, "main", refuse)
+    assert main(["train-clip"]) == 1
+    err = _one_line_error(capsys, "train-clip")
+    assert "HFValidationError" in err and "check the Hub id" in err
+    with pytest.raises(HFValidationError):
+        main(["train-clip", "--debug"])
+
+
 def test_debug_shows_the_traceback(tmp_path):
     from hf_mmsel.errors import UsageError
 

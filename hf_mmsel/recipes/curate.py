@@ -6,7 +6,7 @@
     python recipes/curate.py --dataset my/pairs --keep_fraction 0.7 --training_state ckpt/checkpoint-400 \\
         --push_to_hub --hub_dataset_id me/pairs-curated
 
-Settings come from the YAML ``--config`` (default ``recipes/configs/curate_default.yaml``); flags override it.
+Settings come from the YAML ``--config`` (default ``curate_default``, a packaged config); flags override it.
 
 Input: WebDataset ``.tar`` / parquet shards (a local folder or glob, or a Hub id with ``--streaming``) read
 through their manifest (stable ``sample_idx``), or a map-style dataset (embedded easy-vqa, ``save_to_disk``

@@ -1,7 +1,7 @@
 """Train a CLIP-style dual encoder with online sample selection (DISSect by default).
 
-    hf-mmsel train-clip --config recipes/configs/clip_dissect.yaml --noise_ratio 0.4
-    hf-mmsel train-clip --config recipes/configs/clip_gsc.yaml      # dissect selection + GSC weighting
+    hf-mmsel train-clip --config clip_dissect --noise_ratio 0.4     # a packaged config (hf-mmsel configs)
+    hf-mmsel train-clip --config clip_gsc                            # dissect selection + GSC weighting
     accelerate launch --multi_gpu --num_processes 2 -m hf_mmsel.recipes.train_clip --config ... --use_cpu true
 
 Every field of ``ClipRecipeArguments`` and ``ContrastiveTrainingArguments`` is a flag; ``--config`` reads a YAML
