@@ -214,6 +214,11 @@ def _true(value: Any) -> bool:
     return str(value).lower() in ("1", "true", "yes", "y")
 
 
+def _picks_another_recipe(command: str, argv: Sequence[str]) -> bool:
+    """``train-mola --model causal_lm``: another recipe with its own flags and help (not cached as train-mola's)."""
+    return command == "train-mola" and any(a == "--model" or a.startswith("--model=") for a in argv)
+
+
 def preflight(command: str, argv: Sequence[str]) -> dict[str, Any]:
     """Checks of ``hf-mmsel <command> argv`` that need no heavy import (a ``UsageError`` on failure): unknown flags
     (once their list is cached), the ``--config``, local paths that do not exist, a non-empty output folder.
@@ -225,7 +230,7 @@ def preflight(command: str, argv: Sequence[str]) -> dict[str, Any]:
     from hf_mmsel.recipes import run_utils
 
     module_name = COMMANDS[command][0]
-    if command == "train-mola" and any(a == "--model" or a.startswith("--model=") for a in argv):
+    if _picks_another_recipe(command, argv):
         return _argv_values(argv)  # the causal-LM recipe: its own flags (train_mola_causal_lm)
     spec = find_spec(module_name)
     sources = [spec.origin] if spec is not None and spec.origin else []
@@ -319,7 +324,9 @@ def _command_help(command: str, rest: list[str]) -> int:
     sources = [spec.origin] if spec is not None and spec.origin else []
     config = DEFAULT_CONFIGS.get(command)
     default_config = Path(spec.origin).parent / "configs" / config if config and sources else None
-    serve_cached_help(prog, rest, sources, default_config)  # exits when cached
+    cacheable = not _picks_another_recipe(command, rest)
+    if cacheable:
+        serve_cached_help(prog, rest, sources, default_config)  # exits when cached
     module = importlib.import_module(module_name)
     sys.argv = [prog, *rest]
     buffer = io.StringIO()
@@ -330,7 +337,7 @@ def _command_help(command: str, rest: list[str]) -> int:
         except SystemExit as exit_:
             code = exit_.code
     text = buffer.getvalue()
-    if code in (0, None) and text:
+    if code in (0, None) and text and cacheable:
         _store_help(prog, sources, _config_from_argv(rest, str(default_config) if default_config else None), text)
     sys.stdout.write(text)
     return int(code or 0) if not isinstance(code, str) else 1

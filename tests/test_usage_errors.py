@@ -222,3 +222,21 @@ def test_a_dataset_without_test_split_says_evaluation_is_skipped(capsys, tmp_pat
                  "--save_strategy", "no"])
     assert code == 0
     assert "no test/validation split" in capsys.readouterr().out and (tmp_path / "out" / "metrics.json").is_file()
+
+
+def test_dissect_warmup_advice_fits_the_setting():
+    from hf_mmsel.state import PassSchedule
+
+    with pytest.raises(ValueError, match="lower selection_warmup_passes or train more passes") as info:
+        PassSchedule(batches_per_pass=4, total_batches=8).check_warmup(2)
+    with pytest.raises(ValueError, match="train more passes / max_steps") as info:
+        PassSchedule(batches_per_pass=4, total_batches=2).check_warmup(1)  # 1 is the minimum: nothing to lower
+    assert "lower" not in str(info.value)
+
+
+def test_causal_lm_help_is_not_cached_as_train_mola_help(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_MMSEL_CACHE", str(tmp_path / "cache"))
+    assert main(["train-mola", "--model", "causal_lm", "--help"]) == 0
+    assert "--lm_kind" in capsys.readouterr().out
+    assert main(["train-mola", "--help"]) == 0
+    assert "--routing" in capsys.readouterr().out
