@@ -1,6 +1,10 @@
 """Thin wrapper so `accelerate launch recipes/curate.py ...` keeps working; the recipe is `hf_mmsel.recipes.curate`."""
 
-from hf_mmsel.recipes.curate import main
+import sys
 
-if __name__ == "__main__":
-    main()
+from hf_mmsel.recipes.curate import main  # noqa: F401  (importable as before)
+
+if __name__ == "__main__":  # through the hf-mmsel dispatcher: early checks, one-line errors
+    from hf_mmsel.cli import main as cli_main
+
+    sys.exit(cli_main(["curate", *sys.argv[1:]]))

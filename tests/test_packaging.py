@@ -133,6 +133,10 @@ peft's KeyError is checked in test_mola_load.py)."""
     assert "'loss': '" not in run.stdout + run.stderr  # numbers are logged as numbers
     again = _run(wheel_venv, [cli, *flags], tmp_path)
     assert again.returncode == 1 and "--overwrite_output_dir" in again.stderr and "Traceback" not in again.stderr
+    listed = _run(wheel_venv, [cli, "configs"], tmp_path)  # README commands outside a checkout: configs by name
+    assert listed.returncode == 0 and "clip_dissect" in listed.stdout and "mola_default" in listed.stdout
+    bad = _run(wheel_venv, [cli, "train-clip", "--config", "clip_dissect", "--dataset", "./mine"], tmp_path)
+    assert bad.returncode == 2 and "--dataset './mine': no such" in bad.stderr and "Traceback" not in bad.stderr
 
     code = ("import sys\n"
             "from peft import PeftConfig, PeftModel\n"

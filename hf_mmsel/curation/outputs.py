@@ -67,7 +67,7 @@ def training_state_sha256(path: str | None) -> str | None:
 def prepare_curation_dir(out: Path, config: dict[str, Any], overwrite_output_dir: bool) -> str:
     """Fresh folder, resume (same :data:`CONFIG_NAME`) or, with ``overwrite_output_dir``, replace the
     :data:`OWN_OUTPUTS` (other files are kept). Returns "new" | "resume" | "overwrite"."""
-    from hf_mmsel.recipes.run_utils import prepare_output_dir
+    from hf_mmsel.recipes.run_utils import OutputDirExistsError, prepare_output_dir
 
     config_file = out / CONFIG_NAME
     if config_file.is_file():
@@ -76,7 +76,7 @@ def prepare_curation_dir(out: Path, config: dict[str, Any], overwrite_output_dir
             return "resume"
         if not overwrite_output_dir:
             changed = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
-            raise FileExistsError(
+            raise OutputDirExistsError(
                 f"--output_dir {str(out)!r} holds scores of another run (changed: {changed}); pass "
                 "--overwrite_output_dir true to replace curate's outputs there, or choose another --output_dir"
             )

@@ -91,8 +91,11 @@ def _standardize_split(
         wanted["label_column"] = label_column
     for arg, column in wanted.items():
         if column not in ds.column_names:
-            raise ValueError(
-                f"column {column!r} ({arg}) not found in split {name!r}; existing columns: {ds.column_names}"
+            from hf_mmsel.errors import UsageError
+
+            raise UsageError(
+                f"column {column!r} ({arg}) not found in split {name!r}; existing columns: {ds.column_names} "
+                f"(pass --{arg} <one of them>)"
             )
     renames = {image_column: STANDARD_IMAGE_COLUMN, caption_column: STANDARD_CAPTION_COLUMN}
     if label_column is not None:

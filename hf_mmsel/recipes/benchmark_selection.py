@@ -126,8 +126,11 @@ class BenchmarkArguments(BenchmarkTrainerFlags):
     and the trainer flags of :class:`BenchmarkTrainerFlags`."""
 
     dataset: str | None = field(default=None, metadata={"help": "Hub id or local path (default: embedded easy-vqa)"})
-    image_column: str = field(default="image")
-    caption_column: str = field(default="caption")
+    image_column: str = field(default="image", metadata={"help": "Column of --dataset with the images (an imagefolder "
+                                                                 "names it 'image'); renamed to 'image'."})
+    caption_column: str = field(default="caption", metadata={"help": "Column of --dataset with the captions (an "
+                                                                     "imagefolder's metadata.csv names it, e.g. "
+                                                                     "--caption_column text)."})
     label_column: str | None = field(default=None, metadata={"help": "optional class column (zero-shot accuracy)"})
     noise_ratio: float = field(default=0.0, metadata={"help": "fraction of training captions shuffled (benchmark "
                                                               "device; default 0: the data as given)"})

@@ -6,7 +6,7 @@
     python recipes/curate.py --dataset my/pairs --keep_fraction 0.7 --training_state ckpt/checkpoint-400 \\
         --push_to_hub --hub_dataset_id me/pairs-curated
 
-Settings come from the YAML ``--config`` (default ``recipes/configs/curate_default.yaml``); flags override it.
+Settings come from the YAML ``--config`` (default ``curate_default``, a packaged config); flags override it.
 
 Input: WebDataset ``.tar`` / parquet shards (a local folder or glob, or a Hub id with ``--streaming``) read
 through their manifest (stable ``sample_idx``), or a map-style dataset (embedded easy-vqa, ``save_to_disk``
@@ -54,6 +54,7 @@ from hf_mmsel.curation.outputs import (
 )
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "curate_default.yaml"
+PROG = "hf-mmsel curate"
 
 
 @dataclass
@@ -73,9 +74,13 @@ class CurateArguments:
     manifest_path: str | None = field(default=None, metadata={"help": "Input shard manifest (default: next to the "
                                                                       "shards, else in --output_dir)."})
     split: str = field(default="train", metadata={"help": "Split to curate (map-style input)."})
-    image_column: str = field(default="image")
-    caption_column: str = field(default="caption")
-    label_column: str | None = field(default=None)
+    image_column: str = field(default="image", metadata={"help": "Column of --dataset with the images (an imagefolder "
+                                                                 "names it 'image'); renamed to 'image'."})
+    caption_column: str = field(default="caption", metadata={"help": "Column of --dataset with the captions (an "
+                                                                     "imagefolder's metadata.csv names it, e.g. "
+                                                                     "--caption_column text)."})
+    label_column: str | None = field(default=None, metadata={"help": "Optional class-label column of --dataset "
+                                                                     "(zero-shot accuracy; strings are class-encoded)."})
     max_samples: int | None = field(default=None, metadata={"help": "Curate only the first n rows (map-style)."})
     samples_per_shard: int = field(default=10_000, metadata={"help": "Virtual shard size for map-style input."})
     on_bad_sample: str = field(default="raise", metadata={"help": "'raise' or 'skip' (counted in the stats)."})
@@ -127,7 +132,8 @@ def parse_args(argv: list[str] | None = None) -> CurateArguments:
     """:class:`CurateArguments` from the ``--config`` YAML, overridden by command-line flags."""
     from hf_mmsel.cli import parse_args_with_config
 
-    (args,) = parse_args_with_config(CurateArguments, argv, default_config=DEFAULT_CONFIG)
+    (args,) = parse_args_with_config(CurateArguments, argv, default_config=DEFAULT_CONFIG, prog=PROG,
+                                     help_sources=[__file__])
     return args
 
 
@@ -449,12 +455,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     state = PartialState(cpu=args.use_cpu)
     if args.engine == "ray" and state.num_processes > 1:
         raise ValueError("--engine ray runs from one driver process; do not start it with accelerate launch")
+    with state.main_process_first():  # first the data: a wrong --caption_column fails before the model loads
+        source = load_source(args, is_main_process=state.is_main_process)
     model, tokenizer, transform, max_length = load_scoring_model(
         args.model_name_or_path, image_size=args.image_size, max_length=args.max_length, image_mean=args.image_mean,
         image_std=args.image_std)
     model.to(state.device).eval()
-    with state.main_process_first():
-        source = load_source(args, is_main_process=state.is_main_process)
     training_state = read_training_state(args.training_state, source.num_samples) if args.training_state else {}
     if args.select_by == "gsc_weight" and "gsc_weight" not in training_state:
         raise ValueError("--select_by gsc_weight needs a --training_state with GSC buffers")
@@ -516,5 +522,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return stats
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # through the dispatcher: its checks before any import, one-line errors
+    import sys
+
+    from hf_mmsel.cli import main as cli_main
+
+    sys.exit(cli_main(["curate", *sys.argv[1:]]))

@@ -1,7 +1,7 @@
 """Train a CLIP-style dual encoder with online sample selection (DISSect by default).
 
-    hf-mmsel train-clip --config recipes/configs/clip_dissect.yaml --noise_ratio 0.4
-    hf-mmsel train-clip --config recipes/configs/clip_gsc.yaml      # dissect selection + GSC weighting
+    hf-mmsel train-clip --config clip_dissect --noise_ratio 0.4     # a packaged config (hf-mmsel configs)
+    hf-mmsel train-clip --config clip_gsc                            # dissect selection + GSC weighting
     accelerate launch --multi_gpu --num_processes 2 -m hf_mmsel.recipes.train_clip --config ... --use_cpu true
 
 Every field of ``ClipRecipeArguments`` and ``ContrastiveTrainingArguments`` is a flag; ``--config`` reads a YAML
@@ -41,10 +41,16 @@ from typing import Any
 
 @dataclass
 class ClipRecipeArguments:
-    dataset: str | None = field(default=None, metadata={"help": "Hub id or local path (default: embedded easy-vqa)"})
-    image_column: str = field(default="image")
-    caption_column: str = field(default="caption")
-    label_column: str | None = field(default=None)
+    dataset: str | None = field(default=None, metadata={
+        "help": "Hub id, local folder (save_to_disk, imagefolder with metadata.csv/jsonl, data files) or with "
+                "--streaming true WebDataset/parquet shards; default: embedded easy-vqa (docs/your_data.md)"})
+    image_column: str = field(default="image", metadata={"help": "Column of --dataset with the images (an imagefolder "
+                                                                 "names it 'image'); renamed to 'image'."})
+    caption_column: str = field(default="caption", metadata={"help": "Column of --dataset with the captions (an "
+                                                                     "imagefolder's metadata.csv names it, e.g. "
+                                                                     "--caption_column text)."})
+    label_column: str | None = field(default=None, metadata={"help": "Optional class-label column of --dataset "
+                                                                     "(zero-shot accuracy; strings are class-encoded)."})
     noise_ratio: float = field(default=0.0, metadata={"help": "benchmark device: shuffle this fraction of the training "
                                                               "captions (default 0: the data is used as given)"})
     noise_seed: int = field(default=0)
@@ -139,6 +145,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "train" not in data:
         raise ValueError(f"the dataset needs a 'train' split; it has {list(data)}")
     test_name = next((s for s in ("test", "validation", "val") if s in data), None)
+    if test_name is None and targs.process_index == 0:
+        print(f"{PROG}: note: the dataset has no test/validation split (splits: {list(data)}); evaluation is skipped "
+              "(add one, e.g. a test/ folder of an imagefolder, to get retrieval metrics)", flush=True)
     for name, limit in (("train", args.max_train), (test_name, args.max_test)):
         if name is not None and limit is not None and limit < len(data[name]):
             data[name] = data[name].select(range(limit))
@@ -349,5 +358,9 @@ def _card(args: ClipRecipeArguments, targs, metrics: dict[str, float], state=Non
     )
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # through the dispatcher: its checks before any import, one-line errors
+    import sys
+
+    from hf_mmsel.cli import main as cli_main
+
+    sys.exit(cli_main(["train-clip", *sys.argv[1:]]))

@@ -1,7 +1,7 @@
 """Train a MoLA adapter on a multi-task image-classification dataset (default: the embedded benchmark).
 
     hf-mmsel train-mola                                                       # MoLA-Grad, configs/mola_default.yaml
-    hf-mmsel train-mola --config recipes/configs/mola_router.yaml            # MoLA-Router + TwD
+    hf-mmsel train-mola --config mola_router                                  # MoLA-Router + TwD
     accelerate launch -m hf_mmsel.recipes.train_mola --max_steps 50 --output_dir /tmp/mola --routing router
     hf-mmsel train-mola --dataset digits=ylecun/mnist,fashion=zalando-datasets/fashion_mnist \
         --model_name_or_path google/vit-base-patch16-224-in21k --target_modules query,value
@@ -12,12 +12,13 @@
 images are normalised with its image processor's mean/std (``preprocessor_config.json``), or ``--image_mean`` /
 ``--image_std`` (required when it has none). The random-init ViT uses mean = std = 0.5.
 
-Settings come from the YAML ``--config`` (default ``recipes/configs/mola_default.yaml``); command-line flags override
-it. Any ``TrainingArguments`` flag works (``--max_steps``, ``--per_device_train_batch_size``, ``--report_to``,
-``--push_to_hub --hub_model_id``, ...). Writes to ``--output_dir`` (refused when non-empty unless
-``--overwrite_output_dir true`` or ``--resume_from_checkpoint``): the adapter (``adapter_config.json``,
-``adapter_model.safetensors``), the frozen base model it adapts (``base_model/``), ``eval_results.json`` (per-task and
-mean accuracy, world size) and a model card ``README.md``. ``--push_to_hub`` uploads those files.
+Settings come from the YAML ``--config`` (default ``mola_default``, a packaged config; ``hf-mmsel configs`` lists
+them); command-line flags override it. Any ``TrainingArguments`` flag works (``--max_steps``,
+``--per_device_train_batch_size``, ``--report_to``, ``--push_to_hub --hub_model_id``, ...). Writes to ``--output_dir``
+(refused when non-empty unless ``--overwrite_output_dir true`` or ``--resume_from_checkpoint``): the adapter
+(``adapter_config.json``, ``adapter_model.safetensors``), the frozen base model it adapts (``base_model/``),
+``eval_results.json`` (per-task and mean accuracy, world size) and a model card ``README.md``. ``--push_to_hub``
+uploads those files.
 """
 
 from __future__ import annotations
@@ -444,5 +445,9 @@ def main(argv: list[str] | None = None) -> dict:
     return eval_results
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # through the dispatcher: its checks before any import, one-line errors
+    import sys
+
+    from hf_mmsel.cli import main as cli_main
+
+    sys.exit(cli_main(["train-mola", *sys.argv[1:]]))

@@ -55,5 +55,5 @@ class PassSchedule:
             raise ValueError(
                 f"DISSect warm-up of {warmup_passes} passes reaches the end of training ({self.total_passes:g} "
                 f"passes = {self.total_batches} candidate batches of which {self.batches_per_pass} per pass): it "
-                "would never select; lower selection_warmup_passes or train longer"
+                f"would never select; {'lower selection_warmup_passes or ' * (warmup_passes > 1)}train more passes / max_steps"
             )
