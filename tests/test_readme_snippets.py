@@ -57,6 +57,8 @@ def test_readme_is_one_screenful_of_pages_and_every_link_resolves():
     points at a file of the repository."""
     assert len((ROOT / "README.md").read_bytes()) <= 30_000
     for page in PAGES:
+        fences = [line for line in page.read_text().splitlines() if line.startswith("```")]
+        assert len(fences) % 2 == 0, f"{page.relative_to(ROOT)} has an unclosed code fence"
         for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
             if "://" in target:
                 continue
