@@ -96,22 +96,8 @@ def _iter_tar(entry: ShardEntry, start: int, on_bad_sample: str, decode_images: 
                 for info in members:
                     hash_tar_member(h, info)
                 if position >= start:
-                    try:
-                        data = {}
-                        for info in members:
-                            if info.offset_data + info.size > size:
-                                raise BadSampleError(
-                                    f"{entry.path}: sample {key!r} is truncated (member {info.name} needs "
-                                    f"{info.offset_data + info.size} bytes, the shard has {size})"
-                                )
-                            f.seek(info.offset_data)
-                            data[sample_key(info.name)[1]] = f.read(info.size)
-                        row = _row_from_members(entry, key, data, entry.offset + position, decode_images)
-                    except BadSampleError as e:
-                        if on_bad_sample == "raise":
-                            raise
-                        _count_bad(stats, e)
-                        row = None
+                    row = _row_or_skip(lambda: _tar_row(entry, f, size, key, members, position, decode_images),
+                                       on_bad_sample, stats)
                     if row is not None:
                         yield row
                 position += 1
@@ -127,6 +113,31 @@ def _check_complete(entry: ShardEntry, count: int, digest: str) -> None:
             f"members_sha256 differs: {digest != entry.members_sha256}): sample ids would be wrong; rebuild the "
             "manifest"
         )
+
+
+def _tar_row(entry: ShardEntry, f, size: int, key: str, members, position: int, decode_images: bool) -> dict:
+    """The row of one tar sample read from its members' byte ranges (a member past the end: truncated shard)."""
+    data = {}
+    for info in members:
+        if info.offset_data + info.size > size:
+            raise BadSampleError(
+                f"{entry.path}: sample {key!r} is truncated (member {info.name} needs "
+                f"{info.offset_data + info.size} bytes, the shard has {size})"
+            )
+        f.seek(info.offset_data)
+        data[sample_key(info.name)[1]] = f.read(info.size)
+    return _row_from_members(entry, key, data, entry.offset + position, decode_images)
+
+
+def _row_or_skip(make_row, on_bad_sample: str, stats) -> dict | None:
+    """``make_row()``, or None for a bad sample under ``on_bad_sample="skip"`` (counted in ``stats``)."""
+    try:
+        return make_row()
+    except BadSampleError as e:
+        if on_bad_sample == "raise":
+            raise
+        _count_bad(stats, e)
+        return None
 
 
 def _count_bad(stats, error: Exception) -> None:
@@ -156,14 +167,9 @@ def _iter_parquet(entry: ShardEntry, start: int, on_bad_sample: str, decode_imag
         for i in range(n):
             if position >= start:
                 key = str(table[key_col][i]) if key_col else f"{entry.name}/{position}"
-                try:
-                    row = _parquet_row(entry, table, i, key, image_col, caption_col, extra, decode_images)
-                    row["sample_idx"] = entry.offset + position
-                except BadSampleError as e:
-                    if on_bad_sample == "raise":
-                        raise
-                    _count_bad(stats, e)
-                    row = None
+                row = _row_or_skip(lambda: {**_parquet_row(entry, table, i, key, image_col, caption_col, extra,
+                                                            decode_images), "sample_idx": entry.offset + position},
+                                   on_bad_sample, stats)
                 if row is not None:
                     yield row
             position += 1

@@ -86,6 +86,7 @@ from hf_mmsel.cli import dataclass_from_fields
 from hf_mmsel.data.in_memory import InMemoryPairs
 from hf_mmsel.state.schedule import default_warmup_passes
 from hf_mmsel.metrics.validation_curve import ValidationCurve, add_time_to_full_best, best_validation_point
+from hf_mmsel.recipes.run_utils import caption_column_field, image_column_field
 from hf_mmsel.trainers import ContrastiveTrainingArguments
 
 from .benchmark_data import build_model, curation_pool, load_splits, parse_csv  # noqa: F401
@@ -126,11 +127,8 @@ class BenchmarkArguments(BenchmarkTrainerFlags):
     and the trainer flags of :class:`BenchmarkTrainerFlags`."""
 
     dataset: str | None = field(default=None, metadata={"help": "Hub id or local path (default: embedded easy-vqa)"})
-    image_column: str = field(default="image", metadata={"help": "Column of --dataset with the images (an imagefolder "
-                                                                 "names it 'image'); renamed to 'image'."})
-    caption_column: str = field(default="caption", metadata={"help": "Column of --dataset with the captions (an "
-                                                                     "imagefolder's metadata.csv names it, e.g. "
-                                                                     "--caption_column text)."})
+    image_column: str = image_column_field()
+    caption_column: str = caption_column_field()
     label_column: str | None = field(default=None, metadata={"help": "optional class column (zero-shot accuracy)"})
     noise_ratio: float = field(default=0.0, metadata={"help": "fraction of training captions shuffled (benchmark "
                                                               "device; default 0: the data as given)"})

@@ -52,6 +52,7 @@ from hf_mmsel.curation.outputs import (
     training_state_sha256,
     write_curated_subset,
 )
+from hf_mmsel.recipes.run_utils import caption_column_field, image_column_field, label_column_field
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "curate_default.yaml"
 PROG = "hf-mmsel curate"
@@ -74,13 +75,9 @@ class CurateArguments:
     manifest_path: str | None = field(default=None, metadata={"help": "Input shard manifest (default: next to the "
                                                                       "shards, else in --output_dir)."})
     split: str = field(default="train", metadata={"help": "Split to curate (map-style input)."})
-    image_column: str = field(default="image", metadata={"help": "Column of --dataset with the images (an imagefolder "
-                                                                 "names it 'image'); renamed to 'image'."})
-    caption_column: str = field(default="caption", metadata={"help": "Column of --dataset with the captions (an "
-                                                                     "imagefolder's metadata.csv names it, e.g. "
-                                                                     "--caption_column text)."})
-    label_column: str | None = field(default=None, metadata={"help": "Optional class-label column of --dataset "
-                                                                     "(zero-shot accuracy; strings are class-encoded)."})
+    image_column: str = image_column_field()
+    caption_column: str = caption_column_field()
+    label_column: str | None = label_column_field()
     max_samples: int | None = field(default=None, metadata={"help": "Curate only the first n rows (map-style)."})
     samples_per_shard: int = field(default=10_000, metadata={"help": "Virtual shard size for map-style input."})
     on_bad_sample: str = field(default="raise", metadata={"help": "'raise' or 'skip' (counted in the stats)."})

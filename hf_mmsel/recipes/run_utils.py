@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+from dataclasses import field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -25,6 +26,24 @@ __all__ = ["UsageError", "OutputDirExistsError", "check_imagefolder_columns", "c
            "default_cpu_threads", "looks_local",
            "prepare_output_dir", "format_run_summary", "print_run_summary", "check_push_settings",
            "hub_ids_only", "parse_bool"]
+
+
+def image_column_field():
+    """``--image_column`` of the recipes that read an image-text ``--dataset``."""
+    return field(default="image", metadata={"help": "Column of --dataset with the images (an imagefolder names it "
+                                                    "'image'); renamed to 'image'."})
+
+
+def caption_column_field():
+    """``--caption_column`` of the recipes that read an image-text ``--dataset``."""
+    return field(default="caption", metadata={"help": "Column of --dataset with the captions (an imagefolder's "
+                                                      "metadata.csv names it, e.g. --caption_column text)."})
+
+
+def label_column_field():
+    """``--label_column`` of the recipes that report zero-shot accuracy."""
+    return field(default=None, metadata={"help": "Optional class-label column of --dataset (zero-shot accuracy; "
+                                                 "strings are class-encoded)."})
 
 
 def parse_bool(text: str) -> bool:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hf_mmsel.recipes.run_utils import caption_column_field, image_column_field, label_column_field
 
 
 @dataclass
@@ -44,13 +45,9 @@ class ClipRecipeArguments:
     dataset: str | None = field(default=None, metadata={
         "help": "Hub id, local folder (save_to_disk, imagefolder with metadata.csv/jsonl, data files) or with "
                 "--streaming true WebDataset/parquet shards; default: embedded easy-vqa (docs/your_data.md)"})
-    image_column: str = field(default="image", metadata={"help": "Column of --dataset with the images (an imagefolder "
-                                                                 "names it 'image'); renamed to 'image'."})
-    caption_column: str = field(default="caption", metadata={"help": "Column of --dataset with the captions (an "
-                                                                     "imagefolder's metadata.csv names it, e.g. "
-                                                                     "--caption_column text)."})
-    label_column: str | None = field(default=None, metadata={"help": "Optional class-label column of --dataset "
-                                                                     "(zero-shot accuracy; strings are class-encoded)."})
+    image_column: str = image_column_field()
+    caption_column: str = caption_column_field()
+    label_column: str | None = label_column_field()
     noise_ratio: float = field(default=0.0, metadata={"help": "benchmark device: shuffle this fraction of the training "
                                                               "captions (default 0: the data is used as given)"})
     noise_seed: int = field(default=0)
