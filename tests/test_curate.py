@@ -165,12 +165,13 @@ def test_map_style_and_webdataset_give_same_scores(recipe, assets, tmp_path):
     import pandas as pd
 
     table = pd.read_parquet(out_wds / "scores")
-    assert list(table.columns[:4]) == ["key", "sample_idx", "gsc_clean_prob", "similarity"]
+    assert list(table.columns[:5]) == ["key", "sample_idx", "curation_score", "gsc_clean_prob", "similarity"]
     assert table["sample_idx"].tolist() == list(range(N_ROWS)) and table["key"].iloc[7] == "000000007"
     assert table["is_noisy"].tolist() == assets["is_noisy"].tolist()
     # the trained model flags the shuffled captions; the subset keeps the high scores
     assert stats_wds["detection_auroc"]["gsc_clean_prob"] > 0.65, stats_wds["detection_auroc"]
-    kept = table[table["gsc_clean_prob"] >= 0.5]
+    assert stats_wds["detection_auroc"]["curation_score"] > 0.65, stats_wds["detection_auroc"]
+    kept = table[table["curation_score"] >= 0.5]  # the default --select_by
     assert stats_wds["num_kept"] == len(kept) == stats_map["num_kept"] and 0 < len(kept) < N_ROWS
     assert stats_wds["kept_noise_rate"] < stats_wds["true_noise_rate"] == pytest.approx(NOISE)
     curated = ShardManifest.load(out_wds / "curated" / "manifest.json")
@@ -179,7 +180,7 @@ def test_map_style_and_webdataset_give_same_scores(recipe, assets, tmp_path):
 
     curated_map = load_from_disk(str(out_map / "curated"))
     assert curated_map["sample_idx"] == kept["sample_idx"].tolist()
-    np.testing.assert_array_equal(curated_map["gsc_clean_prob"], kept["gsc_clean_prob"].to_numpy())
+    np.testing.assert_array_equal(curated_map["curation_score"], kept["curation_score"].to_numpy())
     files = {p.name for p in out_wds.iterdir()}
     assert {"README.md", "score_histogram.png", "curation_stats.json", "manifest.json", "mixture.json",
             "anchors.safetensors", "curation_config.json", "scores", "curated"} <= files
@@ -448,3 +449,59 @@ def test_push_curated_webdataset_shards_and_load_back(recipe, assets, tmp_path, 
     table = pd.read_parquet(out / "scores")
     kept = table.nlargest(100, "gsc_clean_prob", keep="first")["key"]
     assert sorted(loaded["__key__"]) == sorted(kept)
+
+
+def test_resume_fingerprint_sees_every_input(recipe, assets, tmp_path):
+    """A curation folder resumes only for the same model weights, training state (current hook_state format),
+    scoring config and input shard bytes; each change is refused, naming what changed, and loses nothing."""
+    import shutil
+    import tarfile
+
+    from safetensors.torch import load_file, save_file
+
+    wds, model = tmp_path / "wds", tmp_path / "model"
+    shutil.copytree(assets["wds"], wds)
+    shutil.copytree(assets["model"], model)
+    state = _training_state(tmp_path / "ckpt", N_ROWS)
+    out = tmp_path / "cur"
+    args = ["--model_name_or_path", str(model), "--dataset", str(wds), "--output_dir", str(out), "--batch_size", "32",
+            "--num_anchors", "64", "--fit_samples", "100", "--show_progress", "false", "--training_state", str(state)]
+    first = recipe.main(args)
+    assert first["mode"] == "new" and "gsc_weight" in first["score_columns"]
+    scores = _scores(out)
+    assert recipe.main(args)["mode"] == "resume"
+
+    def refused(changed: str) -> None:
+        with pytest.raises(FileExistsError, match=rf"changed: \['{changed}'\]"):
+            recipe.main(args)
+        assert _scores(out) == scores  # nothing lost
+
+    # 1. the model's weights
+    weights = model / "model.safetensors"
+    original = weights.read_bytes()
+    tensors = load_file(str(weights))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1e-3
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    refused("model")
+    weights.write_bytes(original)
+    # 2. the training state (hook_state/ of a current checkpoint, not the legacy selection_state file)
+    saved = {p: p.read_bytes() for p in (state / "hook_state").rglob("*") if p.is_file()}
+    _training_state(state, N_ROWS, seen=120)
+    refused("training_state_sha256")
+    for path, data in saved.items():
+        path.write_bytes(data)
+    # 3. a scoring setting
+    with pytest.raises(FileExistsError, match=r"changed: \['scoring'\]"):
+        recipe.main(args + ["--neg_clip_batches", "3"])
+    # 4. an input shard rewritten in place: same member names and sizes (same sample ids), another caption
+    shard = sorted(wds.glob("*.tar"))[1]
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:
+        for member, data in members:
+            if member.name.endswith(".txt") and data:
+                data = data[::-1]  # same length, other text
+            tar.addfile(member, __import__("io").BytesIO(data))
+    refused("source_files")
+    assert recipe.main(args + ["--overwrite_output_dir", "true"])["mode"] == "overwrite"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,15 @@ HISTOGRAM_NAME = "score_histogram.png"
 STATS_NAME = "curation_stats.json"
 CONFIG_NAME = "curation_config.json"
 CURATED_DIR = "curated"
-SCORE_COLUMNS = ("gsc_clean_prob", "similarity", "dissect_score", "gsc_weight")
-#: score columns a subset may be selected by, with their value range
-SELECTABLE = {"gsc_clean_prob": (0.0, 1.0), "gsc_weight": (0.0, 1.0), "similarity": (-1.0, 1.0)}
+SCORE_COLUMNS = ("curation_score", "gsc_clean_prob", "similarity", "neg_clip_loss", "dissect_score", "gsc_weight")
+#: score columns a subset may be selected by, with their value range (negCLIPLoss = s_ii - R <= 0)
+SELECTABLE = {"curation_score": (0.0, 1.0), "gsc_clean_prob": (0.0, 1.0), "gsc_weight": (0.0, 1.0),
+              "similarity": (-1.0, 1.0), "neg_clip_loss": (-math.inf, 0.0)}
 COLUMN_DOCS = {
+    "curation_score": "the default ranking: mean pool quantile of the combined scores (curation_score_components: "
+    "negCLIPLoss, and GSC's training weight w with a training state); in [0, 1], higher = cleaner",
+    "neg_clip_loss": "negCLIPLoss (Wang et al., 2024): the image-text cosine minus a normaliser from the pair's "
+    "similarities to random in-batch contrast pairs, averaged over K seeded batches (higher = cleaner)",
     "gsc_clean_prob": "GSC clean probability from one pass of the curating model: min of the structure-consistency "
     "posterior and the positive-pair posterior (higher = cleaner)",
     "similarity": "image-text cosine similarity of the curating model",
@@ -38,7 +44,7 @@ OWN_OUTPUTS = ("scores", "fit", "raw", "anchors.safetensors", "mixture.json", "m
 
 __all__ = [
     "COLUMN_DOCS", "CONFIG_NAME", "CURATED_DIR", "HISTOGRAM_NAME", "OWN_OUTPUTS", "SCORE_COLUMNS", "SELECTABLE",
-    "STATE_FILE_NAME", "STATS_NAME", "detection_aurocs", "model_fingerprint", "plot_histograms",
+    "STATE_FILE_NAME", "STATS_NAME", "detection_aurocs", "input_files_fingerprint", "model_fingerprint", "plot_histograms",
     "prepare_curation_dir", "select_rows", "training_state_sha256", "write_curated_subset",
 ]
 
@@ -56,12 +62,33 @@ def model_fingerprint(model) -> str:
 
 
 def training_state_sha256(path: str | None) -> str | None:
-    """sha256 of a training-state file (a folder: its :data:`STATE_FILE_NAME`); ``None`` without one."""
+    """sha256 of everything a training state holds: a checkpoint folder's ``hook_state/`` files (names and bytes),
+    or a hf_mmsel <= 0.1 :data:`STATE_FILE_NAME` (the folder's, or the file itself); ``None`` without one."""
+    from hf_mmsel.state.checkpoint import HOOK_STATE_DIR
+
     if not path:
         return None
-    file = Path(path)
-    file = file / STATE_FILE_NAME if file.is_dir() else file
+    root = Path(path)
+    if (root / HOOK_STATE_DIR).is_dir():
+        h = hashlib.sha256()
+        for file in sorted(p for p in (root / HOOK_STATE_DIR).rglob("*") if p.is_file()):
+            h.update(f"{file.relative_to(root).as_posix()}\0{file.stat().st_size}\n".encode())
+            with open(file, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        return h.hexdigest()
+    file = root / STATE_FILE_NAME if root.is_dir() else root
     return hashlib.sha256(file.read_bytes()).hexdigest() if file.is_file() else None
+
+
+def input_files_fingerprint(paths: list[str]) -> str:
+    """sha256 of every input shard's name, size and modification time: a shard rewritten in place (same member
+    names and sizes, other content) changes it without reading the pool."""
+    h = hashlib.sha256()
+    for path in paths:
+        st = Path(path).stat()
+        h.update(f"{Path(path).name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 def prepare_curation_dir(out: Path, config: dict[str, Any], overwrite_output_dir: bool) -> str:

@@ -30,6 +30,7 @@ import torch
 from hf_mmsel.data.shards import balance_by_count
 from hf_mmsel.gsc.structure import StructureConfig
 
+from .curation_score import DEFAULT_COMPONENTS, parse_components
 from .scoring import RAW_SCORE_COLUMNS, AnchorSet, CleanMixture, dissect_score, raw_shard_scores
 
 ANCHORS_NAME = "anchors.safetensors"
@@ -38,7 +39,7 @@ FIT_DIR = "fit"
 RAW_DIR = "raw"
 SCORES_DIR = "scores"
 SCORES_MANIFEST_NAME = "manifest.json"
-SCORE_COLUMNS = ("gsc_clean_prob", "similarity", "dissect_score", "gsc_weight")
+SCORE_COLUMNS = ("curation_score", "gsc_clean_prob", "similarity", "neg_clip_loss", "dissect_score", "gsc_weight")
 
 
 @dataclass
@@ -48,6 +49,9 @@ class ScoringSettings:
     batch_size: int = 256
     num_anchors: int = 512
     chunk_size: int = 128
+    neg_clip_batch_size: int = 256
+    neg_clip_batches: int = 10
+    curation_score_components: str = DEFAULT_COMPONENTS
     prob_posterior: bool = True
     structure_similarity: str = "sigmoid"
     structure_temperature: float = 0.1
@@ -63,6 +67,10 @@ class ScoringSettings:
     def structure(self) -> StructureConfig:
         return StructureConfig(similarity=self.structure_similarity, temperature=self.structure_temperature,
                                centered=self.structure_centered)
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return parse_components(self.curation_score_components)
 
     @property
     def gmm(self) -> dict[str, Any]:
@@ -193,7 +201,8 @@ def raw_table(emb: ShardEmbeddings, offset: int, anchors: AnchorSet, logit_scale
     dev_order = order.to(emb.image_embeds.device)
     raw = raw_shard_scores(emb.image_embeds[dev_order], emb.text_embeds[dev_order], idx, anchors, logit_scale,
                            offset=offset, chunk_size=settings.chunk_size, seed=settings.seed,
-                           structure=settings.structure)
+                           structure=settings.structure, neg_clip_batch_size=settings.neg_clip_batch_size,
+                           neg_clip_batches=settings.neg_clip_batches)
     columns: dict[str, np.ndarray] = {
         "key": np.asarray([emb.keys[i] for i in order.tolist()], dtype=object),
         "sample_idx": idx.numpy().astype(np.int64),
@@ -204,21 +213,25 @@ def raw_table(emb: ShardEmbeddings, offset: int, anchors: AnchorSet, logit_scale
     return columns, meta
 
 
-def final_table(raw: dict[str, np.ndarray], mixture: CleanMixture, training_state: dict[str, Any]
-                ) -> dict[str, np.ndarray]:
-    """Score columns of one shard: ``key``, ``sample_idx``, ``gsc_clean_prob``, ``similarity``, the raw GSC
-    quantities, ``dissect_score`` / ``gsc_weight`` (with a training state), ``is_noisy`` (ground truth, if any)."""
+def final_table(raw: dict[str, np.ndarray], mixture: CleanMixture, training_state: dict[str, Any],
+                components: tuple[str, ...] = parse_components(DEFAULT_COMPONENTS)) -> dict[str, np.ndarray]:
+    """Score columns of one shard: ``key``, ``sample_idx``, ``curation_score`` (the ``components`` present),
+    ``gsc_clean_prob``, ``similarity``, ``neg_clip_loss``, the raw GSC quantities, ``dissect_score`` /
+    ``gsc_weight`` (with a training state), ``is_noisy`` (ground truth, if any)."""
     t = {k: torch.from_numpy(np.array(raw[k], dtype=np.float32)) for k in RAW_SCORE_COLUMNS}
     post = mixture.apply(t)
-    out: dict[str, np.ndarray] = {"key": raw["key"], "sample_idx": raw["sample_idx"],
-                                  "gsc_clean_prob": post["gsc_clean_prob"].numpy().astype(np.float32),
-                                  "similarity": raw["similarity"]}
     idx = torch.from_numpy(np.array(raw["sample_idx"], dtype=np.int64))
+    if "gsc_weight" in training_state:
+        t["gsc_weight"] = training_state["gsc_weight"][idx].float()
+    out: dict[str, np.ndarray] = {"key": raw["key"], "sample_idx": raw["sample_idx"],
+                                  "curation_score": mixture.curation_score(t, components).numpy().astype(np.float32),
+                                  "gsc_clean_prob": post["gsc_clean_prob"].numpy().astype(np.float32),
+                                  "similarity": raw["similarity"], "neg_clip_loss": raw["neg_clip_loss"]}
     if "dissect_hist" in training_state:
         out["dissect_score"] = dissect_score(t["similarity"], training_state["dissect_hist"][idx],
                                              training_state["dissect_seen"][idx]).numpy().astype(np.float32)
     if "gsc_weight" in training_state:
-        out["gsc_weight"] = training_state["gsc_weight"][idx].numpy().astype(np.float32)
+        out["gsc_weight"] = t["gsc_weight"].numpy().astype(np.float32)
     out["positive_prob"] = raw["positive_prob"]
     out["consistency"] = raw["consistency"]
     out["structure_posterior"] = post["structure_posterior"].numpy().astype(np.float32)
@@ -355,19 +368,22 @@ class CurationScorer:
         return self.mixture
 
     def mixture_from_fit_files(self, fit_ids: list[int]) -> CleanMixture:
-        tables = [read_table(self.fit_path(self.source.shards[i]), ["consistency", "positive_prob"])[0]
-                  for i in fit_ids]
-        c = torch.from_numpy(np.concatenate([t["consistency"] for t in tables]).astype(np.float32))
-        p = torch.from_numpy(np.concatenate([t["positive_prob"] for t in tables]).astype(np.float32))
-        if c.numel() < 2:
-            raise ValueError(f"the fit shards hold {c.numel()} readable pairs: need at least 2 to fit the mixture")
-        return CleanMixture.fit(c, p, prob_posterior=self.settings.prob_posterior, seed=self.settings.seed,
-                                fit_shards=[self.source.shards[i].name for i in fit_ids], **self.settings.gmm)
+        tables = [read_table(self.fit_path(self.source.shards[i]), list(RAW_SCORE_COLUMNS))[0] for i in fit_ids]
+        raw = {k: torch.from_numpy(np.concatenate([t[k] for t in tables]).astype(np.float32))
+               for k in RAW_SCORE_COLUMNS}
+        if raw["consistency"].numel() < 2:
+            raise ValueError(f"the fit shards hold {raw['consistency'].numel()} readable pairs: need at least 2 to "
+                             "fit the mixture")
+        if "gsc_weight" in self.training_state:  # a training-state score is known for every pair: its own CDF
+            raw["gsc_weight"] = self.training_state["gsc_weight"].float()
+        return CleanMixture.fit(raw["consistency"], raw["positive_prob"], prob_posterior=self.settings.prob_posterior,
+                                seed=self.settings.seed, fit_shards=[self.source.shards[i].name for i in fit_ids],
+                                quantile_values=raw, **self.settings.gmm)
 
     # stage 3: score every shard
     def write_final(self, shard_id: int, raw: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-        write_table(final_table(raw, self.mixture, self.training_state), self.score_path(self.source.shards[shard_id]),
-                    meta)
+        write_table(final_table(raw, self.mixture, self.training_state, self.settings.components),
+                    self.score_path(self.source.shards[shard_id]), meta)
 
     def pending_shards(self) -> list[int]:
         return [i for i in self.assign(list(range(len(self.source.shards))))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,13 @@ from hf_mmsel.gsc.gmm import TwoGaussians, fit_two_gaussians, high_mean_posterio
 from hf_mmsel.gsc.scoring import DEFAULT_STRUCTURE, anchor_consistency, mean_anchor_cosine
 from hf_mmsel.gsc.structure import StructureConfig
 
-RAW_SCORE_COLUMNS = ("similarity", "positive_prob", "consistency")
+from .contrast_batches import chunk_logits, seeded_chunks
+from .curation_score import combine, empirical_quantiles
+from .neg_clip_loss import neg_clip_loss
+
+#: Ashman's D below which a 2-component fit shows no distinct noisy mode (its weight is no noise estimate)
+MIN_SEPARATION = 2.0
+RAW_SCORE_COLUMNS = ("similarity", "neg_clip_loss", "positive_prob", "consistency")
 
 
 def shard_seed(seed: int, offset: int) -> int:
@@ -47,26 +53,11 @@ def batched_positive_probability(
     """:func:`hf_mmsel.gsc.scoring.chunked_positive_probability` (same seeded chunks, same values) computed as
     one padded batched matmul + masked softmax instead of a Python loop over chunks. Float32 [n]."""
     n = image_embeds.shape[0]
-    device = image_embeds.device
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
-    num_chunks = max(1, -(-n // chunk_size))
-    q, r = divmod(n, num_chunks)  # torch.tensor_split: the first r chunks hold q + 1 rows
-    width = q + (1 if r else 0)
-    j = torch.arange(n)
-    big = j < r * (q + 1)
-    chunk = torch.where(big, j // (q + 1), r + (j - r * (q + 1)) // max(q, 1))
-    pos = torch.where(big, j % (q + 1), (j - r * (q + 1)) % max(q, 1))
-    index = torch.full((num_chunks, width), -1, dtype=torch.long)
-    index[chunk, pos] = order
-    index = index.to(device)
-    valid = index >= 0
-    safe = index.clamp(min=0)
-    v, u = image_embeds.float()[safe], text_embeds.float()[safe]  # [C, K, D]
-    logits = float(logit_scale) * torch.bmm(v, u.transpose(1, 2))  # [C, K, K]
-    neg = torch.finfo(logits.dtype).min
-    i2t = logits.masked_fill(~valid[:, None, :], neg).softmax(dim=2).diagonal(dim1=1, dim2=2)
-    t2i = logits.masked_fill(~valid[:, :, None], neg).softmax(dim=1).diagonal(dim1=1, dim2=2)
-    p = torch.empty(n, dtype=torch.float32, device=device)
+    index, valid = seeded_chunks(n, chunk_size, seed, image_embeds.device)
+    i2t_logits, t2i_logits = chunk_logits(image_embeds, text_embeds, logit_scale, index, valid)
+    i2t = i2t_logits.softmax(dim=2).diagonal(dim1=1, dim2=2)
+    t2i = t2i_logits.softmax(dim=1).diagonal(dim1=1, dim2=2)
+    p = torch.empty(n, dtype=torch.float32, device=image_embeds.device)
     p[index[valid]] = (0.5 * (i2t + t2i))[valid]
     return p
 
@@ -122,11 +113,14 @@ def raw_shard_scores(
     chunk_size: int = 128,
     seed: int = 0,
     structure: StructureConfig | None = None,
+    neg_clip_batch_size: int = 256,
+    neg_clip_batches: int = 10,
 ) -> dict[str, torch.Tensor]:
-    """``similarity`` (cosine), ``positive_prob`` (p) and ``consistency`` (c) of one shard's pairs (float32 [n]).
+    """``similarity`` (cosine), ``neg_clip_loss`` (:mod:`.neg_clip_loss`), ``positive_prob`` (p) and
+    ``consistency`` (c) of one shard's pairs (float32 [n]).
 
     ``sample_idx`` (ascending) identifies the rows; an anchor that is one of them is excluded from its own
-    profile. ``offset`` (the shard's first id in the manifest) seeds the chunks."""
+    profile. ``offset`` (the shard's first id in the manifest) seeds the chunks and the contrast batches."""
     structure = structure or DEFAULT_STRUCTURE
     n = image_embeds.shape[0]
     device = image_embeds.device
@@ -139,6 +133,8 @@ def raw_shard_scores(
         p = batched_positive_probability(v, u, logit_scale, chunk_size=chunk_size, seed=shard_seed(seed, offset))
     else:  # a one-pair chunk is trivially "matched": p = 1, as softmax over one entry
         p = torch.ones(n, device=device)
+    neg_clip = neg_clip_loss(v, u, logit_scale, batch_size=neg_clip_batch_size, num_batches=neg_clip_batches,
+                             seed=shard_seed(seed, offset))
     # anchors inside this shard are the shard's own rows (so self-exclusion by row works); the rest are appended
     ids = sample_idx.to(device).long()
     a_ids = anchors.sample_idx.to(device)
@@ -151,7 +147,8 @@ def raw_shard_scores(
     all_u = torch.cat([u, anchors.text_embeds.to(device)[outside]])
     mu = (anchors.mu_image.to(device), anchors.mu_text.to(device))
     c = anchor_consistency(all_v, all_u, anchor_rows, structure=structure, mu=mu, num_rows=n)
-    return {"similarity": similarity.float(), "positive_prob": p.float(), "consistency": c.float()}
+    return {"similarity": similarity.float(), "neg_clip_loss": neg_clip.float(), "positive_prob": p.float(),
+            "consistency": c.float()}
 
 
 @dataclass
@@ -185,6 +182,18 @@ class PosteriorFit:
         return cls(lo, hi, g.means.tolist(), g.variances.tolist(), g.mixing.tolist(), normalised.numel(),
                    bool(g.converged), monotone)
 
+    @property
+    def low_weight(self) -> float | None:
+        """Mixing weight of the lower-mean (noisy) component: the fit's estimate of the noise rate."""
+        return None if self.means is None else float(self.mixing[int(np.argmin(self.means))])
+
+    @property
+    def separation(self) -> float | None:
+        """Ashman's D = |μ₁ - μ₂| · sqrt(2 / (σ₁² + σ₂²)) of the two components (D > 2: two distinct modes)."""
+        if self.means is None:
+            return None
+        return abs(self.means[0] - self.means[1]) * math.sqrt(2.0 / max(sum(self.variances), 1e-300))
+
     def posterior(self, values: torch.Tensor) -> torch.Tensor:
         """Posterior of the higher-mean (clean) component, float32, on ``values``' device."""
         if self.means is None:
@@ -197,18 +206,23 @@ class PosteriorFit:
 
 @dataclass
 class CleanMixture:
-    """The fitted posteriors of ``c`` and (``prob_posterior``) of ``log p``; ``clean_prob = min(π(c), P)``."""
+    """Everything fitted once on the seeded fit sample: the GMM posteriors of ``c`` and (``prob_posterior``) of
+    ``log p`` (``gsc_clean_prob = min(π(c), P)``), and the quantiles of every :data:`curation_score.COMPONENTS`
+    column (``curation_score``, :mod:`.curation_score`)."""
 
     consistency: PosteriorFit
     positive: PosteriorFit | None
     fit_shards: list[str]
+    quantiles: dict[str, list[float]] = field(default_factory=dict)
 
     @classmethod
     def fit(cls, consistency: torch.Tensor, positive_prob: torch.Tensor, *, prob_posterior: bool, seed: int,
-            fit_shards: list[str], **gmm: Any) -> CleanMixture:
+            fit_shards: list[str], quantile_values: dict[str, torch.Tensor] | None = None, **gmm: Any
+            ) -> CleanMixture:
         c_fit = PosteriorFit.fit(consistency, seed=seed, **gmm)
         p_fit = PosteriorFit.fit(_log_p(positive_prob), seed=seed, **gmm) if prob_posterior else None
-        return cls(c_fit, p_fit, list(fit_shards))
+        quantiles = {k: empirical_quantiles(v) for k, v in (quantile_values or {}).items()}
+        return cls(c_fit, p_fit, list(fit_shards), quantiles)
 
     def apply(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         pi = self.consistency.posterior(raw["consistency"])
@@ -217,10 +231,29 @@ class CleanMixture:
         return {"gsc_clean_prob": torch.minimum(pi, prob_clean), "structure_posterior": pi,
                 "prob_clean": prob_clean}
 
+    def noise_estimate(self) -> dict[str, Any]:
+        """The noise rate as the noisy component's weight in ONE fit: the ``log p`` mixture (or ``c`` without
+        ``prob_posterior``). ``rate``, ``separation`` (Ashman's D; < :data:`MIN_SEPARATION`: no distinct noisy
+        mode, so the rate is unreliable) and the ``score`` it comes from. The share of pairs with
+        ``gsc_clean_prob < 0.5`` is a union of two tests (either posterior below 0.5) and overestimates the rate
+        whenever either fit is poor (docs/design.md, Curation §3)."""
+        fit, score = (self.positive, "log positive_prob") if self.positive is not None else (self.consistency,
+                                                                                              "consistency")
+        return {"rate": fit.low_weight, "separation": fit.separation, "score": score,
+                "reliable": fit.separation is not None and fit.separation >= MIN_SEPARATION}
+
+    def curation_score(self, columns: dict[str, torch.Tensor], components: tuple[str, ...]) -> torch.Tensor:
+        """:func:`.curation_score.combine` with this fit's quantiles."""
+        missing = [k for k in components if k in columns and k not in self.quantiles]
+        if missing:
+            raise ValueError(f"mixture.json has no quantiles of {missing}: it was fitted by an older version; "
+                             "re-run with --overwrite_output_dir")
+        return combine(columns, self.quantiles, components)
+
     def to_dict(self) -> dict[str, Any]:
         return {"consistency": asdict(self.consistency),
                 "positive": None if self.positive is None else asdict(self.positive),
-                "fit_shards": self.fit_shards}
+                "fit_shards": self.fit_shards, "quantiles": self.quantiles}
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")  # repr floats: exact round trip
@@ -229,7 +262,7 @@ class CleanMixture:
     def load(cls, path: str | Path) -> CleanMixture:
         d = json.loads(Path(path).read_text())
         return cls(PosteriorFit(**d["consistency"]), None if d["positive"] is None else PosteriorFit(**d["positive"]),
-                   d["fit_shards"])
+                   d["fit_shards"], d.get("quantiles", {}))
 
 
 def _log_p(p: torch.Tensor) -> torch.Tensor:

@@ -50,8 +50,12 @@ from hf_mmsel.recipes.selection_report import format_number
 
 PROG = "hf-mmsel benchmark-downstream"
 BASELINES = ("random", "none")
-#: curate's score columns a variant can rank by (dissect_score / gsc_weight need a training state: not here)
-SCORE_COLUMNS = ("similarity", "gsc_clean_prob", "positive_prob", "consistency", "structure_posterior")
+#: curate's score columns a variant can rank by (``gsc_weight``: a curator trained with GSC, whose final training
+#: state curate reads with ``--training_state``)
+SCORE_COLUMNS = ("similarity", "neg_clip_loss", "curation_score", "gsc_clean_prob", "positive_prob", "consistency",
+                 "structure_posterior", "gsc_weight")
+#: ``--curator`` value: a model trained with ``full`` on clean held-out pairs that are not in the pool
+HELDOUT_CURATOR = "heldout"
 #: curate flags the benchmark sets itself (a --curation_settings variant may not)
 RESERVED_CURATE_FLAGS = ("model_name_or_path", "dataset", "output_dir", "overwrite_output_dir", "use_cpu",
                          "show_progress", "keep_fraction", "threshold", "select_by", "noise_ratio", "noise_seed",
@@ -68,13 +72,18 @@ class DownstreamArguments(BenchmarkArguments):
     seeds: str | None = field(default="0,1,2", metadata={"help": "comma list of seeds (noise, init, curator)"})
     output_dir: str = field(default="outputs/benchmark-downstream")
     curator: str = field(default="gsc", metadata={"help": "benchmark-selection strategy that trains the curating "
-                                                          "model on the noisy pool (gsc, full, dissect+gsc, ...)"})
+                                                          "model on the noisy pool (gsc, full, dissect+gsc, ...), or "
+                                                          f"'{HELDOUT_CURATOR}': `full` on the clean held-out pairs of "
+                                                          "--curator_holdout_fraction, never on the pool"})
+    curator_holdout_fraction: float = field(
+        default=0.0, metadata={"help": "fraction of the clean training split set aside (seed 0, before the noise) "
+                                       "for the held-out curator; the pool is the rest, for every --curator"})
     curator_model: str | None = field(default=None, metadata={"help": "a trained dual encoder folder to curate "
                                                                       "with instead of training --curator"})
     curation_settings: str = field(
         default="default=", metadata={"help": "';'-separated curate variants, each name=flag:value,flag:value "
                                               "(e.g. 'default=;uncentred=structure_centered:false')"})
-    scores: str = field(default="similarity,gsc_clean_prob",
+    scores: str = field(default="similarity,neg_clip_loss,gsc_clean_prob,curation_score",
                         metadata={"help": f"comma list of curate score columns, from {list(SCORE_COLUMNS)}"})
     baselines: str = field(default="random,none", metadata={"help": "comma list: random (seeded), none (f = 1)"})
     keep_fractions: str = field(default="0.3,0.5,0.7", metadata={"help": "comma list of kept fractions f in (0, 1]"})
@@ -138,31 +147,40 @@ def read_scores(folder: Path, n: int) -> dict[str, np.ndarray]:
     return {c: table[c].to_numpy() for c in table.columns}
 
 
-def _train_curator(args, noisy, class_captions, captions, seed: int, folder: Path) -> tuple[Path, dict[str, Any]]:
-    """Train ``--curator`` on the noisy pool (``benchmark-selection``'s regime) and save it, tokenizer and image
-    processor included, for curate (as ``_curate_run`` does); ``--curator_model`` is used as is."""
+def _train_curator(args, noisy, heldout, class_captions, captions, seed: int, folder: Path
+                   ) -> tuple[Path, bool, dict[str, Any]]:
+    """Train ``--curator`` on the noisy pool (``benchmark-selection``'s regime; ``heldout``: ``full`` on the clean
+    held-out pairs instead) and save it, tokenizer and image processor included, for curate (as ``_curate_run``
+    does), with its final training state when it trained with GSC. ``--curator_model`` is used as is.
+    Returns ``(model folder, has training state, info)``."""
     if args.curator_model:
-        return Path(args.curator_model), {"curator": args.curator_model}
-    name, options = run_options(args.curator)
-    run_args = replace(args, **options)
-    reference = None
-    if parse_strategy(name)[0] in REFERENCE_STRATEGIES:
-        reference = train_reference(run_args, build_model(args, captions, seed), noisy, class_captions, seed,
-                                     folder / "reference", loss_type=args.loss_type)
-    bundle = build_model(args, captions, seed)
-    row = train_run(run_args, args.curator, bundle, noisy, class_captions, seed, folder, reference=reference,
-                     loss_type=args.loss_type)
+        return Path(args.curator_model), False, {"curator": args.curator_model}
     model_dir = folder / "final_model"
+    bundle = build_model(args, captions, seed)
+    if args.curator == HELDOUT_CURATOR:
+        row = train_run(args, "full", bundle, {**noisy, "train": heldout}, class_captions, seed, folder,
+                        loss_type=args.loss_type)
+        with_state = False
+    else:
+        name, options = run_options(args.curator)
+        run_args = replace(args, **options)
+        reference = None
+        if parse_strategy(name)[0] in REFERENCE_STRATEGIES:
+            reference = train_reference(run_args, build_model(args, captions, seed), noisy, class_captions, seed,
+                                         folder / "reference", loss_type=args.loss_type)
+        with_state = parse_strategy(name)[1]
+        row = train_run(run_args, args.curator, bundle, noisy, class_captions, seed, folder, reference=reference,
+                        loss_type=args.loss_type, save_state_to=model_dir if with_state else None)
     bundle.model.save_pretrained(str(model_dir))  # the Trainer trained this very object in place (CPU, unwrapped)
     bundle.tokenizer.save_pretrained(str(model_dir))
     bundle.image_transform.to_image_processor().save_pretrained(str(model_dir))
     keys = ("rsum", "class_rsum", "best_val_rsum", "best_val_test_rsum", "train_cpu_seconds", "detection_auroc",
             "similarity_auroc")
-    return model_dir, {"curator": args.curator, **{k: row.get(k) for k in keys}}
+    return model_dir, with_state, {"curator": args.curator, **{k: row.get(k) for k in keys}}
 
 
-def _curation_scores(variants, columns, model_dir: Path, pool: Path, folder: Path, is_noisy: np.ndarray,
-                     info: dict[str, Any]) -> dict[str, tuple[str | None, np.ndarray]]:
+def _curation_scores(variants, columns, model_dir: Path, with_state: bool, pool: Path, folder: Path,
+                     is_noisy: np.ndarray, info: dict[str, Any]) -> dict[str, tuple[str | None, np.ndarray]]:
     """score name -> (variant, per-pair values): ``similarity`` once (prefixed only where a variant changes it),
     every other column as ``<variant>/<column>``."""
     from hf_mmsel.recipes import curate
@@ -171,18 +189,23 @@ def _curation_scores(variants, columns, model_dir: Path, pool: Path, folder: Pat
     for name, flags in variants.items():
         stats = curate.main(["--model_name_or_path", str(model_dir), "--dataset", str(pool), "--use_cpu", "true",
                              "--output_dir", str(folder / name), "--overwrite_output_dir", "true",
-                             "--show_progress", "false", *flags])
+                             "--show_progress", "false",
+                             *(["--training_state", str(model_dir)] if with_state else []), *flags])
         info.setdefault("curation", {})[name] = {k: stats.get(k) for k in ("detection_auroc", "estimated_noise_rate",
                                                                             "seconds")}
         table = read_scores(folder / name / "scores", is_noisy.size)
         if "is_noisy" in table and not np.array_equal(table["is_noisy"].astype(bool), is_noisy):
             raise RuntimeError(f"{folder / name}: the scored pool's noise differs from the training split's")
         for column in columns:
+            if column not in table:
+                raise ValueError(f"--scores {column}: curate wrote no such column (gsc_weight needs a curator "
+                                 "trained with GSC)")
             values = table[column].astype(np.float64)
             if column == "similarity" and ("similarity" not in scores or
                                            np.allclose(scores["similarity"][1], values, equal_nan=True)):
                 scores.setdefault("similarity", (None, values))
-            else:
+            elif not any(key.endswith(f"/{column}") and np.array_equal(v, values, equal_nan=True)
+                         for key, (_, v) in scores.items()):  # a column no variant changed is trained on once
                 scores[f"{name}/{column}"] = (name, values)
     return scores
 
@@ -276,7 +299,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         raise ValueError(f"--keep_fractions must be a comma list of values in (0, 1], got {args.keep_fractions!r}")
     if args.curator_model and not Path(args.curator_model).is_dir():
         raise FileNotFoundError(f"--curator_model {args.curator_model!r} is not a folder")
-    if not args.curator_model:
+    if not 0.0 <= args.curator_holdout_fraction < 1.0:
+        raise ValueError(f"--curator_holdout_fraction must lie in [0, 1), got {args.curator_holdout_fraction}")
+    if args.curator == HELDOUT_CURATOR and not args.curator_holdout_fraction and not args.curator_model:
+        raise ValueError(f"--curator {HELDOUT_CURATOR} trains on held-out pairs: give --curator_holdout_fraction "
+                         "(e.g. 0.2)")
+    if not args.curator_model and args.curator != HELDOUT_CURATOR:
         parse_strategy(args.curator)  # raises on an unknown strategy, listing the choices
     seeds = parse_csv(args.seeds, int) or [args.seed]
     out = prepare_output_dir(args.output_dir, overwrite_output_dir=args.overwrite_output_dir)
@@ -285,9 +313,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if "validation" not in data:
         raise ValueError("no validation split (--validation_fraction 0?): choices are made on the validation split")
     captions = data["train"]["caption"]
+    from datasets import DatasetDict
+
+    data = DatasetDict(data)
+    if args.curator_holdout_fraction:  # seed 0, before any noise: the same pool for every seed and --curator
+        from hf_mmsel.data import add_sample_idx
+
+        parts = data["train"].train_test_split(test_size=args.curator_holdout_fraction, seed=0)
+        data["train"], data["heldout"] = add_sample_idx(parts["train"]), add_sample_idx(parts["test"])
     bundle = build_model(args, captions, seed=0)
     cached = dict(preprocess_image_text(data, tokenizer=bundle.tokenizer, image_transform=bundle.image_transform,
                                         max_length=args.max_length))
+    heldout = InMemoryPairs(cached.pop("heldout")) if "heldout" in cached else None
+    data.pop("heldout", None)
     curators: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
@@ -298,9 +336,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             is_noisy = np.asarray(noisy_train["is_noisy"], dtype=bool)
             pool = curation_pool(data["train"], noisy_train, noise, seed, out / "pools" / tag)
             noisy = {**cached, "train": InMemoryPairs(noisy_train)}
-            model_dir, info = _train_curator(args, noisy, class_captions, captions, seed, out / "curators" / tag)
-            info.update(seed=seed, noise_ratio=noise)
-            scores = _curation_scores(variants, columns, model_dir, pool, out / "curation" / tag, is_noisy, info)
+            model_dir, with_state, info = _train_curator(args, noisy, heldout, class_captions, captions, seed,
+                                                         out / "curators" / tag)
+            info.update(seed=seed, noise_ratio=noise, pool_size=int(is_noisy.size),
+                        heldout_size=len(heldout) if heldout is not None else 0)
+            scores = _curation_scores(variants, columns, model_dir, with_state, pool, out / "curation" / tag,
+                                      is_noisy, info)
             curators.append(info)
             if "random" in baselines:
                 scores["random"] = (None, np.random.default_rng([seed, 7]).random(is_noisy.size))

@@ -325,7 +325,9 @@ def _warm_up(args, data, captions, out: Path, with_gsc: bool, loss_types: tuple[
 
 def train_run(args, strategy, bundle, data, class_captions, seed, out: Path,
                reference: dict[str, Any] | None = None, loss_type: str = "softmax",
-               curation_pool: Path | None = None) -> dict[str, Any]:
+               curation_pool: Path | None = None, save_state_to: Path | None = None) -> dict[str, Any]:
+    """One benchmark run; ``save_state_to``: also write the final hook state there (``hook_state/``, what curate's
+    ``--training_state`` reads)."""
     from torch.utils.data import DataLoader
 
     from hf_mmsel.data import ImageTextCollator
@@ -361,6 +363,8 @@ def train_run(args, strategy, bundle, data, class_captions, seed, out: Path,
     if curves is not None:
         curves.start()
     output = trainer.train()
+    if save_state_to is not None:
+        trainer.build_hooks().save(save_state_to, trainer.state.global_step)
     train_cpu_seconds = time.process_time() - cpu0 - (curves.cpu_seconds if curves is not None else 0.0)
     train_seconds = float(output.metrics["train_runtime"]) - (curves.seconds if curves is not None else 0.0)
     if reference is not None:  # the reference's cost: its training (+ the scoring pass for reference_clipscore)

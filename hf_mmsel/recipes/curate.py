@@ -30,6 +30,7 @@ import functools
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from hf_mmsel.curation.outputs import (
     STATE_FILE_NAME,
     STATS_NAME,
     detection_aurocs,
+    input_files_fingerprint,
     model_fingerprint,
     plot_histograms,
     prepare_curation_dir,
@@ -52,6 +54,7 @@ from hf_mmsel.curation.outputs import (
     training_state_sha256,
     write_curated_subset,
 )
+from hf_mmsel.curation.curation_score import COMPONENTS, DEFAULT_COMPONENTS, parse_components
 from hf_mmsel.recipes.run_utils import caption_column_field, image_column_field, label_column_field
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "curate_default.yaml"
@@ -91,7 +94,7 @@ class CurateArguments:
     )
     keep_fraction: float | None = field(default=None, metadata={"help": "Keep this fraction (0, 1] of highest scores."})
     threshold: float | None = field(default=None, metadata={"help": "Keep rows with --select_by >= threshold."})
-    select_by: str = field(default="gsc_clean_prob", metadata={"help": f"One of {sorted(SELECTABLE)}."})
+    select_by: str = field(default="curation_score", metadata={"help": f"One of {sorted(SELECTABLE)}."})
     training_state: str | None = field(
         default=None, metadata={"help": f"A checkpoint folder or its {STATE_FILE_NAME} (DISSect bank, GSC buffers)."}
     )
@@ -106,6 +109,13 @@ class CurateArguments:
     batch_size: int = field(default=256, metadata={"help": "Pairs per embedding batch and process."})
     num_anchors: int = field(default=512, metadata={"help": "GSC anchor pairs (structure profiles)."})
     chunk_size: int = field(default=128, metadata={"help": "Pairs per softmax chunk of the positive probability."})
+    neg_clip_batch_size: int = field(default=256, metadata={"help": "Pairs per random contrast batch of "
+                                                                    "negCLIPLoss."})
+    neg_clip_batches: int = field(default=10, metadata={"help": "Random contrast batches per pair (negCLIPLoss's K)."})
+    curation_score_components: str = field(
+        default=DEFAULT_COMPONENTS, metadata={"help": "'+'-joined scores curation_score averages as pool quantiles, "
+                                                      f"from {list(COMPONENTS)} (training-state ones are dropped "
+                                                      "without --training_state)."})
     prob_posterior: bool = field(default=True, metadata={"help": "GMM posterior of p instead of raw p in the min."})
     structure_similarity: str = field(default="sigmoid", metadata={"help": "Profile map: 'sigmoid' or 'affine'."})
     structure_temperature: float = field(default=0.1, metadata={"help": "Temperature of the sigmoid profile map."})
@@ -173,6 +183,10 @@ def validate_args(args: CurateArguments) -> None:
     StructureConfig(similarity=args.structure_similarity, temperature=args.structure_temperature)  # raises if bad
     if args.batch_size < 1 or args.num_anchors < 2 or args.chunk_size < 2 or args.fit_samples < 2:
         raise ValueError("--batch_size must be >= 1 and --num_anchors, --chunk_size, --fit_samples >= 2")
+    if args.neg_clip_batch_size < 2 or args.neg_clip_batches < 1:
+        raise ValueError(f"--neg_clip_batch_size must be >= 2 and --neg_clip_batches >= 1, got "
+                         f"{args.neg_clip_batch_size} and {args.neg_clip_batches}")
+    parse_components(args.curation_score_components)
     if args.noise_ratio is not None and not 0.0 <= args.noise_ratio < 1.0:
         raise ValueError(f"--noise_ratio must lie in [0, 1), got {args.noise_ratio}")
     if args.on_bad_sample not in ("raise", "skip"):
@@ -252,6 +266,8 @@ def scoring_config(args: CurateArguments, settings, source, model, max_length: i
     return {
         "model": model_fingerprint(model), "max_length": max_length, "image_size": list(image_size),
         "source": source.fingerprint, "source_kind": source.kind, "num_samples": source.num_samples,
+        "source_files": (input_files_fingerprint([s.path for s in source.manifest.shards])
+                         if hasattr(source, "manifest") else None),
         "training_state_sha256": training_state_sha256(args.training_state), "scoring": asdict(settings),
         "noise_ratio": args.noise_ratio, "noise_seed": args.noise_seed if args.noise_ratio else None,
     }
@@ -388,6 +404,10 @@ def push(curated, args: CurateArguments, token: str, stats: dict[str, Any], out:
 
 
 # ------------------------------------------------------------------------------------------------ main
+def format_separation(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def finish(args: CurateArguments, scorer, source, out: Path, logit_scale: float, token: str | None) -> dict[str, Any]:
     """Process 0, after every shard is scored: statistics, histogram, card, curated subset, push."""
     from hf_mmsel.curation import read_scores
@@ -399,13 +419,22 @@ def finish(args: CurateArguments, scorer, source, out: Path, logit_scale: float,
     if args.select_by not in scores:
         raise ValueError(f"--select_by {args.select_by} needs a --training_state with GSC buffers")
     clean_prob = scores["gsc_clean_prob"]
+    noise = scorer.mixture.noise_estimate()
+    if not noise["reliable"]:
+        warnings.warn(
+            f"curate: the {noise['score']} scores show no distinct noisy mode (separation "
+            f"{format_separation(noise['separation'])} < 2), so the estimated noise rate "
+            f"({noise['rate'] if noise['rate'] is not None else float('nan'):.2f}) is unreliable: either the pool is "
+            "(nearly) clean or the curating model is too weak to tell clean from noisy pairs (train it longer, or "
+            "with --gsc true). The ranking columns are still usable for --keep_fraction.", stacklevel=2)
     stats: dict[str, Any] = {
         "num_source": source.num_samples, "num_scored": int(clean_prob.size), "bad_samples": manifest["bad_samples"],
         "bad_sample_examples": manifest["bad_sample_examples"], "num_shards": len(source.shards),
         "input": source.kind, "num_anchors": int(scorer.anchors.sample_idx.numel()),
         "mixture_fit_shards": scorer.mixture.fit_shards,
         "mixture_fit_pairs": int(scorer.mixture.consistency.num_fit or 0),
-        "estimated_noise_rate": float((clean_prob < 0.5).mean()) if clean_prob.size else float("nan"),
+        "estimated_noise_rate": noise["rate"] if noise["rate"] is not None else float("nan"),
+        "noise_estimate": noise,
         "logit_scale": logit_scale, "score_columns": present,
         "score_means": {k: float(np.nanmean(scores[k])) for k in present + ["positive_prob", "consistency"]
                         if k in scores and scores[k].size},
@@ -463,7 +492,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError("--select_by gsc_weight needs a --training_state with GSC buffers")
     settings = ScoringSettings(
         batch_size=args.batch_size, num_anchors=args.num_anchors, chunk_size=args.chunk_size,
-        prob_posterior=args.prob_posterior, structure_similarity=args.structure_similarity,
+        neg_clip_batch_size=args.neg_clip_batch_size, neg_clip_batches=args.neg_clip_batches,
+        curation_score_components=args.curation_score_components, prob_posterior=args.prob_posterior, structure_similarity=args.structure_similarity,
         structure_temperature=args.structure_temperature, structure_centered=args.structure_centered,
         fit_samples=args.fit_samples, seed=args.seed, on_bad_sample=args.on_bad_sample,
     )
@@ -499,7 +529,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         stats.update(seconds=round(seconds, 3), mode=mode, engine=args.engine,
                      pairs_embedded_by_process_0=scorer.scored_pairs)
         metrics = {"pairs": stats["num_scored"], "bad samples": stats["bad_samples"], "kept": stats.get("num_kept", "-"),
-                   "estimated noise rate": stats["estimated_noise_rate"], "processes": state.num_processes,
+                   "estimated noise rate": (stats["estimated_noise_rate"] if stats["noise_estimate"]["reliable"] else
+                                            f"{stats['estimated_noise_rate']:.4f} (unreliable: no distinct noisy mode)"),
+                   "processes": state.num_processes,
                    "engine": args.engine, "scoring seconds": round(seconds, 2), "run": mode}
         if "detection_auroc" in stats:
             metrics["AUROC gsc_clean_prob"] = stats["detection_auroc"]["gsc_clean_prob"]
