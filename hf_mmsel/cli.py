@@ -15,7 +15,8 @@ recipe's sources, its config and the transformers version), so that only the fir
 Bad input fails in the first second: before importing a recipe the dispatcher checks the flags (against the flag
 list cached with the help text), the local paths (``run_utils.check_source``) and the output folder; a
 :class:`~hf_mmsel.errors.UsageError` is printed as one line and exits with code 2 (1 for a used output folder, as
-before; ``--debug`` shows the traceback).
+before; ``--debug`` shows the traceback). Known harmless third-party notices are dropped at start-up
+(:mod:`hf_mmsel.quiet`; ``--debug`` or ``HF_MMSEL_VERBOSE=1`` shows them).
 """
 
 from __future__ import annotations
@@ -101,6 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     debug = "--debug" in rest
     rest = [a for a in rest if a != "--debug"]
+    from hf_mmsel.quiet import quiet_third_party
+
+    quiet_third_party(verbose=debug)  # known harmless library notices; --debug / HF_MMSEL_VERBOSE=1 show them
     from hf_mmsel.errors import UsageError
 
     try:
