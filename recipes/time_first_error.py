@@ -5,8 +5,8 @@
 Each case runs ``python -m hf_mmsel ...`` from a temporary folder with one thread and ``HF_HUB_OFFLINE=1`` (unless
 the case says it is unset: then the Hub is probed once, so run it without network to time the offline case), and must
 fail with a one-line error and the expected exit code; ``--bound`` also asserts that every case with a warm flag cache
-failed within that many seconds. The misspelled-flag case runs twice: cold (the flag list is not cached yet, the recipe's
-parser pays the transformers import) and warm.
+failed within that many seconds. The misspelled-flag case runs twice: cold (the flag list is not cached yet, the
+recipe's parser pays the transformers import) and warm.
 """
 
 from __future__ import annotations

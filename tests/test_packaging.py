@@ -114,9 +114,8 @@ def _run(venv, args, cwd, **env):
 def test_cli_from_wheel_outside_the_repo(wheel_venv, tmp_path):
     """hf-mmsel from the wheel, run from a temporary folder with no checkout on sys.path: command list, a cached
     --help, README's main job (shortened) with its summary, the refusal of a second run into the same folder,
-    README's DISSect command with its config found by name, and a MoLA adapter loaded by peft alone (the start-up hook; with the hook switched off
-peft's KeyError is checked in test_mola_load.py)."""
-    import json
+    README's DISSect command with its preset found by name, and a MoLA adapter loaded by peft alone (the start-up
+    hook; with the hook switched off peft's KeyError is checked in test_mola_load.py)."""
     import time
 
     cli = str(wheel_venv / "bin" / "hf-mmsel")
@@ -142,11 +141,11 @@ peft's KeyError is checked in test_mola_load.py)."""
     assert again.returncode == 1 and "--overwrite_output_dir" in again.stderr and "Traceback" not in again.stderr
     listed = _run(wheel_venv, [cli, "configs"], tmp_path)  # README commands outside a checkout: configs by name
     assert listed.returncode == 0 and "clip_dissect" in listed.stdout and "mola_default" in listed.stdout
-    # README's DISSect command (hf-mmsel train-clip --config clip_dissect --noise_ratio 0.4), shortened: the config is
+    # README's DISSect command (hf-mmsel train-clip --preset clip_dissect --noise_ratio 0.4), shortened: the config is
     # found by name in the installed package, from a folder outside the checkout and with no checkout on sys.path
-    clip = _run(wheel_venv, [cli, "train-clip", "--config", "clip_dissect", "--noise_ratio", "0.4", "--max_train", "256",
-                             "--num_train_epochs", "2", "--selection_warmup_passes", "1", "--save_strategy", "no",
-                             "--output_dir", str(tmp_path / "clip")], tmp_path)
+    clip = _run(wheel_venv, [cli, "train-clip", "--preset", "clip_dissect", "--noise_ratio", "0.4", "--max_train",
+                             "256", "--num_train_epochs", "2", "--selection_warmup_passes", "1", "--save_strategy",
+                             "no", "--output_dir", str(tmp_path / "clip")], tmp_path)
     assert clip.returncode == 0, clip.stdout[-2000:] + clip.stderr[-3000:]
     assert "***** train-clip: dissect finished *****" in clip.stdout
     where = _run(wheel_venv, [str(wheel_venv / "bin" / "python"), "-c", "import sys, hf_mmsel.cli as c; "
