@@ -42,6 +42,7 @@ def _cases(work: Path) -> list[tuple[str, list[str], int]]:
         ("curate: used --output_dir", ["curate", "--model_name_or_path", str(data), "--output_dir", str(used)], 1),
         ("train-mola: used --output_dir", ["train-mola", "--output_dir", str(used)], 1),
         ("unknown --config name", ["train-clip", "--config", "clip_dissekt"], 2),
+        ("unknown --preset name", ["train-clip", "--preset", "clip_dissekt"], 2),
     ]
 
 
