@@ -10,12 +10,14 @@ Recipe flags: ``HfArgumentParser`` dataclasses with a YAML ``--config`` of defau
 ``TrlParser``: dataclass defaults < the YAML file < command-line flags. Unknown YAML keys are an error (a typo must
 not be silently ignored). A recipe's ``--help`` text is cached per user (``~/.cache/hf_mmsel/help``, keyed by the
 recipe's sources, its config and the transformers version), so that only the first ``--help`` pays the imports.
-``--config NAME`` also finds a packaged config by name (``--config clip_dissect``; ``hf-mmsel configs`` lists them).
+``--config NAME`` also finds a packaged config by name (``--config clip_dissect``; ``hf-mmsel configs`` lists them);
+``--preset NAME`` takes only those (the recommended settings of a setup: ``hf-mmsel train-clip --preset clip_dissect``).
 
 Bad input fails in the first second: before importing a recipe the dispatcher checks the flags (against the flag
 list cached with the help text), the local paths (``run_utils.check_source``) and the output folder; a
 :class:`~hf_mmsel.errors.UsageError` is printed as one line and exits with code 2 (1 for a used output folder, as
-before; ``--debug`` shows the traceback).
+before; ``--debug`` shows the traceback). Known harmless third-party notices are dropped at start-up
+(:mod:`hf_mmsel.quiet`; ``--debug`` or ``HF_MMSEL_VERBOSE=1`` shows them).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 __all__ = ["COMMANDS", "CONFIGS_DIR", "dataclass_from_fields", "list_configs", "main", "parse_args_with_config",
-           "preflight", "resolve_config", "serve_cached_help"]
+           "preflight", "preset_as_config", "resolve_config", "serve_cached_help"]
 
 # command -> (module, one-line description); modules are imported only when their command runs.
 # DEFAULT_CONFIGS: the YAML a command reads without --config (part of its cached --help key).
@@ -67,9 +69,9 @@ def _usage() -> str:
              "Noise-robust sample selection and curation for CLIP-style training, and mixture-of-LoRA adapters, on the "
              "Hugging Face stack.", "", "commands:"]
     lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items()]
-    lines += [f"  {'configs':<{width}}  list the packaged configs (--config NAME)"]
+    lines += [f"  {'configs':<{width}}  list the packaged configs (--preset NAME: their recommended settings)"]
     lines += ["", "Each command also runs under Accelerate, e.g.",
-              f"  accelerate launch -m hf_mmsel train-mola --max_steps 300",
+              "  accelerate launch -m hf_mmsel train-mola --max_steps 300",
               "Results go to --output_dir (default: the config's, else outputs/<command>); a non-empty folder is",
               "refused unless --overwrite_output_dir true or --resume_from_checkpoint is given.",
               "Errors are one line (exit code 2 for bad input, 1 for a used output folder); --debug shows the",
@@ -101,10 +103,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     debug = "--debug" in rest
     rest = [a for a in rest if a != "--debug"]
+    from hf_mmsel.quiet import quiet_third_party
+
+    quiet_third_party(verbose=debug)  # known harmless library notices; --debug / HF_MMSEL_VERBOSE=1 show them
     from hf_mmsel.errors import UsageError
 
     try:
         rest, threads = _pop_threads(rest)
+        rest = preset_as_config(rest)
         if _wants_help(rest):
             return _command_help(command, rest)
         settings = preflight(command, rest)
@@ -174,6 +180,31 @@ def resolve_config(value: str | Path) -> Path:
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise UsageError(f"--config {str(value)!r}: no such file and no packaged config of that name.{hint} Packaged: "
                      f"{', '.join(names)} (see {PROG} configs)")
+
+
+def preset_as_config(argv: Sequence[str]) -> list[str]:
+    """``--preset NAME`` (a packaged config: the recommended settings of a setup) as ``--config <its file>``; flags
+    given beside it override its values, as for ``--config``. Giving both is a ``UsageError``."""
+    from hf_mmsel.errors import UsageError
+
+    argv = list(argv)
+    at = [i for i, a in enumerate(argv) if a == "--preset" or a.startswith("--preset=")]
+    if not at:
+        return argv
+    if len(at) > 1 or any(a == "--config" or a.startswith("--config=") for a in argv):
+        raise UsageError("give one --preset NAME or one --config FILE (a preset is a packaged config), not both")
+    i = at[0]
+    if "=" in argv[i]:
+        name, span = argv[i].partition("=")[2], 1
+    else:
+        name, span = (argv[i + 1] if i + 1 < len(argv) else ""), 2
+    names = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+    if name.endswith((".yaml", ".yml")) or name not in names:
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UsageError(f"--preset {name!r}: no packaged config of that name.{hint} Presets: {', '.join(names)} "
+                         f"(see {PROG} configs; --config FILE takes your own YAML)")
+    return [*argv[:i], "--config", str(CONFIGS_DIR / f"{name}.yaml"), *argv[i + span:]]
 
 
 # ------------------------------------------------------------------------------------------ checks before imports
@@ -298,7 +329,7 @@ def _check_cached_flags(prog: str, sources: Sequence[str | Path], argv: Sequence
         known = set(_flags_file(prog, sources).read_text(encoding="utf-8").split())
     except OSError:
         return  # not cached yet: the recipe's parser checks them (after its imports)
-    known |= {"--config", "--debug", "--threads"}
+    known |= {"--config", "--debug", "--preset", "--threads"}
     def is_known(flag: str) -> bool:  # exact, or a unique prefix (argparse's abbreviations)
         return flag in known or sum(k.startswith(flag) for k in known) == 1
 
@@ -432,7 +463,7 @@ def parse_args_with_config(
     import yaml
     from transformers import HfArgumentParser
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = preset_as_config(sys.argv[1:] if argv is None else argv)
     default = str(default_config) if default_config is not None else None
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=default)
@@ -440,7 +471,10 @@ def parse_args_with_config(
 
     types = [dataclass_types] if isinstance(dataclass_types, type) else list(dataclass_types)
     parser = HfArgumentParser(types, prog=prog)
-    parser.add_argument("--config", default=default, help="YAML file of defaults (command-line flags override it)")
+    parser.add_argument("--config", default=default, help="YAML file of defaults, or a packaged config by name "
+                        f"(command-line flags override it; {PROG} configs lists them)")
+    parser.add_argument("--preset", default=None, help="a packaged config by name: the recommended settings of a "
+                        f"setup, e.g. clip_dissect ({PROG} configs lists them); command-line flags override it")
     if defaults:
         parser.set_defaults(**defaults)
     if known.config:

@@ -2,10 +2,11 @@
 
     python recipes/time_first_error.py [--bound 2.0]
 
-Each case runs ``python -m hf_mmsel ...`` from a temporary folder (offline, one thread) and must fail with a
-one-line error and the expected exit code; ``--bound`` also asserts that every case with a warm flag cache failed
-within that many seconds. The misspelled-flag case runs twice: cold (the flag list is not cached yet, the recipe's
-parser pays the transformers import) and warm.
+Each case runs ``python -m hf_mmsel ...`` from a temporary folder with one thread and ``HF_HUB_OFFLINE=1`` (unless
+the case says it is unset: then the Hub is probed once, so run it without network to time the offline case), and must
+fail with a one-line error and the expected exit code; ``--bound`` also asserts that every case with a warm flag cache
+failed within that many seconds. The misspelled-flag case runs twice: cold (the flag list is not cached yet, the
+recipe's parser pays the transformers import) and warm.
 """
 
 from __future__ import annotations
@@ -36,10 +37,12 @@ def _cases(work: Path) -> list[tuple[str, list[str], int]]:
         ("wrong --caption_column", ["train-clip", "--dataset", str(data), "--output_dir", str(work / "o1")], 2),
         ("--dataset ./no_such_dir", ["train-clip", "--dataset", "./no_such_dir"], 2),
         ("--dataset no_such_dir (HF_HUB_OFFLINE=1)", ["train-clip", "--dataset", "no_such_dir"], 2),
+        ("--dataset no_such_dir (HF_HUB_OFFLINE unset)", ["train-clip", "--dataset", "no_such_dir"], 2),
         ("missing --model_name_or_path", ["train-clip", "--model_name_or_path", "./my_model"], 2),
         ("curate: used --output_dir", ["curate", "--model_name_or_path", str(data), "--output_dir", str(used)], 1),
         ("train-mola: used --output_dir", ["train-mola", "--output_dir", str(used)], 1),
         ("unknown --config name", ["train-clip", "--config", "clip_dissekt"], 2),
+        ("unknown --preset name", ["train-clip", "--preset", "clip_dissekt"], 2),
     ]
 
 
@@ -53,14 +56,15 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HF_MMSEL_CACHE": str(work / "cache"),
                "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
-        print(f"{'case':<42} {'seconds':>8}  exit  error")
+        print(f"{'case':<46} {'seconds':>8}  exit  error")
         for name, argv_, expected in _cases(work):
             start = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "hf_mmsel", *argv_], cwd=work, env=env, capture_output=True,
-                                  text=True, timeout=600)
+            case_env = {k: v for k, v in env.items() if not ("OFFLINE unset" in name and k == "HF_HUB_OFFLINE")}
+            proc = subprocess.run([sys.executable, "-m", "hf_mmsel", *argv_], cwd=work, env=case_env,
+                                  capture_output=True, text=True, timeout=600)
             seconds = time.perf_counter() - start
             last = (proc.stderr.strip().splitlines() or [""])[-1]
-            print(f"{name:<42} {seconds:>8.2f}  {proc.returncode:>4}  {last[:110]}")
+            print(f"{name:<46} {seconds:>8.2f}  {proc.returncode:>4}  {last[:110]}")
             if proc.returncode != expected or "Traceback" in proc.stderr:
                 failures.append(f"{name}: exit {proc.returncode} (expected {expected})")
             elif args.bound is not None and "cold" not in name and seconds > args.bound:

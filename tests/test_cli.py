@@ -102,3 +102,28 @@ def test_import_hf_mmsel_is_light_and_registers_on_peft_import():
     out = subprocess.run([sys.executable, "-S", "-c", f"import sys; sys.path[:0] = {sys.path!r}\n" + code],
                          capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "MolaConfig", out.stderr[-2000:]
+
+
+def test_preset_gives_the_recommended_settings_and_explicit_flags_win(capsys):
+    """--preset NAME = --config <packaged NAME.yaml>: its values replace the bare defaults (batch 8, lr 5e-5, 3 epochs),
+    flags given beside it win."""
+    from hf_mmsel.cli import main
+    from hf_mmsel.errors import UsageError
+
+    train_clip = load_recipe("train_clip")
+    bare_args, bare = train_clip.parse_args(["--use_cpu", "true"])
+    args, targs = train_clip.parse_args(["--preset", "clip_dissect", "--use_cpu", "true", "--learning_rate", "1e-4",
+                                         "--num_train_epochs", "8"])
+    assert (bare.per_device_train_batch_size, bare.learning_rate, bare.num_train_epochs) == (8, 5e-5, 3)
+    assert targs.per_device_train_batch_size == 128 and targs.selection_warmup_passes == 5  # from the preset
+    assert targs.output_dir == "outputs/clip_dissect" and args.image_size == 28
+    assert targs.learning_rate == 1e-4 and targs.num_train_epochs == 8  # explicit flags win
+    _, same = train_clip.parse_args(["--preset=clip_dissect", "--use_cpu", "true"])
+    _, by_config = train_clip.parse_args(["--config", "clip_dissect", "--use_cpu", "true"])
+    assert same.learning_rate == by_config.learning_rate == 0.002
+    with pytest.raises(UsageError, match="Did you mean 'clip_dissect'"):
+        train_clip.parse_args(["--preset", "clip_dissekt"])
+    with pytest.raises(UsageError, match="not both"):
+        train_clip.parse_args(["--preset", "clip_dissect", "--config", "clip_gsc"])
+    assert main(["train-clip", "--preset", "my_file.yaml"]) == 2
+    assert "no packaged config of that name" in capsys.readouterr().err

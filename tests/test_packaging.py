@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,9 @@ def built(tmp_path_factory):
         shutil.copytree(ROOT / name, src / name, ignore=ignore)
     for name in ("pyproject.toml", "README.md", "setup.py", "hf_mmsel_peft_hook.pth"):
         shutil.copy2(ROOT / name, src / name)
+    if find_spec("setuptools.command.bdist_wheel") is None and find_spec("wheel") is None:
+        pytest.skip("building a wheel needs setuptools>=70.1 (or the wheel package) in this environment; "
+                    'pip install -e ".[test]" brings it')
     dist = work / "dist"
     # -x: setuptools is what the build needs; the `wheel` package named in build-system.requires is optional
     proc = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "-x", "--outdir", str(dist),
@@ -85,13 +89,15 @@ def test_import_package_and_trainers():
 def wheel_venv(built, tmp_path_factory):
     """A throw-away venv with the wheel installed (``pip install --no-deps``) and this venv's packages visible
     through a plain path .pth (so the checkout's editable install and its hooks are NOT active there)."""
-    import site
-
     wheel, _ = built
     venv = tmp_path_factory.mktemp("venv") / "v"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     (purelib,) = (venv / "lib").glob("python3*/site-packages")
-    (purelib / "zz_reuse_outer_venv.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    # every site-packages folder this interpreter sees (its own, and those a layered venv adds through a .pth),
+    # never the checkout
+    outer = [p for p in sys.path if p.rstrip("/").endswith(("site-packages", "dist-packages")) and os.path.isdir(p)
+             and not Path(p).resolve().is_relative_to(ROOT)]
+    (purelib / "zz_reuse_outer_venv.pth").write_text("\n".join(dict.fromkeys(outer)) + "\n")
     subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--no-deps",
                     "--no-index", "--quiet", str(wheel)], check=True, capture_output=True, text=True)
     return venv
@@ -106,10 +112,10 @@ def _run(venv, args, cwd, **env):
 
 @pytest.mark.slow
 def test_cli_from_wheel_outside_the_repo(wheel_venv, tmp_path):
-    """hf-mmsel from the wheel: command list, a cached --help, a run with its summary, the refusal of a second
-    run into the same folder, and a MoLA adapter loaded by peft alone (the start-up hook; with the hook switched off
-peft's KeyError is checked in test_mola_load.py)."""
-    import json
+    """hf-mmsel from the wheel, run from a temporary folder with no checkout on sys.path: command list, a cached
+    --help, README's main job (shortened) with its summary, the refusal of a second run into the same folder,
+    README's DISSect command with its preset found by name, and a MoLA adapter loaded by peft alone (the start-up
+    hook; with the hook switched off peft's KeyError is checked in test_mola_load.py)."""
     import time
 
     cli = str(wheel_venv / "bin" / "hf-mmsel")
@@ -135,6 +141,18 @@ peft's KeyError is checked in test_mola_load.py)."""
     assert again.returncode == 1 and "--overwrite_output_dir" in again.stderr and "Traceback" not in again.stderr
     listed = _run(wheel_venv, [cli, "configs"], tmp_path)  # README commands outside a checkout: configs by name
     assert listed.returncode == 0 and "clip_dissect" in listed.stdout and "mola_default" in listed.stdout
+    # README's DISSect command (hf-mmsel train-clip --preset clip_dissect --noise_ratio 0.4), shortened: the config is
+    # found by name in the installed package, from a folder outside the checkout and with no checkout on sys.path
+    clip = _run(wheel_venv, [cli, "train-clip", "--preset", "clip_dissect", "--noise_ratio", "0.4", "--max_train",
+                             "256", "--num_train_epochs", "2", "--selection_warmup_passes", "1", "--save_strategy",
+                             "no", "--output_dir", str(tmp_path / "clip")], tmp_path)
+    assert clip.returncode == 0, clip.stdout[-2000:] + clip.stderr[-3000:]
+    assert "***** train-clip: dissect finished *****" in clip.stdout
+    where = _run(wheel_venv, [str(wheel_venv / "bin" / "python"), "-c", "import sys, hf_mmsel.cli as c; "
+                              "print(c.CONFIGS_DIR); print(*sys.path, sep='\\n')"], tmp_path)
+    configs_dir, *path = where.stdout.split("\n")
+    assert configs_dir.startswith(str(wheel_venv)) and (Path(configs_dir) / "clip_dissect.yaml").is_file()
+    assert not any(p and Path(p).resolve().is_relative_to(ROOT) for p in path), path
     bad = _run(wheel_venv, [cli, "train-clip", "--config", "clip_dissect", "--dataset", "./mine"], tmp_path)
     assert bad.returncode == 2 and "--dataset './mine': no such" in bad.stderr and "Traceback" not in bad.stderr
 

@@ -50,6 +50,23 @@ def test_readme_python_block_runs(index, tmp_path):
     proc = subprocess.run([sys.executable, "-c", shorten(BLOCKS[index])], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{SOURCES[index][0]} block {index} failed:\n{BLOCKS[index]}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    assert not deprecation_notices(proc.stderr), f"{SOURCES[index][0]} block {index} uses a deprecated API"
+
+
+def deprecation_notices(stderr: str) -> list[str]:
+    """The FutureWarning / DeprecationWarning lines of ``stderr`` that a snippet caused (the known notices between
+    libraries, hf_mmsel.quiet.KNOWN_NOTICES, are not the snippet's)."""
+    from hf_mmsel.quiet import KNOWN_NOTICES
+
+    known = re.compile("|".join(notice.pattern for notice in KNOWN_NOTICES))
+    return [line for line in stderr.splitlines()
+            if re.search(r"\b(?:Future|Deprecation)Warning: ", line) and not known.search(line)]
+
+
+def test_deprecation_notices_skip_the_known_library_notes():
+    text = ("x.py:1: FutureWarning: `is_gradient_checkpointing` is deprecated and will be removed in v6.\n"
+            "y.py:2: FutureWarning: `gradient_checkpointing_enable` is deprecated and will be removed in v6.\n")
+    assert deprecation_notices(text) == [text.splitlines()[1]]
 
 
 def test_readme_is_one_screenful_of_pages_and_every_link_resolves():

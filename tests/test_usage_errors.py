@@ -240,3 +240,45 @@ def test_causal_lm_help_is_not_cached_as_train_mola_help(capsys, tmp_path, monke
     assert "--lm_kind" in capsys.readouterr().out
     assert main(["train-mola", "--help"]) == 0
     assert "--routing" in capsys.readouterr().out
+
+
+def test_a_hub_id_fails_fast_when_the_hub_is_unreachable(capsys, tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE unset on a machine without network: one short probe (mocked here) instead of the Hub
+    client's retries, then one line naming the fix."""
+    from hf_mmsel.recipes import run_utils
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    probes = []
+    monkeypatch.setattr(run_utils, "hub_reachable", lambda: probes.append(1) or False)
+    assert main(["train-clip", "--dataset", "no_such_dir", "--output_dir", str(tmp_path / "out")]) == 2
+    err = _one_line_error(capsys, "train-clip")
+    assert "--dataset 'no_such_dir' is neither a local folder nor an embedded dataset" in err
+    assert "Hugging Face Hub is unreachable (offline?)" in err and probes == [1]
+    assert main(["train-mola", "--model_name_or_path", "someone/vit", "--output_dir", str(tmp_path / "o2")]) == 2
+    assert "--model_name_or_path 'someone/vit' is not a local model folder" in _one_line_error(capsys, "train-mola")
+    monkeypatch.setattr(run_utils, "hub_reachable", lambda: True)  # reachable: the id goes to the Hub client
+    run_utils.check_source("dataset", "someone/pairs", builtin=run_utils.BUILTIN_DATASETS)
+
+
+def test_the_hub_probe_is_one_short_local_connection(monkeypatch):
+    """hub_reachable: a closed port on this machine answers 'unreachable' at once; a proxy counts as reachable."""
+    import socket
+    import time
+
+    from hf_mmsel.recipes import run_utils
+
+    with socket.socket() as sock:  # a free loopback port, closed again: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    run_utils.hub_reachable.cache_clear()
+    try:
+        start = time.perf_counter()
+        assert run_utils.hub_reachable() is False and time.perf_counter() - start < run_utils.HUB_PROBE_TIMEOUT_S
+        run_utils.hub_reachable.cache_clear()
+        monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+        assert run_utils.hub_reachable() is True
+    finally:
+        run_utils.hub_reachable.cache_clear()

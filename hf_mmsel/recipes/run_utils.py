@@ -4,7 +4,8 @@ One contract for all recipes (``train-clip``, ``train-mola``, ``curate``, the be
 - ``prepare_output_dir`` refuses a non-empty output folder unless ``--overwrite_output_dir`` (then the recipe
   replaces only the files it writes, never deletes anything else) or ``--resume_from_checkpoint`` is given.
 - ``check_source`` / ``check_output_dir`` run before heavy imports and data loading: a path that looks local
-  (``./x``, ``/x``, ``x/``, ``a/b`` whose parent exists) is never sent to the Hub; a missing one is a ``UsageError``.
+  (``./x``, ``/x``, ``x/``, ``a/b`` whose parent exists) is never sent to the Hub; a missing one is a ``UsageError``,
+  and so is a Hub id when the Hub does not answer one short probe (``hub_reachable``) or ``HF_HUB_OFFLINE`` is set.
 - ``configure_cpu_threads`` gives a CPU run a sane number of torch intra-op threads (``--threads``).
 - ``print_run_summary`` prints one table at the end of a run: measured metrics, where the artefacts went, and
   how to load them. Only the main process prints.
@@ -13,6 +14,7 @@ One contract for all recipes (``train-clip``, ``train-mola``, ``curate``, the be
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import os
 from dataclasses import field
@@ -23,7 +25,7 @@ from hf_mmsel.errors import UsageError
 
 __all__ = ["UsageError", "OutputDirExistsError", "check_imagefolder_columns", "check_output_dir", "check_source",
            "configure_cpu_threads",
-           "default_cpu_threads", "looks_local",
+           "default_cpu_threads", "hub_reachable", "looks_local",
            "prepare_output_dir", "format_run_summary", "print_run_summary", "check_push_settings",
            "hub_ids_only", "parse_bool"]
 
@@ -79,8 +81,9 @@ def looks_local(value: str) -> bool:
 
 def check_source(flag: str, value: str | None, *, what: str = "folder", builtin: frozenset[str] = frozenset()) -> None:
     """Refuse (``UsageError``) a ``--flag`` value that names a local path which does not exist, before anything
-    is loaded; a glob must match a file. With ``HF_HUB_OFFLINE=1`` a bare name that is neither local, ``builtin``
-    nor in the Hub cache is refused too (it could only come from the Hub)."""
+    is loaded; a glob must match a file. A name that is neither local, ``builtin`` nor in the Hub cache could only
+    come from the Hub: it is refused too with ``HF_HUB_OFFLINE=1`` or when the Hub does not answer
+    :func:`hub_reachable`'s probe (instead of the Hub client's retries)."""
     if not value or value in builtin:
         return
     text = os.path.expanduser(str(value))
@@ -92,9 +95,52 @@ def check_source(flag: str, value: str | None, *, what: str = "folder", builtin:
         return
     if looks_local(value):
         raise UsageError(f"--{flag} {value!r}: no such {what}; check the path (a Hub id looks like namespace/name)")
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") and not _in_hub_cache(text):
+    if _in_hub_cache(text):
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise UsageError(f"--{flag} {value!r}: no such local {what}, and HF_HUB_OFFLINE is set so it cannot come from "
                          f"the Hub; check the path or unset HF_HUB_OFFLINE")
+    if not hub_reachable():  # one short probe instead of the Hub client's retries
+        if builtin:
+            raise UsageError(f"--{flag} {value!r} is neither a local folder nor an embedded dataset "
+                             f"({', '.join(EMBEDDED_DATASETS)}), and the Hugging Face Hub is unreachable (offline?); "
+                             "check the path, or the network for a Hub id")
+        raise UsageError(f"--{flag} {value!r} is not a local {what}, and the Hugging Face Hub is unreachable "
+                         "(offline?); check the path, or the network for a Hub id")
+
+
+#: the datasets that ship with the package (no download)
+EMBEDDED_DATASETS = ("easy-vqa", "digits", "emoji")
+#: seconds :func:`hub_reachable` waits for the Hub's host
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Whether the Hub's host (``HF_ENDPOINT``, default ``https://huggingface.co``) accepts a TCP connection within
+    ``timeout`` seconds (name lookup included): one probe per process, no ``huggingface_hub`` import. A configured
+    proxy counts as reachable (the Hub client goes through it; the probe could not)."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    result: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    probe = threading.Thread(target=connect, name="hub-probe", daemon=True)  # a hung name lookup is abandoned
+    probe.start()
+    probe.join(timeout)
+    return bool(result and result[0])
 
 
 def _in_hub_cache(repo_id: str) -> bool:
