@@ -66,3 +66,33 @@ def test_bad_curation_settings_raise_a_clear_error(tmp_out):
     with pytest.raises(ValueError, match="curate rejects"):  # a bad value is caught before any training
         bench.main(["--curation_settings", "t=structure_similarity:cubic", "--output_dir", str(tmp_out)])
     assert not any(tmp_out.iterdir())
+
+
+def test_heldout_and_gsc_curators_share_one_pool_and_reuse_identical_kept_sets(tmp_path):
+    """--curator_holdout_fraction sets clean pairs aside (the same pool for every curator); the held-out curator
+    trains on them only; a GSC curator's final training state gives curate its gsc_weight column; a score that
+    keeps exactly the pairs of an earlier one reuses its run (curation_score = quantiles of negCLIPLoss)."""
+    bench = load_recipe("benchmark_downstream")
+    common = [*TINY, "--curator_holdout_fraction", "0.25", "--keep_fractions", "0.5", "--baselines", ""]
+    held = bench.main([*common, "--curator", "heldout", "--scores", "neg_clip_loss,curation_score",
+                       "--output_dir", str(tmp_path / "held")])
+    gsc = bench.main([*common, "--curator", "gsc", "--scores", "similarity,gsc_weight",
+                      "--output_dir", str(tmp_path / "gsc")])
+    saved = {k: json.loads((tmp_path / k / "results.json").read_text()) for k in ("held", "gsc")}
+    pools = {k: s["curators"][0]["pool_size"] for k, s in saved.items()}
+    assert pools == {"held": 192, "gsc": 192} and saved["held"]["curators"][0]["heldout_size"] == 64
+    for k in ("held", "gsc"):
+        table = pd.read_parquet(tmp_path / k / "curation" / "noise0.4_seed0" / "default" / "scores")
+        assert len(table) == 192
+    noisy = [pd.read_parquet(tmp_path / k / "curation" / "noise0.4_seed0" / "default" / "scores")
+             .sort_values("sample_idx")["is_noisy"].tolist() for k in ("held", "gsc")]
+    assert noisy[0] == noisy[1]  # the same pool, the same injected noise
+    by_score = {r["score"]: r["per_seed"][0] for r in held}
+    assert by_score["default/curation_score"]["same_kept_as"] == "default/neg_clip_loss"
+    assert by_score["default/curation_score"]["rsum"] == by_score["default/neg_clip_loss"]["rsum"]
+    assert "same_kept_as" not in by_score["default/neg_clip_loss"]
+    assert {r["score"] for r in gsc} == {"similarity", "default/gsc_weight"}
+    weights = pd.read_parquet(tmp_path / "gsc" / "curation" / "noise0.4_seed0" / "default" / "scores")["gsc_weight"]
+    assert weights.notna().all() and weights.nunique() > 1  # GSC's w of the curator's last pass, not a stand-in
+    with pytest.raises(ValueError, match="--curator_holdout_fraction"):
+        bench.main([*TINY, "--curator", "heldout", "--output_dir", str(tmp_path / "bad")])

@@ -22,7 +22,7 @@ __all__ = ["COMPONENTS", "DEFAULT_COMPONENTS", "NUM_QUANTILES", "TRAINING_STATE_
 COMPONENTS = ("similarity", "neg_clip_loss", "consistency", "positive_prob", "gsc_weight")
 #: components that exist only with ``--training_state`` (dropped without one)
 TRAINING_STATE_COMPONENTS = ("gsc_weight",)
-DEFAULT_COMPONENTS = "neg_clip_loss+gsc_weight"
+DEFAULT_COMPONENTS = "neg_clip_loss"
 NUM_QUANTILES = 1001
 
 
@@ -56,7 +56,7 @@ def quantile_rank(values: torch.Tensor, quantiles: list[float]) -> torch.Tensor:
     lo = torch.searchsorted(q, x, right=False)  # first quantile >= x
     hi = torch.searchsorted(q, x, right=True)  # first quantile > x
     # inside a stretch of equal quantiles the rank is its middle; between two quantiles interpolate linearly
-    lo_c, hi_c = lo.clamp(1, q.numel() - 1), hi.clamp(1, q.numel() - 1)
+    hi_c = hi.clamp(1, q.numel() - 1)
     left, right = q[hi_c - 1], q[hi_c]
     frac = ((x - left) / (right - left).clamp_min(1e-300)).clamp(0, 1)
     between = levels[hi_c - 1] + frac * (levels[hi_c] - levels[hi_c - 1])

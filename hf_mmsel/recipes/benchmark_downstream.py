@@ -324,7 +324,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     bundle = build_model(args, captions, seed=0)
     cached = dict(preprocess_image_text(data, tokenizer=bundle.tokenizer, image_transform=bundle.image_transform,
                                         max_length=args.max_length))
-    heldout = InMemoryPairs(cached.pop("heldout")) if "heldout" in cached else None
+    heldout = None
+    if "heldout" in cached:  # clean by construction (carved before any noise)
+        split = cached.pop("heldout")
+        heldout = InMemoryPairs(split.add_column("is_noisy", [False] * len(split)))
     data.pop("heldout", None)
     curators: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
@@ -347,6 +350,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 scores["random"] = (None, np.random.default_rng([seed, 7]).random(is_noisy.size))
             if "none" in baselines:
                 scores["none"] = (None, np.zeros(is_noisy.size))
+            trained: dict[tuple[int, ...], tuple[str, dict[str, Any]]] = {}  # kept set -> its (score, result)
             for score, (variant, values) in scores.items():
                 for fraction in [1.0] if score == "none" else fractions:
                     kept = top_fraction(values, fraction)
@@ -355,8 +359,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                            "keep_fraction": fraction, "num_kept": int(kept.size), "kept_sample_idx": kept.tolist(),
                            "kept_noisy_fraction": float(is_noisy[kept].mean()),
                            "detection_auroc": None if math.isnan(detection) else detection}
-                    run.update(_train_kept(args, cached, noisy_train, kept, class_captions, captions, seed,
-                                           out / "runs" / f"{tag}_{score.replace('/', '_')}_f{fraction:g}"))
+                    key = tuple(kept.tolist())
+                    if key in trained:  # the same pairs train the same model (seeded): reuse, and say so
+                        run.update(trained[key][1], same_kept_as=trained[key][0])
+                    else:
+                        result = _train_kept(args, cached, noisy_train, kept, class_captions, captions, seed,
+                                             out / "runs" / f"{tag}_{score.replace('/', '_')}_f{fraction:g}")
+                        trained[key] = (score, result)
+                        run.update(result)
                     runs.append(run)
                     print(f"noise={noise} seed={seed} {score} f={fraction:g}: kept {kept.size} "
                           f"(noisy {run['kept_noisy_fraction']:.3f}) steps={run['optimizer_steps']} best_val="
