@@ -3,7 +3,10 @@
 The noisy pool is ``benchmark-selection``'s (embedded easy-vqa or ``--dataset digits``; ``--noise_ratio`` of the
 training captions shuffled, default 0.4; a clean validation split carved from train before the noise; test only
 reported). Per seed a curating model scores it: ``--curator`` (a ``benchmark-selection`` strategy, default ``gsc``,
-trained on the pool with that benchmark's regime) or ``--curator_model PATH`` (a trained dual encoder folder). Each
+trained on the pool with that benchmark's regime; with GSC its final training state gives ``gsc_weight``), ``--curator
+heldout`` (``full`` on the clean pairs ``--curator_holdout_fraction`` sets aside before the noise: a curator never
+trained on the pool, the offline stand-in for a pretrained CLIP; the pool is the rest for every ``--curator``, so
+both kinds score the same pool) or ``--curator_model PATH`` (a trained dual encoder folder). Each
 ``--curation_settings`` variant (``name=flag:value,...;...``, ``hf-mmsel curate`` flags) runs ``recipes/curate.py``;
 the ``--scores`` columns of its ``scores/*.parquet`` (joined on ``sample_idx``) are the curation scores:
 ``similarity`` (the CLIP-score baseline, variant-independent) and ``<variant>/<column>`` (e.g.
@@ -11,7 +14,8 @@ the ``--scores`` columns of its ``scores/*.parquet`` (joined on ``sample_idx``) 
 
 For every score and ``--keep_fractions`` f the top round(f N) pairs (ties: lower ``sample_idx`` first) train a FRESH
 dual encoder (the seed's ``build_model`` init, the same for every score) with ``full`` for ``--epochs`` epochs of the kept
-set: the optimizer step count depends on f only. Reported per seed and as mean ± std: final ``val_rsum``, early
+set: the optimizer step count depends on f only. A score that keeps exactly the pairs of an earlier one (e.g.
+``curation_score``, a monotone map of ``neg_clip_loss`` by default) reuses that run (``same_kept_as``). Reported per seed and as mean ± std: final ``val_rsum``, early
 stopping on the validation curve (``best_val_rsum``; ``best_val_test_rsum``: test rSum there), final test ``rsum``
 (pair level), ``class_rsum``, ``train_cpu_seconds``, and two diagnostics that read the injected noise labels:
 ``kept_noisy_fraction`` and the score's ``detection_auroc`` (clean = positive).

@@ -13,6 +13,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import Sampler
 
+from ..errors import UsageError
 from .ownership import SampleOwnership
 
 __all__ = ["OwnerStableBatchSampler", "check_unique_sample_idx"]
@@ -56,9 +57,10 @@ class OwnerStableBatchSampler(Sampler):
         self.num_batches = int(counts.min()) // self.batch_size
         self.dropped_per_pass = int(counts[self.rank]) - self.num_batches * self.batch_size
         if self.num_batches == 0:
-            raise ValueError(
+            raise UsageError(
                 f"every rank needs at least one full candidate batch of {batch_size}: the smallest rank owns "
-                f"{int(counts.min())} of {sample_idx.numel()} samples (world size {world_size})"
+                f"{int(counts.min())} of {sample_idx.numel()} samples (world size {world_size}); lower "
+                "--per_device_train_batch_size or train on more samples"
             )
 
     @classmethod

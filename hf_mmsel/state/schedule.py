@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..errors import UsageError
+
 __all__ = ["PassSchedule", "default_warmup_passes", "streaming_batches_per_pass"]
 
 
@@ -52,7 +54,7 @@ class PassSchedule:
     def check_warmup(self, warmup_passes: int) -> None:
         """DISSect selects from pass ``W`` on: an error naming both numbers if training ends before it."""
         if warmup_passes * self.batches_per_pass >= self.total_batches:
-            raise ValueError(
+            raise UsageError(
                 f"DISSect warm-up of {warmup_passes} passes reaches the end of training ({self.total_passes:g} "
                 f"passes = {self.total_batches} candidate batches of which {self.batches_per_pass} per pass): it "
                 f"would never select; {'lower selection_warmup_passes or ' * (warmup_passes > 1)}train more passes / max_steps"
