@@ -93,10 +93,10 @@ def wheel_venv(built, tmp_path_factory):
     venv = tmp_path_factory.mktemp("venv") / "v"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     (purelib,) = (venv / "lib").glob("python3*/site-packages")
-    # every site-packages folder this interpreter sees (its own, and those a layered venv adds through a .pth),
-    # never the checkout
-    outer = [p for p in sys.path if p.rstrip("/").endswith(("site-packages", "dist-packages")) and os.path.isdir(p)
-             and not Path(p).resolve().is_relative_to(ROOT)]
+    # every site-packages folder this interpreter sees (its own, and those a layered venv adds through a .pth; CI's
+    # .venv lies inside the checkout): added as plain paths, their .pth files (the editable install's finder) are
+    # not processed, so the checkout stays invisible and the wheel's copy, first on sys.path, is what runs
+    outer = [p for p in sys.path if p.rstrip("/").endswith(("site-packages", "dist-packages")) and os.path.isdir(p)]
     (purelib / "zz_reuse_outer_venv.pth").write_text("\n".join(dict.fromkeys(outer)) + "\n")
     subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--no-deps",
                     "--no-index", "--quiet", str(wheel)], check=True, capture_output=True, text=True)
@@ -152,7 +152,9 @@ def test_cli_from_wheel_outside_the_repo(wheel_venv, tmp_path):
                               "print(c.CONFIGS_DIR); print(*sys.path, sep='\\n')"], tmp_path)
     configs_dir, *path = where.stdout.split("\n")
     assert configs_dir.startswith(str(wheel_venv)) and (Path(configs_dir) / "clip_dissect.yaml").is_file()
-    assert not any(p and Path(p).resolve().is_relative_to(ROOT) for p in path), path
+    # the checkout's sources are on no path (a site-packages folder of a venv inside the checkout may be)
+    assert not any(p and (Path(p) / "hf_mmsel" / "__init__.py").resolve().is_relative_to(ROOT / "hf_mmsel")
+                   for p in path), path
     bad = _run(wheel_venv, [cli, "train-clip", "--config", "clip_dissect", "--dataset", "./mine"], tmp_path)
     assert bad.returncode == 2 and "--dataset './mine': no such" in bad.stderr and "Traceback" not in bad.stderr
 
