@@ -31,8 +31,11 @@ OLD_DEFAULTS = {
 }
 OLD_DOWNSTREAM_DEFAULTS = {**OLD_DEFAULTS, "noise_ratio": 0.4, "seeds": "0,1,2",
                            "output_dir": "outputs/benchmark-downstream", "curator": "gsc", "curator_model": None,
-                           "curation_settings": "default=", "scores": "similarity,gsc_clean_prob",
-                           "baselines": "random,none", "keep_fractions": "0.3,0.5,0.7"}
+                           "curation_settings": "default=", "baselines": "random,none", "keep_fractions": "0.3,0.5,0.7",
+                           # changed on purpose: the default scores gained negCLIPLoss and curation_score, and the
+                           # held-out curator its fraction (0 = off, the earlier behaviour)
+                           "scores": "similarity,neg_clip_loss,gsc_clean_prob,curation_score",
+                           "curator_holdout_fraction": 0.0}
 
 
 def _reference_arguments(args, selection: str, seed: int, out: Path, epochs: int, loss_type: str = "softmax",

@@ -447,7 +447,7 @@ def test_push_curated_webdataset_shards_and_load_back(recipe, assets, tmp_path, 
     import pandas as pd
 
     table = pd.read_parquet(out / "scores")
-    kept = table.nlargest(100, "gsc_clean_prob", keep="first")["key"]
+    kept = table.nlargest(100, "curation_score", keep="first")["key"]
     assert sorted(loaded["__key__"]) == sorted(kept)
 
 
