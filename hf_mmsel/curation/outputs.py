@@ -27,8 +27,8 @@ SCORE_COLUMNS = ("curation_score", "gsc_clean_prob", "similarity", "neg_clip_los
 SELECTABLE = {"curation_score": (0.0, 1.0), "gsc_clean_prob": (0.0, 1.0), "gsc_weight": (0.0, 1.0),
               "similarity": (-1.0, 1.0), "neg_clip_loss": (-math.inf, 0.0)}
 COLUMN_DOCS = {
-    "curation_score": "the default ranking: mean pool quantile of the combined scores (curation_score_components: "
-    "negCLIPLoss, and GSC's training weight w with a training state); in [0, 1], higher = cleaner",
+    "curation_score": "the default ranking: the mean pool quantile of the curation_score_components (default: "
+    "negCLIPLoss alone); in [0, 1], higher = cleaner",
     "neg_clip_loss": "negCLIPLoss (Wang et al., 2024): the image-text cosine minus a normaliser from the pair's "
     "similarities to random in-batch contrast pairs, averaged over K seeded batches (higher = cleaner)",
     "gsc_clean_prob": "GSC clean probability from one pass of the curating model: min of the structure-consistency "
@@ -44,8 +44,8 @@ OWN_OUTPUTS = ("scores", "fit", "raw", "anchors.safetensors", "mixture.json", "m
 
 __all__ = [
     "COLUMN_DOCS", "CONFIG_NAME", "CURATED_DIR", "HISTOGRAM_NAME", "OWN_OUTPUTS", "SCORE_COLUMNS", "SELECTABLE",
-    "STATE_FILE_NAME", "STATS_NAME", "detection_aurocs", "input_files_fingerprint", "model_fingerprint", "plot_histograms",
-    "prepare_curation_dir", "select_rows", "training_state_sha256", "write_curated_subset",
+    "STATE_FILE_NAME", "STATS_NAME", "detection_aurocs", "input_files_fingerprint", "model_fingerprint",
+    "plot_histograms", "prepare_curation_dir", "select_rows", "training_state_sha256", "write_curated_subset",
 ]
 
 

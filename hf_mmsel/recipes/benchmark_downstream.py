@@ -13,12 +13,13 @@ the ``--scores`` columns of its ``scores/*.parquet`` (joined on ``sample_idx``) 
 ``uncentred/gsc_clean_prob``), plus the ``--baselines`` ``random`` (seeded) and ``none`` (the whole pool, f = 1).
 
 For every score and ``--keep_fractions`` f the top round(f N) pairs (ties: lower ``sample_idx`` first) train a FRESH
-dual encoder (the seed's ``build_model`` init, the same for every score) with ``full`` for ``--epochs`` epochs of the kept
-set: the optimizer step count depends on f only. A score that keeps exactly the pairs of an earlier one (e.g.
-``curation_score``, a monotone map of ``neg_clip_loss`` by default) reuses that run (``same_kept_as``). Reported per seed and as mean ± std: final ``val_rsum``, early
-stopping on the validation curve (``best_val_rsum``; ``best_val_test_rsum``: test rSum there), final test ``rsum``
-(pair level), ``class_rsum``, ``train_cpu_seconds``, and two diagnostics that read the injected noise labels:
-``kept_noisy_fraction`` and the score's ``detection_auroc`` (clean = positive).
+dual encoder (the seed's ``build_model`` init, the same for every score) with ``full`` for ``--epochs`` epochs of the
+kept set: the optimizer step count depends on f only. A score that keeps exactly the pairs of an earlier one (e.g.
+``curation_score``, a monotone map of ``neg_clip_loss`` by default) reuses that run (``same_kept_as``). Reported per
+seed and as mean ± std: final ``val_rsum``, early stopping on the validation curve (``best_val_rsum``;
+``best_val_test_rsum``: test rSum there), final test ``rsum`` (pair level), ``class_rsum``, ``train_cpu_seconds``,
+and two diagnostics that read the injected noise labels: ``kept_noisy_fraction`` and the score's ``detection_auroc``
+(clean = positive).
 
 Choices (curation defaults, f, the curator) must be made on the validation columns (``best_val_rsum``,
 ``val_rsum``), never on ``detection_auroc`` / ``kept_noisy_fraction`` (a real pool has no noise labels); test

@@ -493,8 +493,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = ScoringSettings(
         batch_size=args.batch_size, num_anchors=args.num_anchors, chunk_size=args.chunk_size,
         neg_clip_batch_size=args.neg_clip_batch_size, neg_clip_batches=args.neg_clip_batches,
-        curation_score_components=args.curation_score_components, prob_posterior=args.prob_posterior, structure_similarity=args.structure_similarity,
-        structure_temperature=args.structure_temperature, structure_centered=args.structure_centered,
+        curation_score_components=args.curation_score_components, prob_posterior=args.prob_posterior,
+        structure_similarity=args.structure_similarity, structure_temperature=args.structure_temperature, structure_centered=args.structure_centered,
         fit_samples=args.fit_samples, seed=args.seed, on_bad_sample=args.on_bad_sample,
     )
     out = Path(args.output_dir)
@@ -529,12 +529,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         stats.update(seconds=round(seconds, 3), mode=mode, engine=args.engine,
                      pairs_embedded_by_process_0=scorer.scored_pairs)
         metrics = {"pairs": stats["num_scored"], "bad samples": stats["bad_samples"], "kept": stats.get("num_kept", "-"),
-                   "estimated noise rate": (stats["estimated_noise_rate"] if stats["noise_estimate"]["reliable"] else
-                                            f"{stats['estimated_noise_rate']:.4f} (unreliable: no distinct noisy mode)"),
-                   "processes": state.num_processes,
+                   "estimated noise rate": stats["estimated_noise_rate"], "processes": state.num_processes,
                    "engine": args.engine, "scoring seconds": round(seconds, 2), "run": mode}
+        if not stats["noise_estimate"]["reliable"]:
+            metrics["estimated noise rate"] = f"{stats['estimated_noise_rate']:.4f} (unreliable: no noisy mode)"
         if "detection_auroc" in stats:
             metrics["AUROC gsc_clean_prob"] = stats["detection_auroc"]["gsc_clean_prob"]
+            metrics["AUROC curation_score"] = stats["detection_auroc"]["curation_score"]
         artefacts = {"scores": str(out / "scores"), "statistics": str(out / STATS_NAME),
                      "histogram": str(out / HISTOGRAM_NAME), "card": str(out / "README.md")}
         if (out / CURATED_DIR).exists():
