@@ -282,3 +282,12 @@ def test_the_hub_probe_is_one_short_local_connection(monkeypatch):
         assert run_utils.hub_reachable() is True
     finally:
         run_utils.hub_reachable.cache_clear()
+
+
+def test_the_flag_checks_know_the_same_embedded_datasets_as_the_loader():
+    """run_utils repeats the embedded dataset names so that checking flags imports no data code: they must agree."""
+    from hf_mmsel.data import EMBEDDED_IMAGE_TEXT_DATASETS
+    from hf_mmsel.recipes import run_utils
+
+    assert run_utils.EMBEDDED_DATASETS == EMBEDDED_IMAGE_TEXT_DATASETS
+    assert set(EMBEDDED_IMAGE_TEXT_DATASETS) <= run_utils.BUILTIN_DATASETS

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["COMPONENTS", "DEFAULT_COMPONENTS", "NUM_QUANTILES", "TRAINING_STATE_COMPONENTS", "combine",
-           "empirical_quantiles", "parse_components", "quantile_rank"]
+__all__ = ["COMPONENTS", "DEFAULT_COMPONENTS", "NUM_QUANTILES", "combine", "empirical_quantiles", "parse_components",
+           "quantile_rank"]
 
-#: the columns a curation score may combine (all "higher = cleaner")
+#: the columns a curation score may combine (all "higher = cleaner"; ``gsc_weight`` exists only with a training
+#: state and is dropped without one)
 COMPONENTS = ("similarity", "neg_clip_loss", "consistency", "positive_prob", "gsc_weight")
-#: components that exist only with ``--training_state`` (dropped without one)
-TRAINING_STATE_COMPONENTS = ("gsc_weight",)
 DEFAULT_COMPONENTS = "neg_clip_loss"
 NUM_QUANTILES = 1001
 
@@ -47,7 +46,8 @@ def empirical_quantiles(values: torch.Tensor, num: int = NUM_QUANTILES) -> list[
 
 def quantile_rank(values: torch.Tensor, quantiles: list[float]) -> torch.Tensor:
     """``F(x)`` in [0, 1] by linear interpolation between the stored quantiles (ties: the mean rank of the flat
-    stretch); NaN stays NaN. Float32, on ``values``' device."""
+    stretch; below the first quantile 0, above the last 1, by the clamped interpolation); NaN stays NaN. Float32, on
+    ``values``' device."""
     x = values.detach().double().cpu()
     if not quantiles:
         return torch.full_like(x, float("nan")).float().to(values.device)
@@ -62,8 +62,6 @@ def quantile_rank(values: torch.Tensor, quantiles: list[float]) -> torch.Tensor:
     between = levels[hi_c - 1] + frac * (levels[hi_c] - levels[hi_c - 1])
     flat = 0.5 * (levels[lo.clamp(max=q.numel() - 1)] + levels[(hi - 1).clamp(min=0)])
     rank = torch.where(hi > lo, flat, between)
-    rank = torch.where(x <= q[0], torch.where(x == q[0], rank, torch.zeros_like(rank)), rank)
-    rank = torch.where(x >= q[-1], torch.where(x == q[-1], rank, torch.ones_like(rank)), rank)
     rank = torch.where(torch.isnan(x), x, rank)
     return rank.float().to(values.device)
 

@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,11 @@ class ScoringSettings:
     gmm_reg_covar: float = 5e-4
     seed: int = 0
     on_bad_sample: str = "raise"
+
+    @classmethod
+    def from_arguments(cls, args: Any) -> ScoringSettings:
+        """The settings of the same name on ``args`` (e.g. curate's arguments); the others keep their defaults."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
 
     @property
     def structure(self) -> StructureConfig:

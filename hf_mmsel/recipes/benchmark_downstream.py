@@ -169,11 +169,11 @@ def _train_curator(args, noisy, heldout, class_captions, captions, seed: int, fo
     else:
         name, options = run_options(args.curator)
         run_args = replace(args, **options)
+        selection, with_state = parse_strategy(name)
         reference = None
-        if parse_strategy(name)[0] in REFERENCE_STRATEGIES:
+        if selection in REFERENCE_STRATEGIES:
             reference = train_reference(run_args, build_model(args, captions, seed), noisy, class_captions, seed,
                                          folder / "reference", loss_type=args.loss_type)
-        with_state = parse_strategy(name)[1]
         row = train_run(run_args, args.curator, bundle, noisy, class_captions, seed, folder, reference=reference,
                         loss_type=args.loss_type, save_state_to=model_dir if with_state else None)
     bundle.model.save_pretrained(str(model_dir))  # the Trainer trained this very object in place (CPU, unwrapped)

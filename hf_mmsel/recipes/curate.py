@@ -55,6 +55,7 @@ from hf_mmsel.curation.outputs import (
     write_curated_subset,
 )
 from hf_mmsel.curation.curation_score import COMPONENTS, DEFAULT_COMPONENTS, parse_components
+from hf_mmsel.curation.scoring import MIN_SEPARATION
 from hf_mmsel.recipes.run_utils import caption_column_field, image_column_field, label_column_field
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "curate_default.yaml"
@@ -404,10 +405,6 @@ def push(curated, args: CurateArguments, token: str, stats: dict[str, Any], out:
 
 
 # ------------------------------------------------------------------------------------------------ main
-def format_separation(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
-
-
 def finish(args: CurateArguments, scorer, source, out: Path, logit_scale: float, token: str | None) -> dict[str, Any]:
     """Process 0, after every shard is scored: statistics, histogram, card, curated subset, push."""
     from hf_mmsel.curation import read_scores
@@ -421,9 +418,10 @@ def finish(args: CurateArguments, scorer, source, out: Path, logit_scale: float,
     clean_prob = scores["gsc_clean_prob"]
     noise = scorer.mixture.noise_estimate()
     if not noise["reliable"]:
+        separation = "n/a" if noise["separation"] is None else f"{noise['separation']:.2f}"
         warnings.warn(
-            f"curate: the {noise['score']} scores show no distinct noisy mode (separation "
-            f"{format_separation(noise['separation'])} < 2), so the estimated noise rate "
+            f"curate: the {noise['score']} scores show no distinct noisy mode (separation {separation} < "
+            f"{MIN_SEPARATION:g}), so the estimated noise rate "
             f"({noise['rate'] if noise['rate'] is not None else float('nan'):.2f}) is unreliable: either the pool is "
             "(nearly) clean or the curating model is too weak to tell clean from noisy pairs (train it longer, or "
             "with --gsc true). The ranking columns are still usable for --keep_fraction.", stacklevel=2)
@@ -490,13 +488,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     training_state = read_training_state(args.training_state, source.num_samples) if args.training_state else {}
     if args.select_by == "gsc_weight" and "gsc_weight" not in training_state:
         raise ValueError("--select_by gsc_weight needs a --training_state with GSC buffers")
-    settings = ScoringSettings(
-        batch_size=args.batch_size, num_anchors=args.num_anchors, chunk_size=args.chunk_size,
-        neg_clip_batch_size=args.neg_clip_batch_size, neg_clip_batches=args.neg_clip_batches,
-        curation_score_components=args.curation_score_components, prob_posterior=args.prob_posterior,
-        structure_similarity=args.structure_similarity, structure_temperature=args.structure_temperature, structure_centered=args.structure_centered,
-        fit_samples=args.fit_samples, seed=args.seed, on_bad_sample=args.on_bad_sample,
-    )
+    settings = ScoringSettings.from_arguments(args)
     out = Path(args.output_dir)
     config = scoring_config(args, settings, source, model, max_length, transform.size)
     mode = prepare_curation_dir(out, config, args.overwrite_output_dir) if state.is_main_process else None

@@ -61,9 +61,12 @@ class OutputDirExistsError(FileExistsError, UsageError):
     """The output folder already holds results and the user did not ask to overwrite or resume them."""
 
 
+#: the datasets that ship with the package (no download); the same names as
+#: ``hf_mmsel.data.EMBEDDED_IMAGE_TEXT_DATASETS``, repeated here so that checking flags imports no data code (tested)
+EMBEDDED_DATASETS = ("easy-vqa", "digits", "emoji")
 #: names that ``load_image_text_dataset`` / ``datasets.load_dataset`` resolve without a folder or the Hub
-BUILTIN_DATASETS = frozenset({"easy-vqa", "digits", "emoji", "imagefolder", "parquet", "webdataset", "csv", "json",
-                              "arrow", "text"})
+BUILTIN_DATASETS = frozenset({*EMBEDDED_DATASETS, "imagefolder", "parquet", "webdataset", "csv", "json", "arrow",
+                              "text"})
 _GLOB_CHARS = "*?["
 
 
@@ -109,8 +112,6 @@ def check_source(flag: str, value: str | None, *, what: str = "folder", builtin:
                          "(offline?); check the path, or the network for a Hub id")
 
 
-#: the datasets that ship with the package (no download)
-EMBEDDED_DATASETS = ("easy-vqa", "digits", "emoji")
 #: seconds :func:`hub_reachable` waits for the Hub's host
 HUB_PROBE_TIMEOUT_S = 3.0
 
