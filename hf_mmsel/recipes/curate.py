@@ -355,6 +355,8 @@ def build_card(args: CurateArguments, stats: dict[str, Any], card_data=None):
         card_data = dataset_card_data(tags=["image-text", "noisy-correspondence", "gsc"],
                                       source_datasets=[args.dataset] if is_hub_id else None)
     settings = {"model": args.model_name_or_path, "selected by": args.select_by, **stats.get("selection", {}),
+                "curation_score": f"mean pool quantile of {args.curation_score_components}",
+                "negCLIPLoss": f"K={args.neg_clip_batches} seeded batches of {args.neg_clip_batch_size} pairs",
                 "GSC anchors": f"{stats['num_anchors']} (seeded draw over the pool, seed {args.seed}; anchors.safetensors)",
                 "profiles": f"{args.structure_similarity}, t={args.structure_temperature}, centred={args.structure_centered}",
                 "p chunk size": args.chunk_size, "p as GMM posterior": args.prob_posterior,
